@@ -1,0 +1,179 @@
+"""`histosynth <stage> ...`: every Snakemake rule is one call of this CLI.
+
+Errors from bad input print one line, ``error: <file>: <problem>``, and exit
+with status 2; nothing half-written is left behind (stages write through
+temporary names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from histosynth import __version__
+from histosynth.errors import HistosynthError
+
+log = logging.getLogger("histosynth")
+
+EXIT_BAD_INPUT = 2
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _region(text: str) -> tuple[int, int, int, int]:
+    parts = text.replace(",", " ").split()
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"a region is X,Y,W,H in level-0 pixels, got {text!r}")
+    x, y, w, h = (int(float(p)) for p in parts)
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"region width and height must be positive, got {text!r}")
+    return x, y, w, h
+
+
+# -- demo-slides --------------------------------------------------------------
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo-slides", help="write synthetic H&E demo slides with nucleus GeoJSON")
+    p.add_argument("out_dir", help="output directory (slides.csv, *.tif, *.geojson)")
+    p.add_argument("--n-slides", type=int, default=4, help="number of slides (default 4)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=(4096, 4096),
+                   help="level-0 width and height in pixels (default 4096 4096)")
+    p.add_argument("--mpp", type=_positive_float, default=0.25, help="micrometres per pixel (default 0.25, 40x)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from histosynth.demo import make_demo_slides
+
+    table = make_demo_slides(
+        args.out_dir, n_slides=args.n_slides, size=tuple(args.size), seed=args.seed, mpp=args.mpp,
+        progress=args.progress,
+    )
+    log.info("wrote %d demo slides to %s", len(table), args.out_dir)
+
+
+# -- tile ------------------------------------------------------------------------
+def _add_tile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tile", help="cut a slide into tiles at a target resolution (a patch set)")
+    p.add_argument("slide", help="slide or image file")
+    p.add_argument("out_dir", help="output patch-set directory (index.csv + images.npy)")
+    p.add_argument("--name", help="slide name recorded in index.csv (default: file name without suffix)")
+    p.add_argument("--size", type=int, default=256, help="tile side in output pixels (default 256)")
+    p.add_argument("--mpp", type=_positive_float, dest="target_mpp",
+                   help="tile resolution in um/px (default: the slide's level-0 resolution)")
+    p.add_argument("--stride", type=int, help="step between tiles in output pixels (default: --size)")
+    p.add_argument("--background-threshold", type=int, default=204,
+                   help="grey value above which a pixel is background (default 204)")
+    p.add_argument("--max-background", type=_fraction, default=0.85,
+                   help="drop tiles with more background than this fraction (default 0.85; 1 keeps all)")
+    p.add_argument("--edge", choices=("pad", "drop"), default="pad",
+                   help="tiles past the slide edge: pad with background and flag, or drop (default pad)")
+    p.add_argument("--region", type=_region, action="append", default=[], metavar="X,Y,W,H",
+                   help="tile only this level-0 region (repeatable)")
+    p.add_argument("--regions-from", metavar="ANNOTATIONS",
+                   help="tile only the annotated areas of this annotation file")
+    p.add_argument("--mpp-fallback", type=_positive_float,
+                   help="um/px to assume when the slide states none (otherwise that is an error)")
+    p.set_defaults(func=_run_tile)
+
+
+def _run_tile(args: argparse.Namespace) -> None:
+    from histosynth.tiling import TileParams, annotation_regions, tile_slide
+
+    regions = list(args.region)
+    if args.regions_from:
+        regions += annotation_regions(args.regions_from)
+    params = TileParams(
+        size=args.size,
+        target_mpp=args.target_mpp,
+        stride=args.stride,
+        background_threshold=args.background_threshold,
+        max_background=args.max_background,
+        edge=args.edge,
+        regions=regions,
+    )
+    tile_slide(args.slide, args.out_dir, params, mpp_fallback=args.mpp_fallback, slide_name=args.name,
+               progress=args.progress)
+
+
+# -- slide-info / check-config --------------------------------------------------
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("slide-info", help="print what the reader sees in a slide (JSON)")
+    p.add_argument("slide")
+    p.add_argument("--mpp-fallback", type=_positive_float)
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args: argparse.Namespace) -> None:
+    from histosynth.io.slides import open_slide
+
+    with open_slide(args.slide, mpp_fallback=args.mpp_fallback) as slide:
+        print(json.dumps(slide.describe(), indent=2))
+
+
+def _add_check_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-config", help="validate a config.yaml against the schema and list its slides")
+    p.add_argument("config", help="config.yaml")
+    p.set_defaults(func=_run_check_config)
+
+
+def _run_check_config(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from histosynth.config import load_config_file, slide_table
+
+    cfg = load_config_file(args.config)
+    table = slide_table(cfg, Path(args.config).parent)
+    print(f"{args.config}: valid; {len(table)} slides ({cfg['slides']['source']})")
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_tile, _add_info, _add_check_config]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="histosynth", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"histosynth {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--progress", action="store_true", help="progress bars (tqdm) on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        args.func(args)
+    except HistosynthError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

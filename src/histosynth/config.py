@@ -1,0 +1,172 @@
+"""config.yaml: validation against the schema (which holds the defaults) and the slide table.
+
+The Snakefile calls :func:`validate_config` at start-up; ``histosynth
+check-config`` does the same by hand. A wrong key or value stops the run with
+one message naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pandas as pd
+import yaml
+
+from histosynth.errors import HistosynthError
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+SLIDE_COLUMNS = ["slide", "image", "annotations", "mpp", "stain"]
+
+
+def load_schema(path: str | os.PathLike | None = None) -> dict:
+    path = Path(path) if path else SCHEMA_PATH
+    with open(path) as fh:
+        return yaml.safe_load(fh)
+
+
+def _fill_defaults(value: Any, schema: dict) -> Any:
+    """Defaults of ``schema`` filled into ``value`` (a deep copy), recursively for objects."""
+    if schema.get("type") == "object" and isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = _fill_defaults(value[key], sub)
+    return value
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = _key_path(error)
+    if error.validator == "additionalProperties":
+        known = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(known))
+        prefix = f"{where}." if error.absolute_path else ""
+        names = ", ".join(f"'{prefix}{k}'" for k in extra)
+        return f"unknown key {names} (known keys here: {', '.join(known)})"
+    return f"key '{where}': {error.message}"
+
+
+def validate_config(config: dict | None, schema: dict | None = None, source: str = "config.yaml") -> dict:
+    """A validated copy of ``config`` with every default filled in.
+
+    Raises HistosynthError naming the offending key(s).
+    """
+    schema = schema or load_schema()
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise HistosynthError(f"the configuration must be a mapping, got {type(config).__name__}", source)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        raise HistosynthError("; ".join(_describe(e) for e in errors), source)
+    filled = _fill_defaults(copy.deepcopy(config), schema)
+    _check_semantics(filled, source)
+    return filled
+
+
+def _check_semantics(config: dict, source: str) -> None:
+    slides = config["slides"]
+    if slides["source"] == "table" and not slides["table"]:
+        raise HistosynthError("key 'slides.table': needed when slides.source is 'table'", source)
+    if slides["source"] == "glob" and not slides["images"]:
+        raise HistosynthError("key 'slides.images': needed when slides.source is 'glob'", source)
+    if slides["source"] == "glob" and slides["annotations"] and "{slide}" not in slides["annotations"]:
+        raise HistosynthError("key 'slides.annotations': the pattern needs '{slide}'", source)
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise HistosynthError("no such file", path)
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        raise HistosynthError(f"not valid YAML: {err}", path) from err
+    return validate_config(data, source=str(path))
+
+
+def demo_slide_names(n_slides: int) -> list[str]:
+    """Names of the demo slides, as :func:`histosynth.demo.make_demo_slides` writes them."""
+    return [f"demo-{i:03d}" for i in range(n_slides)]
+
+
+def slide_table(config: dict, workdir: str | os.PathLike = ".") -> pd.DataFrame:
+    """The slides of a run: one row per slide with columns :data:`SLIDE_COLUMNS`.
+
+    Paths are returned as given (relative to ``workdir`` when relative).
+    """
+    slides = config["slides"]
+    results = config["results"]
+    if slides["source"] == "demo":
+        names = demo_slide_names(slides["demo"]["n_slides"])
+        df = pd.DataFrame(
+            {
+                "slide": names,
+                "image": [f"{results}/demo/{n}.tif" for n in names],
+                "annotations": [f"{results}/demo/{n}.geojson" for n in names],
+                "mpp": [None] * len(names),
+                "stain": [None] * len(names),
+            }
+        )
+    elif slides["source"] == "table":
+        df = _read_table(Path(workdir) / slides["table"])
+    else:
+        pattern = slides["images"]
+        files = sorted(glob.glob(str(Path(workdir) / pattern)))
+        if not files:
+            raise HistosynthError(f"no slide matches the glob '{pattern}'", "config.yaml")
+        names = [Path(f).stem for f in files]
+        rel = [os.path.relpath(f, workdir) for f in files]
+        ann = [slides["annotations"].format(slide=n) if slides["annotations"] else None for n in names]
+        df = pd.DataFrame({"slide": names, "image": rel, "annotations": ann, "mpp": None, "stain": None})
+    dupes = df["slide"][df["slide"].duplicated()].tolist()
+    if dupes:
+        raise HistosynthError(f"slide names must be unique; repeated: {sorted(set(dupes))}", "config.yaml")
+    bad = [s for s in df["slide"] if not s or "/" in s or s.startswith(".")]
+    if bad:
+        raise HistosynthError(f"slide names must be plain file names; bad: {bad}", "config.yaml")
+    return df.reset_index(drop=True)
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise HistosynthError("slide table not found", path)
+    sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    try:
+        df = pd.read_csv(path, sep=sep, dtype={"slide": str, "image": str, "annotations": str, "stain": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise HistosynthError(f"unreadable slide table: {err}", path) from err
+    missing = {"slide", "image"} - set(df.columns)
+    if missing:
+        raise HistosynthError(f"slide table lacks columns {sorted(missing)}", path)
+    unknown = set(df.columns) - set(SLIDE_COLUMNS)
+    if unknown:
+        raise HistosynthError(f"slide table has unknown columns {sorted(unknown)} (known: {SLIDE_COLUMNS})", path)
+    for col in SLIDE_COLUMNS:
+        if col not in df.columns:
+            df[col] = None
+    base = path.parent
+    for col in ("image", "annotations"):
+        df[col] = [
+            None if pd.isna(v) else (v if os.path.isabs(v) else os.path.normpath(os.path.join(base, v)))
+            for v in df[col]
+        ]
+    if df["mpp"].notna().any():
+        mpp = pd.to_numeric(df["mpp"], errors="coerce")
+        bad = df.loc[df["mpp"].notna() & ~(mpp > 0), "slide"].tolist()
+        if bad:
+            raise HistosynthError(f"column mpp must hold positive numbers; bad rows: {bad}", path)
+        df["mpp"] = mpp
+    return df[SLIDE_COLUMNS]

@@ -1,0 +1,1 @@
+"""Input/output at the edges: slides, annotations, patch sets."""

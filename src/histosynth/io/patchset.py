@@ -1,0 +1,237 @@
+"""Patch sets: the one on-disk format every stage reads and writes.
+
+A patch set is a directory holding
+
+- ``index.csv``: one row per patch with at least the columns of
+  :data:`INDEX_COLUMNS` (x, y in level-0 pixels of the source slide);
+- ``images.npy`` uint8 (N, H, W, 3), ``inst.npy`` int32 (N, H, W) and
+  ``types.npy`` uint8 (N, H, W) — each only when the stage produces it;
+  absent arrays are absent, never zero-filled;
+- optionally ``report.json``: what the stage did (counts of kept, skipped and
+  repaired items, parameters), for people and for the next stage's log.
+
+Arrays are plain ``.npy`` files, read with ``np.load(mmap_mode="r")``. A set is
+written into a temporary sibling directory and renamed into place when
+complete, so a killed job never leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from histosynth.errors import HistosynthError
+
+log = logging.getLogger(__name__)
+
+INDEX_COLUMNS = [
+    "slide",
+    "x",
+    "y",
+    "level",
+    "downsample",
+    "mpp",
+    "width",
+    "height",
+    "tissue_fraction",
+    "n_nuclei",
+    "source",
+]
+
+#: array name → (dtype, number of trailing dimensions after (H, W))
+ARRAYS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
+    "images": (np.dtype(np.uint8), (3,)),
+    "inst": (np.dtype(np.int32), ()),
+    "types": (np.dtype(np.uint8), ()),
+}
+
+# A fixed-size .npy header (format 1.0) lets a writer stream patches of unknown
+# count and fix the shape when it closes. 128 bytes hold any 4-D shape.
+_NPY_HEADER_BYTES = 128
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    descr = np.lib.format.dtype_to_descr(dtype)
+    text = f"{{'descr': {descr!r}, 'fortran_order': False, 'shape': {shape!r}, }}"
+    room = _NPY_HEADER_BYTES - 10 - 1  # magic(6) + version(2) + length(2), newline
+    if len(text) > room:
+        raise ValueError(f"shape {shape} does not fit a {_NPY_HEADER_BYTES}-byte .npy header")
+    text = text.ljust(room) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(text)) + text.encode("latin1")
+
+
+class _NpyStream:
+    """Append equally-shaped items to a .npy file without holding them in memory."""
+
+    def __init__(self, path: Path, dtype: np.dtype, item_shape: tuple[int, ...]):
+        self.path = path
+        self.dtype = dtype
+        self.item_shape = item_shape
+        self.count = 0
+        self._fh = open(path, "wb")
+        self._fh.write(_npy_header(dtype, (0, *item_shape)))
+
+    def append(self, item: np.ndarray) -> None:
+        item = np.asarray(item)
+        if item.shape != self.item_shape:
+            raise ValueError(f"{self.path.name}: patch of shape {item.shape}, expected {self.item_shape}")
+        self._fh.write(np.ascontiguousarray(item, dtype=self.dtype).tobytes())
+        self.count += 1
+
+    def close(self) -> None:
+        self._fh.seek(0)
+        self._fh.write(_npy_header(self.dtype, (self.count, *self.item_shape)))
+        self._fh.close()
+
+
+class PatchSetWriter:
+    """Write a patch set patch by patch, atomically.
+
+    Use as a context manager; on a clean exit the temporary directory is
+    renamed to ``out_dir`` (replacing an older set there), on an exception it is
+    removed and nothing is left behind::
+
+        with PatchSetWriter(out, arrays=("images",), patch_size=(256, 256)) as w:
+            w.add(row, images=tile)
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        arrays: tuple[str, ...],
+        patch_size: tuple[int, int],
+        extra_columns: tuple[str, ...] = (),
+    ):
+        unknown = set(arrays) - set(ARRAYS)
+        if unknown:
+            raise ValueError(f"unknown patch-set arrays {sorted(unknown)}; known: {sorted(ARRAYS)}")
+        self.out_dir = Path(out_dir)
+        self.arrays = tuple(arrays)
+        self.height, self.width = int(patch_size[0]), int(patch_size[1])
+        self.columns = INDEX_COLUMNS + [c for c in extra_columns if c not in INDEX_COLUMNS]
+        self.report: dict[str, Any] = {}
+        self._rows: list[dict[str, Any]] = []
+        self._tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}"
+        self._streams: dict[str, _NpyStream] = {}
+
+    def __enter__(self) -> PatchSetWriter:
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if self._tmp.exists():
+            shutil.rmtree(self._tmp)
+        self._tmp.mkdir()
+        for name in self.arrays:
+            dtype, trailing = ARRAYS[name]
+            self._streams[name] = _NpyStream(
+                self._tmp / f"{name}.npy", dtype, (self.height, self.width, *trailing)
+            )
+        return self
+
+    def add(self, row: dict[str, Any], **arrays: np.ndarray) -> None:
+        """Append one patch: its index row and one array per name in ``arrays``."""
+        if set(arrays) != set(self.arrays):
+            raise ValueError(f"patch needs arrays {sorted(self.arrays)}, got {sorted(arrays)}")
+        for name, value in arrays.items():
+            self._streams[name].append(value)
+        self._rows.append(row)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for stream in self._streams.values():
+            stream.close()
+        if exc_type is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            return
+        try:
+            index = pd.DataFrame(self._rows, columns=self.columns)
+            index.to_csv(self._tmp / "index.csv", index=False)
+            if self.report:
+                (self._tmp / "report.json").write_text(json.dumps(self.report, indent=2, default=_json_default))
+            if self.out_dir.exists():
+                shutil.rmtree(self.out_dir)
+            os.replace(self._tmp, self.out_dir)
+        except BaseException:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise
+        log.info("wrote %d patches to %s", len(self._rows), self.out_dir)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (Path,)):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+@dataclass
+class PatchSet:
+    """A patch set opened for reading; arrays are memory-mapped, absent ones are None."""
+
+    path: Path
+    index: pd.DataFrame
+    images: np.ndarray | None
+    inst: np.ndarray | None
+    types: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def report(self) -> dict[str, Any]:
+        path = self.path / "report.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+
+def read_patchset(path: str | os.PathLike, require: tuple[str, ...] = ()) -> PatchSet:
+    """Open a patch set; ``require`` names arrays that must be present."""
+    path = Path(path)
+    index_path = path / "index.csv"
+    if not index_path.is_file():
+        raise HistosynthError("not a patch set (no index.csv)", path)
+    try:
+        index = pd.read_csv(index_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise HistosynthError(f"unreadable index.csv: {err}", path) from err
+    missing_cols = [c for c in INDEX_COLUMNS if c not in index.columns]
+    if missing_cols:
+        raise HistosynthError(f"index.csv lacks columns {missing_cols}", path)
+    arrays: dict[str, np.ndarray | None] = {}
+    for name, (dtype, trailing) in ARRAYS.items():
+        file = path / f"{name}.npy"
+        if not file.exists():
+            if name in require:
+                raise HistosynthError(f"patch set has no {name}.npy, which this stage needs", path)
+            arrays[name] = None
+            continue
+        try:
+            arr = np.load(file, mmap_mode="r")
+        except (ValueError, OSError) as err:
+            raise HistosynthError(f"unreadable {name}.npy: {err}", path) from err
+        if arr.dtype != dtype or arr.ndim != 3 + len(trailing) or arr.shape[0] != len(index):
+            raise HistosynthError(
+                f"{name}.npy has dtype {arr.dtype} shape {arr.shape}; expected {dtype} "
+                f"({len(index)}, H, W{', 3' if trailing else ''})",
+                path,
+            )
+        arrays[name] = arr
+    shapes = {a.shape[1:3] for a in arrays.values() if a is not None}
+    if len(shapes) > 1:
+        raise HistosynthError(f"arrays of different patch sizes {sorted(shapes)}", path)
+    return PatchSet(path=path, index=index, **arrays)

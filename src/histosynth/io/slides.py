@@ -1,0 +1,443 @@
+"""One reader over whole-slide images and plain images.
+
+:func:`open_slide` returns a :class:`Slide` whatever the file is:
+
+- formats OpenSlide opens (Aperio ``.svs``, Hamamatsu ``.ndpi``, MIRAX
+  ``.mrxs``, Leica ``.scn``, tiled pyramidal TIFF, ...) go through OpenSlide;
+  when such a slide stores its levels as plain tiled TIFF pages (generic TIFF
+  and Aperio with JPEG, LZW, Deflate, Zstd or no compression) regions are
+  decoded straight from the TIFF tiles with tifffile/imagecodecs, which is
+  several times faster than ``read_region`` and gives the same pixels (it is
+  the same libjpeg-turbo decode); other levels and formats use OpenSlide;
+- images OpenSlide cannot open (stripped TIFF such as MoNuSeg's, PNG, JPEG)
+  are read whole with tifffile or OpenCV; they are single-level.
+
+Coordinates are level-0 pixels, as in OpenSlide. Pixels outside the slide are
+returned as white background (255), never as transparent black.
+
+MPP (micrometres per level-0 pixel) comes from, in order: OpenSlide's
+``openslide.mpp-x``/``-y``; the TIFF resolution tags (unit centimetre or inch,
+only when the value is a plausible microscope resolution, 0.05–20 µm/px, so a
+default 72 dpi tag is not taken for one); the ``mpp_fallback`` the caller
+passes (a per-slide value from the slide table, or the configured default).
+A slide with none of these is an error, never a silent 0.25.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import openslide
+import tifffile
+
+from histosynth.errors import HistosynthError
+
+log = logging.getLogger(__name__)
+
+BACKGROUND = 255
+PLAUSIBLE_MPP = (0.05, 20.0)
+# TIFF compressions whose tiles tifffile decodes with the same result as
+# OpenSlide (JPEG 2000 in Aperio files needs OpenSlide's colour handling).
+_FAST_COMPRESSIONS = {1, 5, 7, 8, 32946, 50000}
+_PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    width: int
+    height: int
+    downsample: float
+
+
+class _TiffLevel:
+    """Decode regions of one tiled TIFF page directly, with a small tile cache."""
+
+    def __init__(self, path: Path, page: tifffile.TiffPage, cache_bytes: int):
+        self.path = path
+        self.page = page
+        self.width = int(page.imagewidth)
+        self.height = int(page.imagelength)
+        self.tw = int(page.tilewidth)
+        self.th = int(page.tilelength)
+        self.cols = -(-self.width // self.tw)
+        self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        self.counts = np.asarray(page.databytecounts, dtype=np.int64)
+        self.jpegtables = page.jpegtables
+        self.jpegheader = getattr(page, "jpegheader", None)
+        self._fd = os.open(path, os.O_RDONLY)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_items = max(4, cache_bytes // (self.tw * self.th * 3))
+        self._lock = threading.Lock()
+        self.decoded = 0  # number of tile decodes, for benchmarks and tests
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def tile(self, index: int) -> np.ndarray:
+        with self._lock:
+            cached = self._cache.get(index)
+            if cached is not None:
+                self._cache.move_to_end(index)
+                return cached
+        count = int(self.counts[index])
+        if count == 0:  # a tile the scanner never wrote: background
+            arr = np.full((self.th, self.tw, 3), BACKGROUND, np.uint8)
+        else:
+            data = os.pread(self._fd, count, int(self.offsets[index]))
+            if len(data) != count:
+                raise HistosynthError(
+                    f"truncated slide: tile {index} of a {self.width}x{self.height} level "
+                    f"ends past the end of the file",
+                    self.path,
+                )
+            try:
+                decoded = self.page.decode(data, index, jpegtables=self.jpegtables, jpegheader=self.jpegheader)[0]
+            except Exception as err:  # codec errors come as many types
+                raise HistosynthError(f"corrupt slide: tile {index} does not decode ({err})", self.path) from err
+            arr = _to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]), self.path)
+        with self._lock:
+            self.decoded += 1
+            self._cache[index] = arr
+            while len(self._cache) > self._cache_items:
+                self._cache.popitem(last=False)
+        return arr
+
+    def read(self, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        """Region of this level at level coordinates (may run past the edges)."""
+        out = np.full((h, w, 3), BACKGROUND, np.uint8)
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + w, self.width), min(ly + h, self.height)
+        if x0 >= x1 or y0 >= y1:
+            return out
+        for ty in range(y0 // self.th, (y1 - 1) // self.th + 1):
+            for tx in range(x0 // self.tw, (x1 - 1) // self.tw + 1):
+                tile = self.tile(ty * self.cols + tx)
+                # intersection of the tile with the wanted region, in level coordinates
+                ax0, ay0 = max(x0, tx * self.tw), max(y0, ty * self.th)
+                ax1, ay1 = min(x1, (tx + 1) * self.tw), min(y1, (ty + 1) * self.th)
+                out[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx] = tile[
+                    ay0 - ty * self.th : ay1 - ty * self.th, ax0 - tx * self.tw : ax1 - tx * self.tw
+                ]
+        return out
+
+
+def _to_rgb(arr: np.ndarray, path: Path) -> np.ndarray:
+    """uint8 RGB from grey, grey+alpha, RGB or RGBA (alpha composited on white)."""
+    if arr.dtype != np.uint8:
+        raise HistosynthError(f"expected 8-bit image data, found {arr.dtype}", path)
+    if arr.ndim == 2:
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise HistosynthError(f"unsupported image shape {arr.shape}", path)
+    channels = arr.shape[2]
+    if channels == 3:
+        return arr
+    if channels == 1:
+        return np.repeat(arr, 3, axis=2)
+    colour = arr[:, :, :3] if channels == 4 else np.repeat(arr[:, :, :1], 3, axis=2)
+    alpha = arr[:, :, -1:].astype(np.uint16)
+    return ((colour * alpha + BACKGROUND * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def _mpp_from_tiff_tags(page: tifffile.TiffPage) -> tuple[float, float] | None:
+    unit = page.tags.get("ResolutionUnit")
+    xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
+    if unit is None or xres is None or yres is None:
+        return None
+    microns = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+    if microns is None:
+        return None
+    out = []
+    for tag in (xres, yres):
+        num, den = tag.value if isinstance(tag.value, tuple) else (tag.value, 1)
+        if not num or not den:
+            return None
+        out.append(microns * den / num)
+    if not all(PLAUSIBLE_MPP[0] <= v <= PLAUSIBLE_MPP[1] for v in out):
+        log.info("ignoring TIFF resolution %.4g x %.4g um/px: not a microscope resolution", *out)
+        return None
+    return out[0], out[1]
+
+
+class Slide:
+    """An open slide: dimensions, levels, MPP, and region reads in RGB uint8.
+
+    Open with :func:`open_slide`; use as a context manager or call
+    :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        backend: str,
+        levels: list[LevelInfo],
+        mpp: tuple[float, float],
+        mpp_source: str,
+        *,
+        osr: openslide.OpenSlide | None = None,
+        fast_levels: dict[int, _TiffLevel] | None = None,
+        image: np.ndarray | None = None,
+        vendor: str | None = None,
+    ):
+        self.path = path
+        self.name = path.stem
+        self.backend = backend
+        self.levels = levels
+        self.mpp_x, self.mpp_y = mpp
+        self.mpp_source = mpp_source
+        self.vendor = vendor
+        self._osr = osr
+        self._fast = fast_levels or {}
+        self._image = image
+
+    # -- description -------------------------------------------------------
+    @property
+    def mpp(self) -> float:
+        """Micrometres per level-0 pixel (the mean of x and y when they differ)."""
+        return (self.mpp_x + self.mpp_y) / 2
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.levels[0].width, self.levels[0].height
+
+    @property
+    def level_count(self) -> int:
+        return len(self.levels)
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [(lv.width, lv.height) for lv in self.levels]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return [lv.downsample for lv in self.levels]
+
+    def fast_path(self, level: int) -> bool:
+        """Whether regions of ``level`` are decoded from the TIFF tiles directly."""
+        return level in self._fast
+
+    def best_level_for_downsample(self, downsample: float, tolerance: float = 0.01) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample`` (within a tolerance)."""
+        best = 0
+        for i, lv in enumerate(self.levels):
+            if lv.downsample <= downsample * (1 + tolerance):
+                best = i if lv.downsample >= self.levels[best].downsample else best
+        return best
+
+    def describe(self) -> dict:
+        return {
+            "path": str(self.path),
+            "backend": self.backend,
+            "vendor": self.vendor,
+            "dimensions": self.dimensions,
+            "level_dimensions": self.level_dimensions,
+            "level_downsamples": self.level_downsamples,
+            "mpp": [self.mpp_x, self.mpp_y],
+            "mpp_source": self.mpp_source,
+            "fast_levels": sorted(self._fast),
+        }
+
+    # -- reading -----------------------------------------------------------
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) at ``level``, top-left at level-0 (x, y).
+
+        Parts outside the slide are white.
+        """
+        if not 0 <= level < len(self.levels):
+            raise HistosynthError(f"level {level} out of range 0..{len(self.levels) - 1}", self.path)
+        if width <= 0 or height <= 0:
+            raise ValueError(f"region size must be positive, got {width}x{height}")
+        ds = self.levels[level].downsample
+        if level in self._fast:
+            lx, ly = int(np.floor(x / ds)), int(np.floor(y / ds))
+            return self._fast[level].read(lx, ly, width, height)
+        if self._osr is not None:
+            try:
+                rgba = np.asarray(self._osr.read_region((int(x), int(y)), level, (int(width), int(height))))
+            except openslide.OpenSlideError as err:
+                raise HistosynthError(f"corrupt or truncated slide: {err}", self.path) from err
+            return _to_rgb(rgba, self.path)
+        assert self._image is not None
+        out = np.full((height, width, 3), BACKGROUND, np.uint8)
+        h, w = self._image.shape[:2]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, w), min(y + height, h)
+        if x0 < x1 and y0 < y1:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._image[y0:y1, x0:x1]
+        return out
+
+    def read_level(self, level: int, chunk: int = 4096) -> np.ndarray:
+        """A whole level as one array (meant for low-resolution levels)."""
+        w, h = self.level_dimensions[level]
+        ds = self.levels[level].downsample
+        out = np.empty((h, w, 3), np.uint8)
+        for ly in range(0, h, chunk):
+            for lx in range(0, w, chunk):
+                cw, ch = min(chunk, w - lx), min(chunk, h - ly)
+                out[ly : ly + ch, lx : lx + cw] = self.read_region(
+                    int(round(lx * ds)), int(round(ly * ds)), level, cw, ch
+                )
+        return out
+
+    def close(self) -> None:
+        for lvl in self._fast.values():
+            lvl.close()
+        self._fast = {}
+        if self._osr is not None:
+            self._osr.close()
+            self._osr = None
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        return f"Slide({self.path.name!r}, {w}x{h}, levels={self.level_count}, mpp={self.mpp:.4g}, {self.backend})"
+
+
+def _resolve_mpp(
+    path: Path,
+    found: tuple[float, float] | None,
+    source: str,
+    fallback: float | None,
+) -> tuple[tuple[float, float], str]:
+    if found is not None:
+        return found, source
+    if fallback is not None:
+        if not fallback > 0:
+            raise HistosynthError(f"mpp fallback must be positive, got {fallback}", path)
+        return (float(fallback), float(fallback)), "fallback"
+    raise HistosynthError(
+        "no microns-per-pixel in the slide's metadata and no fallback: "
+        "give the slide an 'mpp' in the slide table or set 'mpp_fallback' in config.yaml",
+        path,
+    )
+
+
+def _open_openslide(path: Path, vendor: str, mpp_fallback: float | None, cache_bytes: int) -> Slide:
+    try:
+        osr = openslide.OpenSlide(str(path))
+    except openslide.OpenSlideError as err:
+        raise HistosynthError(f"corrupt or truncated slide ({vendor}): {err}", path) from err
+    levels = [
+        LevelInfo(int(w), int(h), float(ds)) for (w, h), ds in zip(osr.level_dimensions, osr.level_downsamples)
+    ]
+    props = osr.properties
+    found = None
+    source = "metadata"
+    try:
+        if openslide.PROPERTY_NAME_MPP_X in props and openslide.PROPERTY_NAME_MPP_Y in props:
+            found = (float(props[openslide.PROPERTY_NAME_MPP_X]), float(props[openslide.PROPERTY_NAME_MPP_Y]))
+            source = "openslide"
+            if not all(v > 0 for v in found):
+                found = None
+    except ValueError:
+        found = None
+    fast: dict[int, _TiffLevel] = {}
+    if vendor in ("generic-tiff", "aperio"):
+        try:
+            fast = _match_tiff_levels(path, levels, cache_bytes)
+        except (tifffile.TiffFileError, OSError, ValueError) as err:
+            osr.close()
+            raise HistosynthError(f"corrupt or truncated slide: {err}", path) from err
+        if found is None and fast:
+            with tifffile.TiffFile(path) as tf:
+                tags = _mpp_from_tiff_tags(tf.pages[0])
+            if tags is not None:
+                found, source = tags, "tiff-resolution"
+    try:
+        mpp, mpp_source = _resolve_mpp(path, found, source, mpp_fallback)
+    except HistosynthError:
+        osr.close()
+        for lvl in fast.values():
+            lvl.close()
+        raise
+    return Slide(path, "openslide", levels, mpp, mpp_source, osr=osr, fast_levels=fast, vendor=vendor)
+
+
+def _match_tiff_levels(path: Path, levels: list[LevelInfo], cache_bytes: int) -> dict[int, _TiffLevel]:
+    """Map OpenSlide levels to tiled TIFF pages of the same size that tifffile can decode."""
+    fast: dict[int, _TiffLevel] = {}
+    tf = tifffile.TiffFile(path)
+    with tf:
+        pages = [p for p in tf.pages if p.is_tiled and p.samplesperpixel in (3, 4) and p.bitspersample == 8]
+        by_size = {(int(p.imagewidth), int(p.imagelength)): p for p in pages}
+        for i, lv in enumerate(levels):
+            page = by_size.get((lv.width, lv.height))
+            if page is None or int(page.compression) not in _FAST_COMPRESSIONS or page.planarconfig != 1:
+                continue
+            if len(page.dataoffsets) != -(-lv.width // page.tilewidth) * -(-lv.height // page.tilelength):
+                continue
+            fast[i] = _TiffLevel(path, page, cache_bytes)
+            # build tifffile's decoder while the file is open (it peeks at the first
+            # tile once); later decodes only use the bytes we pass in
+            page.decode  # noqa: B018
+    return fast
+
+
+def _open_plain(path: Path, mpp_fallback: float | None) -> Slide:
+    suffix = path.suffix.lower()
+    found = None
+    if suffix in (".tif", ".tiff"):
+        try:
+            with tifffile.TiffFile(path) as tf:
+                page = tf.pages[0]
+                found = _mpp_from_tiff_tags(page)
+                image = page.asarray()
+        except (tifffile.TiffFileError, ValueError, OSError, IndexError) as err:
+            raise HistosynthError(f"not a readable TIFF image: {err}", path) from err
+    else:
+        data = np.fromfile(path, dtype=np.uint8)
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        if image is None:
+            raise HistosynthError("not an image that OpenSlide, tifffile or OpenCV can read", path)
+        if image.ndim == 3:
+            code = cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB
+            image = cv2.cvtColor(image, code)
+    image = np.ascontiguousarray(_to_rgb(image, path))
+    mpp, source = _resolve_mpp(path, found, "tiff-resolution", mpp_fallback)
+    h, w = image.shape[:2]
+    return Slide(path, "plain", [LevelInfo(w, h, 1.0)], mpp, source, image=image)
+
+
+def open_slide(
+    path: str | os.PathLike,
+    mpp_fallback: float | None = None,
+    cache_bytes: int = 64 << 20,
+) -> Slide:
+    """Open a whole-slide image or plain image; errors name the file and the problem.
+
+    ``mpp_fallback`` is used only when the file states no resolution.
+    ``cache_bytes`` bounds the decoded-tile cache of the fast TIFF path, per level.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise HistosynthError("no such file", path)
+    if not path.is_file():
+        raise HistosynthError("not a file", path)
+    if path.stat().st_size == 0:
+        raise HistosynthError("empty file", path)
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(path))
+    except openslide.OpenSlideError:
+        vendor = None
+    if vendor is not None:
+        return _open_openslide(path, vendor, mpp_fallback, cache_bytes)
+    if path.suffix.lower() not in _PLAIN_SUFFIXES:
+        raise HistosynthError(
+            f"not a slide OpenSlide recognises, and '{path.suffix}' is not a plain image type "
+            f"({', '.join(sorted(_PLAIN_SUFFIXES))})",
+            path,
+        )
+    return _open_plain(path, mpp_fallback)

@@ -1,0 +1,357 @@
+"""Cut a slide into fixed-size tiles at a target resolution: the first stage of the DAG.
+
+The grid
+    Tiles are ``size`` output pixels square at ``target_mpp`` µm/px, so one
+    tile covers ``size * d`` level-0 pixels where ``d = target_mpp / slide.mpp``.
+    Tile origins step by ``stride * d`` level-0 pixels (``stride`` defaults to
+    ``size``: no overlap) from the top-left of the slide, or of each region
+    when the tiling is restricted to regions; origins are rounded to whole
+    level-0 pixels. A tile whose footprint runs past the slide edge is padded
+    with white background and flagged (``padded`` column) or, with
+    ``edge="drop"``, left out.
+
+Reading
+    Each tile is read from the coarsest pyramid level whose downsample does
+    not exceed ``d`` (within 1 %) and resized to ``size`` with area
+    interpolation when the level does not match ``d`` exactly.
+
+Tissue filter
+    A pixel is background when its grey value (OpenCV's BT.601 luma) is above
+    ``background_threshold`` (default 204); a tile with more than
+    ``max_background`` (default 0.85) background is dropped. Before decoding
+    anything at full resolution, the tissue mask of a low-resolution level
+    (the coarsest one with at least 4x4 of its pixels per tile, dilated by one
+    pixel so thin tissue is not lost) rules out tiles that are background
+    there; the rest are decoded and judged exactly. Slides without such a
+    level are judged on the decoded tiles alone.
+
+Memory
+    Tiles stream one by one into ``images.npy``; what is held is the
+    decoded-tile cache of the reader (bounded), the current tile, and the
+    low-resolution mask (a few MB even for large slides).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from histosynth.errors import HistosynthError
+from histosynth.io.patchset import PatchSetWriter
+from histosynth.io.slides import Slide, open_slide
+
+log = logging.getLogger(__name__)
+
+#: columns the tiler adds to the patch-set index beyond the common ones
+TILE_COLUMNS = ("padded",)
+
+
+@dataclass
+class TileParams:
+    """Everything that decides which tiles come out and what they contain."""
+
+    size: int = 256
+    target_mpp: float | None = None  # None: the slide's own level-0 resolution
+    stride: int | None = None  # in output pixels; None: equal to size (no overlap)
+    background_threshold: int = 204
+    max_background: float = 0.85
+    edge: str = "pad"  # "pad" or "drop"
+    regions: list[tuple[int, int, int, int]] = field(default_factory=list)  # level-0 (x, y, w, h)
+    mpp_tolerance: float = 0.01
+    lowres_min_pixels: int = 4  # low-res pixels per tile side needed for the pre-filter
+
+    def check(self) -> None:
+        if self.size < 8:
+            raise HistosynthError(f"tile size must be at least 8 px, got {self.size}")
+        if self.stride is not None and self.stride < 1:
+            raise HistosynthError(f"stride must be at least 1 px, got {self.stride}")
+        if self.target_mpp is not None and not self.target_mpp > 0:
+            raise HistosynthError(f"target mpp must be positive, got {self.target_mpp}")
+        if not 0 <= self.background_threshold <= 255:
+            raise HistosynthError(f"background threshold must be 0..255, got {self.background_threshold}")
+        if not 0.0 <= self.max_background <= 1.0:
+            raise HistosynthError(f"max background fraction must be 0..1, got {self.max_background}")
+        if self.edge not in ("pad", "drop"):
+            raise HistosynthError(f"edge must be 'pad' or 'drop', got {self.edge!r}")
+        for r in self.regions:
+            if len(r) != 4 or r[2] <= 0 or r[3] <= 0:
+                raise HistosynthError(f"a region is (x, y, width, height) with positive size, got {r}")
+
+
+@dataclass(frozen=True)
+class GridTile:
+    x: int  # level-0 origin
+    y: int
+    padded: bool
+
+
+@dataclass
+class TilePlan:
+    """Where tiles come from: level, scale and the grid, for one slide."""
+
+    level: int
+    level_downsample: float
+    downsample: float  # level-0 pixels per output pixel
+    read_size: int  # pixels read at `level` for one tile (before resizing)
+    footprint: float  # level-0 pixels covered by one tile
+    mpp: float  # the resolution of the output tiles
+    grid: list[GridTile]
+
+
+def plan_tiles(slide: Slide, params: TileParams) -> TilePlan:
+    """The reading level and the tile grid for ``slide`` (no pixels are read)."""
+    params.check()
+    width, height = slide.dimensions
+    target = params.target_mpp if params.target_mpp is not None else slide.mpp
+    downsample = target / slide.mpp
+    if downsample < 1 - params.mpp_tolerance:
+        log.warning(
+            "%s: target %.4g um/px is finer than the slide's %.4g um/px; tiles are upsampled",
+            slide.path,
+            target,
+            slide.mpp,
+        )
+    level = slide.best_level_for_downsample(downsample, params.mpp_tolerance)
+    level_ds = slide.level_downsamples[level]
+    scale = downsample / level_ds  # level pixels per output pixel
+    if abs(scale - 1) <= params.mpp_tolerance:
+        scale = 1.0
+    read_size = max(1, int(round(params.size * scale)))
+    footprint = params.size * downsample
+    step = (params.stride or params.size) * downsample
+    if footprint > width or footprint > height:
+        raise HistosynthError(
+            f"a {params.size}-px tile at {target:.4g} um/px covers {footprint:.0f} level-0 px, "
+            f"more than the slide's {width}x{height}",
+            slide.path,
+        )
+    boxes = params.regions or [(0, 0, width, height)]
+    seen: set[tuple[int, int]] = set()
+    grid: list[GridTile] = []
+    for bx, by, bw, bh in boxes:
+        bx0, by0 = max(0, bx), max(0, by)
+        bx1, by1 = min(width, bx + bw), min(height, by + bh)
+        if bx0 >= bx1 or by0 >= by1:
+            log.warning("%s: region %s lies outside the slide; skipped", slide.path, (bx, by, bw, bh))
+            continue
+        ny = math.ceil((by1 - by0) / step - 1e-9)
+        nx = math.ceil((bx1 - bx0) / step - 1e-9)
+        for j in range(ny):
+            y = int(round(by0 + j * step))
+            for i in range(nx):
+                x = int(round(bx0 + i * step))
+                if (x, y) in seen:
+                    continue
+                seen.add((x, y))
+                padded = x + footprint > width + 1e-6 or y + footprint > height + 1e-6
+                if padded and params.edge == "drop":
+                    continue
+                grid.append(GridTile(x, y, padded))
+    grid.sort(key=lambda t: (t.y, t.x))
+    return TilePlan(
+        level=level,
+        level_downsample=level_ds,
+        downsample=downsample,
+        read_size=read_size,
+        footprint=footprint,
+        mpp=slide.mpp * downsample,
+        grid=grid,
+    )
+
+
+def _background_mask(rgb: np.ndarray, threshold: int) -> np.ndarray:
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) > threshold
+
+
+def lowres_candidates(slide: Slide, plan: TilePlan, params: TileParams) -> np.ndarray | None:
+    """Boolean per grid tile: may hold tissue (True) or is surely background (False).
+
+    None when the slide has no level coarse enough to save work.
+    """
+    if params.max_background >= 1.0:
+        return None
+    want = plan.footprint / params.lowres_min_pixels
+    level = slide.best_level_for_downsample(want)
+    ds = slide.level_downsamples[level]
+    if ds < 4 * plan.level_downsample:
+        return None
+    low = slide.read_level(level)
+    tissue = ~_background_mask(low, params.background_threshold)
+    tissue = cv2.dilate(tissue.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    # integral image: tissue pixels in any rectangle in O(1)
+    integral = np.pad(tissue.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    lh, lw = tissue.shape
+    keep = np.ones(len(plan.grid), dtype=bool)
+    for k, t in enumerate(plan.grid):
+        x0 = min(max(int(math.floor(t.x / ds)), 0), lw)
+        y0 = min(max(int(math.floor(t.y / ds)), 0), lh)
+        x1 = min(max(int(math.ceil((t.x + plan.footprint) / ds)), x0), lw)
+        y1 = min(max(int(math.ceil((t.y + plan.footprint) / ds)), y0), lh)
+        area_total = ((t.x + plan.footprint) / ds - t.x / ds) ** 2  # the footprint in low-res pixels
+        n_tissue = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+        # outside-the-slide parts are background, as they are when padded
+        keep[k] = n_tissue / area_total >= (1.0 - params.max_background) - 1e-9
+    return keep
+
+
+def read_tile(slide: Slide, plan: TilePlan, tile: GridTile, size: int) -> np.ndarray:
+    """One output tile (size, size, 3) uint8, read and resized per the plan."""
+    region = slide.read_region(tile.x, tile.y, plan.level, plan.read_size, plan.read_size)
+    if plan.read_size != size:
+        interp = cv2.INTER_AREA if plan.read_size > size else cv2.INTER_CUBIC
+        region = cv2.resize(region, (size, size), interpolation=interp)
+    return region
+
+
+@dataclass
+class TileStats:
+    grid: int = 0
+    ruled_out_lowres: int = 0
+    decoded: int = 0
+    dropped_background: int = 0
+    kept: int = 0
+    padded: int = 0
+    seconds: float = 0.0
+
+
+def iter_tiles(
+    slide: Slide, params: TileParams, stats: TileStats | None = None, progress: bool = False
+) -> Iterator[tuple[dict, np.ndarray]]:
+    """Yield ``(index_row, tile)`` for every kept tile, in row-major grid order."""
+    stats = stats if stats is not None else TileStats()
+    plan = plan_tiles(slide, params)
+    stats.grid = len(plan.grid)
+    candidates = lowres_candidates(slide, plan, params)
+    w, h = slide.dimensions
+    bar = tqdm(plan.grid, desc=f"tile {slide.name}", unit="tile", disable=not progress, mininterval=5)
+    for k, t in enumerate(bar):
+        if candidates is not None and not candidates[k]:
+            stats.ruled_out_lowres += 1
+            continue
+        img = read_tile(slide, plan, t, params.size)
+        stats.decoded += 1
+        bg = _background_mask(img, params.background_threshold)
+        if t.padded:
+            # pixels past the slide edge are background whatever the reader filled in
+            inside_x = int(np.clip(round((w - t.x) / plan.downsample), 0, params.size))
+            inside_y = int(np.clip(round((h - t.y) / plan.downsample), 0, params.size))
+            img[inside_y:, :] = 255
+            img[:, inside_x:] = 255
+            bg[inside_y:, :] = True
+            bg[:, inside_x:] = True
+        bg_frac = float(bg.mean())
+        if bg_frac > params.max_background:
+            stats.dropped_background += 1
+            continue
+        stats.kept += 1
+        stats.padded += int(t.padded)
+        row = {
+            "slide": slide.name,
+            "x": t.x,
+            "y": t.y,
+            "level": plan.level,
+            "downsample": plan.downsample,
+            "mpp": plan.mpp,
+            "width": params.size,
+            "height": params.size,
+            "tissue_fraction": round(1.0 - bg_frac, 4),
+            "n_nuclei": None,
+            "source": str(slide.path),
+            "padded": bool(t.padded),
+        }
+        yield row, img
+
+
+def tile_slide(
+    slide_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    params: TileParams,
+    *,
+    mpp_fallback: float | None = None,
+    slide_name: str | None = None,
+    progress: bool = False,
+) -> TileStats:
+    """Tile one slide into a patch set at ``out_dir`` (written atomically)."""
+    start = time.perf_counter()
+    stats = TileStats()
+    params.check()
+    with open_slide(slide_path, mpp_fallback=mpp_fallback) as slide:
+        if slide_name:
+            slide.name = slide_name
+        with PatchSetWriter(out_dir, arrays=("images",), patch_size=(params.size, params.size),
+                            extra_columns=TILE_COLUMNS) as writer:
+            for row, img in iter_tiles(slide, params, stats, progress=progress):
+                writer.add(row, images=img)
+            stats.seconds = time.perf_counter() - start
+            writer.report = {
+                "stage": "tile",
+                "slide": slide.describe(),
+                "params": asdict(params),
+                "counts": asdict(stats),
+            }
+    if stats.kept == 0:
+        log.warning("%s: no tile passed the tissue filter", slide_path)
+    log.info(
+        "%s: %d grid tiles, %d ruled out at low resolution, %d decoded, %d dropped as background, "
+        "%d kept (%d padded) in %.1f s",
+        slide_path, stats.grid, stats.ruled_out_lowres, stats.decoded, stats.dropped_background,
+        stats.kept, stats.padded, stats.seconds,
+    )
+    return stats
+
+
+def regions_from_boxes(boxes: Sequence[Sequence[float]], margin: float = 0.0) -> list[tuple[int, int, int, int]]:
+    """Integer (x, y, w, h) regions from float (x0, y0, x1, y1) boxes grown by ``margin``."""
+    out = []
+    for x0, y0, x1, y1 in boxes:
+        gx0, gy0 = math.floor(x0 - margin), math.floor(y0 - margin)
+        gx1, gy1 = math.ceil(x1 + margin), math.ceil(y1 + margin)
+        out.append((gx0, gy0, max(1, gx1 - gx0), max(1, gy1 - gy0)))
+    return out
+
+
+def annotation_regions(path: str | os.PathLike, cell: float = 512.0) -> list[tuple[int, int, int, int]]:
+    """Regions to tile from an annotation file: one box per annotated area.
+
+    Nuclei bounding boxes are marked on a grid of ``cell`` level-0 pixels;
+    marked cells that touch (8-connectivity, after growing by one cell) form
+    one area, whose region is the bounding box of its nuclei. Separate
+    annotated areas of a slide thus give separate regions, and the space
+    between them is not tiled.
+    """
+    from histosynth.io.annotations import read  # imported here: the parsers are heavy
+
+    nuclei = read(path).nuclei
+    if not nuclei:
+        raise HistosynthError("no annotations to take regions from", path)
+    bounds = np.array([n.polygon.bounds for n in nuclei], dtype=float)
+    return regions_from_boxes(_group_boxes(bounds, cell))
+
+
+def _group_boxes(bounds: np.ndarray, cell: float) -> list[tuple[float, float, float, float]]:
+    """Bounding boxes of groups of nearby boxes (x0, y0, x1, y1), grouped on a coarse grid."""
+
+    origin = bounds[:, :2].min(axis=0)
+    cells = np.floor((bounds - np.tile(origin, 2)) / cell).astype(np.int64)
+    shape = cells[:, 2:].max(axis=0) + 1
+    grid = np.zeros((shape[1], shape[0]), dtype=bool)
+    for cx0, cy0, cx1, cy1 in cells:
+        grid[cy0 : cy1 + 1, cx0 : cx1 + 1] = True
+    labels, _ = ndimage.label(ndimage.binary_dilation(grid, np.ones((3, 3), bool)), np.ones((3, 3), int))
+    # each box belongs to the component of its first cell
+    comp = labels[cells[:, 1], cells[:, 0]]
+    out = []
+    for c in np.unique(comp):
+        b = bounds[comp == c]
+        out.append((b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()))
+    return out
