@@ -169,4 +169,5 @@ def _read_table(path: Path) -> pd.DataFrame:
         if bad:
             raise HistosynthError(f"column mpp must hold positive numbers; bad rows: {bad}", path)
         df["mpp"] = mpp
-    return df[SLIDE_COLUMNS]
+    df = df[SLIDE_COLUMNS].astype(object)
+    return df.where(df.notna(), None)  # missing cells are None, not NaN

@@ -395,8 +395,8 @@ def _open_plain(path: Path, mpp_fallback: float | None) -> Slide:
                 page = tf.pages[0]
                 found = _mpp_from_tiff_tags(page)
                 image = page.asarray()
-        except (tifffile.TiffFileError, ValueError, OSError, IndexError) as err:
-            raise HistosynthError(f"not a readable TIFF image: {err}", path) from err
+        except Exception as err:  # tifffile and its codecs raise many types for bad files
+            raise HistosynthError(f"not a readable TIFF image (corrupt or truncated?): {err}", path) from err
     else:
         data = np.fromfile(path, dtype=np.uint8)
         image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None

@@ -1,0 +1,16 @@
+# histosynth: the DAG. Logic lives in src/histosynth; rules are thin CLI calls.
+# See README.md for how to run it and ../DESIGN.md (shared) for the stages.
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/tile.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.tiles.input,

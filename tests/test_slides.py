@@ -1,0 +1,178 @@
+"""The slide reader: real slides from ../shared/data and small generated ones."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import openslide
+import pytest
+import tifffile
+
+from histosynth.errors import HistosynthError
+from histosynth.io.slides import open_slide
+from tests.conftest import shared_file
+from tests.helpers import tissue_image, write_pyramid
+
+
+def _openslide_rgb(path, x, y, level, w, h):
+    with openslide.OpenSlide(str(path)) as osr:
+        return np.asarray(osr.read_region((x, y), level, (w, h)).convert("RGB"))
+
+
+# -- real slides ------------------------------------------------------------------
+def test_single_level_svs_fast_path_matches_openslide():
+    path = shared_file("wsi", "CMU-1-Small-Region.svs")
+    with open_slide(path) as slide:
+        assert slide.dimensions == (2220, 2967)
+        assert slide.level_count == 1
+        assert slide.mpp == pytest.approx(0.499)
+        assert slide.mpp_source == "openslide"
+        assert slide.fast_path(0)
+        for x, y in [(0, 0), (100, 333), (1017, 1451), (1900, 2600)]:
+            ours = slide.read_region(x, y, 0, 256, 256)
+            ref = _openslide_rgb(path, x, y, 0, 256, 256)
+            assert np.abs(ours.astype(int) - ref).mean() <= 2.0
+
+
+def test_jpeg2000_svs_without_mpp_needs_fallback():
+    path = shared_file("wsi", "tcga-cr-7395-01a-01-ts1.svs")
+    with pytest.raises(HistosynthError, match="microns-per-pixel") as err:
+        open_slide(path)
+    assert str(path) in str(err.value)
+    with open_slide(path, mpp_fallback=0.5) as slide:
+        assert slide.mpp == 0.5 and slide.mpp_source == "fallback"
+        assert slide.level_count == 2
+        assert slide.level_downsamples[1] == pytest.approx(2.0005, abs=1e-3)
+        assert not slide.fast_path(0)  # JPEG 2000 goes through OpenSlide
+        region = slide.read_region(1000, 1000, 1, 64, 64)
+        assert region.shape == (64, 64, 3) and region.dtype == np.uint8
+        assert np.array_equal(region, _openslide_rgb(path, 1000, 1000, 1, 64, 64))
+
+
+def test_ndpi_seven_levels():
+    path = shared_file("wsi", "test3-DAPI-2-(387).ndpi")
+    with open_slide(path) as slide:
+        assert slide.level_count == 7
+        assert slide.dimensions == (3968, 4864)
+        assert slide.mpp == pytest.approx(0.228, abs=1e-3)
+        assert slide.best_level_for_downsample(8.0) == 3
+        assert slide.best_level_for_downsample(7.9) == 2
+        region = slide.read_region(0, 0, 3, 100, 100)
+        assert region.shape == (100, 100, 3)
+
+
+def test_plain_tiff_monuseg():
+    path = shared_file("monuseg-train", "images", "TCGA-21-5784-01Z-00-DX1.tif")
+    with pytest.raises(HistosynthError, match="microns-per-pixel"):
+        open_slide(path)
+    with open_slide(path, mpp_fallback=0.25) as slide:
+        assert slide.backend == "plain"
+        assert slide.dimensions == (1000, 1000)
+        assert slide.level_count == 1
+        ref = tifffile.imread(path)[..., :3]
+        assert np.array_equal(slide.read_region(10, 20, 0, 30, 40), ref[20:60, 10:40])
+        edge = slide.read_region(990, 990, 0, 20, 20)
+        assert np.array_equal(edge[:10, :10], ref[990:, 990:])
+        assert (edge[10:] == 255).all() and (edge[:, 10:] == 255).all()
+
+
+# -- generated slides ---------------------------------------------------------------
+def test_generated_pyramid_levels_mpp_and_fast_path(tmp_path):
+    img = tissue_image(1000, 700)
+    path = write_pyramid(tmp_path / "s.tif", img, mpp=0.25, levels=3)
+    with open_slide(path) as slide:
+        assert slide.vendor == "generic-tiff"
+        assert slide.level_dimensions == [(1000, 700), (500, 350), (250, 175)]
+        assert slide.level_downsamples == [1.0, 2.0, 4.0]
+        assert slide.mpp == pytest.approx(0.25)
+        assert all(slide.fast_path(i) for i in range(3))
+        for level, (x, y) in [(0, (0, 0)), (0, (300, 200)), (1, (130, 64)), (2, (0, 0))]:
+            ours = slide.read_region(x, y, level, 96, 96)
+            ref = _openslide_rgb(path, x, y, level, 96, 96)
+            assert np.abs(ours.astype(int) - ref).mean() <= 2.0
+        # past the edge: white, not black or transparent
+        out = slide.read_region(950, 650, 0, 100, 100)
+        assert (out[50:] == 255).all() and (out[:, 50:] == 255).all()
+
+
+def test_tiff_resolution_tags_only_when_plausible(tmp_path):
+    img = tissue_image(300, 200)
+    # 72 dpi is a default, not a microscope resolution
+    tifffile.imwrite(tmp_path / "dpi.tif", img, resolution=(72, 72), resolutionunit="INCH")
+    with pytest.raises(HistosynthError, match="microns-per-pixel"):
+        open_slide(tmp_path / "dpi.tif")
+    tifffile.imwrite(tmp_path / "cm.tif", img, resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    with open_slide(tmp_path / "cm.tif") as slide:
+        assert slide.mpp == pytest.approx(0.5) and slide.mpp_source == "tiff-resolution"
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_png_and_jpeg(tmp_path, suffix):
+    img = tissue_image(120, 80)
+    path = tmp_path / f"img{suffix}"
+    cv2.imwrite(str(path), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    with open_slide(path, mpp_fallback=0.5) as slide:
+        assert slide.dimensions == (120, 80)
+        region = slide.read_region(0, 0, 0, 120, 80)
+        tol = 0 if suffix == ".png" else 8
+        assert np.abs(region.astype(int) - img).mean() <= tol
+
+
+def test_grey_and_rgba_are_made_rgb(tmp_path):
+    grey = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 256
+    cv2.imwrite(str(tmp_path / "g.png"), grey.astype(np.uint8))
+    with open_slide(tmp_path / "g.png", mpp_fallback=1) as slide:
+        region = slide.read_region(0, 0, 0, 64, 64)
+        assert region.shape == (64, 64, 3) and (region[..., 0] == grey).all()
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:5, :, 3] = 255  # top half opaque red, bottom transparent
+    cv2.imwrite(str(tmp_path / "a.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    with open_slide(tmp_path / "a.png", mpp_fallback=1) as slide:
+        region = slide.read_region(0, 0, 0, 10, 10)
+        assert (region[:5] == [200, 0, 0]).all() and (region[5:] == 255).all()
+
+
+# -- bad input ------------------------------------------------------------------------
+def test_missing_file(tmp_path):
+    with pytest.raises(HistosynthError, match="no such file"):
+        open_slide(tmp_path / "nope.svs")
+
+
+def test_directory_and_empty_file(tmp_path):
+    with pytest.raises(HistosynthError, match="not a file"):
+        open_slide(tmp_path)
+    (tmp_path / "empty.tif").write_bytes(b"")
+    with pytest.raises(HistosynthError, match="empty file"):
+        open_slide(tmp_path / "empty.tif")
+
+
+@pytest.mark.parametrize("name", ["notes.svs", "notes.png", "notes.tif"])
+def test_not_an_image(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("this is not an image\n" * 50)
+    with pytest.raises(HistosynthError) as err:
+        open_slide(path, mpp_fallback=0.5)
+    assert name in str(err.value)
+
+
+def test_truncated_slide(tmp_path):
+    img = tissue_image(1024, 1024, tissue=(0, 1))
+    good = write_pyramid(tmp_path / "good.tif", img, levels=2)
+    data = good.read_bytes()
+    bad = tmp_path / "bad.tif"
+    # tifffile writes each level's IFD before its tiles: cut inside level 0's tiles
+    bad.write_bytes(data[: len(data) // 3])
+    with pytest.raises(HistosynthError, match=r"bad\.tif.*(truncated|corrupt)"):
+        with open_slide(bad) as slide:
+            for y in range(0, 1024, 256):
+                slide.read_region(0, y, 0, 1024, 256)
+
+
+def test_bad_level_and_size(tmp_path):
+    path = write_pyramid(tmp_path / "s.tif", tissue_image(256, 256), levels=1)
+    with open_slide(path) as slide:
+        with pytest.raises(HistosynthError, match="level 3"):
+            slide.read_region(0, 0, 3, 10, 10)
+        with pytest.raises(ValueError):
+            slide.read_region(0, 0, 0, 0, 10)
