@@ -130,6 +130,16 @@ def test_deterministic(slide_path, tmp_path):
         assert _sha(tmp_path / "a" / name) == _sha(tmp_path / "b" / name)
 
 
+def test_threads_give_the_same_output(tmp_path):
+    path = write_pyramid(tmp_path / "s.tif", tissue_image(1500, 1100, tissue=(0.3, 1.0)), levels=2, tile=128)
+    p = TileParams(size=100, target_mpp=0.25)
+    one = tile_slide(path, tmp_path / "one", p, threads=1)
+    two = tile_slide(path, tmp_path / "two", p, threads=2)
+    assert one.kept == two.kept > 0
+    for name in ("images.npy", "index.csv"):
+        assert _sha(tmp_path / "one" / name) == _sha(tmp_path / "two" / name)
+
+
 def test_tile_larger_than_slide(slide_path, tmp_path):
     with pytest.raises(HistosynthError, match="more than the slide"):
         tile_slide(slide_path, tmp_path / "t", TileParams(size=512, target_mpp=1.0))

@@ -89,6 +89,7 @@ def _add_tile(sub: argparse._SubParsersAction) -> None:
                    help="tile only the annotated areas of this annotation file")
     p.add_argument("--mpp-fallback", type=_positive_float,
                    help="um/px to assume when the slide states none (otherwise that is an error)")
+    p.add_argument("--threads", type=int, default=1, help="threads decoding slide tiles (default 1)")
     p.set_defaults(func=_run_tile)
 
 
@@ -107,8 +108,10 @@ def _run_tile(args: argparse.Namespace) -> None:
         edge=args.edge,
         regions=regions,
     )
+    if args.threads < 1:
+        raise HistosynthError(f"--threads must be at least 1, got {args.threads}")
     tile_slide(args.slide, args.out_dir, params, mpp_fallback=args.mpp_fallback, slide_name=args.name,
-               progress=args.progress)
+               progress=args.progress, threads=args.threads)
 
 
 # -- slide-info / check-config --------------------------------------------------

@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -225,19 +226,43 @@ class TileStats:
 
 
 def iter_tiles(
-    slide: Slide, params: TileParams, stats: TileStats | None = None, progress: bool = False
+    slide: Slide,
+    params: TileParams,
+    stats: TileStats | None = None,
+    progress: bool = False,
+    threads: int = 1,
 ) -> Iterator[tuple[dict, np.ndarray]]:
-    """Yield ``(index_row, tile)`` for every kept tile, in row-major grid order."""
+    """Yield ``(index_row, tile)`` for every kept tile, in row-major grid order.
+
+    With ``threads`` > 1 the TIFF tiles of each grid row are decoded in
+    parallel before the row's tiles are assembled (same output, same order).
+    """
     stats = stats if stats is not None else TileStats()
     plan = plan_tiles(slide, params)
     stats.grid = len(plan.grid)
     candidates = lowres_candidates(slide, plan, params)
+    if candidates is None:
+        candidates = np.ones(len(plan.grid), dtype=bool)
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    try:
+        yield from _iter_kept(slide, params, plan, candidates, stats, progress, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def _iter_kept(slide, params, plan, candidates, stats, progress, pool):
     w, h = slide.dimensions
     bar = tqdm(plan.grid, desc=f"tile {slide.name}", unit="tile", disable=not progress, mininterval=5)
+    row_y = None
     for k, t in enumerate(bar):
-        if candidates is not None and not candidates[k]:
+        if not candidates[k]:
             stats.ruled_out_lowres += 1
             continue
+        if pool is not None and t.y != row_y:  # a new grid row: decode its tiles in parallel
+            row_y = t.y
+            row = [g for g, c in zip(plan.grid[k:], candidates[k:]) if g.y == row_y and c]
+            slide.prefetch([(g.x, g.y, plan.level, plan.read_size, plan.read_size) for g in row], pool)
         img = read_tile(slide, plan, t, params.size)
         stats.decoded += 1
         bg = _background_mask(img, params.background_threshold)
@@ -249,7 +274,7 @@ def iter_tiles(
             img[:, inside_x:] = 255
             bg[inside_y:, :] = True
             bg[:, inside_x:] = True
-        bg_frac = float(bg.mean())
+        bg_frac = cv2.countNonZero(bg.view(np.uint8)) / bg.size
         if bg_frac > params.max_background:
             stats.dropped_background += 1
             continue
@@ -280,6 +305,7 @@ def tile_slide(
     mpp_fallback: float | None = None,
     slide_name: str | None = None,
     progress: bool = False,
+    threads: int = 1,
 ) -> TileStats:
     """Tile one slide into a patch set at ``out_dir`` (written atomically)."""
     start = time.perf_counter()
@@ -290,7 +316,7 @@ def tile_slide(
             slide.name = slide_name
         with PatchSetWriter(out_dir, arrays=("images",), patch_size=(params.size, params.size),
                             extra_columns=TILE_COLUMNS) as writer:
-            for row, img in iter_tiles(slide, params, stats, progress=progress):
+            for row, img in iter_tiles(slide, params, stats, progress=progress, threads=threads):
                 writer.add(row, images=img)
             stats.seconds = time.perf_counter() - start
             writer.report = {

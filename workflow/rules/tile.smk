@@ -33,7 +33,7 @@ rule tile:
         "histosynth tile {input.slide:q} {output:q} --name {wildcards.slide:q}"
         " --size {params.size} {params.mpp} {params.stride}"
         " --background-threshold {params.threshold} --max-background {params.max_background}"
-        " --edge {params.edge} {params.fallback} {params.regions}"
+        " --edge {params.edge} {params.fallback} {params.regions} --threads {threads}"
         " > {log:q} 2>&1"
 
 

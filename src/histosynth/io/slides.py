@@ -111,11 +111,24 @@ class _TiffLevel:
                 self._cache.popitem(last=False)
         return arr
 
-    def read(self, lx: int, ly: int, w: int, h: int) -> np.ndarray:
-        """Region of this level at level coordinates (may run past the edges)."""
-        out = np.full((h, w, 3), BACKGROUND, np.uint8)
+    def tile_indices(self, lx: int, ly: int, w: int, h: int) -> list[int]:
+        """Indices of the TIFF tiles a region of this level touches."""
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + w, self.width), min(ly + h, self.height)
+        if x0 >= x1 or y0 >= y1:
+            return []
+        return [
+            ty * self.cols + tx
+            for ty in range(y0 // self.th, (y1 - 1) // self.th + 1)
+            for tx in range(x0 // self.tw, (x1 - 1) // self.tw + 1)
+        ]
+
+    def read(self, lx: int, ly: int, w: int, h: int) -> np.ndarray:
+        """Region of this level at level coordinates (may run past the edges)."""
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + w, self.width), min(ly + h, self.height)
+        inside = x0 == lx and y0 == ly and x1 == lx + w and y1 == ly + h
+        out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), BACKGROUND, np.uint8)
         if x0 >= x1 or y0 >= y1:
             return out
         for ty in range(y0 // self.th, (y1 - 1) // self.th + 1):
@@ -273,6 +286,28 @@ class Slide:
         if x0 < x1 and y0 < y1:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = self._image[y0:y1, x0:x1]
         return out
+
+    def prefetch(self, regions: list[tuple[int, int, int, int, int]], pool) -> None:
+        """Decode, in parallel on ``pool``, the TIFF tiles that these regions need.
+
+        ``regions`` are (x, y, level, width, height) as for :meth:`read_region`;
+        levels without the direct TIFF path are skipped. The tiles land in the
+        reader's cache, so the following ``read_region`` calls only assemble.
+        """
+        wanted: dict[int, list[int]] = {}
+        for x, y, level, w, h in regions:
+            fast = self._fast.get(level)
+            if fast is None:
+                continue
+            ds = self.levels[level].downsample
+            lx, ly = int(np.floor(x / ds)), int(np.floor(y / ds))
+            wanted.setdefault(level, []).extend(fast.tile_indices(lx, ly, w, h))
+        for level, indices in wanted.items():
+            fast = self._fast[level]
+            unique = list(dict.fromkeys(indices))
+            if len(unique) > fast._cache_items:
+                unique = unique[: fast._cache_items]  # never evict what we just decoded
+            list(pool.map(fast.tile, unique))
 
     def read_level(self, level: int, chunk: int = 4096) -> np.ndarray:
         """A whole level as one array (meant for low-resolution levels)."""

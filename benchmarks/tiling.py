@@ -1,0 +1,178 @@
+"""Tiles per second of `histosynth tile` against two peers measured in the same run.
+
+For each slide, over the same grid of tiles (``--size`` px at the slide's
+level-0 resolution unless ``--mpp`` is given):
+
+- ``histosynth``: :func:`histosynth.tiling.tile_slide`, the whole stage:
+  low-resolution tissue pre-filter, decoding, tissue filter, writing
+  ``images.npy`` + ``index.csv``;
+- ``read_region``: a plain OpenSlide loop, ``read_region`` + RGB conversion
+  for every grid tile (what a naive tiler does before any filtering);
+- ``decode floor``: reading and decoding, with tifffile/imagecodecs, every
+  JPEG tile of the TIFF level under the grid, and nothing else — the
+  minimum any tiler that decodes the whole grid must pay.
+
+Rates are grid tiles per second (grid tiles / wall time), so a tiler that
+rules out background without decoding it can beat the floor. Each method runs
+in a fresh child process (one thread; ``histosynth_2threads`` decodes with
+two, shown for information, not used in the ratios) so its peak RSS is its own; the best of
+``--repeat`` runs is kept. Without ``--slides`` it uses
+``../shared/data/wsi/CMU-1-Small-Region.svs`` and a demo slide of
+``--demo-size`` px generated into ``--workdir`` (reused when present).
+
+    python benchmarks/tiling.py --demo-size 20480 --out benchmarks/out/tiling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _child(method: str, slide: str, size: int, mpp: float | None, out: str) -> dict:
+    import numpy as np
+    import openslide
+    import tifffile
+
+    from histosynth.io.slides import open_slide
+    from histosynth.tiling import TileParams, plan_tiles, tile_slide
+
+    params = TileParams(size=size, target_mpp=mpp)
+    with open_slide(slide) as s:
+        plan = plan_tiles(s, params)
+    n_grid = len(plan.grid)
+    start = time.perf_counter()
+    extra: dict = {}
+    if method.startswith("histosynth"):
+        threads = 2 if method.endswith("2threads") else 1
+        stats = tile_slide(slide, out, params, threads=threads)
+        extra = {"kept": stats.kept, "decoded": stats.decoded, "ruled_out_lowres": stats.ruled_out_lowres}
+    elif method == "read_region":
+        osr = openslide.OpenSlide(slide)
+        read = plan.read_size
+        for t in plan.grid:
+            np.asarray(osr.read_region((t.x, t.y), plan.level, (read, read)).convert("RGB"))
+        osr.close()
+    elif method == "decode_floor":
+        with tifffile.TiffFile(slide) as tf:
+            w, h = s.level_dimensions[plan.level]
+            page = next(p for p in tf.pages if p.is_tiled and (p.imagewidth, p.imagelength) == (w, h))
+            fd = os.open(slide, os.O_RDONLY)
+            tables = page.jpegtables
+            for i, (off, cnt) in enumerate(zip(page.dataoffsets, page.databytecounts)):
+                page.decode(os.pread(fd, cnt, off), i, jpegtables=tables)
+            os.close(fd)
+            extra = {"tiff_tiles": len(page.dataoffsets), "tiff_tile_size": [page.tilewidth, page.tilelength]}
+    else:
+        raise SystemExit(f"unknown method {method}")
+    seconds = time.perf_counter() - start
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"method": method, "grid": n_grid, "seconds": seconds, "tiles_per_s": n_grid / seconds,
+            "peak_rss_mb": rss_mb, **extra}
+
+
+def _run_child(method: str, slide: Path, size: int, mpp: float | None, workdir: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    cmd = [sys.executable, __file__, "--child", method, "--slides", str(slide), "--size", str(size),
+           "--workdir", str(workdir)]
+    if mpp:
+        cmd += ["--mpp", str(mpp)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"{method} on {slide} failed:\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _demo_slide(workdir: Path, size: int) -> Path:
+    from histosynth.demo import make_demo_slides
+
+    out = workdir / f"demo-{size}"
+    path = out / "demo-000.tif"
+    if not path.exists():
+        print(f"generating a {size} x {size} demo slide in {out} ...", flush=True)
+        t = time.perf_counter()
+        make_demo_slides(out, n_slides=1, size=(size, size), seed=0)
+        print(f"  took {time.perf_counter() - t:.0f} s", flush=True)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slides", nargs="*", help="slides to measure (default: CMU small region + a demo slide)")
+    ap.add_argument("--demo-size", type=int, default=20480, help="side of the generated demo slide (px)")
+    ap.add_argument("--size", type=int, default=256, help="tile size (px)")
+    ap.add_argument("--mpp", type=float, default=None, help="target um/px (default: native)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per method; the best is kept")
+    ap.add_argument("--workdir", default=str(REPO / "benchmarks" / "out"), help="scratch + demo slide")
+    ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    if args.child:
+        with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+            print(json.dumps(_child(args.child, args.slides[0], args.size, args.mpp, f"{tmp}/tiles")))
+        return
+
+    slides = [Path(s) for s in args.slides] if args.slides else []
+    if not args.slides:
+        cmu = REPO.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
+        if cmu.exists():
+            slides.append(cmu)
+        else:
+            print(f"note: {cmu} not found; measuring the demo slide only")
+        slides.append(_demo_slide(workdir, args.demo_size))
+
+    results = []
+    for slide in slides:
+        rows = {}
+        for method in ("histosynth", "histosynth_2threads", "read_region", "decode_floor"):
+            runs = [_run_child(method, slide, args.size, args.mpp, workdir) for _ in range(args.repeat)]
+            rows[method] = min(runs, key=lambda r: r["seconds"])
+        h = rows["histosynth"]
+        result = {
+            "slide": slide.name,
+            "grid_tiles": h["grid"],
+            "kept": h["kept"],
+            "decoded": h["decoded"],
+            "ruled_out_lowres": h["ruled_out_lowres"],
+            "methods": rows,
+            "vs_read_region": h["tiles_per_s"] / rows["read_region"]["tiles_per_s"],
+            "vs_decode_floor": h["tiles_per_s"] / rows["decode_floor"]["tiles_per_s"],
+        }
+        results.append(result)
+        print(f"\n{slide.name}: {h['grid']} grid tiles of {args.size} px, {h['kept']} kept, "
+              f"{h['ruled_out_lowres']} ruled out at low resolution")
+        print(f"  {'method':<14}{'seconds':>9}{'tiles/s':>10}{'peak MB':>9}")
+        for m, r in rows.items():
+            print(f"  {m:<14}{r['seconds']:>9.2f}{r['tiles_per_s']:>10.0f}{r['peak_rss_mb']:>9.0f}")
+        print(f"  histosynth / read_region = {result['vs_read_region']:.2f}x (target >= 5), "
+              f"histosynth / decode floor = {result['vs_decode_floor']:.2f}x (target >= 0.5)")
+
+    report = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "tile_size": args.size,
+        "target_mpp": args.mpp,
+        "results": results,
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

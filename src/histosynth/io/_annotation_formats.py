@@ -1,0 +1,1267 @@
+"""Per-format parsers behind :mod:`histosynth.io.annotations` (private).
+
+Every parser turns one file into a :class:`Parsed`: parallel lists of item
+references (for error messages), raw class names and shapely polygons (``None``
+for an item that has no area), plus the counts of items it dropped itself.
+Validation that is common to all formats (repair, clipping, class mapping)
+happens afterwards in ``annotations._finish``. The coordinate conventions chosen
+per format are documented in the docstring of :mod:`histosynth.io.annotations`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.etree.ElementTree import ParseError
+
+import numpy as np
+import shapely
+from shapely.geometry import Polygon
+
+from histosynth.errors import HistosynthError
+
+# --------------------------------------------------------------------------- #
+# Result of a parser
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Parsed:
+    """What a format parser hands to the common pipeline."""
+
+    refs: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    geoms: list[Any] = field(default_factory=list)  # Polygon (maybe invalid) | None
+    report: Counter = field(default_factory=Counter)
+    mpp: float | None = None
+    size: tuple[int, int] | None = None  # (width, height) stated by the file itself
+    size_is_exact: bool = False  # label images: slide_size must equal it
+
+    def add(self, ref: str, name: str, geom: Any) -> None:
+        self.refs.append(ref)
+        self.names.append(name)
+        self.geoms.append(geom)
+
+
+# --------------------------------------------------------------------------- #
+# Geometry helpers
+# --------------------------------------------------------------------------- #
+
+
+def first_nonfinite(rings: list[np.ndarray]) -> int | None:
+    """Index of the first ring holding a NaN/inf coordinate, or None."""
+    if not rings:
+        return None
+    lens = np.fromiter((len(r) for r in rings), dtype=np.int64, count=len(rings))
+    if lens.sum() == 0:
+        return None
+    allc = np.concatenate([r.reshape(-1, 2) for r in rings])
+    bad = ~np.isfinite(allc).all(axis=1)
+    if not bad.any():
+        return None
+    return int(np.searchsorted(np.cumsum(lens), int(np.argmax(bad)), side="right"))
+
+
+def linearrings(rings: list[np.ndarray]) -> list[Any]:
+    """Clean rings and build shapely LinearRings, vectorised.
+
+    Consecutive repeated points and a repeated closing point are dropped; a ring
+    with fewer than 3 points left becomes ``None`` (degenerate). Coordinates must
+    already be finite (see :func:`first_nonfinite`).
+    """
+    n = len(rings)
+    out: list[Any] = [None] * n
+    if n == 0:
+        return out
+    lens = np.fromiter((len(r) for r in rings), dtype=np.int64, count=n)
+    total = int(lens.sum())
+    if total == 0:
+        return out
+    allc = np.concatenate([np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in rings])
+    rid = np.repeat(np.arange(n), lens)
+    keep = np.ones(total, dtype=bool)
+    keep[1:] = ~((allc[1:] == allc[:-1]).all(axis=1) & (rid[1:] == rid[:-1]))
+    nonempty = lens > 0
+    starts = (np.cumsum(lens) - lens)[nonempty]
+    idx = np.where(keep, np.arange(total), -1)
+    last_kept = np.maximum.reduceat(idx, starts)
+    closing = (last_kept != starts) & (allc[last_kept] == allc[starts]).all(axis=1)
+    keep[last_kept[closing]] = False
+    counts = np.bincount(rid[keep], minlength=n)
+    ok = counts >= 3
+    sel = keep & ok[rid]
+    if not ok.any():
+        return out
+    newid = (np.cumsum(ok) - 1)[rid[sel]]
+    geoms = shapely.linearrings(allc[sel], indices=newid)
+    for i, g in zip(np.flatnonzero(ok), geoms):
+        out[int(i)] = g
+    return out
+
+
+def polygons_from_rings(items: list[tuple[np.ndarray, list[np.ndarray]]], report: Counter) -> list[Any]:
+    """(shell, holes) coordinate arrays -> Polygons (None where the shell is degenerate).
+
+    Degenerate holes (< 3 distinct points) are dropped and counted as
+    ``holes_dropped``.
+    """
+    rings: list[np.ndarray] = []
+    for shell, holes in items:
+        rings.append(shell)
+        rings.extend(holes)
+    lr = linearrings(rings)
+    shells = []
+    out: list[Any] = []
+    k = 0
+    simple_idx = []
+    for j, (_shell, holes) in enumerate(items):
+        sh = lr[k]
+        hs = lr[k + 1 : k + 1 + len(holes)]
+        k += 1 + len(holes)
+        if sh is None:
+            out.append(None)
+            continue
+        good_holes = [h for h in hs if h is not None]
+        if len(good_holes) != len(hs):
+            report["holes_dropped"] += len(hs) - len(good_holes)
+        if good_holes:
+            out.append(shapely.polygons(sh, holes=good_holes))
+        else:
+            out.append(None)
+            shells.append(sh)
+            simple_idx.append(j)
+    if shells:
+        for j, p in zip(simple_idx, shapely.polygons(np.asarray(shells, dtype=object))):
+            out[j] = p
+    return out
+
+
+def largest_polygon(geom: Any) -> tuple[Polygon | None, int]:
+    """The largest Polygon in ``geom`` and the number of other polygonal parts."""
+    if geom is None or geom.is_empty:
+        return None, 0
+    if isinstance(geom, Polygon):
+        return (geom if geom.area > 0 else None), 0
+    parts = [p for p in shapely.get_parts(shapely.get_parts(geom)) if isinstance(p, Polygon) and p.area > 0]
+    # get_parts twice flattens a GeometryCollection holding MultiPolygons
+    if not parts:
+        return None, 0
+    best = max(parts, key=lambda p: p.area)
+    return best, len(parts) - 1
+
+
+def catmull_rom_closed(points: np.ndarray, per_segment: int = 8) -> np.ndarray:
+    """Sample a closed uniform Catmull-Rom spline through ``points``.
+
+    ``per_segment`` samples per control-point segment (t = 0, 1/k, ... (k-1)/k),
+    so the curve passes through every control point.
+    """
+    p = np.asarray(points, dtype=np.float64)
+    if len(p) > 1 and np.array_equal(p[0], p[-1]):
+        p = p[:-1]
+    if len(p) > 1:
+        d = np.any(p != np.roll(p, 1, axis=0), axis=1)
+        d[0] = True
+        p = p[d]
+    if len(p) < 3:
+        return p
+    p0 = np.roll(p, 1, axis=0)
+    p1 = p
+    p2 = np.roll(p, -1, axis=0)
+    p3 = np.roll(p, -2, axis=0)
+    t = np.arange(per_segment, dtype=np.float64) / per_segment
+    t2, t3 = t * t, t * t * t
+    # standard uniform Catmull-Rom basis (tension 0.5)
+    b0 = (-t3 + 2 * t2 - t) * 0.5
+    b1 = (3 * t3 - 5 * t2 + 2) * 0.5
+    b2 = (-3 * t3 + 4 * t2 + t) * 0.5
+    b3 = (t3 - t2) * 0.5
+    pts = (
+        p0[:, None, :] * b0[None, :, None]
+        + p1[:, None, :] * b1[None, :, None]
+        + p2[:, None, :] * b2[None, :, None]
+        + p3[:, None, :] * b3[None, :, None]
+    )
+    return pts.reshape(-1, 2)
+
+
+def ellipse_ring(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    """Ellipse inscribed in the box [x0, x1] x [y0, y1], ~1 vertex per pixel of perimeter."""
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    a, b = abs(x1 - x0) / 2, abs(y1 - y0) / 2
+    perim = math.pi * (3 * (a + b) - math.sqrt(max((3 * a + b) * (a + 3 * b), 0.0)))
+    n = int(min(max(32, math.ceil(perim)), 4096))
+    th = np.arange(n) * (2 * math.pi / n)
+    return np.column_stack([cx + a * np.cos(th), cy + b * np.sin(th)])
+
+
+# --------------------------------------------------------------------------- #
+# Label images: pixel-edge tracing
+# --------------------------------------------------------------------------- #
+
+_BRIDGE = 2.0**-8  # half-size of the square that joins diagonal pixel contacts
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def _trace_mask(mask: np.ndarray, x0: int, y0: int) -> Polygon:
+    """Pixel-edge outline of one 8-connected boolean mask, offset by (x0, y0).
+
+    Rows of pixels become boxes with integer corners; pixels that touch only at
+    a corner are joined by a tiny square (half-size 2**-8 px) centred on the
+    shared corner, which contains no pixel centre, so the pixel-centre
+    re-rasterisation of the result is exactly ``mask``.
+    """
+    m = mask.astype(np.int8)
+    d = np.diff(np.pad(m, ((0, 0), (1, 1))), axis=1)
+    rs, cs = np.nonzero(d == 1)
+    _, ce = np.nonzero(d == -1)
+    boxes = list(shapely.box(cs + x0, rs + y0, ce + x0, rs + y0 + 1))
+    if mask.shape[0] > 1 and mask.shape[1] > 1:
+        a, b, c, e = mask[:-1, :-1], mask[:-1, 1:], mask[1:, :-1], mask[1:, 1:]
+        diag = (a & e & ~b & ~c) | (b & c & ~a & ~e)
+        if diag.any():
+            r, cc = np.nonzero(diag)
+            px, py = cc + 1 + x0, r + 1 + y0
+            boxes.extend(shapely.box(px - _BRIDGE, py - _BRIDGE, px + _BRIDGE, py + _BRIDGE))
+    if len(boxes) == 1:
+        return boxes[0]
+    geom = shapely.union_all(np.asarray(boxes, dtype=object))
+    poly, _ = largest_polygon(geom)
+    return shapely.simplify(poly, 0.0)
+
+
+def instance_polygons(inst: np.ndarray) -> tuple[np.ndarray, list[Polygon], Counter]:
+    """Trace every instance of a 2-D label image (0 = background) as a polygon.
+
+    Returns ``(ids, polygons, counts)`` with ids ascending. Outlines follow pixel
+    edges (corners at integer coordinates), so rasterising a polygon with the
+    pixel-centre rule gives back exactly its pixels. An instance whose pixels
+    form several 8-connected pieces keeps its largest piece (ties: the first in
+    raster order); the others are counted in ``counts["dropped_pieces"]`` and
+    their pixels in ``counts["dropped_pixels"]``.
+    """
+    from scipy import ndimage
+
+    counts: Counter = Counter()
+    inst = np.asarray(inst)
+    ids, inv = np.unique(inst, return_inverse=True)
+    inv = inv.reshape(inst.shape)
+    if ids.size and ids[0] == 0:
+        ids = ids[1:]
+    else:
+        inv = inv + 1  # no background present: shift so that labels start at 1
+    polys: list[Polygon] = []
+    slices = ndimage.find_objects(inv.astype(np.int32, copy=False))
+    for k, sl in enumerate(slices, start=1):
+        if sl is None:  # pragma: no cover - every id in `ids` is present
+            continue
+        crop = inv[sl] == k
+        lab, n = ndimage.label(crop, structure=_EIGHT)
+        if n > 1:
+            sizes = np.bincount(lab.ravel())[1:]
+            keep = int(np.argmax(sizes)) + 1
+            counts["dropped_pieces"] += n - 1
+            counts["dropped_pixels"] += int(sizes.sum() - sizes[keep - 1])
+            crop = lab == keep
+        polys.append(_trace_mask(crop, sl[1].start, sl[0].start))
+    return ids, polys, counts
+
+
+# --------------------------------------------------------------------------- #
+# Small shared utilities
+# --------------------------------------------------------------------------- #
+
+
+def as_xy(value: Any, path: Path, ref: str) -> np.ndarray:
+    """A list of points ([x, y] or [x, y, z]) as an (n, 2) float array, or an error."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise HistosynthError(f"{ref}: coordinates are not a list of numeric points ({exc})", path) from None
+    if arr.size == 0:
+        return np.zeros((0, 2))
+    if arr.ndim != 2 or arr.shape[1] < 2:
+        raise HistosynthError(f"{ref}: coordinates are not a list of [x, y] points (shape {arr.shape})", path)
+    return arr[:, :2]
+
+
+def nonfinite_error(path: Path, ref: str) -> HistosynthError:
+    return HistosynthError(f"{ref}: non-finite (NaN or infinite) coordinate; the file is corrupt", path)
+
+
+# --------------------------------------------------------------------------- #
+# GeoJSON (QuPath)
+# --------------------------------------------------------------------------- #
+
+
+def _qupath_name(feature: dict) -> str:
+    props = feature.get("properties")
+    if not isinstance(props, dict):
+        props = {}
+    cls = props.get("classification", feature.get("classification"))
+    if isinstance(cls, dict):
+        name = cls.get("name")
+        if name is None and isinstance(cls.get("names"), list):
+            name = ": ".join(str(x) for x in cls["names"])
+        if name is not None:
+            return str(name)
+    elif isinstance(cls, str):
+        return cls
+    name = props.get("name")
+    return "" if name is None else str(name)
+
+
+def parse_geojson(data: Any, path: Path) -> Parsed:
+    out = Parsed()
+    if isinstance(data, list):
+        features = data
+    elif isinstance(data, dict):
+        t = data.get("type")
+        if t == "FeatureCollection":
+            features = data.get("features")
+            if not isinstance(features, list):
+                raise HistosynthError("FeatureCollection without a 'features' list", path)
+        elif t == "Feature":
+            features = [data]
+        elif t in ("Polygon", "MultiPolygon"):
+            features = [{"type": "Feature", "geometry": data, "properties": {}}]
+        else:
+            raise HistosynthError(f"not a GeoJSON FeatureCollection/Feature (type {t!r})", path)
+    else:
+        raise HistosynthError("not GeoJSON (top level is neither an object nor a list)", path)
+
+    pending: list[tuple[str, str, np.ndarray, list[np.ndarray]]] = []
+    for i, feat in enumerate(features):
+        ref = f"feature {i}"
+        out.report["read"] += 1
+        if not isinstance(feat, dict):
+            raise HistosynthError(f"{ref}: not a JSON object", path)
+        if feat.get("id") is not None:
+            ref += f" (id {feat['id']})"
+        geom = feat.get("nucleusGeometry") or feat.get("geometry")
+        if geom is None:
+            out.report["skipped_no_geometry"] += 1
+            continue
+        if not isinstance(geom, dict):
+            raise HistosynthError(f"{ref}: geometry is not an object", path)
+        gtype = geom.get("type")
+        coords = geom.get("coordinates")
+        if gtype == "Polygon":
+            parts = [coords]
+        elif gtype == "MultiPolygon":
+            parts = coords
+        else:
+            out.report["skipped_not_polygon"] += 1
+            continue
+        if not isinstance(parts, list) or not all(isinstance(p, list) for p in parts):
+            raise HistosynthError(f"{ref}: malformed {gtype} coordinates", path)
+        cand = []
+        for part in parts:
+            rings = [as_xy(r, path, ref) for r in part]
+            for r in rings:
+                if not np.isfinite(r).all():
+                    raise nonfinite_error(path, ref)
+            if rings:
+                cand.append((rings[0], rings[1:]))
+        if not cand:
+            out.add(ref, _qupath_name(feat), None)
+            continue
+        if len(cand) > 1:
+            # a MultiPolygon nucleus: keep the part with the largest shell area
+            areas = [abs(_shoelace(s)) for s, _ in cand]
+            best = int(np.argmax(areas))
+            out.report["multipolygon_parts_dropped"] += len(cand) - 1
+            cand = [cand[best]]
+        pending.append((ref, _qupath_name(feat), cand[0][0], cand[0][1]))
+    polys = polygons_from_rings([(s, h) for _, _, s, h in pending], out.report)
+    for (ref, name, _, _), p in zip(pending, polys):
+        out.add(ref, name, p)
+    return out
+
+
+def _shoelace(xy: np.ndarray) -> float:
+    if len(xy) < 3:
+        return 0.0
+    x, y = xy[:, 0], xy[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+# --------------------------------------------------------------------------- #
+# XML: ImageScope and ASAP (streaming, defusedxml)
+# --------------------------------------------------------------------------- #
+
+
+def xml_events(path: Path):
+    """defusedxml iterparse ("end" events) that refuses DTDs, entities, external refs."""
+    import defusedxml
+    from defusedxml.ElementTree import iterparse
+
+    f = open(path, "rb")
+    try:
+        for ev in iterparse(f, forbid_dtd=True, forbid_entities=True, forbid_external=True):
+            yield ev
+    except ParseError as exc:
+        line, col = getattr(exc, "position", (None, None))
+        raise HistosynthError(f"malformed XML at line {line}, column {col}: {exc}", path) from None
+    except defusedxml.DefusedXmlException as exc:
+        raise HistosynthError(
+            f"refusing unsafe XML ({type(exc).__name__}: DTD/entity declarations are not allowed "
+            "in annotation files)",
+            path,
+        ) from None
+    finally:
+        f.close()
+
+
+def _floats(strings: list[str], path: Path, refs: list[str], lens: list[int]) -> np.ndarray:
+    """Convert coordinate strings in one call; on failure name the offending item."""
+    try:
+        return np.array(strings, dtype=np.float64)
+    except ValueError:
+        pass
+    vals = np.empty(len(strings))
+    for j, s in enumerate(strings):
+        try:
+            vals[j] = float(s)
+        except (TypeError, ValueError):
+            try:  # ASAP written under a decimal-comma locale
+                vals[j] = float(str(s).replace(",", "."))
+            except ValueError:
+                item = int(np.searchsorted(np.cumsum(lens), j // 2, side="right"))
+                raise HistosynthError(f"{refs[item]}: coordinate {s!r} is not a number", path) from None
+    return vals
+
+
+def _rings_from_flat(vals: np.ndarray, lens: list[int]) -> list[np.ndarray]:
+    xy = vals.reshape(-1, 2)
+    bounds = np.cumsum([0, *lens])
+    return [xy[bounds[i] : bounds[i + 1]] for i in range(len(lens))]
+
+
+_IMAGESCOPE_NOT_CLASSES = {"description", ""}
+
+
+def parse_imagescope(path: Path) -> Parsed:
+    """Aperio ImageScope XML (MoNuSeg, MoNuSAC), streamed."""
+    out = Parsed()
+    strings: list[str] = []  # x0, y0, x1, y1, ... of every kept region
+    lens: list[int] = []
+    refs: list[str] = []
+    kinds: list[str] = []  # "ring" | "ellipse"
+    ann_of: list[int] = []  # annotation index per region
+    ann_names: list[str] = []
+    ann_i = 0
+    root = None
+    for _ev, el in xml_events(path):
+        tag = el.tag
+        if tag == "Region":
+            out.report["read"] += 1
+            rid = el.get("Id", "?")
+            ref = f"Annotation {ann_i + 1} Region {rid}"
+            if el.get("NegativeROA", "0") not in ("0", ""):
+                out.report["skipped_negative"] += 1
+                el.clear()
+                continue
+            rtype = el.get("Type", "0")
+            verts = el.find("Vertices")
+            pts = [] if verts is None else [a for v in verts for a in (v.get("X"), v.get("Y"))]
+            if rtype in ("0", "1", "", None):  # free-form/polygon, rectangle (4 corners)
+                kinds.append("ring")
+            elif rtype == "2":  # ellipse: vertices are two corners of its box
+                kinds.append("ellipse")
+            else:  # arrow, ruler, ...
+                out.report["skipped_not_polygon"] += 1
+                el.clear()
+                continue
+            strings.extend(pts)
+            lens.append(len(pts) // 2)
+            refs.append(ref)
+            ann_of.append(ann_i)
+            el.clear()
+        elif tag == "Annotation":
+            name = (el.get("Name") or "").strip()
+            if not name:
+                attrs = el.find("Attributes")
+                if attrs is not None:
+                    for a in attrs.iter("Attribute"):
+                        n = (a.get("Name") or "").strip()
+                        if n.casefold() not in _IMAGESCOPE_NOT_CLASSES:
+                            name = n
+                            break
+            ann_names.append(name)
+            ann_i += 1
+            el.clear()
+        elif tag == "Annotations":
+            root = el
+    if root is None:
+        raise HistosynthError("not an ImageScope XML file (no <Annotations> root)", path)
+    mpp = root.get("MicronsPerPixel")
+    if mpp:
+        try:
+            out.mpp = float(mpp)
+        except ValueError:
+            raise HistosynthError(f"MicronsPerPixel {mpp!r} is not a number", path) from None
+        if not (math.isfinite(out.mpp) and out.mpp > 0):
+            raise HistosynthError(f"MicronsPerPixel {mpp!r} is not a positive number", path)
+    if any(s is None for s in strings):
+        j = strings.index(None)
+        item = int(np.searchsorted(np.cumsum(lens), j // 2, side="right"))
+        raise HistosynthError(f"{refs[item]}: a Vertex lacks its X or Y attribute", path)
+    vals = _floats(strings, path, refs, lens)
+    rings = _rings_from_flat(vals, lens)
+    bad = first_nonfinite(rings)
+    if bad is not None:
+        raise nonfinite_error(path, refs[bad])
+    for k, kind in enumerate(kinds):
+        if kind == "ellipse":
+            r = rings[k]
+            rings[k] = ellipse_ring(r[:, 0].min(), r[:, 1].min(), r[:, 0].max(), r[:, 1].max()) if len(r) >= 2 else r
+    names = [ann_names[a] if a < len(ann_names) else "" for a in ann_of]
+    for ref, name, lr in zip(refs, names, linearrings(rings)):
+        out.add(ref, name, None if lr is None else lr)
+    _rings_to_polys_inplace(out)
+    return out
+
+
+def _rings_to_polys_inplace(out: Parsed) -> None:
+    idx = [i for i, g in enumerate(out.geoms) if g is not None]
+    if idx:
+        polys = shapely.polygons(np.asarray([out.geoms[i] for i in idx], dtype=object))
+        for i, p in zip(idx, polys):
+            out.geoms[i] = p
+
+
+_ASAP_POLYGONAL = {"polygon", "spline", "rectangle"}
+
+
+def parse_asap(path: Path, spline_samples: int = 8) -> Parsed:
+    """ASAP XML (Camelyon), streamed; splines sampled as closed Catmull-Rom curves."""
+    out = Parsed()
+    strings: list[str] = []
+    lens: list[int] = []
+    refs: list[str] = []
+    names: list[str] = []
+    orders: list[list[str] | None] = []
+    splines: list[bool] = []
+    seen_root = False
+    i = 0
+    for _ev, el in xml_events(path):
+        tag = el.tag
+        if tag == "Annotation":
+            i += 1
+            out.report["read"] += 1
+            atype = (el.get("Type") or "").strip()
+            ref = f"Annotation {i - 1} ({el.get('Name', '')!s})"
+            if atype.casefold() not in _ASAP_POLYGONAL:
+                out.report["skipped_not_polygon"] += 1
+                el.clear()
+                continue
+            coords = el.find("Coordinates")
+            cs = [] if coords is None else list(coords)
+            pts = [a for c in cs for a in (c.get("X"), c.get("Y"))]
+            order = [c.get("Order") for c in cs]
+            strings.extend(pts)
+            lens.append(len(cs))
+            refs.append(ref)
+            names.append((el.get("PartOfGroup") or "").strip())
+            orders.append(order)
+            splines.append(atype.casefold() == "spline")
+            el.clear()
+        elif tag == "ASAP_Annotations":
+            seen_root = True
+    if not seen_root:
+        raise HistosynthError("not an ASAP XML file (no <ASAP_Annotations> root)", path)
+    if any(s is None for s in strings):
+        j = strings.index(None)
+        item = int(np.searchsorted(np.cumsum(lens), j // 2, side="right"))
+        raise HistosynthError(f"{refs[item]}: a Coordinate lacks its X or Y attribute", path)
+    vals = _floats(strings, path, refs, lens)
+    rings = _rings_from_flat(vals, lens)
+    bad = first_nonfinite(rings)
+    if bad is not None:
+        raise nonfinite_error(path, refs[bad])
+    for k, ring in enumerate(rings):
+        order = orders[k]
+        if order and all(o is not None for o in order):
+            try:
+                o = np.array([float(x) for x in order])
+            except ValueError:
+                raise HistosynthError(f"{refs[k]}: Coordinate Order is not a number", path) from None
+            if np.any(np.diff(o) < 0):
+                ring = ring[np.argsort(o, kind="stable")]
+                out.report["reordered"] += 1
+        if splines[k]:
+            ring = catmull_rom_closed(ring, spline_samples)
+            out.report["splines_sampled"] += 1
+        rings[k] = ring
+    for ref, name, lr in zip(refs, names, linearrings(rings)):
+        out.add(ref, name, lr)
+    _rings_to_polys_inplace(out)
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# HoVer-Net .mat and label images
+# --------------------------------------------------------------------------- #
+
+
+def load_mat(path: Path) -> dict:
+    import scipy.io
+
+    try:
+        return scipy.io.loadmat(str(path))
+    except NotImplementedError:
+        raise HistosynthError(
+            "MATLAB v7.3 (HDF5) .mat files are not supported; re-save with -v7 or export a .npy", path
+        ) from None
+    except Exception as exc:  # scipy raises ValueError/TypeError/... on corrupt files
+        raise HistosynthError(f"cannot read .mat file ({type(exc).__name__}: {exc})", path) from None
+
+
+def load_label_array(path: Path) -> np.ndarray:
+    """A 2-D (or HoVer-Net multi-channel) array from .npy/.png/.tif."""
+    suffix = path.suffix.lower()
+    with open(path, "rb") as f:
+        head = f.read(8)
+    try:
+        if head.startswith(b"\x93NUMPY") or suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")) or suffix in (".tif", ".tiff"):
+            import tifffile
+
+            return tifffile.imread(path)
+        import cv2
+
+        arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if arr is None:
+            raise ValueError("OpenCV could not decode the image")
+        if arr.ndim == 3 and arr.shape[2] in (3, 4):
+            arr = arr[..., 2::-1] if arr.shape[2] == 3 else arr[..., [2, 1, 0, 3]]
+        return arr
+    except HistosynthError:
+        raise
+    except Exception as exc:
+        raise HistosynthError(f"cannot read label image ({type(exc).__name__}: {exc})", path) from None
+
+
+def _as_label_2d(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
+    a = np.asarray(arr)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim == 3 and a.shape[2] in (3, 4):
+        if all(np.array_equal(a[..., 0], a[..., c]) for c in (1, 2)):
+            a = a[..., 0]
+        else:
+            raise HistosynthError(
+                f"{what} is a colour image (channels differ), not a 2-D label image", path
+            )
+    if a.ndim != 2:
+        raise HistosynthError(f"{what} must be a 2-D integer array, got shape {a.shape}", path)
+    if a.dtype == bool:
+        a = a.astype(np.uint8)
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all() or not np.array_equal(a, np.round(a)):
+            raise HistosynthError(f"{what} holds non-integer values; expected integer labels", path)
+        a = a.astype(np.int64)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise HistosynthError(f"{what} has dtype {a.dtype}; expected integer labels", path)
+    if a.size and a.min() < 0:
+        raise HistosynthError(f"{what} has negative labels", path)
+    return a
+
+
+def _types_per_instance(
+    ids: np.ndarray, inst: np.ndarray, types: Any, path: Path, types_path: Path
+) -> np.ndarray:
+    """Type value per instance id, from per-instance `inst_type` or a pixel type map."""
+    if isinstance(types, tuple) and types[0] == "inst_type":
+        t = np.asarray(types[1]).reshape(-1)
+        if len(t) == len(ids):  # ascending ids (CoNSeP, and patches with sparse ids)
+            return t.astype(np.int64)
+        if ids.size and len(t) >= int(ids.max()):  # indexed by id - 1
+            return t[ids.astype(np.int64) - 1].astype(np.int64)
+        raise HistosynthError(
+            f"inst_type in {types_path} has {len(t)} entries but the instance map has "
+            f"{len(ids)} instances (largest id {int(ids.max()) if ids.size else 0})",
+            path,
+        )
+    tmap = types[1]
+    if tmap.shape != inst.shape:
+        raise HistosynthError(
+            f"type map {types_path} has shape {tmap.shape}, instance map has {inst.shape}", path
+        )
+    sel = inst > 0
+    rank = np.searchsorted(ids, inst[sel])
+    tv = tmap[sel].astype(np.int64)
+    nz = tv > 0
+    tmax = int(tv.max()) + 1 if tv.size else 1
+    votes = np.bincount(rank[nz] * tmax + tv[nz], minlength=len(ids) * tmax).reshape(len(ids), tmax)
+    out = votes.argmax(axis=1)
+    out[votes.max(axis=1) == 0] = 0
+    return out
+
+
+def _load_types(types_path: Path, path: Path) -> tuple[str, np.ndarray]:
+    if not types_path.is_file():
+        raise HistosynthError(f"type map {types_path} not found", path)
+    with open(types_path, "rb") as f:
+        head = f.read(128)
+    if head.startswith(b"MATLAB") or types_path.suffix.lower() == ".mat":
+        m = load_mat(types_path)
+        if "inst_type" in m:
+            return ("inst_type", np.asarray(m["inst_type"]))
+        if "type_map" in m:
+            return ("type_map", _as_label_2d(m["type_map"], types_path, "type_map"))
+        raise HistosynthError("has neither 'inst_type' nor 'type_map'", types_path)
+    return ("type_map", _as_label_2d(load_label_array(types_path), types_path, "type map"))
+
+
+_TYPE_SIBLING_SUFFIXES = ("_type", "_types", "_class", "_classes")
+_IMAGE_EXTS = (".npy", ".png", ".tif", ".tiff")
+
+
+def find_type_sibling(path: Path) -> Path | None:
+    """An optional type map beside a label image: <stem>.mat or <stem>_type(s)/_class(es).<ext>."""
+    stem = path.stem
+    cands = []
+    if path.suffix.lower() != ".mat":
+        cands.append(path.with_name(stem + ".mat"))
+    for s in _TYPE_SIBLING_SUFFIXES:
+        for e in _IMAGE_EXTS:
+            cands.append(path.with_name(stem + s + e))
+    for c in cands:
+        if c.is_file() and c != path:
+            return c
+    return None
+
+
+def parse_label(path: Path, types_path: Path | None, from_mat: bool) -> Parsed:
+    out = Parsed()
+    types: Any = None
+    tsrc = types_path
+    if from_mat:
+        m = load_mat(path)
+        if "inst_map" not in m:
+            keys = sorted(k for k in m if not k.startswith("__"))
+            raise HistosynthError(
+                f"no 'inst_map' in the .mat file (it has {keys}); read the instance map "
+                "(.npy/.png/.tif) and pass this file as types=",
+                path,
+            )
+        inst = _as_label_2d(m["inst_map"], path, "inst_map")
+        if types_path is None:
+            tsrc = path
+            if "inst_type" in m:
+                types = ("inst_type", np.asarray(m["inst_type"]))
+            elif "type_map" in m:
+                types = ("type_map", _as_label_2d(m["type_map"], path, "type_map"))
+    else:
+        arr = np.asarray(load_label_array(path))
+        if arr.ndim == 3 and arr.shape[2] in (2, 5) and path.suffix.lower() == ".npy":
+            # HoVer-Net training patches: [..., inst, type] or [R, G, B, inst, type]
+            inst = _as_label_2d(arr[..., -2], path, "instance channel")
+            if types_path is None:
+                types = ("type_map", _as_label_2d(arr[..., -1], path, "type channel"))
+                tsrc = path
+        else:
+            inst = _as_label_2d(arr, path, "label image")
+        if types_path is None and types is None:
+            tsrc = find_type_sibling(path)
+    if types is None and tsrc is not None:
+        types = _load_types(tsrc, path)
+    out.size = (int(inst.shape[1]), int(inst.shape[0]))
+    out.size_is_exact = True
+    ids, polys, counts = instance_polygons(inst)
+    out.report.update(counts)
+    out.report["read"] += len(ids)
+    tvals = None if types is None else _types_per_instance(ids, inst, types, path, tsrc)
+    for j, (iid, poly) in enumerate(zip(ids, polys)):
+        name = "" if tvals is None else str(int(tvals[j]))
+        out.add(f"instance {int(iid)}", name, poly)
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# ImageJ ROI (.roi, RoiSet.zip)
+# --------------------------------------------------------------------------- #
+
+_ROI_POLYGON, _ROI_RECT, _ROI_OVAL = 0, 1, 2
+_ROI_FREEHAND, _ROI_TRACED = 7, 8
+_ROI_AREA_TYPES = {_ROI_POLYGON, _ROI_FREEHAND, _ROI_TRACED}
+_ROI_TYPE_NAMES = {3: "line", 4: "freeline", 5: "polyline", 6: "no-roi", 9: "angle", 10: "point"}
+_OPT_SPLINE_FIT, _OPT_SUBPIXEL, _OPT_DRAW_OFFSET = 1, 128, 256
+_MAX_ROI_BYTES = 5 * 1024 * 1024  # ImageJ's own limit for a ROI
+
+
+def _short(b: bytes, o: int) -> int:
+    v = struct.unpack_from(">h", b, o)[0]
+    return v + 65536 if v < -5000 else v  # ImageJ: values < -5000 are unsigned > 32767
+
+
+def decode_roi(b: bytes, ref: str, path: Path, report: Counter) -> tuple[np.ndarray | None, bool]:
+    """One ImageJ ROI -> (ring coordinates or None if not an area ROI, is_composite)."""
+    if len(b) < 64 or b[:4] != b"Iout":
+        raise HistosynthError(f"{ref}: not an ImageJ ROI (bad magic or truncated header)", path)
+    version = struct.unpack_from(">h", b, 4)[0]
+    rtype = b[6]
+    top, left, bottom, right = (_short(b, o) for o in (8, 10, 12, 14))
+    n = struct.unpack_from(">H", b, 16)[0]
+    if n == 0 and version >= 227:
+        n = struct.unpack_from(">i", b, 18)[0]  # large polygons store n at 18
+    options = struct.unpack_from(">h", b, 50)[0] & 0xFFFF
+    shape_size = struct.unpack_from(">i", b, 36)[0]
+    subpixel = bool(options & _OPT_SUBPIXEL) and version >= 222
+    if shape_size > 0:  # composite ROI: a path of float segments
+        need = 64 + 4 * shape_size
+        if len(b) < need:
+            raise HistosynthError(f"{ref}: truncated composite ROI", path)
+        arr = np.frombuffer(b, dtype=">f4", count=shape_size, offset=64).astype(np.float64)
+        return _composite_rings(arr, ref, path), True
+    if rtype in (_ROI_RECT, _ROI_OVAL):
+        if version >= 223 and subpixel:
+            x, y, w, h = struct.unpack_from(">ffff", b, 18)
+            x0, y0, x1, y1 = x, y, x + w, y + h
+        else:
+            x0, y0, x1, y1 = left, top, right, bottom
+        if rtype == _ROI_RECT:
+            return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64), False
+        return ellipse_ring(x0, y0, x1, y1), False
+    if rtype in _ROI_AREA_TYPES:
+        if n < 0:
+            raise HistosynthError(f"{ref}: negative coordinate count", path)
+        need = 64 + 4 * n + (8 * n if subpixel else 0)
+        if len(b) < need:
+            raise HistosynthError(f"{ref}: truncated ROI ({len(b)} bytes, {n} points need {need})", path)
+        if subpixel:
+            xs = np.frombuffer(b, dtype=">f4", count=n, offset=64 + 4 * n).astype(np.float64)
+            ys = np.frombuffer(b, dtype=">f4", count=n, offset=64 + 8 * n).astype(np.float64)
+            if options & _OPT_DRAW_OFFSET:  # coordinates refer to pixel centres
+                xs, ys = xs + 0.5, ys + 0.5
+        else:
+            xr = np.frombuffer(b, dtype=">i2", count=n, offset=64).astype(np.int64)
+            yr = np.frombuffer(b, dtype=">i2", count=n, offset=64 + 2 * n).astype(np.int64)
+            xr = np.where(xr < -5000, xr + 65536, xr)
+            yr = np.where(yr < -5000, yr + 65536, yr)
+            xs = (left + np.maximum(xr, 0)).astype(np.float64)
+            ys = (top + np.maximum(yr, 0)).astype(np.float64)
+        ring = np.column_stack([xs, ys])
+        if options & _OPT_SPLINE_FIT:
+            ring = catmull_rom_closed(ring, 8)
+            report["splines_sampled"] += 1
+        return ring, False
+    if rtype in _ROI_TYPE_NAMES:
+        return None, False
+    raise HistosynthError(f"{ref}: unknown ROI type {rtype}", path)
+
+
+def _composite_rings(arr: np.ndarray, ref: str, path: Path) -> Any:
+    """Path segments (moveTo 0, lineTo 1, quadTo 2, cubicTo 3, close 4) -> polygon (even-odd)."""
+    nargs = {0: 2, 1: 2, 2: 4, 3: 6, 4: 0}
+    rings: list[list[tuple[float, float]]] = []
+    cur: list[tuple[float, float]] = []
+    i = 0
+    while i < len(arr):
+        seg = int(arr[i])
+        if seg not in nargs or i + 1 + nargs[seg] > len(arr):
+            raise HistosynthError(f"{ref}: malformed composite ROI path", path)
+        a = arr[i + 1 : i + 1 + nargs[seg]]
+        if seg == 0:
+            if len(cur) >= 3:
+                rings.append(cur)
+            cur = [(a[0], a[1])]
+        elif seg in (1, 2, 3):  # curves: keep their end point (ImageJ stores flattened paths)
+            cur.append((a[-2], a[-1]))
+        else:
+            if len(cur) >= 3:
+                rings.append(cur)
+            cur = []
+        i += 1 + nargs[seg]
+    if len(cur) >= 3:
+        rings.append(cur)
+    return [np.asarray(r, dtype=np.float64) for r in rings]
+
+
+def parse_imagej(path: Path) -> Parsed:
+    out = Parsed()
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    entries: list[tuple[str, bytes]] = []
+    if magic == b"Iout":
+        data = path.read_bytes()
+        if len(data) > _MAX_ROI_BYTES:
+            raise HistosynthError("ROI file larger than 5 MB", path)
+        entries.append((path.name, data))
+    else:
+        try:
+            with zipfile.ZipFile(path) as z:
+                infos = [i for i in z.infolist() if i.filename.lower().endswith(".roi")]
+                if not infos:
+                    raise HistosynthError("zip archive holds no .roi entries (not an ImageJ RoiSet)", path)
+                for info in infos:
+                    if info.file_size > _MAX_ROI_BYTES:
+                        raise HistosynthError(f"ROI '{info.filename}' is larger than 5 MB", path)
+                    entries.append((info.filename, z.read(info)))
+        except zipfile.BadZipFile as exc:
+            raise HistosynthError(f"corrupt zip archive ({exc})", path) from None
+    pending_simple: list[tuple[str, np.ndarray]] = []
+    order: list[tuple[str, Any]] = []
+    for i, (name, data) in enumerate(entries):
+        ref = f"ROI {i} ({name})"
+        out.report["read"] += 1
+        ring, composite = decode_roi(data, ref, path, out.report)
+        if ring is None:
+            out.report["skipped_not_polygon"] += 1
+            continue
+        if composite:
+            rings = ring
+            for r in rings:
+                if not np.isfinite(r).all():
+                    raise nonfinite_error(path, ref)
+            lrs = [lr for lr in linearrings(rings) if lr is not None]
+            geom = None
+            for lr in lrs:
+                p = shapely.make_valid(Polygon(lr))
+                geom = p if geom is None else shapely.symmetric_difference(geom, p)
+            poly, dropped = largest_polygon(geom)
+            if dropped:
+                out.report["multipolygon_parts_dropped"] += dropped
+            order.append((ref, poly))
+            continue
+        if not np.isfinite(ring).all():
+            raise nonfinite_error(path, ref)
+        order.append((ref, ring))
+    rings = [g for _, g in order if isinstance(g, np.ndarray)]
+    lrs = iter(linearrings(rings))
+    for ref, g in order:
+        if isinstance(g, np.ndarray):
+            lr = next(lrs)
+            out.add(ref, "", None if lr is None else lr)
+        else:
+            out.add(ref, "", ("poly", g))
+    idx = [i for i, g in enumerate(out.geoms) if g is not None and not isinstance(g, tuple)]
+    if idx:
+        polys = shapely.polygons(np.asarray([out.geoms[i] for i in idx], dtype=object))
+        for i, p in zip(idx, polys):
+            out.geoms[i] = p
+    out.geoms = [g[1] if isinstance(g, tuple) else g for g in out.geoms]
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Boundary-point JSON (CRLM-style)
+# --------------------------------------------------------------------------- #
+
+_POINT_LIST_KEYS = ("points", "boundary", "boundary_points", "coordinates", "contour", "vertices", "outline")
+_NAME_KEYS = ("class", "class_name", "type", "label", "category", "name")
+_CONTAINER_KEYS = ("nuclei", "annotations", "cells", "objects", "instances", "contours", "boundaries", "polygons")
+
+
+def _is_pair(v: Any) -> bool:
+    return (
+        isinstance(v, (list, tuple))
+        and len(v) in (2, 3)
+        and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in v)
+    ) or (isinstance(v, dict) and ("x" in v or "X" in v) and ("y" in v or "Y" in v))
+
+
+def _looks_like_nucleus(v: Any) -> bool:
+    if isinstance(v, list):
+        return len(v) > 0 and _is_pair(v[0])
+    if isinstance(v, dict):
+        if ("x" in v and "y" in v) or ("X" in v and "Y" in v):
+            return isinstance(v.get("x", v.get("X")), list)
+        return any(isinstance(v.get(k), list) for k in _POINT_LIST_KEYS)
+    return False
+
+
+def points_container(data: Any) -> list[tuple[str, Any]] | None:
+    """The (ref, entry) list of a boundary-point JSON, or None if it is not one."""
+    if isinstance(data, dict):
+        for k in _CONTAINER_KEYS:
+            if k in data and isinstance(data[k], (list, dict)):
+                data = data[k]
+                break
+    if isinstance(data, list):
+        entries = [(f"nucleus {i}", v) for i, v in enumerate(data)]
+    elif isinstance(data, dict):
+        entries = [(f"nucleus {k!r}", v) for k, v in data.items()]
+    else:
+        return None
+    if not entries or not _looks_like_nucleus(entries[0][1]):
+        return None
+    return entries
+
+
+def _entry_points(v: Any, ref: str, path: Path) -> tuple[np.ndarray, str]:
+    name = ""
+    if isinstance(v, dict):
+        for k in _NAME_KEYS:
+            if k in v and isinstance(v[k], (str, int)) and not isinstance(v[k], bool):
+                name = str(v[k])
+                break
+        if ("x" in v and "y" in v) or ("X" in v and "Y" in v):
+            xs, ys = v.get("x", v.get("X")), v.get("y", v.get("Y"))
+            try:
+                xs = np.asarray(xs, dtype=np.float64).reshape(-1)
+                ys = np.asarray(ys, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                raise HistosynthError(f"{ref}: x/y are not numeric lists", path) from None
+            if xs.shape != ys.shape:
+                raise HistosynthError(f"{ref}: x has {xs.size} values but y has {ys.size}", path)
+            return np.column_stack([xs, ys]), name
+        for k in _POINT_LIST_KEYS:
+            if isinstance(v.get(k), list):
+                v = v[k]
+                break
+        else:
+            raise HistosynthError(f"{ref}: no boundary points (expected x/y lists or a points list)", path)
+    if isinstance(v, list) and v and isinstance(v[0], dict):
+        try:
+            v = [[p.get("x", p.get("X")), p.get("y", p.get("Y"))] for p in v]
+        except AttributeError:
+            raise HistosynthError(f"{ref}: points mix objects and other values", path) from None
+    return as_xy(v, path, ref), name
+
+
+def _order_ring(pts: np.ndarray, report: Counter) -> np.ndarray:
+    """File order if it forms a simple polygon; else points sorted by angle around the centroid."""
+    if len(pts) < 4:
+        return pts
+    if Polygon(pts).is_valid:
+        return pts
+    c = pts.mean(axis=0)
+    ang = np.arctan2(pts[:, 1] - c[1], pts[:, 0] - c[0])
+    alt = pts[np.argsort(ang, kind="stable")]
+    if Polygon(alt).is_valid:
+        report["reordered"] += 1
+        return alt
+    return pts
+
+
+def parse_points_json(data: Any, path: Path) -> Parsed:
+    out = Parsed()
+    entries = points_container(data)
+    if entries is None:
+        raise HistosynthError("not a boundary-point JSON (expected a list/dict of point lists)", path)
+    for ref, v in entries:
+        out.report["read"] += 1
+        pts, name = _entry_points(v, ref, path)
+        if not np.isfinite(pts).all():
+            raise nonfinite_error(path, ref)
+        # drop repeated points (consecutive and the closing point)
+        if len(pts) > 1:
+            keep = np.ones(len(pts), dtype=bool)
+            keep[1:] = np.any(pts[1:] != pts[:-1], axis=1)
+            pts = pts[keep]
+            if len(pts) > 1 and np.array_equal(pts[0], pts[-1]):
+                pts = pts[:-1]
+        if len(np.unique(pts, axis=0)) < 3:
+            out.add(ref, name, None)
+            continue
+        pts = _order_ring(pts, out.report)
+        step = np.abs(np.diff(np.vstack([pts, pts[:1]]), axis=0)).max(axis=1)
+        out.report["gaps_closed"] += int(np.count_nonzero(step > 1.0))
+        # points are boundary pixels: pixel centre at +0.5, and the outline is
+        # grown by half a pixel so that the boundary pixels themselves are inside
+        poly = Polygon(pts + 0.5)
+        if not poly.is_valid:
+            poly = shapely.make_valid(poly)
+            out.report["repaired_invalid"] += 1
+            poly, dropped = largest_polygon(poly)
+            out.report["repair_parts_dropped"] += dropped
+            if poly is None:
+                out.add(ref, name, None)
+                continue
+        grown = poly.buffer(0.5, join_style="mitre", mitre_limit=1.5)
+        out.add(ref, name, grown)
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# COCO
+# --------------------------------------------------------------------------- #
+
+
+def rle_decode(seg: dict, ref: str, path: Path) -> np.ndarray:
+    """COCO RLE (uncompressed list or compressed string counts) -> (h, w) bool mask."""
+    try:
+        h, w = (int(v) for v in seg["size"])
+        counts = seg["counts"]
+    except (KeyError, TypeError, ValueError):
+        raise HistosynthError(f"{ref}: malformed RLE segmentation", path) from None
+    if isinstance(counts, str):
+        counts = _rle_string_counts(counts, ref, path)
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.size and (counts.min() < 0 or counts.sum() != h * w):
+        raise HistosynthError(f"{ref}: RLE counts do not add up to {h}x{w}", path)
+    vals = np.zeros(len(counts), dtype=bool)
+    vals[1::2] = True
+    flat = np.repeat(vals, counts)
+    return flat.reshape(w, h).T  # COCO RLE is column-major
+
+
+def _rle_string_counts(s: str, ref: str, path: Path) -> list[int]:
+    """pycocotools' compressed RLE string (LEB128-like, 5 bits per char, delta-coded)."""
+    counts: list[int] = []
+    p = 0
+    b = s.encode("ascii", "replace")
+    while p < len(b):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(b):
+                raise HistosynthError(f"{ref}: truncated compressed RLE", path)
+            c = b[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
+def coco_images(data: dict, path: Path) -> tuple[dict, dict, dict]:
+    if not isinstance(data.get("annotations"), list):
+        raise HistosynthError("COCO file without an 'annotations' list", path)
+    images = {}
+    for im in data.get("images") or []:
+        if isinstance(im, dict) and "id" in im:
+            images[im["id"]] = im
+    cats = {}
+    for c in data.get("categories") or []:
+        if isinstance(c, dict) and "id" in c:
+            cats[c["id"]] = str(c.get("name", c["id"]))
+    by_image: dict = {}
+    for a in data["annotations"]:
+        if not isinstance(a, dict):
+            raise HistosynthError("COCO annotation that is not an object", path)
+        by_image.setdefault(a.get("image_id"), []).append(a)
+    return images, cats, by_image
+
+
+def select_coco_image(images: dict, by_image: dict, image: Any, path: Path) -> Any:
+    if image is None:
+        keys = set(images) | set(by_image)
+        if len(keys) == 1:
+            return next(iter(keys))
+        raise HistosynthError(
+            f"COCO file holds {len(keys)} images; pass image= (a file_name or an image id), "
+            "or use read_coco_all()",
+            path,
+        )
+    if image in images or image in by_image:
+        return image
+    target = str(image)
+    for iid, im in images.items():
+        fn = str(im.get("file_name", ""))
+        base = os.path.basename(fn)
+        if target in (fn, base, os.path.splitext(base)[0]):
+            return iid
+    raise HistosynthError(f"COCO file has no image {image!r}", path)
+
+
+def parse_coco_image(
+    anns: list[dict], cats: dict, image_info: dict | None, path: Path
+) -> Parsed:
+    out = Parsed()
+    if image_info and "width" in image_info and "height" in image_info:
+        try:
+            out.size = (int(image_info["width"]), int(image_info["height"]))
+        except (TypeError, ValueError):
+            out.size = None
+    pending: list[tuple[str, str, np.ndarray]] = []
+    direct: list[tuple[str, str, Any]] = []
+    order: list[tuple[str, int]] = []
+    for a in anns:
+        ref = f"annotation id {a.get('id', '?')}"
+        out.report["read"] += 1
+        cid = a.get("category_id")
+        if cid not in cats and cats:
+            raise HistosynthError(f"{ref}: category_id {cid!r} is not in 'categories'", path)
+        name = cats.get(cid, "" if cid is None else str(cid))
+        if a.get("iscrowd"):
+            out.report["skipped_crowd"] += 1
+            continue
+        seg = a.get("segmentation")
+        if isinstance(seg, dict):
+            mask = rle_decode(seg, ref, path)
+            if not mask.any():
+                direct.append((ref, name, None))
+            else:
+                _, polys, counts = instance_polygons(mask.astype(np.uint8))
+                out.report.update(counts)
+                direct.append((ref, name, polys[0]))
+            order.append(("d", len(direct) - 1))
+            continue
+        if not isinstance(seg, list) or not seg:
+            out.report["skipped_not_polygon"] += 1
+            continue
+        rings = []
+        for part in seg:
+            try:
+                flat = np.asarray(part, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                raise HistosynthError(f"{ref}: segmentation is not a list of numbers", path) from None
+            if flat.size % 2:
+                raise HistosynthError(f"{ref}: segmentation polygon has an odd number of values", path)
+            if not np.isfinite(flat).all():
+                raise nonfinite_error(path, ref)
+            rings.append(flat.reshape(-1, 2))
+        if len(rings) > 1:
+            best = int(np.argmax([abs(_shoelace(r)) for r in rings]))
+            out.report["multipolygon_parts_dropped"] += len(rings) - 1
+            rings = [rings[best]]
+        pending.append((ref, name, rings[0]))
+        order.append(("p", len(pending) - 1))
+    lrs = linearrings([r for _, _, r in pending])
+    polys: list[Any] = [None] * len(pending)
+    idx = [i for i, lr in enumerate(lrs) if lr is not None]
+    if idx:
+        for i, p in zip(idx, shapely.polygons(np.asarray([lrs[i] for i in idx], dtype=object))):
+            polys[i] = p
+    for kind, j in order:
+        if kind == "p":
+            out.add(pending[j][0], pending[j][1], polys[j])
+        else:
+            out.add(*direct[j])
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Detection helpers
+# --------------------------------------------------------------------------- #
+
+_XML_TAG = re.compile(rb"<([A-Za-z_][\w.:-]*)")
+
+
+def xml_root_tag(head: bytes) -> str | None:
+    """Name of the first element in an XML head (skips <?xml?>, comments, DOCTYPE)."""
+    text = re.sub(rb"<!--.*?-->", b"", head, flags=re.S)
+    m = _XML_TAG.search(text)
+    return m.group(1).decode("ascii", "replace") if m else None
+
+
+def zip_has_roi(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.lower().endswith(".roi") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def read_bytes_limited(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+__all__ = ["Parsed", "instance_polygons"]
