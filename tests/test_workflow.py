@@ -1,0 +1,69 @@
+"""End to end: the real Snakemake DAG on a tiny config (demo slides -> tiles)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from histosynth.io.patchset import read_patchset
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "results": "results",
+    "slides": {"source": "demo", "demo": {"n_slides": 2, "size": [1024, 1024], "mpp": 0.25, "seed": 3}},
+    "tile": {"size": 128, "target_mpp": 0.5},
+}
+
+
+def snakemake(workdir: Path, *args: str, configfile: str = "config.yaml") -> subprocess.CompletedProcess:
+    # options taking several values (--resources, --config) go last, after the targets
+    cmd = [sys.executable, "-m", "snakemake", *args, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / configfile), "--cores", "2", "--resources", "gpu=1"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("wf")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
+    res = snakemake(workdir, "tiles")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return workdir
+
+
+def test_dag_produces_tiles(run):
+    results = run / "results"
+    assert (results / "demo" / "slides.csv").exists()
+    for slide in ("demo-000", "demo-001"):
+        ps = read_patchset(results / "tiles" / slide, require=("images",))
+        assert len(ps) > 0 and ps.images.shape[1:] == (128, 128, 3)
+        assert set(ps.index["slide"]) == {slide}
+        assert abs(ps.index["mpp"].iloc[0] - 0.5) < 1e-9
+        assert (results / "logs" / "tile" / f"{slide}.log").exists()
+    assert not list(results.glob("tiles/.*tmp*"))
+
+
+def test_nothing_to_do_on_rerun(run):
+    res = snakemake(run, "tiles", "-n")
+    assert res.returncode == 0
+    assert "Nothing to be done" in res.stdout + res.stderr
+
+
+def test_changed_tile_params_rerun_tiles_only(run):
+    (run / "changed.yaml").write_text(yaml.safe_dump({**TINY, "tile": {"size": 64, "target_mpp": 0.5}}))
+    res = snakemake(run, "tiles", "-n", configfile="changed.yaml")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-2000:]
+    assert "rule tile:" in out and "rule demo_slides:" not in out
+
+
+def test_bad_config_stops_with_the_key(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"tile": {"sise": 64}}))
+    res = snakemake(tmp_path, "-n")
+    assert res.returncode != 0
+    assert "unknown key 'tile.sise'" in res.stdout + res.stderr
