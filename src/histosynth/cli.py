@@ -114,6 +114,34 @@ def _run_tile(args: argparse.Namespace) -> None:
                progress=args.progress, threads=args.threads)
 
 
+# -- split ------------------------------------------------------------------------
+def _add_split(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("split", help="assign whole slides to train / test (split.csv)")
+    p.add_argument("out", help="output CSV (slide, split)")
+    p.add_argument("--slides", nargs="+", required=True, help="all slide names of the run")
+    p.add_argument("--test-fraction", type=float, default=0.25, help="fraction of slides for test (default 0.25)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", nargs="*", help="explicit train slides (with --test: no random split)")
+    p.add_argument("--test", nargs="*", help="explicit test slides")
+    p.add_argument("--groups", nargs="*", metavar="SLIDE=GROUP",
+                   help="split each group (e.g. stain style) on its own")
+    p.set_defaults(func=_run_split)
+
+
+def _run_split(args: argparse.Namespace) -> None:
+    from histosynth.split import split_slides, write_split
+
+    groups = None
+    if args.groups:
+        bad = [g for g in args.groups if "=" not in g]
+        if bad:
+            raise HistosynthError(f"--groups takes SLIDE=GROUP pairs, got {bad}")
+        groups = dict(g.split("=", 1) for g in args.groups)
+    table = split_slides(args.slides, args.test_fraction, args.seed, train=args.train, test=args.test,
+                         groups=groups)
+    write_split(table, args.out)
+
+
 # -- slide-info / check-config --------------------------------------------------
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("slide-info", help="print what the reader sees in a slide (JSON)")
@@ -145,7 +173,9 @@ def _run_check_config(args: argparse.Namespace) -> None:
     print(f"{args.config}: valid; {len(table)} slides ({cfg['slides']['source']})")
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_tile, _add_info, _add_check_config]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_demo, _add_tile, _add_split, _add_info, _add_check_config,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
