@@ -8,9 +8,10 @@ configfile: "config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/tile.smk"
+include: "workflow/rules/patches.smk"
 
 
 rule all:
     default_target: True
     input:
-        rules.tiles.input,
+        rules.patches.input,

@@ -1,4 +1,4 @@
-"""End to end: the real Snakemake DAG on a tiny config (demo slides -> tiles)."""
+"""End to end: the real Snakemake DAG on a tiny config (demo slides -> tiles -> typed patches + split)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ TINY = {
     "results": "results",
     "slides": {"source": "demo", "demo": {"n_slides": 2, "size": [1024, 1024], "mpp": 0.25, "seed": 3}},
     "tile": {"size": 128, "target_mpp": 0.5},
+    "classes": {"Epithelial": 1, "Lymphocyte": 2, "Spindle": 3},
 }
 
 
@@ -31,7 +32,7 @@ def snakemake(workdir: Path, *args: str, configfile: str = "config.yaml") -> sub
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("wf")
     (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
-    res = snakemake(workdir, "tiles")
+    res = snakemake(workdir)  # the default target
     assert res.returncode == 0, res.stderr[-3000:]
     return workdir
 
@@ -48,8 +49,27 @@ def test_dag_produces_tiles(run):
     assert not list(results.glob("tiles/.*tmp*"))
 
 
+def test_dag_produces_typed_patches_and_split(run):
+    from histosynth.split import read_split
+
+    results = run / "results"
+    split = read_split(results / "split.csv")
+    assert sorted(split["slide"]) == ["demo-000", "demo-001"]
+    assert set(split["split"]) == {"train", "test"}
+    for slide in ("demo-000", "demo-001"):
+        tiles = read_patchset(results / "tiles" / slide)
+        ps = read_patchset(results / "patches" / slide, require=("images", "inst", "types"))
+        assert len(ps) == len(tiles)
+        assert (ps.images[:] == tiles.images[:]).all()
+        assert ps.index["n_nuclei"].sum() > 0
+        assert (ps.index["n_nuclei"] == ps.index[["n_epithelial", "n_lymphocyte", "n_spindle"]].sum(axis=1)).all()
+        assert set(int(t) for t in ps.types[:].ravel()) <= {0, 1, 2, 3}
+        assert ps.report["nuclei_read"] > 0 and ps.report["parse"]
+        assert (results / "qc" / "overlays" / f"{slide}.png").stat().st_size > 1000
+
+
 def test_nothing_to_do_on_rerun(run):
-    res = snakemake(run, "tiles", "-n")
+    res = snakemake(run, "-n")
     assert res.returncode == 0
     assert "Nothing to be done" in res.stdout + res.stderr
 
@@ -59,7 +79,7 @@ def test_changed_tile_params_rerun_tiles_only(run):
     res = snakemake(run, "tiles", "-n", configfile="changed.yaml")
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-2000:]
-    assert "rule tile:" in out and "rule demo_slides:" not in out
+    assert "rule tile:" in out and "rule demo_slides:" not in out and "rule split:" not in out
 
 
 def test_bad_config_stops_with_the_key(tmp_path):

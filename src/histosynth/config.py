@@ -23,6 +23,9 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "co
 
 SLIDE_COLUMNS = ["slide", "image", "annotations", "mpp", "stain"]
 
+#: stain styles of the demo slides, slide i gets DEMO_STAINS[i % 2] (histosynth.demo)
+DEMO_STAINS = ("pale", "dark")
+
 
 def load_schema(path: str | os.PathLike | None = None) -> dict:
     path = Path(path) if path else SCHEMA_PATH
@@ -117,7 +120,7 @@ def slide_table(config: dict, workdir: str | os.PathLike = ".") -> pd.DataFrame:
                 "image": [f"{results}/demo/{n}.tif" for n in names],
                 "annotations": [f"{results}/demo/{n}.geojson" for n in names],
                 "mpp": [None] * len(names),
-                "stain": [None] * len(names),
+                "stain": [DEMO_STAINS[i % len(DEMO_STAINS)] for i in range(len(names))],
             }
         )
     elif slides["source"] == "table":

@@ -32,15 +32,16 @@ def slide_image(wildcards):
     return slide_row(wildcards.slide)["image"]
 
 
-def slide_annotations(wildcards):
-    path = slide_row(wildcards.slide)["annotations"]
-    return [] if path is None or path != path else [path]
+def slide_annotations(slide):
+    """The slide's annotation file as a one-item list, or [] when it has none."""
+    path = slide_row(slide)["annotations"]
+    return [] if path is None else [path]
 
 
 def mpp_flag(wildcards):
     """--mpp-fallback from the slide table's mpp, else the config's, else nothing."""
     mpp = slide_row(wildcards.slide)["mpp"]
-    if mpp is None or mpp != mpp:
+    if mpp is None:
         mpp = config["mpp_fallback"]
     return "" if mpp is None else f"--mpp-fallback {float(mpp)}"
 

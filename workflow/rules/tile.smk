@@ -6,7 +6,7 @@ rule tile:
     input:
         slide=slide_image,
         annotations=lambda wc: (
-            slide_annotations(wc) if TILE["restrict_to_annotations"] else []
+            slide_annotations(wc.slide) if TILE["restrict_to_annotations"] else []
         ),
     output:
         directory(f"{RESULTS}/tiles/{{slide}}"),
