@@ -53,6 +53,14 @@ def test_stride_gives_overlap(slide_path):
     assert xs[:3] == [0, 128, 256] and xs[-1] + 256 <= 1000
 
 
+def test_sliding_window_stops_at_the_far_edge(tmp_path):
+    path = write_pyramid(tmp_path / "sq.tif", tissue_image(1000, 1000, tissue=(0, 1)), mpp=0.25, levels=1)
+    with open_slide(path) as slide:
+        plan = plan_tiles(slide, TileParams(size=128, target_mpp=0.5, stride=124))
+    assert sorted({t.x for t in plan.grid}) == [0, 248, 496, 744]
+    assert not any(t.padded for t in plan.grid) and len(plan.grid) == 16
+
+
 def test_tissue_filter_keeps_tissue_tiles(slide_path, tmp_path):
     stats = tile_slide(slide_path, tmp_path / "t", TileParams(size=128, target_mpp=0.5))
     ps = read_patchset(tmp_path / "t", require=("images",))

@@ -133,7 +133,7 @@ def _pannuke(ps: PatchSet, out: Path, n_types: int | None) -> None:
     images.flush()
     masks.flush()
     del images, masks
-    np.save(out / "types.npy", ps.index["slide"].astype(str).to_numpy())
+    np.save(out / "types.npy", np.array(ps.index["slide"].astype(str).tolist(), dtype=str))
 
 
 def _hovernet(ps: PatchSet, out: Path, n_types: int | None) -> None:

@@ -5,8 +5,8 @@ The grid
     tile covers ``size * d`` level-0 pixels where ``d = target_mpp / slide.mpp``.
     Tile origins step by ``stride * d`` level-0 pixels (``stride`` defaults to
     ``size``: no overlap) from the top-left of the slide, or of each region
-    when the tiling is restricted to regions; origins are rounded to whole
-    level-0 pixels. A tile whose footprint runs past the slide edge is padded
+    when the tiling is restricted to regions, until a tile reaches the far
+    edge (a sliding window); origins are rounded to whole level-0 pixels. A tile whose footprint runs past the slide edge is padded
     with white background and flagged (``padded`` column) or, with
     ``edge="drop"``, left out.
 
@@ -145,8 +145,10 @@ def plan_tiles(slide: Slide, params: TileParams) -> TilePlan:
         if bx0 >= bx1 or by0 >= by1:
             log.warning("%s: region %s lies outside the slide; skipped", slide.path, (bx, by, bw, bh))
             continue
-        ny = math.ceil((by1 - by0) / step - 1e-9)
-        nx = math.ceil((bx1 - bx0) / step - 1e-9)
+        # a sliding window: the last tile is the first one that reaches the far edge
+        # (or, with a stride larger than the tile, the last that starts inside)
+        ny = _n_steps(by1 - by0, footprint, step)
+        nx = _n_steps(bx1 - bx0, footprint, step)
         for j in range(ny):
             y = int(round(by0 + j * step))
             for i in range(nx):
@@ -168,6 +170,12 @@ def plan_tiles(slide: Slide, params: TileParams) -> TilePlan:
         mpp=slide.mpp * downsample,
         grid=grid,
     )
+
+
+def _n_steps(extent: float, footprint: float, step: float) -> int:
+    reach_end = math.ceil((extent - footprint) / step - 1e-9) + 1
+    start_inside = math.ceil(extent / step - 1e-9)
+    return max(1, min(reach_end, start_inside))
 
 
 def _background_mask(rgb: np.ndarray, threshold: int) -> np.ndarray:
