@@ -153,7 +153,7 @@ def plan_tiles(slide: Slide, params: TileParams) -> TilePlan:
             y = int(round(by0 + j * step))
             for i in range(nx):
                 x = int(round(bx0 + i * step))
-                if (x, y) in seen:
+                if x >= bx1 or y >= by1 or (x, y) in seen:  # rounded onto the far edge, or a repeat
                     continue
                 seen.add((x, y))
                 padded = x + footprint > width + 1e-6 or y + footprint > height + 1e-6
