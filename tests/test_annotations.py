@@ -6,7 +6,6 @@ import logging
 import math
 import re
 import struct
-import time
 import zipfile
 from collections import Counter
 from pathlib import Path
