@@ -40,6 +40,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM starts afresh at exec; ru_maxrss would include the parent's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _child(method: str, slide: str, size: int, mpp: float | None, out: str) -> dict:
     import numpy as np
     import openslide
@@ -77,7 +88,7 @@ def _child(method: str, slide: str, size: int, mpp: float | None, out: str) -> d
     else:
         raise SystemExit(f"unknown method {method}")
     seconds = time.perf_counter() - start
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = _peak_rss_mb()
     return {"method": method, "grid": n_grid, "seconds": seconds, "tiles_per_s": n_grid / seconds,
             "peak_rss_mb": rss_mb, **extra}
 

@@ -85,7 +85,7 @@ class _NpyStream:
         item = np.asarray(item)
         if item.shape != self.item_shape:
             raise ValueError(f"{self.path.name}: patch of shape {item.shape}, expected {self.item_shape}")
-        self._fh.write(np.ascontiguousarray(item, dtype=self.dtype).tobytes())
+        self._fh.write(memoryview(np.ascontiguousarray(item, dtype=self.dtype)).cast("B"))
         self.count += 1
 
     def close(self) -> None:
