@@ -148,10 +148,12 @@ def main() -> None:
 
     results = []
     for slide in slides:
-        rows = {}
-        for method in ("histosynth", "histosynth_2threads", "read_region", "decode_floor"):
-            runs = [_run_child(method, slide, args.size, args.mpp, workdir) for _ in range(args.repeat)]
-            rows[method] = min(runs, key=lambda r: r["seconds"])
+        methods = ("histosynth", "histosynth_2threads", "read_region", "decode_floor")
+        runs: dict[str, list[dict]] = {m: [] for m in methods}
+        for _ in range(args.repeat):  # interleaved, so drift in machine load hits every method alike
+            for method in methods:
+                runs[method].append(_run_child(method, slide, args.size, args.mpp, workdir))
+        rows = {m: min(r, key=lambda x: x["seconds"]) for m, r in runs.items()}
         h = rows["histosynth"]
         result = {
             "slide": slide.name,

@@ -95,6 +95,17 @@ def test_generated_pyramid_levels_mpp_and_fast_path(tmp_path):
         assert (out[50:] == 255).all() and (out[:, 50:] == 255).all()
 
 
+def test_copy_false_shares_whole_cached_tiles(tmp_path):
+    path = write_pyramid(tmp_path / "s.tif", tissue_image(512, 512, tissue=(0, 1)), levels=1, tile=128)
+    with open_slide(path) as slide:
+        shared = slide.read_region(128, 256, 0, 128, 128, copy=False)
+        own = slide.read_region(128, 256, 0, 128, 128)
+        assert not shared.flags.writeable and own.flags.writeable
+        assert np.array_equal(shared, own)
+        # not one whole tile: a fresh array either way
+        assert slide.read_region(100, 256, 0, 128, 128, copy=False).flags.writeable
+
+
 def test_tiff_resolution_tags_only_when_plausible(tmp_path):
     img = tissue_image(300, 200)
     # 72 dpi is a default, not a microscope resolution

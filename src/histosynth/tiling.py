@@ -213,8 +213,8 @@ def lowres_candidates(slide: Slide, plan: TilePlan, params: TileParams) -> np.nd
 
 
 def read_tile(slide: Slide, plan: TilePlan, tile: GridTile, size: int) -> np.ndarray:
-    """One output tile (size, size, 3) uint8, read and resized per the plan."""
-    region = slide.read_region(tile.x, tile.y, plan.level, plan.read_size, plan.read_size)
+    """One output tile (size, size, 3) uint8, read and resized per the plan (may be read-only)."""
+    region = slide.read_region(tile.x, tile.y, plan.level, plan.read_size, plan.read_size, copy=False)
     if plan.read_size != size:
         interp = cv2.INTER_AREA if plan.read_size > size else cv2.INTER_CUBIC
         region = cv2.resize(region, (size, size), interpolation=interp)
@@ -275,6 +275,7 @@ def _iter_kept(slide, params, plan, candidates, stats, progress, pool):
         bg = _background_mask(img, params.background_threshold)
         if t.padded:
             # pixels past the slide edge are background whatever the reader filled in
+            img = np.array(img)
             inside_x = int(np.clip(round((w - t.x) / plan.downsample), 0, params.size))
             inside_y = int(np.clip(round((h - t.y) / plan.downsample), 0, params.size))
             img[inside_y:, :] = 255

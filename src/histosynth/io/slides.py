@@ -104,6 +104,7 @@ class _TiffLevel:
             except Exception as err:  # codec errors come as many types
                 raise HistosynthError(f"corrupt slide: tile {index} does not decode ({err})", self.path) from err
             arr = _to_rgb(np.asarray(decoded).reshape(decoded.shape[-3:]), self.path)
+        arr.flags.writeable = False  # shared through the cache
         with self._lock:
             self.decoded += 1
             self._cache[index] = arr
@@ -123,8 +124,17 @@ class _TiffLevel:
             for tx in range(x0 // self.tw, (x1 - 1) // self.tw + 1)
         ]
 
-    def read(self, lx: int, ly: int, w: int, h: int) -> np.ndarray:
-        """Region of this level at level coordinates (may run past the edges)."""
+    def read(self, lx: int, ly: int, w: int, h: int, copy: bool = True) -> np.ndarray:
+        """Region of this level at level coordinates (may run past the edges).
+
+        With ``copy=False`` a region that is exactly one whole TIFF tile is
+        returned as the cached, read-only array.
+        """
+        if (
+            not copy and w == self.tw and h == self.th and lx % self.tw == 0 and ly % self.th == 0
+            and 0 <= lx and lx + w <= self.width and 0 <= ly and ly + h <= self.height
+        ):
+            return self.tile((ly // self.th) * self.cols + lx // self.tw)
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + w, self.width), min(ly + h, self.height)
         inside = x0 == lx and y0 == ly and x1 == lx + w and y1 == ly + h
@@ -260,10 +270,14 @@ class Slide:
         }
 
     # -- reading -----------------------------------------------------------
-    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+    def read_region(
+        self, x: int, y: int, level: int, width: int, height: int, copy: bool = True
+    ) -> np.ndarray:
         """RGB uint8 (height, width, 3) at ``level``, top-left at level-0 (x, y).
 
-        Parts outside the slide are white.
+        Parts outside the slide are white. ``copy=False`` allows a read-only
+        array shared with the reader's cache (no copy when the region is one
+        whole TIFF tile).
         """
         if not 0 <= level < len(self.levels):
             raise HistosynthError(f"level {level} out of range 0..{len(self.levels) - 1}", self.path)
@@ -272,7 +286,7 @@ class Slide:
         ds = self.levels[level].downsample
         if level in self._fast:
             lx, ly = int(np.floor(x / ds)), int(np.floor(y / ds))
-            return self._fast[level].read(lx, ly, width, height)
+            return self._fast[level].read(lx, ly, width, height, copy=copy)
         if self._osr is not None:
             try:
                 rgba = np.asarray(self._osr.read_region((int(x), int(y)), level, (int(width), int(height))))
