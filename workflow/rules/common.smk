@@ -5,6 +5,7 @@ import shlex
 import sys
 
 from histosynth.config import load_schema, slide_table, validate_config
+from histosynth.split import split_slides
 
 # Rules call the `histosynth` command of the Python running Snakemake, even
 # when its virtual environment is not activated.
@@ -49,3 +50,35 @@ def mpp_flag(wildcards):
 def opt(flag, value):
     """'--flag value', or '' when value is None (the CLI's own default then applies)."""
     return "" if value is None else f"{flag} {value}"
+
+
+def annotated_slides():
+    return [s for s in SLIDE_NAMES if slide_annotations(s)]
+
+
+def compute_split():
+    """The train/test split, computed at parse time exactly as `histosynth split` writes it."""
+    names = annotated_slides()
+    if len(names) < 2:
+        return {s: "train" for s in names}
+    cfg = config["split"]
+    explicit = cfg["train"] is not None or cfg["test"] is not None
+    groups = None
+    if cfg["by_stain"]:
+        groups = {
+            s: g for s, g in zip(SLIDES["slide"], SLIDES["stain"]) if g is not None
+        }
+    table = split_slides(
+        names,
+        cfg["test_fraction"],
+        cfg["seed"],
+        train=cfg["train"] if explicit else None,
+        test=cfg["test"] if explicit else None,
+        groups=groups or None,
+    )
+    return dict(zip(table["slide"], table["split"]))
+
+
+SPLIT_OF = compute_split()
+TRAIN_SLIDES = [s for s, v in SPLIT_OF.items() if v == "train"]
+TEST_SLIDES = [s for s, v in SPLIT_OF.items() if v == "test"]

@@ -1,5 +1,5 @@
 # Annotations -> typed patch sets (one job per annotated slide), and the train/test split.
-ANNOTATED = [s for s in SLIDE_NAMES if slide_annotations(s)]
+ANNOTATED = annotated_slides()
 SPLIT = config["split"]
 
 
