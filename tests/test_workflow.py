@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -87,3 +88,25 @@ def test_bad_config_stops_with_the_key(tmp_path):
     res = snakemake(tmp_path, "-n")
     assert res.returncode != 0
     assert "unknown key 'tile.sise'" in res.stdout + res.stderr
+
+
+def test_monuseg_preset_runs_the_dag_so_far(tmp_path, shared_data):
+    """config/monuseg.yaml (folder of images + ImageScope XML) through `patches`, on two of its slides."""
+    preset = yaml.safe_load((REPO / "config" / "monuseg.yaml").read_text())
+    images = tmp_path / "images"
+    images.mkdir()
+    names = ["TCGA-21-5784-01Z-00-DX1", "TCGA-B0-5710-01Z-00-DX1"]
+    for name in names:  # two slides keep the test short; the preset's settings are what is tested
+        (images / f"{name}.tif").symlink_to(shared_data / "monuseg-train" / "images" / f"{name}.tif")
+    preset["slides"]["images"] = str(images / "*.tif")
+    preset["slides"]["annotations"] = str(shared_data / "monuseg-train" / "annotations" / "{slide}.xml")
+    preset["results"] = "out"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(preset))
+    res = snakemake(tmp_path, "patches")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in names:
+        ps = read_patchset(tmp_path / "out" / "patches" / name, require=("images", "inst", "types"))
+        assert len(ps) == 16 and not ps.index["padded"].any()  # 4 x 4 tiles of 128 px cover 500 px exactly
+        assert ps.report["nuclei_on_no_kept_tile"] == 0 and ps.index["n_nuclei"].sum() > 300
+        assert set(int(t) for t in ps.types[:].ravel()) == {0, 1}
+    assert sorted(pd.read_csv(tmp_path / "out" / "split.csv")["slide"]) == names
