@@ -90,6 +90,20 @@ def test_lowres_prefilter_skips_decoding_but_changes_nothing(tmp_path):
     pd.testing.assert_frame_equal(a, b)
 
 
+def test_lowres_prefilter_is_exact_on_pale_demo_tissue(tmp_path):
+    """Pale tissue sits just under the threshold: averaging at low res must not rule it out."""
+    from histosynth.demo import make_demo_slides
+
+    make_demo_slides(tmp_path / "demo", n_slides=1, size=(2048, 2048), seed=5)  # slide 0: pale stain
+    path = tmp_path / "demo" / "demo-000.tif"
+    for size, mpp in ((128, 0.25), (64, 0.25)):
+        fast = tile_slide(path, tmp_path / "fast", TileParams(size=size, target_mpp=mpp))
+        slow = tile_slide(path, tmp_path / "slow", TileParams(size=size, target_mpp=mpp, lowres_min_pixels=10**6))
+        assert fast.ruled_out_lowres > 0 and fast.kept == slow.kept
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "fast" / "index.csv"),
+                                      pd.read_csv(tmp_path / "slow" / "index.csv"))
+
+
 def test_resampling_between_levels(slide_path, tmp_path):
     # 0.6 um/px: level 1 (0.5) read 154 px and shrunk to 128
     with open_slide(slide_path) as slide:

@@ -20,9 +20,13 @@ Tissue filter
     ``background_threshold`` (default 204); a tile with more than
     ``max_background`` (default 0.85) background is dropped. Before decoding
     anything at full resolution, the tissue mask of a low-resolution level
-    (the coarsest one with at least 4x4 of its pixels per tile, dilated by one
-    pixel so thin tissue is not lost) rules out tiles that are background
-    there; the rest are decoded and judged exactly. Slides without such a
+    (the coarsest one with at least 4x4 of its pixels per tile) rules out tiles
+    that are background there; the rest are decoded and judged exactly. The
+    pre-filter is conservative, so that it only saves time and never changes
+    the result: a low-resolution pixel counts as possible tissue up to
+    ``background_threshold + lowres_margin`` (averaging lifts pale tissue and
+    small dark nuclei above the threshold), and the possible-tissue mask is
+    dilated by one pixel so thin tissue is not lost. Slides without such a
     level are judged on the decoded tiles alone.
 
 Memory
@@ -69,6 +73,9 @@ class TileParams:
     regions: list[tuple[int, int, int, int]] = field(default_factory=list)  # level-0 (x, y, w, h)
     mpp_tolerance: float = 0.01
     lowres_min_pixels: int = 4  # low-res pixels per tile side needed for the pre-filter
+    # averaging at low resolution lifts pale tissue and dark nuclei above the threshold:
+    # the pre-filter counts a low-res pixel as possible tissue up to threshold + margin
+    lowres_margin: int = 16
 
     def check(self) -> None:
         if self.size < 8:
@@ -194,7 +201,7 @@ def lowres_candidates(slide: Slide, plan: TilePlan, params: TileParams) -> np.nd
     if ds < 4 * plan.level_downsample:
         return None
     low = slide.read_level(level)
-    tissue = ~_background_mask(low, params.background_threshold)
+    tissue = ~_background_mask(low, min(255, params.background_threshold + params.lowres_margin))
     tissue = cv2.dilate(tissue.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     # integral image: tissue pixels in any rectangle in O(1)
     integral = np.pad(tissue.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
