@@ -9,9 +9,11 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/tile.smk"
 include: "workflow/rules/patches.smk"
+include: "workflow/rules/masks.smk"
 
 
 rule all:
     default_target: True
     input:
         rules.patches.input,
+        rules.masks.input,

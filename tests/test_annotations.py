@@ -944,6 +944,118 @@ def test_bad_slide_size_and_catch_all(tmp_path):
 
 
 # --------------------------------------------------------------------------- #
+# Bulk reading: thousands of nuclei against a per-nucleus shapely reference
+# --------------------------------------------------------------------------- #
+
+
+def _star(rng: np.random.Generator, cx: float, cy: float, r: float, n: int) -> np.ndarray:
+    """A simple star-shaped ring (sorted jittered angles), open (no closing vertex)."""
+    ang = np.sort(2 * np.pi * (np.arange(n) + rng.uniform(-0.3, 0.3, n)) / n)
+    rr = r * (1 + 0.08 * rng.standard_normal(n))
+    return np.column_stack([cx + rr * np.cos(ang), cy + rr * np.sin(ang)])
+
+
+def _reference_ring(ring: np.ndarray) -> list[tuple[float, float]]:
+    """What the reader keeps of a ring: consecutive repeats and the closing repeat dropped."""
+    pts: list[tuple[float, float]] = []
+    for x, y in ring.tolist():
+        if not pts or pts[-1] != (x, y):
+            pts.append((x, y))
+    if len(pts) > 1 and pts[-1] == pts[0]:
+        pts.pop()
+    return pts
+
+
+def test_bulk_geojson_and_imagescope_match_shapely_reference(tmp_path):
+    rng = np.random.default_rng(7)
+    n = 2000
+    classes = ["Tumor", "Lymphocyte", "Stroma"]
+    feats, regions, expect = [], {c: [] for c in classes}, []
+    n_degenerate = n_multi = n_holes = 0
+    for i in range(n):
+        cls = classes[i % 3]
+        cx, cy = (i % 50) * 40.0 + 20, (i // 50) * 40.0 + 20
+        shell = _star(rng, cx, cy, rng.uniform(4, 12), int(rng.integers(12, 40)))
+        if i % 131 == 0:  # a repeated vertex
+            shell = np.insert(shell, 3, shell[3], axis=0)
+        holes = []
+        if i % 50 == 7:  # a hole, drawn clockwise
+            holes = [_star(rng, cx, cy, 1.5, 8)[::-1]]
+            n_holes += 1
+        if i % 173 == 5:  # two distinct points: skipped
+            shell = np.array([[cx, cy], [cx + 1, cy], [cx, cy]])
+            holes = []
+            n_degenerate += 1
+
+        def closed(r, i=i):
+            return np.vstack([r, r[:1]]).tolist() if i % 7 else r.tolist()  # some rings left open
+
+        rings = [closed(shell)] + [closed(h) for h in holes]
+        geometry = {"type": "Polygon", "coordinates": rings}
+        if i % 97 == 3 and not holes:  # a MultiPolygon with a sliver: the large part is kept
+            sliver = [[cx + 15, cy], [cx + 15.5, cy], [cx + 15, cy + 0.5], [cx + 15, cy]]
+            geometry = {"type": "MultiPolygon", "coordinates": [[sliver], rings]}
+            n_multi += 1
+        feats.append(
+            {
+                "type": "Feature",
+                "id": f"n{i}",
+                "geometry": geometry,
+                "properties": {"objectType": "detection", "classification": {"name": cls}},
+            }
+        )
+        regions[cls].append((i + 1, shell))
+        if i % 173 != 5:
+            ref = Polygon(_reference_ring(shell), [_reference_ring(h) for h in holes])
+            expect.append((i, cls, ref))
+    gj = write(tmp_path, "bulk.geojson", geojson(feats))
+
+    s = read(gj, {"tumor": 1, "lymphocyte": 2, "stroma": 3})
+    check_report(s)
+    assert s.report["read"] == n and s.report["kept"] == n - n_degenerate
+    assert s.report["skipped_degenerate"] == n_degenerate
+    assert s.report["multipolygon_parts_dropped"] == n_multi
+    assert s.report["repaired_invalid"] == 0
+    assert [nu.source for nu in s.nuclei] == [f"feature {i} (id n{i})" for i, _, _ in expect]
+    assert [nu.class_name for nu in s.nuclei] == [c.lower() for _, c, _ in expect]
+    assert [nu.type_id for nu in s.nuclei] == [classes.index(c) + 1 for _, c, _ in expect]
+    got = np.array([nu.polygon for nu in s.nuclei], dtype=object)
+    ref = np.array([p for _, _, p in expect], dtype=object)
+    assert shapely.equals_exact(got, ref, tolerance=0).all()
+    assert sum(len(nu.polygon.interiors) for nu in s.nuclei) == n_holes
+    # the per-feature reader (used for files the bulk path leaves to it) agrees
+    data = orjson.loads(gj.read_bytes())
+    slow = A._f._parse_geojson_reference(data["features"], gj)
+    assert [g.wkb for g in slow.geoms if g is not None] == [p.wkb for p in got]
+
+    # the same shells as ImageScope regions, one annotation per class, coordinates exact (repr)
+    out = ['<?xml version="1.0" encoding="utf-8"?>', '<Annotations MicronsPerPixel="0.252">']
+    for k, cls in enumerate(classes, start=1):
+        out.append(f'<Annotation Id="{k}" Name="{cls}"><Attributes/><Regions><RegionAttributeHeaders/>')
+        for rid, shell in regions[cls]:
+            out.append(f'<Region Id="{rid}" Type="0" NegativeROA="0"><Attributes/><Vertices>')
+            out.extend(f'<Vertex X="{x!r}" Y="{y!r}" Z="0"/>' for x, y in shell.tolist())
+            out.append("</Vertices></Region>")
+        out.append("</Regions><Plots/></Annotation>")
+    out.append("</Annotations>")
+    t = read(write(tmp_path, "bulk.xml", "\n".join(out)))
+    check_report(t)
+    assert t.mpp == 0.252
+    assert t.report["read"] == n and t.report["skipped_degenerate"] == n_degenerate
+    xml_expect = [
+        (k, rid, cls, Polygon(_reference_ring(shell)))
+        for k, cls in enumerate(classes, start=1)
+        for rid, shell in regions[cls]
+        if (rid - 1) % 173 != 5
+    ]
+    assert [nu.source for nu in t.nuclei] == [f"Annotation {k} Region {rid}" for k, rid, _, _ in xml_expect]
+    assert [nu.class_name for nu in t.nuclei] == [c.lower() for _, _, c, _ in xml_expect]
+    got = np.array([nu.polygon for nu in t.nuclei], dtype=object)
+    ref = np.array([p for _, _, _, p in xml_expect], dtype=object)
+    assert shapely.equals_exact(got, ref, tolerance=0).all()
+
+
+# --------------------------------------------------------------------------- #
 # Detection
 # --------------------------------------------------------------------------- #
 

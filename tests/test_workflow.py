@@ -1,4 +1,5 @@
-"""End to end: the real Snakemake DAG on a tiny config (demo slides -> tiles -> typed patches + split)."""
+"""End to end: the real Snakemake DAG on a tiny config (demo slides -> tiles -> typed patches + split
+-> statistics, nuclei library, beta-VAE -> sampled synthetic masks + their evaluation)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ TINY = {
     "slides": {"source": "demo", "demo": {"n_slides": 2, "size": [1024, 1024], "mpp": 0.25, "seed": 3}},
     "tile": {"size": 128, "target_mpp": 0.5},
     "classes": {"Epithelial": 1, "Lymphocyte": 2, "Spindle": 3},
+    "stats": {"calibrate": 1, "calibrate_masks": 8},
+    "dvae": {"epochs": 2, "threads": 1, "batch_size": 64},
+    "sample_masks": {"n": 8, "shards": 2, "size": 128},
 }
 
 
@@ -67,6 +71,28 @@ def test_dag_produces_typed_patches_and_split(run):
         assert set(int(t) for t in ps.types[:].ravel()) <= {0, 1, 2, 3}
         assert ps.report["nuclei_read"] > 0 and ps.report["parse"]
         assert (results / "qc" / "overlays" / f"{slide}.png").stat().st_size > 1000
+
+
+def test_dag_produces_synthetic_masks(run):
+    import json
+
+    results = run / "results"
+    stats = json.loads((results / "stats" / "stats.json").read_text())
+    assert set(stats["classes"].values()) >= {"epithelial", "lymphocyte", "spindle"} or stats["classes"]
+    assert (results / "models" / "dvae" / "dvae.pt").exists()
+    assert (results / "models" / "dvae" / "traversal.png").stat().st_size > 1000
+    total = 0
+    for shard in (0, 1):
+        ps = read_patchset(results / "synthetic" / "masks" / f"shard-{shard}", require=("inst", "types"))
+        assert ps.images is None and ps.inst.shape[1:] == (128, 128)
+        total += len(ps)
+    assert total == 8
+    evaluation = json.loads((results / "synthetic" / "masks-evaluation" / "evaluation.json").read_text())
+    assert {"count", "area", "eccentricity", "nn_distance"} <= set(evaluation["features"])
+    # fitted on train slides only: the evaluation compares against the test slides
+    split = pd.read_csv(results / "split.csv")
+    test = {f"results/patches/{s}" for s in split.loc[split["split"] == "test", "slide"]}
+    assert set(evaluation["real"]) == test
 
 
 def test_nothing_to_do_on_rerun(run):

@@ -234,7 +234,26 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: stages whose modules register their own subcommands (``add_cli``); imported
+#: only when their command is run (or for --help), since some import torch
+STAGE_MODULES: dict[str, str] = {
+    "fit-stats": "histosynth.stats",
+    "nuclei-library": "histosynth.library",
+    "train-dvae": "histosynth.train_dvae",
+    "dvae-sweep": "histosynth.train_dvae",
+    "sample-masks": "histosynth.sample_masks",
+    "evaluate-masks": "histosynth.evaluate_masks",
+}
+#: subcommands each module's add_cli registers
+_MODULE_COMMANDS: dict[str, set[str]] = {}
+for _cmd, _mod in STAGE_MODULES.items():
+    _MODULE_COMMANDS.setdefault(_mod, set()).add(_cmd)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv`` only the module of the command being run is imported."""
+    import importlib
+
     parser = argparse.ArgumentParser(prog="histosynth", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"histosynth {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -242,11 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
     for add in COMMANDS:
         add(sub)
+    command = next((a for a in (argv or []) if not a.startswith("-")), None)
+    wanted = [STAGE_MODULES[command]] if command in STAGE_MODULES else []
+    if argv is None or (command not in STAGE_MODULES and command not in sub.choices):
+        wanted = list(STAGE_MODULES.values())  # help, or an unknown command: list every stage
+    for module in dict.fromkeys(wanted):
+        if not _MODULE_COMMANDS[module] & set(sub.choices):
+            importlib.import_module(module).add_cli(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

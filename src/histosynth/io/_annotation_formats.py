@@ -17,6 +17,7 @@ import struct
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 from xml.etree.ElementTree import ParseError
@@ -142,6 +143,71 @@ def polygons_from_rings(items: list[tuple[np.ndarray, list[np.ndarray]]], report
         for j, p in zip(simple_idx, shapely.polygons(np.asarray(shells, dtype=object))):
             out[j] = p
     return out
+
+
+def polygons_from_flat(xy: np.ndarray, ring_len: np.ndarray, is_shell: np.ndarray) -> tuple[np.ndarray, int]:
+    """Polygons from one flat coordinate array, built in one vectorised call.
+
+    ``xy`` (M, 2) holds the vertices of every ring, ring after ring; ``ring_len``
+    the number of vertices of each ring; ``is_shell`` marks the rings that start a
+    polygon (its shell; the rings up to the next shell are its holes). Returns an
+    object array with one Polygon per shell (``None`` where the shell is
+    degenerate) and the number of degenerate holes dropped from kept polygons.
+    Rings are cleaned as :func:`linearrings` does (consecutive repeated points
+    and a repeated closing point dropped, < 3 points left = degenerate), so the
+    result equals :func:`polygons_from_rings` on the same rings, coordinate for
+    coordinate. Coordinates must be finite.
+    """
+    ring_len = np.asarray(ring_len, dtype=np.int64)
+    is_shell = np.asarray(is_shell, dtype=bool)
+    n_poly = int(is_shell.sum())
+    out = np.full(n_poly, None, dtype=object)
+    n_ring = len(ring_len)
+    total = int(ring_len.sum()) if n_ring else 0
+    if n_poly == 0 or total == 0:
+        return out, 0
+    xy = np.ascontiguousarray(xy, dtype=np.float64).reshape(-1, 2)
+    x, y = xy[:, 0], xy[:, 1]
+    ends = np.cumsum(ring_len)
+    nonempty = ring_len > 0
+    e_ne = ends[nonempty]
+    s_ne = e_ne - ring_len[nonempty]
+    # drop consecutive repeated points within a ring (a ring's first point is always kept)
+    keep = np.empty(total, dtype=bool)
+    keep[0] = True
+    np.logical_not((x[1:] == x[:-1]) & (y[1:] == y[:-1]), out=keep[1:])
+    keep[s_ne] = True
+    # drop the closing point when it repeats the first: the last kept point of a
+    # ring (the last point, unless it ends a run of repeats)
+    last_kept = e_ne - 1
+    back = np.flatnonzero(~keep[last_kept])
+    while len(back):
+        last_kept[back] -= 1
+        back = back[~keep[last_kept[back]]]
+    closing = (last_kept != s_ne) & (x[last_kept] == x[s_ne]) & (y[last_kept] == y[s_ne])
+    keep[last_kept[closing]] = False
+    dropped = np.flatnonzero(~keep)
+    counts = ring_len - np.bincount(np.searchsorted(ends, dropped, side="right"), minlength=n_ring)[:n_ring]
+    ok = counts >= 3
+    poly_of = np.cumsum(is_shell) - 1  # polygon index of each ring
+    shell_ok = ok[is_shell]
+    in_kept = shell_ok[poly_of]
+    holes_dropped = int(np.count_nonzero(in_kept & ~ok & ~is_shell))
+    use = ok & in_kept
+    if not use.any():
+        return out, holes_dropped
+    if not use.all():
+        keep &= np.repeat(use, ring_len)
+    coords = xy[keep]
+    ring_offsets = np.zeros(int(use.sum()) + 1, dtype=np.int64)
+    np.cumsum(counts[use], out=ring_offsets[1:])
+    per_poly = np.bincount(poly_of[use], minlength=n_poly)[shell_ok]
+    geom_offsets = np.zeros(len(per_poly) + 1, dtype=np.int64)
+    np.cumsum(per_poly, out=geom_offsets[1:])
+    out[shell_ok] = shapely.from_ragged_array(
+        shapely.GeometryType.POLYGON, coords, (ring_offsets, geom_offsets)
+    )
+    return out, holes_dropped
 
 
 def largest_polygon(geom: Any) -> tuple[Polygon | None, int]:
@@ -438,8 +504,7 @@ def _qupath_name(feature: dict) -> str:
     return "" if name is None else str(name)
 
 
-def parse_geojson(data: Any, path: Path) -> Parsed:
-    out = Parsed()
+def _geojson_features(data: Any, path: Path) -> list:
     if isinstance(data, list):
         features = data
     elif isinstance(data, dict):
@@ -456,7 +521,131 @@ def parse_geojson(data: Any, path: Path) -> Parsed:
             raise HistosynthError(f"not a GeoJSON FeatureCollection/Feature (type {t!r})", path)
     else:
         raise HistosynthError("not GeoJSON (top level is neither an object nor a list)", path)
+    return features
 
+
+class _NotSimple(Exception):
+    """The fast GeoJSON path met something it leaves to the reference path."""
+
+
+def parse_geojson(data: Any, path: Path) -> Parsed:
+    """QuPath GeoJSON: one pass over the parsed features, polygons built in bulk.
+
+    Files that are well formed (every coordinate a finite number, every point
+    an [x, y] pair) take the fast path; anything else (errors, 3-D points,
+    numbers as strings, ...) is read by :func:`_parse_geojson_reference`, the
+    per-feature reader, which names the offending item. Both give the same
+    result.
+    """
+    features = _geojson_features(data, path)
+    try:
+        return _parse_geojson_fast(features)
+    except _NotSimple:
+        return _parse_geojson_reference(features, path)
+
+
+def _parse_geojson_fast(features: list) -> Parsed:
+    out = Parsed()
+    report = out.report
+    if features:
+        report["read"] += len(features)
+    refs: list[str] = []
+    names: list[str] = []
+    nrings: list[int] = []  # rings per item; 0 = no polygon (None)
+    rings: list[Any] = []  # the rings of every item, as parsed (lists of points)
+    add_rings = rings.extend
+    for i, feat in enumerate(features):
+        if type(feat) is not dict:
+            raise _NotSimple
+        get = feat.get
+        geom = get("nucleusGeometry") or get("geometry")
+        if geom is None:
+            report["skipped_no_geometry"] += 1
+            continue
+        if type(geom) is not dict:
+            raise _NotSimple
+        gtype = geom.get("type")
+        if gtype == "Polygon":
+            coords = geom.get("coordinates")
+            if type(coords) is not list:
+                raise _NotSimple
+        elif gtype == "MultiPolygon":
+            coords, dropped = _largest_part(geom.get("coordinates"))
+            if dropped:
+                report["multipolygon_parts_dropped"] += dropped
+        else:
+            report["skipped_not_polygon"] += 1
+            continue
+        fid = get("id")
+        refs.append(f"feature {i}" if fid is None else f"feature {i} (id {fid})")
+        # the usual QuPath layout inline; anything else through _qupath_name
+        props = get("properties")
+        cls = props.get("classification") if type(props) is dict else None
+        name = cls.get("name") if type(cls) is dict else None
+        names.append(name if type(name) is str else _qupath_name(feat))
+        nrings.append(len(coords))
+        add_rings(coords)
+    # Every ring a list of points, every point a list of two values, and the
+    # values all finite numbers: list.__len__ refuses anything but a list, so a
+    # string or an object in place of a point cannot pass. The values are
+    # converted as np.asarray(ring, dtype=float64) converts them.
+    try:
+        ring_len = np.fromiter(map(list.__len__, rings), dtype=np.int64, count=len(rings))
+        n_points = int(ring_len.sum())
+        if n_points and max(map(list.__len__, chain.from_iterable(rings))) != 2:
+            raise _NotSimple
+        # exactly 2 * n_points values, or fromiter raises (no point has more than 2)
+        xy = np.fromiter(
+            chain.from_iterable(chain.from_iterable(rings)), dtype=np.float64, count=2 * n_points
+        ).reshape(-1, 2)
+    except (TypeError, ValueError, OverflowError):
+        raise _NotSimple from None
+    if not np.isfinite(xy).all():
+        raise _NotSimple
+    nr = np.asarray(nrings, dtype=np.int64)
+    is_shell = np.zeros(len(rings), dtype=bool)
+    is_shell[(np.cumsum(nr) - nr)[nr > 0]] = True
+    polys, holes_dropped = polygons_from_flat(xy, ring_len, is_shell)
+    if holes_dropped:
+        report["holes_dropped"] += holes_dropped
+    geoms = np.full(len(nr), None, dtype=object)
+    geoms[nr > 0] = polys
+    out.refs, out.names, out.geoms = refs, names, geoms
+    return out
+
+
+def _largest_part(parts: Any) -> tuple[list, int]:
+    """The rings of a MultiPolygon's part with the largest shell, and the number of other parts."""
+    if type(parts) is not list:
+        raise _NotSimple
+    cand = []
+    for part in parts:
+        if type(part) is not list:
+            raise _NotSimple
+        rings = []
+        for r in part:
+            try:
+                a = np.asarray(r, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise _NotSimple from None
+            if a.ndim != 2 or a.shape[1] != 2 or not np.isfinite(a).all():
+                if a.size:  # an empty ring is fine
+                    raise _NotSimple
+                a = np.zeros((0, 2))
+            rings.append(a)
+        if rings:
+            cand.append((part, rings[0]))
+    if not cand:
+        return [], 0
+    if len(cand) == 1:
+        return cand[0][0], 0
+    best = int(np.argmax([abs(_shoelace(s)) for _, s in cand]))
+    return cand[best][0], len(cand) - 1
+
+
+def _parse_geojson_reference(features: list, path: Path) -> Parsed:
+    """Feature by feature, with the checks and error messages (see :func:`parse_geojson`)."""
+    out = Parsed()
     pending: list[tuple[str, str, np.ndarray, list[np.ndarray]]] = []
     for i, feat in enumerate(features):
         ref = f"feature {i}"
@@ -549,7 +738,9 @@ def _floats(strings: list[str], path: Path, refs: list[str], lens: list[int], ba
     the index of ``strings[0]`` among all coordinate strings of the file.
     """
     try:
-        return np.array(orjson.loads("[" + ",".join(strings) + "]"), dtype=np.float64)
+        vals = np.array(orjson.loads("[" + ",".join(strings) + "]"), dtype=np.float64)
+        if vals.shape == (len(strings),):  # "1,5" (decimal comma) reads as two numbers
+            return vals
     except (TypeError, ValueError, orjson.JSONDecodeError):
         pass
     vals = np.empty(len(strings))
@@ -616,57 +807,278 @@ def _rings_from_flat(vals: np.ndarray, lens: list[int]) -> list[np.ndarray]:
 _IMAGESCOPE_NOT_CLASSES = {"description", ""}
 
 
+def _expat_parser(path: Path):
+    """An expat parser that refuses DTDs, entity declarations and external references.
+
+    The same guards as defusedxml's ``iterparse(..., forbid_dtd=True,
+    forbid_entities=True, forbid_external=True)`` (its exception classes too),
+    without ElementTree's per-element Python layer: the caller installs its own
+    start/end handlers.
+    """
+    from xml.parsers import expat
+
+    from defusedxml.common import DTDForbidden, EntitiesForbidden, ExternalReferenceForbidden
+
+    def doctype(name, sysid, pubid, has_internal_subset):
+        raise DTDForbidden(name, sysid, pubid)
+
+    def entity_decl(name, is_parameter_entity, value, base, sysid, pubid, notation_name):
+        raise EntitiesForbidden(name, value, base, sysid, pubid, notation_name)
+
+    def unparsed_entity_decl(name, base, sysid, pubid, notation_name):
+        raise EntitiesForbidden(name, None, base, sysid, pubid, notation_name)
+
+    def external_entity_ref(context, base, sysid, pubid):
+        raise ExternalReferenceForbidden(context, base, sysid, pubid)
+
+    p = expat.ParserCreate(None, "}")  # namespace processing as in ElementTree
+    p.StartDoctypeDeclHandler = doctype
+    p.EntityDeclHandler = entity_decl
+    p.UnparsedEntityDeclHandler = unparsed_entity_decl
+    p.ExternalEntityRefHandler = external_entity_ref
+    return p
+
+
+def _expat_run(p, path: Path, block: int = 1 << 20) -> None:
+    """Feed ``path`` to ``p``; errors as :func:`xml_events` reports them."""
+    import defusedxml
+    from xml.parsers import expat
+
+    try:
+        with open(path, "rb") as f:
+            while True:
+                data = f.read(block)
+                if not data:
+                    break
+                p.Parse(data, False)
+            p.Parse(b"", True)
+    except expat.ExpatError as exc:
+        raise HistosynthError(
+            f"malformed XML at line {exc.lineno}, column {exc.offset}: {exc}", path
+        ) from None
+    except defusedxml.DefusedXmlException as exc:
+        raise HistosynthError(
+            f"refusing unsafe XML ({type(exc).__name__}: DTD/entity declarations are not allowed "
+            "in annotation files)",
+            path,
+        ) from None
+
+
+class _RegionStream:
+    """Vertex strings of the regions read so far -> float64 chunks -> polygons, in bulk.
+
+    Strings are converted (:func:`_floats`) every :attr:`CHUNK` strings, and each
+    converted chunk of whole regions is turned into polygons straight away, so
+    neither the strings nor the float coordinates of the whole file are held.
+    A non-finite coordinate is remembered (the first region that has one) and
+    reported by :meth:`finish`, after every string has been converted.
+    """
+
+    CHUNK = _Coords.CHUNK
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.refs: list[str] = []
+        self.lens: list[int] = []  # vertices per region
+        self.ellipse: list[bool] = []
+        self.buf: list[Any] = []
+        self.base = 0  # index of buf[0] among all coordinate strings
+        self.done = 0  # regions converted so far
+        self.geoms: list[np.ndarray] = []
+        self.first_bad: int | None = None  # first region with a non-finite coordinate
+
+    def add(self, ref: str, strs: list[Any], ellipse: bool) -> None:
+        self.refs.append(ref)
+        self.lens.append(len(strs) // 2)
+        self.ellipse.append(ellipse)
+        if strs:
+            self.buf.extend(strs)
+            if len(self.buf) >= self.CHUNK:
+                self._flush()
+
+    def _flush(self) -> None:
+        lo, hi = self.done, len(self.refs)
+        if hi == lo:
+            return
+        vals = _floats(self.buf, self.path, self.refs, self.lens, self.base)
+        self.base += len(self.buf)
+        self.buf = []
+        self.done = hi
+        lens = np.asarray(self.lens[lo:hi], dtype=np.int64)
+        xy = vals.reshape(-1, 2)
+        if self.first_bad is not None:
+            return  # the read fails in finish(): skip building
+        finite = np.isfinite(xy).all(axis=1)
+        if not finite.all():
+            k = int(np.searchsorted(np.cumsum(lens), int(np.argmin(finite)), side="right"))
+            self.first_bad = lo + k
+            return
+        ell = self.ellipse[lo:hi]
+        if any(ell):
+            rings = np.split(xy, np.cumsum(lens)[:-1])
+            for k in np.flatnonzero(ell).tolist():
+                r = rings[k]
+                if len(r) >= 2:
+                    rings[k] = ellipse_ring(r[:, 0].min(), r[:, 1].min(), r[:, 0].max(), r[:, 1].max())
+            lens = np.fromiter(map(len, rings), dtype=np.int64, count=len(rings))
+            xy = np.concatenate(rings) if rings else xy
+        polys, _ = polygons_from_flat(xy, lens, np.ones(len(lens), dtype=bool))
+        self.geoms.append(polys)
+
+    def finish(self) -> np.ndarray:
+        """Polygon (or None) per region, in order; raises on a non-finite coordinate."""
+        self._flush()
+        if self.first_bad is not None:
+            raise nonfinite_error(self.path, self.refs[self.first_bad])
+        out = np.empty(len(self.refs), dtype=object)
+        if self.geoms:
+            out[:] = np.concatenate(self.geoms)
+        self.geoms = []
+        return out
+
+
+# per open element: what it is to the ImageScope reader
+_OTHER, _REGION, _VERTICES, _ANNOTATION, _ANN_ATTRIBUTES, _ROOT = range(6)
+_SPECIAL = frozenset({"Region", "Annotation", "Annotations"})
+
+
 def parse_imagescope(path: Path) -> Parsed:
-    """Aperio ImageScope XML (MoNuSeg, MoNuSAC), streamed."""
+    """Aperio ImageScope XML (MoNuSeg, MoNuSAC), streamed with expat.
+
+    Reads exactly what an ElementTree ``iterparse`` over the file gives (a
+    region's vertices are the children of its first ``Vertices`` child, the
+    annotation's class comes from its ``Name`` or the ``Attribute`` elements of
+    its first ``Attributes`` child), but keeps no elements: a vertex costs two
+    attribute strings until its chunk is converted to float64, and polygons are
+    built per chunk of regions.
+    """
     out = Parsed()
-    coords = _Coords(path)
-    kinds: list[str] = []  # "ring" | "ellipse"
+    report = out.report
+    stream = _RegionStream(path)
     ann_of: list[int] = []  # annotation index per region
     ann_names: list[str] = []
-    ann_i = 0
-    root = None
-    for _ev, el in xml_events(path):
-        tag = el.tag
-        if tag == "Region":
-            out.report["read"] += 1
-            rid = el.get("Id", "?")
-            ref = f"Annotation {ann_i + 1} Region {rid}"
-            if el.get("NegativeROA", "0") not in ("0", ""):
-                out.report["skipped_negative"] += 1
-                el.clear()
-                continue
-            rtype = el.get("Type", "0")
-            verts = el.find("Vertices")
-            pts = [] if verts is None else [a for v in verts for a in (v.get("X"), v.get("Y"))]
-            if rtype in ("0", "1", "", None):  # free-form/polygon, rectangle (4 corners)
-                kinds.append("ring")
-            elif rtype == "2":  # ellipse: vertices are two corners of its box
-                kinds.append("ellipse")
-            else:  # arrow, ruler, ...
-                out.report["skipped_not_polygon"] += 1
-                el.clear()
-                continue
-            coords.add(ref, pts)
-            ann_of.append(ann_i)
-            el.clear()
-        elif tag == "Annotation":
-            name = (el.get("Name") or "").strip()
-            if not name:
-                attrs = el.find("Attributes")
-                if attrs is not None:
-                    for a in attrs.iter("Attribute"):
-                        n = (a.get("Name") or "").strip()
-                        if n.casefold() not in _IMAGESCOPE_NOT_CLASSES:
-                            name = n
-                            break
-            ann_names.append(name)
-            ann_i += 1
-            el.clear()
-        elif tag == "Annotations":
-            root = el
-    if root is None:
+    root: list[Any] = [None]  # attributes of the last <Annotations> closed
+    stack: list[list[Any]] = []  # [kind, data] per open element
+    p = _expat_parser(path)
+
+    # --- vertex mode: inside a region's first <Vertices>, its children are vertices
+    pts: list[Any] = []
+    add_pt = pts.append
+    depth = 0  # 1 inside a vertex element
+
+    def vertex_start(name, attrs):
+        nonlocal depth
+        if depth == 0 and (name == "Vertex" or name not in _SPECIAL):
+            get = attrs.get
+            add_pt(get("X"))
+            add_pt(get("Y"))
+            depth = 1
+            return
+        # an element inside a vertex, or a Region/Annotation(s) among the
+        # vertices: the general handlers take over until the vertex ends
+        if depth:
+            stack.append([_OTHER, None])  # the vertex itself
+            depth = 0
+        p.StartElementHandler = start
+        p.EndElementHandler = end
+        start(name, attrs)
+
+    def vertex_end(name):
+        nonlocal depth
+        if depth:
+            depth = 0
+        else:  # </Vertices>
+            stack.pop()
+            p.StartElementHandler = start
+            p.EndElementHandler = end
+
+    def enter_vertices(region: list[Any]) -> None:
+        nonlocal pts, add_pt, depth
+        if region[2] is None:
+            region[2] = []
+        pts = region[2]
+        add_pt = pts.append
+        depth = 0
+        p.StartElementHandler = vertex_start
+        p.EndElementHandler = vertex_end
+
+    # --- general mode
+    def start(name, attrs):
+        parent = stack[-1] if stack else None
+        if parent is not None and parent[0] == _VERTICES:  # a vertex of the region
+            if name in ("Region", "Annotation"):
+                # ElementTree clears these when they end, before the region reads them
+                parent[1][2].extend((None, None))
+            else:
+                parent[1][2].extend((attrs.get("X"), attrs.get("Y")))
+        if name == "Region":
+            stack.append([_REGION, attrs, None])  # attrs, vertex strings of its first <Vertices>
+        elif name == "Vertices" and parent is not None and parent[0] == _REGION and parent[2] is None:
+            stack.append([_VERTICES, parent])
+            enter_vertices(parent)
+        elif name == "Annotation":
+            stack.append([_ANNOTATION, attrs, None])  # attrs, Attribute names of its first <Attributes>
+        elif name == "Attributes" and parent is not None and parent[0] == _ANNOTATION and parent[2] is None:
+            parent[2] = []
+            stack.append([_ANN_ATTRIBUTES, parent])
+        else:
+            if name == "Attribute":
+                # an Attribute anywhere below an annotation's first <Attributes>
+                # (not inside a region or annotation nested there)
+                for kind, data, *_ in reversed(stack):
+                    if kind == _ANN_ATTRIBUTES:
+                        data[2].append(attrs.get("Name"))
+                        break
+                    if kind in (_REGION, _ANNOTATION):
+                        break
+            stack.append([_ROOT, attrs] if name == "Annotations" else [_OTHER, None])
+
+    def end(name):
+        kind, data, *rest = stack.pop()
+        if kind == _REGION:
+            region_end(data, rest[0])
+        elif kind == _ANNOTATION:
+            annotation_end(data, rest[0])
+        elif kind == _ROOT:
+            root[0] = data
+        if stack and stack[-1][0] == _VERTICES:  # a vertex with children ended
+            enter_vertices(stack[-1][1])
+
+    def region_end(attrs, strs):
+        report["read"] += 1
+        ann_i = len(ann_names)
+        ref = f"Annotation {ann_i + 1} Region {attrs.get('Id', '?')}"
+        if attrs.get("NegativeROA", "0") not in ("0", ""):
+            report["skipped_negative"] += 1
+            return
+        rtype = attrs.get("Type", "0")
+        if rtype in ("0", "1", ""):  # free-form/polygon, rectangle (4 corners)
+            ellipse = False
+        elif rtype == "2":  # ellipse: vertices are two corners of its box
+            ellipse = True
+        else:  # arrow, ruler, ...
+            report["skipped_not_polygon"] += 1
+            return
+        stream.add(ref, strs or [], ellipse)
+        ann_of.append(ann_i)
+
+    def annotation_end(attrs, attr_names):
+        name = (attrs.get("Name") or "").strip()
+        if not name and attr_names:
+            for n in attr_names:
+                n = (n or "").strip()
+                if n.casefold() not in _IMAGESCOPE_NOT_CLASSES:
+                    name = n
+                    break
+        ann_names.append(name)
+
+    p.StartElementHandler = start
+    p.EndElementHandler = end
+    _expat_run(p, path)
+    attrs = root[0]
+    if attrs is None:
         raise HistosynthError("not an ImageScope XML file (no <Annotations> root)", path)
-    mpp = root.get("MicronsPerPixel")
+    mpp = attrs.get("MicronsPerPixel")
     if mpp:
         try:
             out.mpp = float(mpp)
@@ -674,17 +1086,9 @@ def parse_imagescope(path: Path) -> Parsed:
             raise HistosynthError(f"MicronsPerPixel {mpp!r} is not a number", path) from None
         if not (math.isfinite(out.mpp) and out.mpp > 0):
             raise HistosynthError(f"MicronsPerPixel {mpp!r} is not a positive number", path)
-    rings = coords.rings()
-    for k, kind in enumerate(kinds):
-        if kind == "ellipse":
-            r = rings[k]
-            rings[k] = (
-                ellipse_ring(r[:, 0].min(), r[:, 1].min(), r[:, 0].max(), r[:, 1].max()) if len(r) >= 2 else r
-            )
-    names = [ann_names[a] if a < len(ann_names) else "" for a in ann_of]
-    for ref, name, lr in zip(coords.refs, names, linearrings(rings)):
-        out.add(ref, name, lr)
-    _rings_to_polys_inplace(out)
+    out.geoms = stream.finish()
+    out.refs = stream.refs
+    out.names = [ann_names[a] if a < len(ann_names) else "" for a in ann_of]
     return out
 
 

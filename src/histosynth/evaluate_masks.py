@@ -1,0 +1,339 @@
+"""The evaluate-masks stage: how close are synthetic masks to real ones, feature by feature.
+
+``histosynth evaluate-masks SYNTHETIC... --real REAL... OUT_DIR`` (or
+``evaluate-masks SYNTHETIC REAL OUT_DIR`` for one set per side) compares the
+two sides with two-sample Kolmogorov-Smirnov tests (``scipy.stats.ks_2samp``)
+and writes ``evaluation.json``, ``histograms.png`` (real vs synthetic per
+feature) and ``montage.png`` (real masks above, synthetic below, coloured by
+type, instance outlines in black).
+
+Features (the same code measures both sides; see :mod:`histosynth.stats`):
+
+* ``count`` - nuclei per patch (distinct ids, nuclei cut by the edge count).
+  When the patch sizes differ: real patches LARGER than the synthetic ones
+  are cut into non-overlapping synthetic-sized windows and the nuclei of each
+  window are counted (exact); real patches SMALLER than the synthetic ones
+  have their counts multiplied by the area ratio (S/P)^2 - counts scale with
+  area, not side length - an approximation that keeps the mean but not the
+  shape of the distribution, flagged as ``count_rescaled`` in the JSON.
+* ``area`` and ``eccentricity`` - per nucleus, nuclei touching the patch edge
+  left out (they are cut).
+* ``nn_distance`` - per nucleus, the distance between centroids to the
+  nearest other nucleus of the same patch (no edge correction; identical
+  definition on both sides).
+* type mix - per type, the fraction of a patch's nuclei of that type (patches
+  with at least one nucleus) → KS per type (``type_fraction_<name>``); and the
+  pooled type mix compared by total-variation distance
+  0.5 sum_t |p_syn(t) - p_real(t)| with a chi-square test of homogeneity
+  (``type_mix``). These have no bar in the issue and are reported, not judged.
+
+``pass``: KS <= 0.1 for count, area and nn_distance, KS <= 0.15 for
+eccentricity (the issue's bar); ``all_pass`` is their conjunction.
+
+Bad input - a side without patch sets, a patch set without inst/types or
+without nuclei, resolutions more than 5 % apart, class maps that give one id
+different names or synthetic types the real class map lacks - is a
+HistosynthError naming the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats as sps
+
+from histosynth.errors import HistosynthError
+from histosynth.io.patchset import read_patchset
+from histosynth.stats import _parse_classes, nn_distances, nucleus_features
+
+log = logging.getLogger(__name__)
+
+BARS = {"count": 0.1, "area": 0.1, "nn_distance": 0.1, "eccentricity": 0.15}
+TYPE_COLORS = np.array([[0, 0, 0], [220, 40, 40], [150, 80, 200], [60, 170, 90], [240, 170, 30],
+                        [40, 130, 220], [200, 200, 60], [120, 120, 120]], np.uint8)
+
+
+def _norm_name(name: str) -> str:
+    name = str(name)
+    name = name[2:] if name.startswith("n_") else name
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+
+
+def measure(patch_sets: Sequence[str | os.PathLike], border_margin: int = 1, side: str = "",
+            count_window: int | None = None) -> dict[str, Any]:
+    """Features of every patch of the given patch sets (one side of the comparison).
+
+    ``count_window``: also count nuclei in non-overlapping windows of this side
+    (for real patches larger than the synthetic ones).
+    """
+    if not patch_sets:
+        raise HistosynthError(f"no {side} patch sets given")
+    sizes: set[tuple[int, int]] = set()
+    mpps: list[float] = []
+    counts, window_counts, areas, eccs, nns = [], [], [], [], []
+    type_counts: list[dict[int, int]] = []
+    classes: dict[int, str] = {}
+    examples: list[tuple[np.ndarray, np.ndarray]] = []
+    for path in patch_sets:
+        ps = read_patchset(path, require=("inst", "types"))
+        if len(ps) == 0:
+            raise HistosynthError(f"{side} patch set is empty", path)
+        cls = ps.report.get("classes")
+        if isinstance(cls, dict) and cls:
+            for tid, name in _parse_classes(cls).items():
+                if tid in classes and _norm_name(classes[tid]) != _norm_name(name):
+                    raise HistosynthError(f"type {tid} is {name!r} here but {classes[tid]!r} in another {side} "
+                                          "patch set", path)
+                classes[tid] = name
+        shape = tuple(int(s) for s in ps.inst.shape[1:3])
+        sizes.add(shape)
+        mpps.extend(ps.index["mpp"].astype(float).tolist())
+        for i in range(len(ps)):
+            inst = np.asarray(ps.inst[i])
+            typ = np.asarray(ps.types[i])
+            f = nucleus_features(inst, typ, border_margin=border_margin)
+            counts.append(len(f["label"]))
+            tt, tc = np.unique(f["type"], return_counts=True)
+            type_counts.append({int(a): int(b) for a, b in zip(tt, tc)})
+            inner = ~f["border"]
+            areas.append(f["area"][inner])
+            eccs.append(f["eccentricity"][inner])
+            nns.append(nn_distances(np.column_stack([f["cy"], f["cx"]])))
+            if count_window:
+                s = int(count_window)
+                for y in range(0, shape[0] - s + 1, s):
+                    for x in range(0, shape[1] - s + 1, s):
+                        window_counts.append(int(np.count_nonzero(np.unique(inst[y:y + s, x:x + s]))))
+            if len(examples) < 64:
+                examples.append((inst, typ))
+    if len(sizes) > 1:
+        raise HistosynthError(f"{side} patch sets have different patch sizes {sorted(sizes)}", patch_sets[0])
+    if sum(counts) == 0:
+        raise HistosynthError(f"the {side} masks hold no nuclei", patch_sets[0])
+    return {
+        "size": next(iter(sizes)), "mpp": float(np.median(mpps)), "n_patches": len(counts),
+        "count": np.asarray(counts, float), "window_count": np.asarray(window_counts, float),
+        "area": np.concatenate(areas), "eccentricity": np.concatenate(eccs), "nn_distance": np.concatenate(nns),
+        "type_counts": type_counts, "classes": classes, "examples": examples,
+        "paths": [str(p) for p in patch_sets],
+    }
+
+
+def _ks(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    a = np.asarray(a, float)
+    b = np.asarray(b, float)
+    if a.size == 0 or b.size == 0:
+        return {"statistic": None, "pvalue": None, "n_synthetic": int(a.size), "n_real": int(b.size)}
+    res = sps.ks_2samp(a, b)
+    return {"statistic": float(res.statistic), "pvalue": float(res.pvalue), "n_synthetic": int(a.size),
+            "n_real": int(b.size)}
+
+
+def evaluate_masks(
+    synthetic: Sequence[str | os.PathLike],
+    real: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    border_margin: int = 1,
+    figures: bool = True,
+) -> dict[str, Any]:
+    """Compare synthetic with real masks; write ``evaluation.json`` (+ figures); return the evaluation."""
+    syn = measure(synthetic, border_margin, side="synthetic")
+    # real side: count in synthetic-sized windows when the real patches are larger
+    probe = read_patchset(real[0], require=("inst", "types")) if real else None
+    s_h, s_w = syn["size"]
+    window = None
+    if probe is not None and probe.inst is not None:
+        r_h, r_w = probe.inst.shape[1:3]
+        if (r_h, r_w) != (s_h, s_w) and r_h >= s_h and r_w >= s_w and s_h == s_w:
+            window = s_h
+    rl = measure(real, border_margin, side="real", count_window=window)
+    if abs(syn["mpp"] / rl["mpp"] - 1) > 0.05:
+        raise HistosynthError(f"synthetic masks are at {syn['mpp']:.4g} um/px, the real ones at {rl['mpp']:.4g}: "
+                              "sizes and distances are not comparable", synthetic[0])
+    # classes: the same id must mean the same class; synthetic types must exist in the real map
+    syn_types = sorted({t for tc in syn["type_counts"] for t in tc})
+    real_types = sorted({t for tc in rl["type_counts"] for t in tc})
+    if syn["classes"] and rl["classes"]:
+        for tid in set(syn["classes"]) & set(rl["classes"]):
+            if _norm_name(syn["classes"][tid]) != _norm_name(rl["classes"][tid]):
+                raise HistosynthError(f"type {tid} is {syn['classes'][tid]!r} in the synthetic masks but "
+                                      f"{rl['classes'][tid]!r} in the real ones: mismatched class maps", synthetic[0])
+        extra = sorted(set(syn_types) - set(rl["classes"]))
+        if extra:
+            raise HistosynthError(f"synthetic type ids {extra} are not in the real class map {rl['classes']}",
+                                  synthetic[0])
+    classes = {**{t: f"type {t}" for t in sorted(set(syn_types) | set(real_types))}, **rl["classes"],
+               **{k: v for k, v in syn["classes"].items() if k not in rl["classes"]}}
+    # counts, rescaled when sizes differ
+    real_count = rl["count"]
+    count_note = "same patch size"
+    rescaled = False
+    if rl["size"] != syn["size"]:
+        if window and rl["window_count"].size:
+            real_count = rl["window_count"]
+            count_note = f"real {rl['size'][0]}x{rl['size'][1]} patches counted in {window}x{window} windows"
+        else:
+            ratio = (s_h * s_w) / float(rl["size"][0] * rl["size"][1])
+            real_count = rl["count"] * ratio
+            rescaled = True
+            count_note = f"real counts x {ratio:.4g} (area ratio; approximate)"
+    feats: dict[str, dict[str, Any]] = {}
+    feats["count"] = {**_ks(syn["count"], real_count), "note": count_note, "count_rescaled": rescaled}
+    for name in ("area", "eccentricity", "nn_distance"):
+        feats[name] = _ks(syn[name], rl[name])
+    for name, bar in BARS.items():
+        st = feats[name]["statistic"]
+        feats[name]["bar"] = bar
+        feats[name]["pass"] = bool(st is not None and st <= bar)
+    # type mix
+    all_types = sorted(classes)
+    type_feats: dict[str, Any] = {}
+
+    def fractions(tcs: list[dict[int, int]], t: int) -> np.ndarray:
+        return np.array([tc.get(t, 0) / sum(tc.values()) for tc in tcs if sum(tc.values()) > 0])
+
+    for t in all_types:
+        key = f"type_fraction_{_norm_name(classes[t]) or t}"
+        type_feats[key] = {**_ks(fractions(syn["type_counts"], t), fractions(rl["type_counts"], t)),
+                           "type": t, "bar": None, "pass": None}
+    pooled_s = np.array([sum(tc.get(t, 0) for tc in syn["type_counts"]) for t in all_types], float)
+    pooled_r = np.array([sum(tc.get(t, 0) for tc in rl["type_counts"]) for t in all_types], float)
+    ps_, pr_ = pooled_s / max(pooled_s.sum(), 1), pooled_r / max(pooled_r.sum(), 1)
+    keep = (pooled_s + pooled_r) > 0
+    chi = None
+    if keep.sum() >= 2:
+        c = sps.chi2_contingency(np.vstack([pooled_s[keep], pooled_r[keep]]))
+        chi = {"statistic": float(c.statistic), "pvalue": float(c.pvalue), "dof": int(c.dof)}
+    type_mix = {"types": all_types, "synthetic": ps_.round(5).tolist(), "real": pr_.round(5).tolist(),
+                "total_variation": float(0.5 * np.abs(ps_ - pr_).sum()), "chi2": chi, "bar": None}
+    result = {
+        "synthetic": syn["paths"], "real": rl["paths"],
+        "n_patches": {"synthetic": syn["n_patches"], "real": rl["n_patches"]},
+        "patch_size": {"synthetic": list(syn["size"]), "real": list(rl["size"])},
+        "mpp": {"synthetic": syn["mpp"], "real": rl["mpp"]},
+        "classes": {str(k): v for k, v in classes.items()},
+        "features": feats, "type_fractions": type_feats, "type_mix": type_mix,
+        "all_pass": all(feats[k]["pass"] for k in BARS),
+        "bars": BARS, "border_margin": int(border_margin),
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".evaluation.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out_dir / "evaluation.json")
+    if figures:
+        plot_histograms(syn, rl, real_count, result, out_dir / "histograms.png")
+        plot_montage(syn["examples"], rl["examples"], classes, out_dir / "montage.png")
+    log.info("evaluate-masks: " + ", ".join(f"{k} KS {v['statistic']:.3f}" for k, v in feats.items()
+                                            if v["statistic"] is not None) + f" → all_pass {result['all_pass']}")
+    return result
+
+
+# --------------------------------------------------------------------------- figures
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_histograms(syn: Mapping[str, Any], rl: Mapping[str, Any], real_count: np.ndarray,
+                    result: Mapping[str, Any], out: Path) -> None:
+    plt = _plt()
+    panels = [("count", syn["count"], real_count), ("area", syn["area"], rl["area"]),
+              ("eccentricity", syn["eccentricity"], rl["eccentricity"]),
+              ("nn_distance", syn["nn_distance"], rl["nn_distance"])]
+    tf = result["type_fractions"]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.3))
+    for ax, (name, a, b) in zip(axes, panels):
+        both = np.concatenate([a, b])
+        if both.size:
+            lo, hi = np.percentile(both, [0, 99.5])
+            bins = np.linspace(lo, hi if hi > lo else lo + 1, 40)
+            ax.hist(b, bins=bins, density=True, alpha=0.5, color="C0", label=f"real ({b.size})")
+            ax.hist(a, bins=bins, density=True, histtype="step", lw=1.8, color="C3", label=f"synthetic ({a.size})")
+        f = result["features"][name]
+        st = f["statistic"]
+        mark = "pass" if f["pass"] else "FAIL"
+        ax.set_title(f"{name}: KS {st:.3f} ({mark}, bar {f['bar']})" if st is not None else name, fontsize=9)
+        ax.legend(fontsize=7)
+    ax = axes[-1]
+    types = result["type_mix"]["types"]
+    x = np.arange(len(types))
+    ax.bar(x - 0.2, result["type_mix"]["real"], 0.4, color="C0", alpha=0.6, label="real")
+    ax.bar(x + 0.2, result["type_mix"]["synthetic"], 0.4, color="C3", alpha=0.8, label="synthetic")
+    ax.set_xticks(x, [result["classes"][str(t)] for t in types], fontsize=8)
+    ks = ", ".join(f"{v['statistic']:.2f}" for v in tf.values() if v["statistic"] is not None)
+    ax.set_title(f"type mix: TV {result['type_mix']['total_variation']:.3f}; per-type KS {ks}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def colour_mask(inst: np.ndarray, typ: np.ndarray) -> np.ndarray:
+    """RGB image: white background, nuclei in their type colour, instance outlines black."""
+    from skimage.segmentation import find_boundaries
+
+    rgb = np.full(inst.shape + (3,), 255, np.uint8)
+    fg = inst > 0
+    rgb[fg] = TYPE_COLORS[1 + (typ[fg].astype(np.int64) - 1) % (len(TYPE_COLORS) - 1)]
+    rgb[find_boundaries(inst, mode="inner") & fg] = 0
+    return rgb
+
+
+def plot_montage(syn_ex: list, real_ex: list, classes: Mapping[int, str], out: Path, per_row: int = 6) -> None:
+    plt = _plt()
+    k = min(per_row, max(len(syn_ex), len(real_ex)))
+    rng = np.random.default_rng(0)
+    fig, axes = plt.subplots(2, k, figsize=(2.4 * k, 5.2), squeeze=False)
+    for row, (ex, label) in enumerate(((real_ex, "real"), (syn_ex, "synthetic"))):
+        pick = rng.choice(len(ex), size=min(k, len(ex)), replace=False) if ex else []
+        for j in range(k):
+            ax = axes[row, j]
+            ax.axis("off")
+            if j < len(pick):
+                inst, typ = ex[pick[j]]
+                ax.imshow(colour_mask(inst, typ), interpolation="nearest")
+                ax.set_title(f"{label}: {int(np.count_nonzero(np.unique(inst)))} nuclei", fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=TYPE_COLORS[1 + (t - 1) % (len(TYPE_COLORS) - 1)] / 255)
+               for t in classes]
+    fig.legend(handles, [classes[t] for t in classes], loc="lower center", ncol=len(classes), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- CLI
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register ``evaluate-masks``."""
+    p = sub.add_parser("evaluate-masks", help="KS comparison of synthetic vs real masks (evaluation.json + PNGs)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="SYNTHETIC REAL OUT_DIR, or SYNTHETIC... OUT_DIR with --real REAL...")
+    p.add_argument("--real", nargs="+", help="real patch sets (then PATH is SYNTHETIC... OUT_DIR)")
+    p.add_argument("--border-margin", type=int, default=1,
+                   help="nuclei within this many px of the edge are left out of area/eccentricity (default 1)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    paths = list(args.paths)
+    if args.real:
+        if len(paths) < 2:
+            raise HistosynthError("evaluate-masks needs SYNTHETIC... OUT_DIR with --real")
+        synthetic, real, out = paths[:-1], list(args.real), paths[-1]
+    else:
+        if len(paths) != 3:
+            raise HistosynthError("evaluate-masks takes SYNTHETIC REAL OUT_DIR (or several with --real)")
+        synthetic, real, out = [paths[0]], [paths[1]], paths[2]
+    evaluate_masks(synthetic, real, out, border_margin=args.border_margin)

@@ -1,0 +1,132 @@
+"""evaluate-masks: KS per feature, the pass bar, size handling, class checks, figures and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from histosynth.errors import HistosynthError
+from histosynth.evaluate_masks import BARS, add_cli, evaluate_masks, measure
+from histosynth.io.patchset import PatchSetWriter
+from tests.test_stats import write_toy
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("eval")
+    real = write_toy(d / "real", n_patches=20, seed=1)
+    real2 = write_toy(d / "real2", n_patches=20, seed=2)
+    big = write_toy(d / "big", n_patches=20, seed=3, radius={1: (8.0, 10.0), 2: (6.0, 7.0)},
+                    counts={1: (3, 5), 2: (1, 3)})
+    return d, real, real2, big
+
+
+def test_identical_inputs_give_ks_zero_and_pass(sets, tmp_path):
+    _, real, _, _ = sets
+    ev = evaluate_masks([real], [real], tmp_path)
+    for name in BARS:
+        f = ev["features"][name]
+        assert f["statistic"] == 0.0 and f["pass"] is True and f["n_synthetic"] == f["n_real"] > 0
+        assert f["pvalue"] == pytest.approx(1.0)
+    assert ev["all_pass"] is True
+    assert ev["type_mix"]["total_variation"] == 0.0
+    assert all(v["statistic"] == 0.0 for v in ev["type_fractions"].values())
+    data = json.loads((tmp_path / "evaluation.json").read_text())
+    assert data["features"]["count"]["bar"] == 0.1 and data["features"]["eccentricity"]["bar"] == 0.15
+    for png in ("histograms.png", "montage.png"):
+        assert (tmp_path / png).stat().st_size > 5000
+
+
+def test_same_process_passes_different_fails(sets, tmp_path):
+    _, real, real2, big = sets
+    same = evaluate_masks([real2], [real], tmp_path / "same", figures=False)
+    assert same["features"]["area"]["statistic"] < 0.1
+    diff = evaluate_masks([big], [real], tmp_path / "diff", figures=False)
+    assert not diff["all_pass"]
+    for name in ("count", "area", "nn_distance"):
+        assert diff["features"][name]["statistic"] > 0.5 and diff["features"][name]["pass"] is False
+
+
+def test_several_patch_sets_per_side(sets, tmp_path):
+    _, real, real2, _ = sets
+    ev = evaluate_masks([real, real2], [real2, real], tmp_path, figures=False)
+    assert ev["n_patches"] == {"synthetic": 40, "real": 40} and ev["all_pass"]
+
+
+def test_real_patches_larger_are_counted_in_windows(sets, tmp_path):
+    _, real, _, _ = sets
+    small = write_toy(tmp_path / "small", n_patches=10, size=64, seed=4)
+    ev = evaluate_masks([small], [real], tmp_path / "o", figures=False)
+    assert ev["features"]["count"]["n_real"] == 20 * 4  # each 128 px patch gives four 64 px windows
+    assert "windows" in ev["features"]["count"]["note"] and not ev["features"]["count"]["count_rescaled"]
+    m = measure([real], count_window=64)
+    # a quarter of the nuclei per window, plus those cut by the window edges (counted in both windows)
+    quarter = np.mean(m["count"]) / 4
+    assert quarter <= np.mean(m["window_count"]) <= 1.4 * quarter
+
+
+def test_real_patches_smaller_are_rescaled_by_area(sets, tmp_path):
+    _, real, _, _ = sets
+    small = write_toy(tmp_path / "small", n_patches=10, size=64, seed=4)
+    ev = evaluate_masks([real], [small], tmp_path / "o", figures=False)
+    f = ev["features"]["count"]
+    assert f["count_rescaled"] is True and "x 4" in f["note"]  # (128/64)^2, not 2
+
+
+def _no_masks(path):
+    with PatchSetWriter(path, ("images",), (32, 32)) as w:
+        w.add({"slide": "s", "x": 0, "y": 0, "level": 0, "downsample": 1, "mpp": 0.5, "width": 32, "height": 32,
+               "tissue_fraction": 1, "n_nuclei": 0, "source": "t"}, images=np.zeros((32, 32, 3), np.uint8))
+    return path
+
+
+def _no_nuclei(path):
+    with PatchSetWriter(path, ("inst", "types"), (32, 32)) as w:
+        w.add({"slide": "s", "x": 0, "y": 0, "level": 0, "downsample": 1, "mpp": 0.5, "width": 32, "height": 32,
+               "tissue_fraction": 1, "n_nuclei": 0, "source": "t"}, inst=np.zeros((32, 32), np.int32),
+              types=np.zeros((32, 32), np.uint8))
+    return path
+
+
+def _empty(path):
+    with PatchSetWriter(path, ("inst", "types"), (32, 32)):
+        pass
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (_no_masks, "inst.npy"),
+    (_no_nuclei, "no nuclei"),
+    (_empty, "empty"),
+    (lambda p: write_toy(p, n_patches=2, classes={1: "Tumour", 2: "Lymphocyte"}), "mismatched class"),
+    (lambda p: write_toy(p, n_patches=2, counts={1: (2, 3), 3: (1, 2)},
+                         classes={1: "Epithelial", 3: "Spindle"}), "not in the real class map"),
+    (lambda p: write_toy(p, n_patches=2, mpp=0.25), "um/px"),
+], ids=["no-masks", "no-nuclei", "empty", "renamed-class", "extra-class", "mpp"])
+def test_bad_inputs(sets, tmp_path, make, message):
+    _, real, _, _ = sets
+    bad = make(tmp_path / "bad")
+    with pytest.raises(HistosynthError, match=message):
+        evaluate_masks([bad], [real], tmp_path / "out")
+    assert not (tmp_path / "out" / "evaluation.json").exists()
+    with pytest.raises(HistosynthError, match="no real"):
+        evaluate_masks([real], [], tmp_path / "out")
+
+
+def test_cli(sets, tmp_path):
+    _, real, real2, _ = sets
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["evaluate-masks", str(real2), str(real), str(tmp_path / "a")])
+    args.func(args)
+    assert json.loads((tmp_path / "a" / "evaluation.json").read_text())["real"] == [str(real)]
+    args = parser.parse_args(["evaluate-masks", str(real2), str(tmp_path / "b"), "--real", str(real), str(real2)])
+    args.func(args)
+    ev = json.loads((tmp_path / "b" / "evaluation.json").read_text())
+    assert ev["real"] == [str(real), str(real2)] and ev["synthetic"] == [str(real2)]
+    args = parser.parse_args(["evaluate-masks", str(real2), str(tmp_path / "c")])
+    with pytest.raises(HistosynthError, match="SYNTHETIC REAL OUT_DIR"):
+        args.func(args)

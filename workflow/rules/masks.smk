@@ -1,0 +1,173 @@
+# Synthetic nuclei masks: statistics and shapes fitted on the TRAIN slides, sampled in shards.
+STATS = config["stats"]
+LIBRARY = config["library"]
+DVAE = config["dvae"]
+SAMPLE = config["sample_masks"]
+SHARDS = list(range(SAMPLE["shards"]))
+GPU = 0 if config["device"] == "cpu" else 1
+
+
+def train_patches(wildcards=None):
+    return expand(f"{RESULTS}/patches/{{slide}}", slide=TRAIN_SLIDES)
+
+
+def test_patches(wildcards=None):
+    return expand(f"{RESULTS}/patches/{{slide}}", slide=TEST_SLIDES)
+
+
+def dvae_flags(epochs):
+    flags = (
+        f"--beta {DVAE['beta']} --epochs {epochs} --batch-size {DVAE['batch_size']}"
+        f" --lr {DVAE['lr']} --seed {config['seed']} --device {config['device']}"
+    )
+    return flags + (" --conditional" if DVAE["conditional"] else "")
+
+
+rule fit_stats:
+    input:
+        train_patches,
+    output:
+        stats=f"{RESULTS}/stats/stats.json",
+        counts=f"{RESULTS}/stats/counts.png",
+        morphology=f"{RESULTS}/stats/morphology.png",
+        spatial=f"{RESULTS}/stats/spatial.png",
+    log:
+        f"{RESULTS}/logs/fit_stats.log",
+    threads: STATS["threads"]
+    resources:
+        mem_mb=STATS["mem_mb"],
+        runtime=STATS["runtime"],
+    params:
+        out=f"{RESULTS}/stats",
+        classes=class_flags(),
+        margin=STATS["border_margin"],
+        calibrate=STATS["calibrate"],
+        calibrate_masks=STATS["calibrate_masks"],
+        seed=config["seed"],
+    shell:
+        "histosynth fit-stats {input:q} {params.out:q} {params.classes}"
+        " --border-margin {params.margin} --calibrate {params.calibrate}"
+        " --calibrate-masks {params.calibrate_masks} --seed {params.seed} > {log:q} 2>&1"
+
+
+rule nuclei_library:
+    input:
+        train_patches,
+    output:
+        npz=f"{RESULTS}/library/nuclei.npz",
+        montage=f"{RESULTS}/library/montage.png",
+    log:
+        f"{RESULTS}/logs/nuclei_library.log",
+    threads: 1
+    resources:
+        mem_mb=LIBRARY["mem_mb"],
+        runtime=LIBRARY["runtime"],
+    params:
+        classes=class_flags(),
+        min_bbox_area=LIBRARY["min_bbox_area"],
+        frame=LIBRARY["frame"],
+    shell:
+        "histosynth nuclei-library {input:q} {output.npz:q} --montage {output.montage:q}"
+        " --min-bbox-area {params.min_bbox_area} --frame {params.frame} {params.classes}"
+        " > {log:q} 2>&1"
+
+
+rule train_dvae:
+    input:
+        f"{RESULTS}/library/nuclei.npz",
+    output:
+        model=f"{RESULTS}/models/dvae/dvae.pt",
+        log_csv=f"{RESULTS}/models/dvae/log.csv",
+        traversal=f"{RESULTS}/models/dvae/traversal.png",
+        samples=f"{RESULTS}/models/dvae/samples.png",
+    log:
+        f"{RESULTS}/logs/train_dvae.log",
+    threads: DVAE["threads"]
+    resources:
+        gpu=GPU,
+        mem_mb=DVAE["mem_mb"],
+        runtime=DVAE["runtime"],
+    params:
+        out=f"{RESULTS}/models/dvae",
+        latent_dim=DVAE["latent_dim"],
+        flags=dvae_flags(DVAE["epochs"]),
+    shell:
+        "histosynth train-dvae {input:q} {params.out:q} --latent-dim {params.latent_dim}"
+        " {params.flags} --threads {threads} > {log:q} 2>&1"
+
+
+rule dvae_sweep:
+    input:
+        f"{RESULTS}/library/nuclei.npz",
+    output:
+        table=f"{RESULTS}/models/dvae-sweep/sweep.csv",
+        plot=f"{RESULTS}/models/dvae-sweep/sweep.png",
+    log:
+        f"{RESULTS}/logs/dvae_sweep.log",
+    threads: DVAE["threads"]
+    resources:
+        gpu=GPU,
+        mem_mb=DVAE["mem_mb"],
+        runtime=DVAE["runtime"] * len(DVAE["sweep_latent_dims"]),
+    params:
+        out=f"{RESULTS}/models/dvae-sweep",
+        dims=" ".join(map(str, DVAE["sweep_latent_dims"])),
+        flags=dvae_flags(DVAE["sweep_epochs"]),
+    shell:
+        "histosynth dvae-sweep {input:q} {params.out:q} --latent-dims {params.dims}"
+        " {params.flags} --threads {threads} > {log:q} 2>&1"
+
+
+rule sample_masks:
+    input:
+        stats=f"{RESULTS}/stats/stats.json",
+        dvae=f"{RESULTS}/models/dvae/dvae.pt",
+    output:
+        directory(f"{RESULTS}/synthetic/masks/shard-{{shard}}"),
+    log:
+        f"{RESULTS}/logs/sample_masks/shard-{{shard}}.log",
+    threads: SAMPLE["threads"]
+    resources:
+        mem_mb=SAMPLE["mem_mb"],
+        runtime=SAMPLE["runtime"],
+    params:
+        n=SAMPLE["n"],
+        size=SAMPLE["size"],
+        sigma=SAMPLE["sigma"],
+        shards=SAMPLE["shards"],
+        seed=config["seed"],
+    shell:
+        "histosynth sample-masks {input.stats:q} {input.dvae:q} {output:q}"
+        " --n {params.n} --size {params.size} --sigma {params.sigma} --seed {params.seed}"
+        " --shard {wildcards.shard} --n-shards {params.shards} --threads {threads} > {log:q} 2>&1"
+
+
+rule evaluate_masks:
+    input:
+        synthetic=expand(f"{RESULTS}/synthetic/masks/shard-{{shard}}", shard=SHARDS),
+        real=test_patches,
+    output:
+        evaluation=f"{RESULTS}/synthetic/masks-evaluation/evaluation.json",
+        histograms=f"{RESULTS}/synthetic/masks-evaluation/histograms.png",
+        montage=f"{RESULTS}/synthetic/masks-evaluation/montage.png",
+    log:
+        f"{RESULTS}/logs/evaluate_masks.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        out=f"{RESULTS}/synthetic/masks-evaluation",
+        margin=STATS["border_margin"],
+    shell:
+        "histosynth evaluate-masks {input.synthetic:q} {params.out:q} --real {input.real:q}"
+        " --border-margin {params.margin} > {log:q} 2>&1"
+
+
+rule masks:
+    input:
+        expand(f"{RESULTS}/synthetic/masks/shard-{{shard}}", shard=SHARDS),
+        rules.evaluate_masks.output,
+        rules.train_dvae.output,
+        rules.fit_stats.output,
+        rules.nuclei_library.output,
