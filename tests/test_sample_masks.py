@@ -333,3 +333,15 @@ def test_degenerate_stats_and_empty_masks(tmp_path):
     rep = sample_masks(empty, ellipse_source(empty), 2, 64, seed=0, out_dir=tmp_path / "empty")
     ps = read_patchset(tmp_path / "empty", require=("inst", "types"))
     assert ps.inst.shape == (2, 64, 64) and ps.inst.max() == 0 and list(ps.index["n_nuclei"]) == [0, 0]
+
+
+def test_gauss_field_matches_the_grid_for_narrow_kernels():
+    """Regression: a field whose kernel is under 3 grid cells (small patches, MoNuSeg at 128 px) has the grid's shape."""
+    from histosynth.sample_masks import MaskSampler
+
+    sampler = MaskSampler.__new__(MaskSampler)
+    sampler.grid = 36
+    sampler._smooth = lambda x, sd: x
+    rng = np.random.default_rng(0)
+    for sd in (0.5, 1.0, 2.9, 3.0, 7.5):
+        assert sampler._gauss_field(rng, np.ones((1, 1)), sd).shape == (1, 36, 36)

@@ -577,6 +577,8 @@ class MaskSampler:
             span = g / step  # the g fine cells cover this many coarse cells
             sm = np.stack([cv2.resize(x[:int(math.ceil(span)) + 1, :int(math.ceil(span)) + 1], (g, g),
                                       interpolation=cv2.INTER_LINEAR) for x in sm])
+        else:  # narrow kernel (small nuclei or patches): smoothed on the grid itself
+            sm = sm[:, :g, :g]
         return np.tensordot(root.astype(np.float32), sm, axes=(1, 0))
 
     def draw_field(self, rng: np.random.Generator, counts: Mapping[int, int]) -> dict[int, np.ndarray]:
