@@ -396,39 +396,6 @@ def warp_shapes(shapes: np.ndarray, areas: np.ndarray, orientations: np.ndarray,
             crop[side // 2, side // 2] = True
         out.append(crop)
     return out
-    # radius bound from the bounding box: the farthest box corner from the centroid
-    rows, cols = shapes.any(axis=2), shapes.any(axis=1)
-    big = np.int64(1 << 30)
-    r0 = np.where(rows, np.arange(h), big).min(axis=1)
-    r1 = np.where(rows, np.arange(h), -1).max(axis=1)
-    c0 = np.where(cols, np.arange(w), big).min(axis=1)
-    c1 = np.where(cols, np.arange(w), -1).max(axis=1)
-    dy = np.maximum(np.abs(r0 - mom["cy"]), np.abs(r1 - mom["cy"])) + 0.5
-    dx = np.maximum(np.abs(c0 - mom["cx"]), np.abs(c1 - mom["cx"])) + 0.5
-    rad = np.sqrt(dy * dy + dx * dx)
-    src = shapes.astype(np.uint8) * 255
-    for i in range(n):
-        a_src = mom["area"][i]
-        target = max(float(areas[i]), 1.0)
-        if a_src < 1:
-            rd = math.sqrt(target / math.pi)
-            side = 2 * int(math.ceil(rd)) + 3
-            cc = (side - 1) / 2
-            yy, xx = np.ogrid[0:side, 0:side]
-            out.append((yy - cc) ** 2 + (xx - cc) ** 2 <= rd * rd)
-            continue
-        cy, cx = float(mom["cy"][i]), float(mom["cx"][i])
-        f = math.sqrt(target / a_src)
-        delta = float(orientations[i] - mom["orientation"][i])
-        side = 2 * int(math.ceil(rad[i] * f)) + 3
-        m = cv2.getRotationMatrix2D((cx, cy), math.degrees(delta), f)
-        m[0, 2] += (side - 1) / 2 - cx
-        m[1, 2] += (side - 1) / 2 - cy
-        crop = cv2.warpAffine(src[i], m, (side, side), flags=cv2.INTER_LINEAR) >= 128
-        if not crop.any():  # a sliver scaled below a pixel: keep one pixel
-            crop[side // 2, side // 2] = True
-        out.append(crop)
-    return out
 
 
 # --------------------------------------------------------------------------- the sampler
