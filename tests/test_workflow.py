@@ -95,6 +95,16 @@ def test_dag_produces_synthetic_masks(run):
     assert set(evaluation["real"]) == test
 
 
+def test_dvae_sweep_target(run):
+    sweep = {**TINY, "dvae": {**TINY["dvae"], "sweep_latent_dims": [2, 4], "sweep_epochs": 1}}
+    (run / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    res = snakemake(run, "dvae_sweep", configfile="sweep.yaml")
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = pd.read_csv(run / "results" / "models" / "dvae-sweep" / "sweep.csv")
+    assert sorted(table.iloc[:, 0]) == [2, 4]
+    assert (run / "results" / "models" / "dvae-sweep" / "sweep.png").stat().st_size > 1000
+
+
 def test_nothing_to_do_on_rerun(run):
     res = snakemake(run, "-n")
     assert res.returncode == 0
