@@ -51,6 +51,7 @@ import numpy as np
 from scipy import stats as sps
 
 from histosynth.errors import HistosynthError
+from histosynth.figures import save_figure
 from histosynth.io.patchset import read_patchset
 from histosynth.stats import _parse_classes, nn_distances, nucleus_features
 
@@ -277,8 +278,7 @@ def plot_histograms(syn: Mapping[str, Any], rl: Mapping[str, Any], real_count: n
     ax.set_title(f"type mix: TV {result['type_mix']['total_variation']:.3f}; per-type KS {ks}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, dpi=90)
 
 
 def colour_mask(inst: np.ndarray, typ: np.ndarray) -> np.ndarray:
@@ -310,8 +310,7 @@ def plot_montage(syn_ex: list, real_ex: list, classes: Mapping[int, str], out: P
                for t in classes]
     fig.legend(handles, [classes[t] for t in classes], loc="lower center", ncol=len(classes), fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, dpi=90)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -59,6 +59,7 @@ from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
 from histosynth.errors import HistosynthError
+from histosynth.figures import save_figure
 from histosynth.io.patchset import read_patchset
 
 log = logging.getLogger(__name__)
@@ -485,15 +486,7 @@ def write_montage(
               loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(tids)), frameon=False)
     ax.set_title(title or f"{n} nuclei", fontsize=10)
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.parent / f".{out_png.name}.tmp-{os.getpid()}"
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out_png)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 # -- CLI -------------------------------------------------------------------------------------------

@@ -158,6 +158,7 @@ from scipy import optimize, stats as sps
 from scipy.spatial import cKDTree
 
 from histosynth.errors import HistosynthError
+from histosynth.figures import save_figure
 from histosynth.io.patchset import read_patchset
 
 log = logging.getLogger(__name__)
@@ -1125,8 +1126,7 @@ def plot_counts(stats: Mapping[str, Any], data: Mapping[str, Any], type_ids: Seq
         ax.set_xlabel("count")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, dpi=90)
 
 
 def plot_morphology(stats: Mapping[str, Any], data: Mapping[str, Any], type_ids: Sequence[int], out: Path) -> None:
@@ -1145,8 +1145,7 @@ def plot_morphology(stats: Mapping[str, Any], data: Mapping[str, Any], type_ids:
         ax.legend(fontsize=7)
     fig.suptitle(f"nuclei not touching the patch edge, {stats['mpp']:.3g} um/px")
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, dpi=90)
 
 
 def plot_spatial(stats: Mapping[str, Any], data: Mapping[str, Any], type_ids: Sequence[int], out: Path) -> None:
@@ -1189,8 +1188,7 @@ def plot_spatial(stats: Mapping[str, Any], data: Mapping[str, Any], type_ids: Se
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, dpi=90)
 
 
 def _same(key: str) -> bool:

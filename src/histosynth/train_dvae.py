@@ -65,6 +65,7 @@ import pandas as pd
 import torch
 
 from histosynth.errors import HistosynthError
+from histosynth.figures import save_figure
 from histosynth.library import load_library
 from histosynth.models import dvae as dvae_mod
 from histosynth.models.dvae import DVAE, DVAEConfig, checkpoint_dict, encode, init_output_bias, kl_divergence
@@ -189,18 +190,6 @@ def _grid(images: np.ndarray, cols: int, pad: int = 1, fill: float = 0.35) -> np
     return out
 
 
-def _save_figure(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-
-
 def plot_traversal(model: DVAE, out_png: str | os.PathLike, *, steps: int = 9, limit: float = 3.0,
                    kl_per_dim: Sequence[float] | None = None) -> Path:
     """Each latent dimension a row swept from −limit to limit (others 0); one block per type."""
@@ -229,7 +218,7 @@ def plot_traversal(model: DVAE, out_png: str | os.PathLike, *, steps: int = 9, l
         ax.set_title("all types" if t is None else model.classes.get(t, f"type {t}"), fontsize=9)
     fig.suptitle("latent traversal (row: dimension, mean KL in brackets; column: value)", fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, out_png)
+    save_figure(fig, out_png)
     return out_png
 
 
@@ -261,7 +250,7 @@ def plot_samples(model: DVAE, shapes: np.ndarray, types: np.ndarray, out_png: st
         ax.set_title(title, fontsize=10)
         ax.set_axis_off()
     fig.tight_layout()
-    _save_figure(fig, out_png)
+    save_figure(fig, out_png)
     return out_png
 
 
@@ -537,7 +526,7 @@ def dvae_sweep(
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_figure(fig, out_dir / "sweep.png")
+    save_figure(fig, out_dir / "sweep.png")
     log.info("latent-size sweep written to %s:\n%s", out_dir / "sweep.csv", table.to_string(index=False))
     return {"rows": rows, "csv": str(out_dir / "sweep.csv"), "png": str(out_dir / "sweep.png")}
 
