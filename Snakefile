@@ -10,6 +10,7 @@ include: "workflow/rules/demo.smk"
 include: "workflow/rules/tile.smk"
 include: "workflow/rules/patches.smk"
 include: "workflow/rules/masks.smk"
+include: "workflow/rules/gan.smk"
 
 
 rule all:
@@ -17,3 +18,4 @@ rule all:
     input:
         rules.patches.input,
         rules.masks.input,
+        rules.synthetic.input,

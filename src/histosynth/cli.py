@@ -243,6 +243,9 @@ STAGE_MODULES: dict[str, str] = {
     "dvae-sweep": "histosynth.train_dvae",
     "sample-masks": "histosynth.sample_masks",
     "evaluate-masks": "histosynth.evaluate_masks",
+    "train-gan": "histosynth.train_gan",
+    "translate": "histosynth.translate",
+    "evaluate-images": "histosynth.evaluate_images",
 }
 #: subcommands each module's add_cli registers
 _MODULE_COMMANDS: dict[str, set[str]] = {}

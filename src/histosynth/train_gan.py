@@ -1,0 +1,669 @@
+"""Train Optional pix2pix: masks (+ option layer) → H&E patches.
+
+:func:`train_gan` reads the real (image, inst, types) patches of the given
+patch sets, conditions the U-Net generator on
+:func:`histosynth.conditioning.build_conditioning` of the masks with the
+option of each patch's slide (``options``: slide → option name, e.g. the
+stain style; slides without an entry get ``"default"``), and trains it
+against a PatchGAN (default), a global or a multi-scale discriminator with
+λ·L1 (+ feature matching for the multi-scale one). It writes into ``out_dir``:
+
+- ``gan.pt`` — generator state, ``config`` (generator architecture and the
+  training settings), ``options`` (sorted option names; index = option
+  layer value), ``classes``, ``n_types``, ``noise``, ``step``; readable with
+  ``torch.load(weights_only=True)`` and :func:`histosynth.models.pix2pix.load_gan`;
+- ``log.csv`` — every ``log_every`` steps the mean of each loss over those
+  steps: step, G_gan, G_l1, G_fm, D_real, D_fake, lr, seconds;
+- ``samples.png`` — conditioning | generated | real for a fixed batch, every
+  ``sample_every`` steps and at the end;
+- ``checkpoint.pt`` — atomically every ``checkpoint_every`` steps: G, D,
+  both optimizers, the AMP scaler, the step, the log so far, the RNG states.
+
+**Data.** Each step draws ``batch_size`` patches uniformly over all patches,
+a random ``crop``, a random flip / 90° rotation — a pure function of
+(seed, step), read straight from the memory-mapped arrays (no workers).
+
+**Schedule.** Adam (β 0.5, 0.999); lr constant for ``steps``, then linear
+decay to 0 over ``decay_steps``.
+
+**Resume.** Rerunning with the same data and settings continues from
+``checkpoint.pt`` (``steps`` / ``decay_steps`` may change). The batches
+depend only on (seed, step); dropout and the noise channel draw from the
+checkpointed torch RNG states, so on the CPU a killed-and-resumed run ends with
+weights equal (``torch.equal``) to an uninterrupted one. A checkpoint written
+with other settings is set aside with a warning.
+
+**Precision.** ``"auto"``: on CUDA bf16 autocast where supported, else fp16
+with a GradScaler; on the CPU bf16 autocast only if a timing of a few steps at
+start-up says it is faster (the decision is logged). ``"float32"`` / ``"bf16"``
+force it.
+
+A non-finite loss stops training with a :class:`HistosynthError` naming the
+step; the last good ``checkpoint.pt`` is left as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from histosynth.conditioning import build_conditioning, conditioning_channels, render_conditioning
+from histosynth.errors import HistosynthError
+from histosynth.io.patchset import read_patchset
+from histosynth.models import pix2pix as p2p
+
+log = logging.getLogger(__name__)
+
+LOG_COLUMNS = ["step", "G_gan", "G_l1", "G_fm", "D_real", "D_fake", "lr", "seconds"]
+DEFAULT_STEPS = 2000
+DEFAULT_DECAY_STEPS = 2000
+PRECISIONS = ("auto", "float32", "bf16")
+#: training settings that must match for a checkpoint to be resumed
+_RESUME_KEYS = ("generator", "disc", "num_d", "ndf", "gan_mode", "lambda_l1", "lambda_fm", "noise", "batch_size",
+                "lr", "seed", "crop", "options", "n_types", "data")
+_l1 = p2p.l1_loss  # module-level so a test can make it fail
+
+
+# -- files ------------------------------------------------------------------------------------------
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
+    _atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
+class _Deterministic:
+    """Turn torch's deterministic algorithms on (CPU only) and restore the previous setting."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.previous = torch.are_deterministic_algorithms_enabled()
+
+    def __enter__(self) -> None:
+        if self.enabled:
+            torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled:
+            torch.use_deterministic_algorithms(self.previous)
+
+
+# -- data -----------------------------------------------------------------------------------------
+@dataclass
+class GanData:
+    """The training patches of several patch sets (memory-mapped) and each patch's option index."""
+
+    images: list[np.ndarray]
+    inst: list[np.ndarray]
+    types: list[np.ndarray]
+    option: list[np.ndarray]  # per set, per patch
+    offsets: np.ndarray  # cumulative patch counts, len = sets + 1
+    options: list[str]
+    size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s = np.searchsorted(self.offsets, k, side="right") - 1
+        return s, k - self.offsets[s]
+
+
+def load_gan_data(patch_sets: Sequence[str | os.PathLike], options: dict[str, str] | None) -> GanData:
+    """Open the patch sets (images, inst and types required, all of one patch size)."""
+    if not patch_sets:
+        raise HistosynthError("train-gan needs at least one patch set")
+    sets = [read_patchset(p, require=("images", "inst", "types")) for p in patch_sets]
+    sizes = {ps.images.shape[1:3] for ps in sets}
+    if len(sizes) > 1:
+        raise HistosynthError(f"patch sets of different patch sizes {sorted(sizes)}: "
+                              + ", ".join(f"{ps.path} {ps.images.shape[1:3]}" for ps in sets))
+    for ps in sets:
+        if ps.images.shape[:3] != ps.inst.shape or ps.inst.shape != ps.types.shape:
+            raise HistosynthError(f"images {ps.images.shape}, inst {ps.inst.shape} and types {ps.types.shape} "
+                                  "do not match", ps.path)
+    if sum(len(ps) for ps in sets) == 0:
+        raise HistosynthError("the patch sets hold no patches: " + ", ".join(str(ps.path) for ps in sets))
+    options = dict(options or {})
+    slide_names = [ps.index["slide"].astype(str).to_numpy() for ps in sets]
+    all_slides = set(np.concatenate(slide_names).tolist())
+    unused = sorted(set(options) - all_slides)
+    if unused:
+        log.warning("options for slides not in the training data (ignored): %s", ", ".join(unused))
+    per_patch = [np.array([options.get(s, "default") for s in names], dtype=object) for names in slide_names]
+    names = sorted(set(np.concatenate(per_patch).tolist()))
+    lookup = {n: i for i, n in enumerate(names)}
+    return GanData(
+        images=[ps.images for ps in sets], inst=[ps.inst for ps in sets], types=[ps.types for ps in sets],
+        option=[np.array([lookup[o] for o in opts], dtype=np.int64) for opts in per_patch],
+        offsets=np.concatenate([[0], np.cumsum([len(ps) for ps in sets])]).astype(np.int64),
+        options=names, size=tuple(int(v) for v in next(iter(sizes))),
+    )
+
+
+def sample_batch(data: GanData, batch_size: int, crop: int, seed: int, step: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(images (B, crop, crop, 3) uint8, inst, types, option (B,)) for ``step``: a pure function of (seed, step)."""
+    # step -1 is the fixed batch of samples.png
+    rng = np.random.default_rng([int(seed), 0x9A2 if step >= 0 else 0x5A3, abs(int(step))])
+    k = rng.integers(0, len(data), size=batch_size)
+    h, w = data.size
+    ys = rng.integers(0, h - crop + 1, size=batch_size)
+    xs = rng.integers(0, w - crop + 1, size=batch_size)
+    dihedral = rng.integers(0, 8, size=batch_size)
+    s_idx, p_idx = data.locate(k)
+    imgs = np.empty((batch_size, crop, crop, 3), np.uint8)
+    inst = np.empty((batch_size, crop, crop), np.int32)
+    types = np.empty((batch_size, crop, crop), np.uint8)
+    opts = np.empty(batch_size, np.int64)
+    for b in range(batch_size):
+        s, p, y, x, d = int(s_idx[b]), int(p_idx[b]), int(ys[b]), int(xs[b]), int(dihedral[b])
+        for out, arr in ((imgs, data.images), (inst, data.inst), (types, data.types)):
+            a = np.rot90(arr[s][p, y : y + crop, x : x + crop], d % 4)
+            out[b] = a[:, ::-1] if d >= 4 else a
+        opts[b] = data.option[s][p]
+    return imgs, inst, types, opts
+
+
+def _data_fingerprint(patch_sets: Sequence[str | os.PathLike], data: GanData) -> str:
+    h = hashlib.sha1()
+    for p, img in zip(patch_sets, data.images):
+        h.update(os.path.abspath(p).encode())
+        h.update(str(img.shape).encode())
+        if len(img):  # first and last patch: cheap, catches a re-tiled set
+            h.update(np.ascontiguousarray(img[0]).tobytes())
+            h.update(np.ascontiguousarray(img[-1]).tobytes())
+    return h.hexdigest()
+
+
+def _read_classes(patch_sets: Sequence[str | os.PathLike]) -> dict[int, str]:
+    for p in patch_sets:
+        classes = read_patchset(p).report.get("classes")
+        if isinstance(classes, dict) and classes:
+            try:
+                return {int(k): str(v) for k, v in classes.items()}
+            except (TypeError, ValueError):
+                continue
+    return {}
+
+
+def _max_type(data: GanData) -> int:
+    top = 0
+    for t in data.types:
+        for start in range(0, len(t), 256):
+            top = max(top, int(t[start : start + 256].max()))
+    return top
+
+
+# -- schedule and precision -------------------------------------------------------------------------
+def learning_rate(step: int, lr: float, steps: int, decay_steps: int) -> float:
+    """lr for 0-based ``step``: constant for ``steps``, then linear to 0 over ``decay_steps``."""
+    if step < steps or decay_steps <= 0:
+        return lr
+    return lr * max(0.0, 1.0 - (step - steps) / decay_steps)
+
+
+def _to_tensor_images(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
+    x = torch.from_numpy(imgs).to(device).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _choose_precision(precision: str, device: torch.device, G: torch.nn.Module, D: torch.nn.Module,
+                      in_ch: int, d_in: int, crop: int, batch_size: int) -> torch.dtype | None:
+    """The autocast dtype (None = float32); 'auto' on the CPU times fp32 vs bf16 on copies of the nets."""
+    if precision not in PRECISIONS:
+        raise HistosynthError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "float32":
+        return None
+    if device.type == "cuda":
+        if precision == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    g, d = copy.deepcopy(G), copy.deepcopy(D)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cond = torch.randn(min(batch_size, 2), in_ch, crop, crop)
+        times = {}
+        for name, dtype in (("float32", None), ("bf16", torch.bfloat16)):
+            best = math.inf
+            for rep in range(3):
+                t0 = time.perf_counter()
+                with _autocast(device, dtype):
+                    fake = g(cond)
+                    feats = d.features(torch.cat([cond[:, : d_in - 3], fake], 1))
+                    loss = sum(scale[-1].float().mean() for scale in feats)
+                loss.backward()
+                if rep:  # the first is a warm-up
+                    best = min(best, time.perf_counter() - t0)
+            times[name] = best
+    use = times["bf16"] < 0.9 * times["float32"]
+    log.info("precision auto on the CPU: float32 %.3f s, bf16 %.3f s per probe step -> %s",
+             times["float32"], times["bf16"], "bf16" if use else "float32")
+    return torch.bfloat16 if use else None
+
+
+# -- figures ---------------------------------------------------------------------------------------
+def plot_samples(G: p2p.UnetGenerator, data: GanData, out_png: Path, *, n_types: int, noise: bool, crop: int,
+                 seed: int, n: int = 4, title: str = "") -> Path:
+    """Rows of conditioning | generated | real for a fixed batch (a pure function of seed); RNG untouched."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    device = next(G.parameters()).device
+    imgs, inst, types, opts = sample_batch(data, n, crop, seed, -1)
+    modes = [(m, m.training) for m in G.modules()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        cond = build_conditioning(inst, types, n_types, opts, len(data.options), noise=noise, generator=gen)
+        G.set_inference_mode()
+        fake = G(cond.to(device)).float().clamp(-1, 1).cpu()
+    for m, mode in modes:
+        m.training = mode
+    fake_rgb = ((fake.permute(0, 2, 3, 1).numpy() + 1) / 2).clip(0, 1)
+    cond_rgb = render_conditioning(cond, n_types)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n + 0.4), squeeze=False)
+    for i in range(n):
+        for j, (img, name) in enumerate(((cond_rgb[i], "conditioning"), (fake_rgb[i], "generated"),
+                                         (imgs[i], "real"))):
+            ax = axes[i, j]
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+        axes[i, 0].set_ylabel(data.options[int(opts[i])], fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, out_png)
+    return out_png
+
+
+# -- training ------------------------------------------------------------------------------------------
+def _load_resume(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        ckpt = p2p.read_gan_checkpoint(path)
+    except HistosynthError as err:
+        log.warning("ignoring unreadable checkpoint (training starts afresh): %s", err)
+        return None
+    old = ckpt.get("train") or {}
+    differ = [k for k in _RESUME_KEYS if old.get(k) != settings.get(k)]
+    if differ or "optimizer_G" not in ckpt:
+        log.warning("%s was written with other settings (%s); training starts afresh", path,
+                    ", ".join(differ) or "no optimizer state")
+        return None
+    return ckpt
+
+
+def _check_finite(losses: dict[str, torch.Tensor], step: int, last_good: str | None,
+                  out_dir: Path) -> dict[str, float]:
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise HistosynthError(
+            f"training stopped: non-finite loss ({', '.join(f'{k}={values[k]}' for k in bad)}) at step {step + 1} "
+            f"(try a lower --lr or --precision float32); last good checkpoint: {last_good or 'none written yet'}",
+            out_dir)
+    return values
+
+
+def train_gan(
+    patch_sets: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    options: dict[str, str] | None = None,
+    crop: int = 128,
+    depth: int = 7,
+    width: int = 32,
+    max_width: int = 512,
+    norm: str = "batch",
+    disc: str = "patch",
+    num_d: int = 2,
+    ndf: int | None = None,
+    gan_mode: str = "lsgan",
+    lambda_l1: float = 100.0,
+    lambda_fm: float = 10.0,
+    noise: bool = False,
+    dropout_at_inference: bool = True,
+    steps: int = DEFAULT_STEPS,
+    decay_steps: int = DEFAULT_DECAY_STEPS,
+    batch_size: int = 4,
+    lr: float = 2e-4,
+    seed: int = 0,
+    device: str = "auto",
+    threads: int | None = 1,
+    sample_every: int = 500,
+    checkpoint_every: int = 500,
+    log_every: int = 10,
+    precision: str = "auto",
+    classes: dict[str, int] | dict[int, str] | None = None,
+    resume: bool = True,
+    progress: bool | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train Optional pix2pix on ``patch_sets`` into ``out_dir`` (see the module docstring); returns a report.
+
+    ``ndf`` (discriminator width) defaults to ``width`` (pix2pix: ngf = ndf = 64). ``classes`` is
+    NAME→ID (as on the CLI) or ID→NAME; by default it is read from the
+    patch sets' report.json. ``callback`` (a test hook) is called after every
+    step (and its checkpoint) with ``{"step", "G_l1", ...}``; an exception it
+    raises ends training there, as a kill would.
+    """
+    from tqdm import tqdm
+
+    from histosynth.device import select_device
+
+    for name, value, low in (("crop", crop, 1), ("depth", depth, 2), ("width", width, 1), ("steps", steps, 0),
+                             ("decay_steps", decay_steps, 0), ("batch_size", batch_size, 1),
+                             ("sample_every", sample_every, 1), ("checkpoint_every", checkpoint_every, 1),
+                             ("log_every", log_every, 1), ("num_d", num_d, 1)):
+        if int(value) < low:
+            raise HistosynthError(f"{name} must be at least {low}, got {value}")
+    if steps + decay_steps < 1:
+        raise HistosynthError("steps + decay_steps must be at least 1")
+    if not lr > 0 or not lambda_l1 >= 0 or not lambda_fm >= 0:
+        raise HistosynthError(f"lr must be > 0 and the lambdas >= 0, got lr={lr}, lambda_l1={lambda_l1}")
+    if crop % 2**depth:
+        raise HistosynthError(f"crop {crop} is not divisible by 2**depth = {2**depth} (the U-Net halves it "
+                              f"{depth} times); use a crop that is a multiple of {2**depth} or a smaller depth")
+    if disc not in p2p.DISCRIMINATORS:
+        raise HistosynthError(f"disc must be one of {p2p.DISCRIMINATORS}, got {disc!r}")
+    if gan_mode not in p2p.GAN_MODES:
+        raise HistosynthError(f"gan_mode must be one of {p2p.GAN_MODES}, got {gan_mode!r}")
+    data = load_gan_data(patch_sets, options)
+    if crop > min(data.size):
+        raise HistosynthError(f"crop {crop} is larger than the patches ({data.size[0]}x{data.size[1]})")
+    if classes:
+        first = next(iter(classes))
+        class_map = ({int(v): str(k) for k, v in classes.items()} if isinstance(first, str)
+                     else {int(k): str(v) for k, v in classes.items()})
+    else:
+        class_map = _read_classes(patch_sets)
+    n_types = max([_max_type(data), *class_map.keys()], default=0)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = select_device(device, threads)
+    cpu = dev.type == "cpu"
+    n_options = len(data.options)
+    in_ch = len(conditioning_channels(n_types, noise))
+    d_in = in_ch - int(noise) + 3  # the discriminator sees the conditioning without the noise, and the image
+    ndf = int(ndf) if ndf else int(width)
+
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        G = p2p.define_G(in_ch, 3, depth, width, max_width, 3, norm, dropout_at_inference).to(dev)
+        D = p2p.define_D(disc, d_in, ndf, None, num_d, norm).to(dev)
+        settings: dict[str, Any] = {
+            "generator": dict(G.config), "disc": disc, "num_d": int(num_d) if disc == "multiscale" else 1,
+            "ndf": ndf, "gan_mode": gan_mode, "lambda_l1": float(lambda_l1),
+            "lambda_fm": float(lambda_fm) if disc == "multiscale" else 0.0, "noise": bool(noise),
+            "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed), "crop": int(crop),
+            "options": list(data.options), "n_types": int(n_types),
+            "data": _data_fingerprint(patch_sets, data), "patch_sets": [str(p) for p in patch_sets],
+            "slide_options": dict(options or {}), "steps": int(steps), "decay_steps": int(decay_steps),
+            "channels": conditioning_channels(n_types, noise), "patch_size": list(data.size),
+        }
+        D.eval()
+        try:
+            with torch.no_grad():
+                D(torch.zeros(1, d_in, crop, crop, device=dev))
+        except RuntimeError as err:
+            raise HistosynthError(f"crop {crop} is too small for the {disc} discriminator"
+                                  f"{f' with {num_d} scales' if disc == 'multiscale' else ''} (its deepest layers "
+                                  "shrink it below the 4x4 kernel); use a larger --crop") from err
+        D.train()
+        opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
+        opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
+        amp_dtype = _choose_precision(precision, dev, G, D, in_ch, d_in, crop, batch_size)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        settings["precision"] = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+        criterion = p2p.GANLoss(gan_mode)
+        noise_gen = torch.Generator().manual_seed(int(seed) + 0x6E01)
+
+        ckpt_path = out_dir / "checkpoint.pt"
+        step = 0
+        rows: list[dict[str, Any]] = []
+        partial: dict[str, float] = {}
+        ckpt = _load_resume(ckpt_path, settings) if resume else None
+        if ckpt is not None:
+            G.load_state_dict(ckpt["generator"])
+            D.load_state_dict(ckpt["discriminator"])
+            opt_G.load_state_dict(ckpt["optimizer_G"])
+            opt_D.load_state_dict(ckpt["optimizer_D"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            noise_gen.set_state(ckpt["rng"]["noise"])
+            if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
+            step = int(ckpt["step"])
+            rows = [dict(r) for r in ckpt["log"]]
+            partial = dict(ckpt["partial"])
+            log.info("resuming %s from %s at step %d", out_dir, ckpt_path, step)
+        last_good = f"{ckpt_path} (step {step})" if ckpt is not None else None
+
+        def save_checkpoint() -> None:
+            nonlocal last_good
+            rng = {"torch": torch.get_rng_state(), "noise": noise_gen.get_state(),
+                   "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+            _atomic_torch_save(p2p.gan_checkpoint_dict(
+                G, options=data.options, classes=class_map, n_types=n_types, noise=noise, step=step,
+                config={"train": settings}, train=settings,
+                discriminator={k: v.detach().cpu().clone() for k, v in D.state_dict().items()},
+                optimizer_G=opt_G.state_dict(), optimizer_D=opt_D.state_dict(),
+                scaler=scaler.state_dict() if scaler.is_enabled() else {},
+                rng=rng, log=[dict(r) for r in rows], partial=dict(partial),
+            ), ckpt_path)
+            last_good = f"{ckpt_path} (step {step})"
+
+        def sample(tag: str) -> None:
+            plot_samples(G, data, out_dir / "samples.png", n_types=n_types, noise=noise, crop=crop, seed=seed,
+                         n=min(4, max(1, len(data))), title=f"step {step} {tag}".strip())
+
+        total = int(steps) + int(decay_steps)
+        if progress is None:
+            progress = sys.stderr.isatty()
+        log.info("training pix2pix (U-Net depth %d width %d, %s D, %s, lambda_L1 %g%s) on %d patches of %s, "
+                 "options %s, %d types; %d steps on %s (%s)", depth, width, disc, gan_mode, lambda_l1,
+                 ", noise" if noise else "", len(data), "x".join(map(str, data.size)), data.options, n_types,
+                 total, dev, settings["precision"])
+        t_start = time.perf_counter()
+        t_mark = time.perf_counter()
+        G.train()
+        D.train()
+        with _Deterministic(cpu), tqdm(total=total, initial=min(step, total), desc="train-gan", unit="step",
+                                       disable=not progress, file=sys.stderr) as bar:
+            while step < total:
+                imgs, inst, types, opts = sample_batch(data, batch_size, crop, seed, step)
+                cond = build_conditioning(inst, types, n_types, opts, n_options, noise=noise,
+                                          generator=noise_gen).to(dev)
+                real = _to_tensor_images(imgs, dev)
+                d_cond = cond[:, : d_in - 3]
+                rate = learning_rate(step, lr, steps, decay_steps)
+                for opt in (opt_G, opt_D):
+                    for group in opt.param_groups:
+                        group["lr"] = rate
+
+                with _autocast(dev, amp_dtype):
+                    fake = G(cond)
+                # discriminator: real vs. the detached fake
+                with _autocast(dev, amp_dtype):
+                    pred_fake = D.features(torch.cat([d_cond, fake.detach()], 1))
+                    pred_real = D.features(torch.cat([d_cond, real], 1))
+                    d_fake = criterion(pred_fake, False)
+                    d_real = criterion(pred_real, True)
+                    loss_D = 0.5 * (d_fake + d_real)
+                _check_finite({"D_real": d_real, "D_fake": d_fake}, step, last_good, out_dir)
+                opt_D.zero_grad(set_to_none=True)
+                scaler.scale(loss_D).backward()
+                scaler.step(opt_D)
+                # generator: fool the updated D, stay close to the real image (L1), match D's features
+                D.requires_grad_(False)
+                with _autocast(dev, amp_dtype):
+                    pred = D.features(torch.cat([d_cond, fake], 1))
+                    g_gan = criterion(pred, True, for_discriminator=False)
+                    g_l1 = _l1(fake, real, lambda_l1)
+                    g_fm = (lambda_fm * p2p.feature_matching_loss(pred, pred_real) if disc == "multiscale"
+                            else torch.zeros((), device=dev))
+                    loss_G = g_gan + g_l1 + g_fm
+                values = _check_finite({"G_gan": g_gan, "G_l1": g_l1, "G_fm": g_fm, "D_real": d_real,
+                                        "D_fake": d_fake}, step, last_good, out_dir)
+                opt_G.zero_grad(set_to_none=True)
+                scaler.scale(loss_G).backward()
+                scaler.step(opt_G)
+                scaler.update()
+                D.requires_grad_(True)
+                step += 1
+                for k, v in values.items():
+                    partial[k] = partial.get(k, 0.0) + v
+                partial["n"] = partial.get("n", 0.0) + 1
+                bar.update(1)
+                if step % log_every == 0 or step == total:
+                    n = max(1.0, partial.pop("n"))
+                    now = time.perf_counter()
+                    rows.append({"step": step, **{k: partial.get(k, 0.0) / n for k in values}, "lr": rate,
+                                 "seconds": partial.get("seconds", 0.0) + now - t_mark})
+                    t_mark = now
+                    partial = {}
+                    bar.set_postfix(G_l1=f"{rows[-1]['G_l1']:.2f}", D=f"{rows[-1]['D_real']:.2f}")
+                    _atomic_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), out_dir / "log.csv")
+                if step % sample_every == 0:
+                    sample("")
+                if step % checkpoint_every == 0 or step == total:
+                    partial["seconds"] = partial.get("seconds", 0.0) + time.perf_counter() - t_mark
+                    t_mark = time.perf_counter()
+                    save_checkpoint()
+                if callback is not None:
+                    callback({"step": step, **values})
+
+        seconds = time.perf_counter() - t_start
+        sample("(final)")
+        _atomic_torch_save(p2p.gan_checkpoint_dict(
+            G, options=data.options, classes=class_map, n_types=n_types, noise=noise, step=step,
+            config={"train": settings}), out_dir / "gan.pt")
+        _atomic_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), out_dir / "log.csv")
+    final = rows[-1] if rows else {}
+    timed = [r["seconds"] / max(1, r["step"] - p["step"]) for p, r in zip([{"step": 0}] + rows[:-1], rows)]
+    report = {
+        "stage": "train_gan", "out_dir": str(out_dir), "step": step, "patches": len(data),
+        "options": list(data.options), "n_types": n_types, "precision": settings["precision"],
+        "device": str(dev), "seconds": seconds,
+        "seconds_per_step": float(np.median(timed)) if timed else float("nan"),
+        **{k: final.get(k, float("nan")) for k in ("G_gan", "G_l1", "G_fm", "D_real", "D_fake")},
+    }
+    log.info("GAN written to %s after %d steps: G_l1 %.3f, G_gan %.3f, D real %.3f / fake %.3f; %.3f s per step",
+             out_dir / "gan.pt", step, report["G_l1"], report["G_gan"], report["D_real"], report["D_fake"],
+             report["seconds_per_step"])
+    return report
+
+
+# -- CLI -----------------------------------------------------------------------------------------------------
+def _parse_pairs(pairs: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.rpartition("=")
+        if not sep or not key or not value:
+            raise HistosynthError(f"{what} is SLIDE=NAME, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register ``histosynth train-gan``."""
+    p = sub.add_parser("train-gan", help="train Optional pix2pix (masks + option layer -> H&E patches)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="PATCH_SETS... OUT_DIR (patch sets with images, "
+                   "inst and types; the output folder: gan.pt, log.csv, samples.png, checkpoint.pt)")
+    p.add_argument("--options", nargs="+", default=None, metavar="SLIDE=NAME",
+                   help="the option (stain style / domain) of each slide; others get 'default'")
+    p.add_argument("--crop", type=int, default=128, help="training crop side, divisible by 2**depth (default 128)")
+    p.add_argument("--depth", type=int, default=7, help="U-Net levels (default 7; the paper's is 8 at 256 px)")
+    p.add_argument("--width", type=int, default=32, help="U-Net first-level channels (default 32; paper 64)")
+    p.add_argument("--norm", choices=p2p.NORMS, default="batch", help="default batch")
+    p.add_argument("--disc", choices=p2p.DISCRIMINATORS, default="patch", help="discriminator (default patch)")
+    p.add_argument("--num-d", type=int, default=2, help="scales of the multiscale discriminator (default 2)")
+    p.add_argument("--ndf", type=int, default=None, help="discriminator width (default: --width)")
+    p.add_argument("--gan-mode", choices=p2p.GAN_MODES, default="lsgan", help="default lsgan")
+    p.add_argument("--lambda-l1", type=float, default=100.0, help="weight of the L1 term (default 100)")
+    p.add_argument("--lambda-fm", type=float, default=10.0,
+                   help="weight of feature matching, multiscale only (default 10)")
+    p.add_argument("--noise", action="store_true", help="add a noise channel to the generator input")
+    p.add_argument("--no-dropout-at-inference", dest="dropout_at_inference", action="store_false",
+                   help="switch dropout off when generating (pix2pix keeps it on)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"steps at constant lr (default {DEFAULT_STEPS})")
+    p.add_argument("--decay-steps", type=int, default=DEFAULT_DECAY_STEPS,
+                   help=f"steps of linear lr decay to 0 (default {DEFAULT_DECAY_STEPS})")
+    p.add_argument("--batch-size", type=int, default=4, help="default 4")
+    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    p.add_argument("--sample-every", type=int, default=500, help="steps between samples.png (default 500)")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    p.add_argument("--log-every", type=int, default=10, help="steps per log.csv row (default 10)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="default auto")
+    p.add_argument("--classes", nargs="+", default=None, metavar="NAME=ID",
+                   help="type names (default: from the patch sets' report.json)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint.pt")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from histosynth.patches import parse_class_map
+
+    if len(args.paths) < 2:
+        raise HistosynthError("train-gan needs at least one patch set and an output folder")
+    train_gan(args.paths[:-1], args.paths[-1], options=_parse_pairs(args.options, "an option") or None,
+              crop=args.crop, depth=args.depth, width=args.width, norm=args.norm, disc=args.disc, num_d=args.num_d,
+              ndf=args.ndf, gan_mode=args.gan_mode, lambda_l1=args.lambda_l1, lambda_fm=args.lambda_fm,
+              noise=args.noise, dropout_at_inference=args.dropout_at_inference, steps=args.steps,
+              decay_steps=args.decay_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+              device=args.device, threads=args.threads, sample_every=args.sample_every,
+              checkpoint_every=args.checkpoint_every, log_every=args.log_every, precision=args.precision,
+              classes=parse_class_map(args.classes), resume=args.resume,
+              progress=getattr(args, "progress", False) or None)
