@@ -66,6 +66,7 @@ import torch
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
+from histosynth.training import Deterministic, atomic_csv, atomic_torch_save, load_resume
 from histosynth.library import load_library
 from histosynth.models import dvae as dvae_mod
 from histosynth.models.dvae import DVAE, DVAEConfig, checkpoint_dict, encode, init_output_bias, kl_divergence
@@ -161,25 +162,6 @@ def reconstruction_metrics(model: DVAE, shapes: np.ndarray, types: np.ndarray | 
     }
 
 
-# -- files ---------------------------------------------------------------------------------------
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _grid(images: np.ndarray, cols: int, pad: int = 1, fill: float = 0.35) -> np.ndarray:
     n, h, w = images.shape
     rows = max(1, math.ceil(n / cols))
@@ -255,39 +237,6 @@ def plot_samples(model: DVAE, shapes: np.ndarray, types: np.ndarray, out_png: st
 
 
 # -- training ------------------------------------------------------------------------------------
-class _Deterministic:
-    """Turn torch's deterministic algorithms on (CPU only) and restore the previous setting."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.previous = torch.are_deterministic_algorithms_enabled()
-
-    def __enter__(self) -> None:
-        if self.enabled:
-            torch.use_deterministic_algorithms(True)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            torch.use_deterministic_algorithms(self.previous)
-
-
-def _load_resume(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        ckpt = dvae_mod.read_checkpoint(path)
-    except HistosynthError as err:
-        log.warning("ignoring unreadable checkpoint (training starts afresh): %s", err)
-        return None
-    old = ckpt.get("train") or {}
-    differ = [k for k in _RESUME_KEYS if old.get(k) != settings.get(k)]
-    if differ or "optimizer" not in ckpt:
-        log.warning("%s was written with other settings (%s); training starts afresh", path,
-                    ", ".join(differ) or "no optimizer state")
-        return None
-    return ckpt
-
-
 def train_dvae(
     library_npz: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -372,7 +321,9 @@ def train_dvae(
     epoch, batch0, step = 0, 0, 0
     partial = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "n": 0, "seconds": 0.0}
     rows: list[dict[str, Any]] = []
-    ckpt = _load_resume(ckpt_path, settings) if resume else None
+    ckpt = None
+    if resume:
+        ckpt = load_resume(ckpt_path, settings, _RESUME_KEYS, dvae_mod.read_checkpoint, "optimizer")
     if ckpt is not None:
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -386,7 +337,7 @@ def train_dvae(
 
     def save_checkpoint(next_epoch: int, next_batch: int) -> None:
         nonlocal last_good
-        _atomic_torch_save(checkpoint_dict(
+        atomic_torch_save(checkpoint_dict(
             model, train=settings, optimizer=optimizer.state_dict(), epoch=next_epoch, batch=next_batch,
             step=step, partial=dict(partial), log=[dict(r) for r in rows],
             rng={"torch": noise.get_state(), "numpy": aug_rng.bit_generator.state},
@@ -399,7 +350,7 @@ def train_dvae(
              latent_dim, beta, ", conditional on " + str(list(type_ids)) if conditional else "",
              len(train_idx), len(hold_idx), epochs, steps_per_epoch, dev)
     t_start = time.perf_counter()
-    with _Deterministic(cpu), tqdm(total=epochs * steps_per_epoch, initial=min(step, epochs * steps_per_epoch),
+    with Deterministic(cpu), tqdm(total=epochs * steps_per_epoch, initial=min(step, epochs * steps_per_epoch),
                                    desc="train-dvae", unit="step", disable=not progress, file=sys.stderr) as bar:
         while epoch < epochs:
             t0 = time.perf_counter()
@@ -451,7 +402,7 @@ def train_dvae(
                      r["holdout_bce"], r["holdout_dice"], r["holdout_iou"], r["seconds"])
             epoch, batch0 = epoch + 1, 0
             partial = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "n": 0, "seconds": 0.0}
-            _atomic_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), out_dir / "log.csv")
+            atomic_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), out_dir / "log.csv")
             if epoch % checkpoint_every == 0 or epoch == epochs:
                 save_checkpoint(epoch, 0)
                 if callback is not None:
@@ -478,12 +429,12 @@ def train_dvae(
     }
     post_mu, post_logvar = encode(model, train_shapes, train_types if conditional else None)
     model.posterior = {"mu": post_mu, "logvar": post_logvar, "types": train_types.copy()}
-    _atomic_torch_save(checkpoint_dict(model, train=settings, epoch=epoch, step=step,
+    atomic_torch_save(checkpoint_dict(model, train=settings, epoch=epoch, step=step,
                                        metrics={k: v for k, v in report.items() if k != "kl_per_dim"},
                                        posterior={k: torch.from_numpy(np.ascontiguousarray(v))
                                                   for k, v in model.posterior.items()}),
                        out_dir / "dvae.pt")
-    _atomic_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), out_dir / "log.csv")
+    atomic_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), out_dir / "log.csv")
     plot_traversal(model, out_dir / "traversal.png", kl_per_dim=metrics["kl_per_dim"] or None)
     show_shapes, show_types = (hold_shapes, hold_types) if len(hold_idx) else (train_shapes, train_types)
     plot_samples(model, show_shapes, show_types, out_dir / "samples.png", seed=seed)
@@ -517,7 +468,7 @@ def dvae_sweep(
                      "holdout_bce": rep["holdout_bce"], "holdout_dice": rep["holdout_dice"],
                      "holdout_iou": rep["holdout_iou"], "seconds": rep["seconds"]})
     table = pd.DataFrame(rows)
-    _atomic_csv(table, out_dir / "sweep.csv")
+    atomic_csv(table, out_dir / "sweep.csv")
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, col, label in zip(axes, ("final_train_loss", "holdout_bce", "holdout_dice"),
                               ("final train loss (BCE + beta KL)", "hold-out BCE per pixel", "hold-out Dice")):

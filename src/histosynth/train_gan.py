@@ -64,6 +64,8 @@ import torch
 
 from histosynth.conditioning import build_conditioning, conditioning_channels, render_conditioning
 from histosynth.errors import HistosynthError
+from histosynth.figures import save_figure
+from histosynth.training import Deterministic, atomic_csv, atomic_torch_save, load_resume
 from histosynth.io.patchset import read_patchset
 from histosynth.models import pix2pix as p2p
 
@@ -77,49 +79,6 @@ PRECISIONS = ("auto", "float32", "bf16")
 _RESUME_KEYS = ("generator", "disc", "num_d", "ndf", "gan_mode", "lambda_l1", "lambda_fm", "noise", "batch_size",
                 "lr", "seed", "crop", "options", "n_types", "data")
 _l1 = p2p.l1_loss  # module-level so a test can make it fail
-
-
-# -- files ------------------------------------------------------------------------------------------
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    _atomic(path, lambda tmp: torch.save(obj, tmp))
-
-
-def _atomic_csv(frame: pd.DataFrame, path: Path) -> None:
-    _atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
-
-
-def _save_figure(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    try:
-        _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
-
-
-class _Deterministic:
-    """Turn torch's deterministic algorithms on (CPU only) and restore the previous setting."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.previous = torch.are_deterministic_algorithms_enabled()
-
-    def __enter__(self) -> None:
-        if self.enabled:
-            torch.use_deterministic_algorithms(True)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            torch.use_deterministic_algorithms(self.previous)
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -319,28 +278,11 @@ def plot_samples(G: p2p.UnetGenerator, data: GanData, out_png: Path, *, n_types:
         axes[i, 0].set_ylabel(data.options[int(opts[i])], fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, out_png)
+    save_figure(fig, out_png)
     return out_png
 
 
 # -- training ------------------------------------------------------------------------------------------
-def _load_resume(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    try:
-        ckpt = p2p.read_gan_checkpoint(path)
-    except HistosynthError as err:
-        log.warning("ignoring unreadable checkpoint (training starts afresh): %s", err)
-        return None
-    old = ckpt.get("train") or {}
-    differ = [k for k in _RESUME_KEYS if old.get(k) != settings.get(k)]
-    if differ or "optimizer_G" not in ckpt:
-        log.warning("%s was written with other settings (%s); training starts afresh", path,
-                    ", ".join(differ) or "no optimizer state")
-        return None
-    return ckpt
-
-
 def _check_finite(losses: dict[str, torch.Tensor], step: int, last_good: str | None,
                   out_dir: Path) -> dict[str, float]:
     values = {k: float(v.detach()) for k, v in losses.items()}
@@ -470,7 +412,9 @@ def train_gan(
         step = 0
         rows: list[dict[str, Any]] = []
         partial: dict[str, float] = {}
-        ckpt = _load_resume(ckpt_path, settings) if resume else None
+        ckpt = None
+        if resume:
+            ckpt = load_resume(ckpt_path, settings, _RESUME_KEYS, p2p.read_gan_checkpoint, "optimizer_G")
         if ckpt is not None:
             G.load_state_dict(ckpt["generator"])
             D.load_state_dict(ckpt["discriminator"])
@@ -492,7 +436,7 @@ def train_gan(
             nonlocal last_good
             rng = {"torch": torch.get_rng_state(), "noise": noise_gen.get_state(),
                    "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
-            _atomic_torch_save(p2p.gan_checkpoint_dict(
+            atomic_torch_save(p2p.gan_checkpoint_dict(
                 G, options=data.options, classes=class_map, n_types=n_types, noise=noise, step=step,
                 config={"train": settings}, train=settings,
                 discriminator={k: v.detach().cpu().clone() for k, v in D.state_dict().items()},
@@ -517,7 +461,7 @@ def train_gan(
         t_mark = time.perf_counter()
         G.train()
         D.train()
-        with _Deterministic(cpu), tqdm(total=total, initial=min(step, total), desc="train-gan", unit="step",
+        with Deterministic(cpu), tqdm(total=total, initial=min(step, total), desc="train-gan", unit="step",
                                        disable=not progress, file=sys.stderr) as bar:
             while step < total:
                 imgs, inst, types, opts = sample_batch(data, batch_size, crop, seed, step)
@@ -572,7 +516,7 @@ def train_gan(
                     t_mark = now
                     partial = {}
                     bar.set_postfix(G_l1=f"{rows[-1]['G_l1']:.2f}", D=f"{rows[-1]['D_real']:.2f}")
-                    _atomic_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), out_dir / "log.csv")
+                    atomic_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), out_dir / "log.csv")
                 if step % sample_every == 0:
                     sample("")
                 if step % checkpoint_every == 0 or step == total:
@@ -584,10 +528,10 @@ def train_gan(
 
         seconds = time.perf_counter() - t_start
         sample("(final)")
-        _atomic_torch_save(p2p.gan_checkpoint_dict(
+        atomic_torch_save(p2p.gan_checkpoint_dict(
             G, options=data.options, classes=class_map, n_types=n_types, noise=noise, step=step,
             config={"train": settings}), out_dir / "gan.pt")
-        _atomic_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), out_dir / "log.csv")
+        atomic_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), out_dir / "log.csv")
     final = rows[-1] if rows else {}
     timed = [r["seconds"] / max(1, r["step"] - p["step"]) for p, r in zip([{"step": 0}] + rows[:-1], rows)]
     report = {
