@@ -245,3 +245,24 @@ def test_grid_covers_the_slide(width, height, size, mpp, stride):
     assert len({(t.x, t.y) for t in plan.grid}) == len(plan.grid)
     for t in plan.grid:
         assert t.padded == (t.x + plan.footprint > width + 1e-6 or t.y + plan.footprint > height + 1e-6)
+
+
+def test_regions_from_annotations_group_separate_areas(tmp_path):
+    """Two annotated areas far apart give two regions; the space between them is not tiled."""
+    import json
+
+    from histosynth.tiling import annotation_regions
+
+    def square(x, y):
+        return {"type": "Feature", "properties": {"classification": {"name": "n"}},
+                "geometry": {"type": "Polygon", "coordinates": [[[x, y], [x + 10, y], [x + 10, y + 10], [x, y + 10], [x, y]]]}}
+
+    feats = [square(100 + 20 * i, 100) for i in range(5)] + [square(3000 + 15 * i, 2500) for i in range(3)]
+    path = tmp_path / "a.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    regions = annotation_regions(path, cell=512)
+    assert sorted(regions) == [(100, 100, 90, 10), (3000, 2500, 40, 10)]
+    empty = tmp_path / "e.geojson"
+    empty.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    with pytest.raises(HistosynthError, match="no annotations"):
+        annotation_regions(empty)
