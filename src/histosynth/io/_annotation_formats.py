@@ -57,6 +57,15 @@ class Parsed:
 # --------------------------------------------------------------------------- #
 
 
+
+def _unsafe_xml(exc: Exception, path: Any) -> HistosynthError:
+    """The one error for XML that declares a DTD, entities or external references."""
+    return HistosynthError(
+        f"refusing unsafe XML ({type(exc).__name__}: DTD/entity declarations are not allowed "
+        "in annotation files)",
+        path,
+    )
+
 def first_nonfinite(rings: list[np.ndarray]) -> int | None:
     """Index of the first ring holding a NaN/inf coordinate, or None."""
     if not rings:
@@ -720,11 +729,7 @@ def xml_events(path: Path):
         line, col = getattr(exc, "position", (None, None))
         raise HistosynthError(f"malformed XML at line {line}, column {col}: {exc}", path) from None
     except defusedxml.DefusedXmlException as exc:
-        raise HistosynthError(
-            f"refusing unsafe XML ({type(exc).__name__}: DTD/entity declarations are not allowed "
-            "in annotation files)",
-            path,
-        ) from None
+        raise _unsafe_xml(exc, path) from None
     finally:
         f.close()
 
@@ -857,11 +862,7 @@ def _expat_run(p, path: Path, block: int = 1 << 20) -> None:
             f"malformed XML at line {exc.lineno}, column {exc.offset}: {exc}", path
         ) from None
     except defusedxml.DefusedXmlException as exc:
-        raise HistosynthError(
-            f"refusing unsafe XML ({type(exc).__name__}: DTD/entity declarations are not allowed "
-            "in annotation files)",
-            path,
-        ) from None
+        raise _unsafe_xml(exc, path) from None
 
 
 class _RegionStream:
