@@ -57,7 +57,6 @@ class Parsed:
 # --------------------------------------------------------------------------- #
 
 
-
 def _unsafe_xml(exc: Exception, path: Any) -> HistosynthError:
     """The one error for XML that declares a DTD, entities or external references."""
     return HistosynthError(
