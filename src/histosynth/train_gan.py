@@ -53,7 +53,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,9 @@ import torch
 from histosynth.conditioning import build_conditioning, conditioning_channels, render_conditioning
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.training import Deterministic, atomic_csv, atomic_torch_save, load_resume
+from histosynth.training import (PRECISIONS, Deterministic, atomic_csv, atomic_torch_save, choose_precision,
+                                 load_resume)
+from histosynth.training import autocast as _autocast
 from histosynth.io.patchset import read_patchset
 from histosynth.models import pix2pix as p2p
 
@@ -74,7 +75,6 @@ log = logging.getLogger(__name__)
 LOG_COLUMNS = ["step", "G_gan", "G_l1", "G_fm", "D_real", "D_fake", "lr", "seconds"]
 DEFAULT_STEPS = 2000
 DEFAULT_DECAY_STEPS = 2000
-PRECISIONS = ("auto", "float32", "bf16")
 #: training settings that must match for a checkpoint to be resumed
 _RESUME_KEYS = ("generator", "disc", "num_d", "ndf", "gan_mode", "lambda_l1", "lambda_fm", "noise", "batch_size",
                 "lr", "seed", "crop", "options", "n_types", "data")
@@ -201,46 +201,23 @@ def _to_tensor_images(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _choose_precision(precision: str, device: torch.device, G: torch.nn.Module, D: torch.nn.Module,
                       in_ch: int, d_in: int, crop: int, batch_size: int) -> torch.dtype | None:
     """The autocast dtype (None = float32); 'auto' on the CPU times fp32 vs bf16 on copies of the nets."""
-    if precision not in PRECISIONS:
-        raise HistosynthError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "float32":
-        return None
-    if device.type == "cuda":
-        if precision == "bf16" or torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16
-    if precision == "bf16":
-        return torch.bfloat16
     g, d = copy.deepcopy(G), copy.deepcopy(D)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        cond = torch.randn(min(batch_size, 2), in_ch, crop, crop)
-        times = {}
-        for name, dtype in (("float32", None), ("bf16", torch.bfloat16)):
-            best = math.inf
-            for rep in range(3):
-                t0 = time.perf_counter()
-                with _autocast(device, dtype):
-                    fake = g(cond)
-                    feats = d.features(torch.cat([cond[:, : d_in - 3], fake], 1))
-                    loss = sum(scale[-1].float().mean() for scale in feats)
-                loss.backward()
-                if rep:  # the first is a warm-up
-                    best = min(best, time.perf_counter() - t0)
-            times[name] = best
-    use = times["bf16"] < 0.9 * times["float32"]
-    log.info("precision auto on the CPU: float32 %.3f s, bf16 %.3f s per probe step -> %s",
-             times["float32"], times["bf16"], "bf16" if use else "float32")
-    return torch.bfloat16 if use else None
+    cond = None
+
+    def probe(dtype: torch.dtype | None) -> None:
+        nonlocal cond
+        if cond is None:
+            cond = torch.randn(min(batch_size, 2), in_ch, crop, crop)
+        with _autocast(device, dtype):
+            fake = g(cond)
+            feats = d.features(torch.cat([cond[:, : d_in - 3], fake], 1))
+            loss = sum(scale[-1].float().mean() for scale in feats)
+        loss.backward()
+
+    return choose_precision(precision, device, probe)
 
 
 # -- figures ---------------------------------------------------------------------------------------

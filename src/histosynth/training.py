@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +80,71 @@ def load_resume(
                     ", ".join(differ) or "no optimizer state")
         return None
     return ckpt
+
+
+def read_torch_checkpoint(path: str | os.PathLike, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of a ``fmt`` file with one clear error for a missing, corrupt or foreign one.
+
+    ``what`` names the kind in messages ("GAN", "DVAE", ...); a file newer than
+    ``version`` is refused.
+    """
+    if not os.path.isfile(path):
+        raise HistosynthError(f"{what} checkpoint not found", path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError (zip), EOFError, ...
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+        raise HistosynthError(
+            f"unreadable {what} checkpoint (corrupt, truncated or not a torch file): {type(err).__name__} {first}"
+            .rstrip(), path) from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
+        found = ckpt.get("format", "no format entry") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise HistosynthError(f"not a {what} checkpoint ({found})", path)
+    if int(ckpt.get("version", 0)) > version:
+        raise HistosynthError(f"{what} checkpoint version {ckpt['version']} is newer than this histosynth reads", path)
+    return ckpt
+
+
+PRECISIONS = ("auto", "float32", "bf16")
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op for float32 (None)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def choose_precision(precision: str, device: torch.device, probe: Callable[[torch.dtype | None], None]
+                     ) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` (None = float32).
+
+    On CUDA 'auto' is bf16 where supported, else fp16 (use a GradScaler). On the
+    CPU 'auto' times ``probe(dtype)`` — one forward/backward on copies of the
+    networks — in float32 and bf16 and takes bf16 only when it is clearly faster.
+    """
+    if precision not in PRECISIONS:
+        raise HistosynthError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "float32":
+        return None
+    if device.type == "cuda":
+        if precision == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    times = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for name, dtype in (("float32", None), ("bf16", torch.bfloat16)):
+            best = math.inf
+            for rep in range(3):
+                t0 = time.perf_counter()
+                probe(dtype)
+                if rep:  # the first is a warm-up
+                    best = min(best, time.perf_counter() - t0)
+            times[name] = best
+    use = times["bf16"] < 0.9 * times["float32"]
+    log.info("precision auto on the CPU: float32 %.3f s, bf16 %.3f s per probe step -> %s",
+             times["float32"], times["bf16"], "bf16" if use else "float32")
+    return torch.bfloat16 if use else None

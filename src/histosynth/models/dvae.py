@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from histosynth.errors import HistosynthError
+from histosynth.training import read_torch_checkpoint
 
 #: the ``format`` entry of every DVAE checkpoint (final model and training checkpoint)
 CHECKPOINT_FORMAT = "histosynth-dvae"
@@ -300,22 +301,7 @@ def checkpoint_dict(model: DVAE, **extra: Any) -> dict[str, Any]:
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with one clear error for a missing, corrupt or foreign file."""
-    if not os.path.isfile(path):
-        raise HistosynthError("DVAE checkpoint not found", path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError (zip), EOFError, ...
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        raise HistosynthError(
-            f"unreadable checkpoint (corrupt, truncated or not a torch file): {type(err).__name__} {first}".rstrip(),
-            path,
-        ) from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        what = ckpt.get("format", "no format entry") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise HistosynthError(f"not a DVAE checkpoint ({what})", path)
-    if int(ckpt.get("version", 0)) > CHECKPOINT_VERSION:
-        raise HistosynthError(f"DVAE checkpoint version {ckpt['version']} is newer than this histosynth reads", path)
-    return ckpt
+    return read_torch_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "DVAE")
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> DVAE:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histosynth.errors import HistosynthError
+from histosynth.training import read_torch_checkpoint
 
 CHECKPOINT_FORMAT = "histosynth-gan"
 CHECKPOINT_VERSION = 1
@@ -375,21 +376,7 @@ def gan_checkpoint_dict(generator: UnetGenerator, *, options: list[str], classes
 
 def read_gan_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with one clear error for a missing, corrupt or foreign file."""
-    if not os.path.isfile(path):
-        raise HistosynthError("GAN checkpoint not found", path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError (zip), EOFError, ...
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        raise HistosynthError(
-            f"unreadable GAN checkpoint (corrupt, truncated or not a torch file): {type(err).__name__} {first}"
-            .rstrip(), path) from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        what = ckpt.get("format", "no format entry") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise HistosynthError(f"not a GAN checkpoint ({what})", path)
-    if int(ckpt.get("version", 0)) > CHECKPOINT_VERSION:
-        raise HistosynthError(f"GAN checkpoint version {ckpt['version']} is newer than this histosynth reads", path)
-    return ckpt
+    return read_torch_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "GAN")
 
 
 def load_gan(path: str | os.PathLike, device: str | torch.device = "cpu") -> GanBundle:
