@@ -5,12 +5,16 @@
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/tile.smk"
 include: "workflow/rules/patches.smk"
 include: "workflow/rules/masks.smk"
 include: "workflow/rules/gan.smk"
+include: "workflow/rules/segmentation.smk"
 
 
 rule all:
@@ -19,3 +23,4 @@ rule all:
         rules.patches.input,
         rules.masks.input,
         rules.synthetic.input,
+        rules.report.output,

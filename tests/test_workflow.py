@@ -25,6 +25,9 @@ TINY = {
     "sample_masks": {"n": 8, "shards": 2, "size": 128},
     "gan": {"crop": 64, "depth": 4, "width": 8, "steps": 3, "decay_steps": 2, "batch_size": 2,
             "sample_every": 5, "checkpoint_every": 5, "threads": 1},
+    "segmenter": {"seeds": [0], "width": 8, "units": [1, 1, 1, 1], "input_size": 104, "steps": 2,
+                  "batch_size": 1, "threads": 1},
+    "score": {"overlays": 1, "threads": 1},
 }
 
 

@@ -246,6 +246,9 @@ STAGE_MODULES: dict[str, str] = {
     "train-gan": "histosynth.train_gan",
     "translate": "histosynth.translate",
     "evaluate-images": "histosynth.evaluate_images",
+    "train-segmenter": "histosynth.segmenter",
+    "score": "histosynth.score",
+    "report": "histosynth.report",
 }
 #: subcommands each module's add_cli registers
 _MODULE_COMMANDS: dict[str, set[str]] = {}

@@ -1,6 +1,4 @@
 # Demo slides: the project's own synthetic H&E slides with nucleus GeoJSON.
-DEMO = config["slides"]["demo"]
-DEMO_NAMES = SLIDE_NAMES if config["slides"]["source"] == "demo" else []
 
 
 rule demo_slides:
@@ -10,12 +8,14 @@ rule demo_slides:
         annotations=expand(f"{RESULTS}/demo/{{slide}}.geojson", slide=DEMO_NAMES),
     log:
         f"{RESULTS}/logs/demo_slides.log",
+    conda:
+        CPU_ENV
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
     params:
-        out=f"{RESULTS}/demo",
+        out=lambda w, output: os.path.dirname(output[0]),
         n=DEMO["n_slides"],
         width=DEMO["size"][0],
         height=DEMO["size"][1],

@@ -1,41 +1,4 @@
 # Mask -> H&E translation: a conditional GAN trained on the TRAIN slides' real pairs paints the synthetic masks.
-GAN = config["gan"]
-TRANSLATE = config["translate"]
-
-
-def slide_option(slide):
-    """The option-layer value of a slide: its stain style, its name, or one shared value."""
-    if GAN["option_by"] == "slide":
-        return slide
-    if GAN["option_by"] == "stain":
-        stain = slide_row(slide)["stain"]
-        return stain if stain is not None else "default"
-    return "default"
-
-
-TRAIN_OPTIONS = sorted({slide_option(s) for s in TRAIN_SLIDES})
-
-
-def known_option(slide):
-    """The slide's option if the GAN was trained on it, else the first one it knows (a style it never saw)."""
-    option = slide_option(slide)
-    return option if option in TRAIN_OPTIONS or not TRAIN_OPTIONS else TRAIN_OPTIONS[0]
-
-
-def option_flags(slides):
-    return " ".join(shlex.quote(f"{s}={slide_option(s)}") for s in slides)
-
-
-def gan_flags():
-    return (
-        f"--crop {GAN['crop']} --depth {GAN['depth']} --width {GAN['width']}"
-        f" --disc {GAN['disc']} --num-d {GAN['num_d']} --gan-mode {GAN['gan_mode']}"
-        f" --lambda-l1 {GAN['lambda_l1']} --steps {GAN['steps']} --decay-steps {GAN['decay_steps']}"
-        f" --batch-size {GAN['batch_size']} --lr {GAN['lr']} --seed {config['seed']}"
-        f" --device {config['device']} --sample-every {GAN['sample_every']}"
-        f" --checkpoint-every {GAN['checkpoint_every']} --precision {GAN['precision']}"
-        + (" --noise" if GAN["noise"] else "")
-    )
 
 
 rule train_gan:
@@ -47,13 +10,15 @@ rule train_gan:
         samples=f"{RESULTS}/models/gan/samples.png",
     log:
         f"{RESULTS}/logs/train_gan.log",
+    conda:
+        GPU_ENV
     threads: GAN["threads"]
     resources:
         gpu=GPU,
         mem_mb=GAN["mem_mb"],
         runtime=GAN["runtime"],
     params:
-        out=f"{RESULTS}/models/gan",
+        out=lambda w, output: os.path.dirname(output[0]),
         options=option_flags(TRAIN_SLIDES),
         classes=class_flags(),
         flags=gan_flags(),
@@ -71,6 +36,8 @@ rule translate:
         montage=f"{RESULTS}/synthetic/pairs/shard-{{shard}}.montage.png",
     log:
         f"{RESULTS}/logs/translate/shard-{{shard}}.log",
+    conda:
+        GPU_ENV
     threads: TRANSLATE["threads"]
     resources:
         gpu=GPU,
@@ -96,6 +63,8 @@ rule translate_test_masks:
         pairs=directory(f"{RESULTS}/synthetic/translated-test/{{slide}}"),
     log:
         f"{RESULTS}/logs/translate_test_masks/{{slide}}.log",
+    conda:
+        GPU_ENV
     threads: TRANSLATE["threads"]
     resources:
         gpu=GPU,
@@ -124,12 +93,14 @@ rule evaluate_images:
         figure=f"{RESULTS}/synthetic/images-evaluation/figure.png",
     log:
         f"{RESULTS}/logs/evaluate_images.log",
+    conda:
+        CPU_ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
     params:
-        out=f"{RESULTS}/synthetic/images-evaluation",
+        out=lambda w, output: os.path.dirname(output[0]),
         options=option_flags(TEST_SLIDES),
         seed=config["seed"],
     shell:

@@ -1,26 +1,4 @@
 # Synthetic nuclei masks: statistics and shapes fitted on the TRAIN slides, sampled in shards.
-STATS = config["stats"]
-LIBRARY = config["library"]
-DVAE = config["dvae"]
-SAMPLE = config["sample_masks"]
-SHARDS = list(range(SAMPLE["shards"]))
-GPU = 0 if config["device"] == "cpu" else 1
-
-
-def train_patches(wildcards=None):
-    return expand(f"{RESULTS}/patches/{{slide}}", slide=TRAIN_SLIDES)
-
-
-def test_patches(wildcards=None):
-    return expand(f"{RESULTS}/patches/{{slide}}", slide=TEST_SLIDES)
-
-
-def dvae_flags(epochs):
-    flags = (
-        f"--beta {DVAE['beta']} --epochs {epochs} --batch-size {DVAE['batch_size']}"
-        f" --lr {DVAE['lr']} --seed {config['seed']} --device {config['device']}"
-    )
-    return flags + (" --conditional" if DVAE["conditional"] else "")
 
 
 rule fit_stats:
@@ -33,12 +11,14 @@ rule fit_stats:
         spatial=f"{RESULTS}/stats/spatial.png",
     log:
         f"{RESULTS}/logs/fit_stats.log",
+    conda:
+        CPU_ENV
     threads: STATS["threads"]
     resources:
         mem_mb=STATS["mem_mb"],
         runtime=STATS["runtime"],
     params:
-        out=f"{RESULTS}/stats",
+        out=lambda w, output: os.path.dirname(output[0]),
         classes=class_flags(),
         margin=STATS["border_margin"],
         calibrate=STATS["calibrate"],
@@ -58,6 +38,8 @@ rule nuclei_library:
         montage=f"{RESULTS}/library/montage.png",
     log:
         f"{RESULTS}/logs/nuclei_library.log",
+    conda:
+        CPU_ENV
     threads: 1
     resources:
         mem_mb=LIBRARY["mem_mb"],
@@ -82,13 +64,15 @@ rule train_dvae:
         samples=f"{RESULTS}/models/dvae/samples.png",
     log:
         f"{RESULTS}/logs/train_dvae.log",
+    conda:
+        GPU_ENV
     threads: DVAE["threads"]
     resources:
         gpu=GPU,
         mem_mb=DVAE["mem_mb"],
         runtime=DVAE["runtime"],
     params:
-        out=f"{RESULTS}/models/dvae",
+        out=lambda w, output: os.path.dirname(output[0]),
         latent_dim=DVAE["latent_dim"],
         flags=dvae_flags(DVAE["epochs"]),
     shell:
@@ -104,13 +88,15 @@ rule dvae_sweep:
         plot=f"{RESULTS}/models/dvae-sweep/sweep.png",
     log:
         f"{RESULTS}/logs/dvae_sweep.log",
+    conda:
+        GPU_ENV
     threads: DVAE["threads"]
     resources:
         gpu=GPU,
         mem_mb=DVAE["mem_mb"],
         runtime=DVAE["runtime"] * len(DVAE["sweep_latent_dims"]),
     params:
-        out=f"{RESULTS}/models/dvae-sweep",
+        out=lambda w, output: os.path.dirname(output[0]),
         dims=" ".join(map(str, DVAE["sweep_latent_dims"])),
         flags=dvae_flags(DVAE["sweep_epochs"]),
     shell:
@@ -126,6 +112,8 @@ rule sample_masks:
         directory(f"{RESULTS}/synthetic/masks/shard-{{shard}}"),
     log:
         f"{RESULTS}/logs/sample_masks/shard-{{shard}}.log",
+    conda:
+        CPU_ENV
     threads: SAMPLE["threads"]
     resources:
         mem_mb=SAMPLE["mem_mb"],
@@ -152,12 +140,14 @@ rule evaluate_masks:
         montage=f"{RESULTS}/synthetic/masks-evaluation/montage.png",
     log:
         f"{RESULTS}/logs/evaluate_masks.log",
+    conda:
+        CPU_ENV
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
     params:
-        out=f"{RESULTS}/synthetic/masks-evaluation",
+        out=lambda w, output: os.path.dirname(output[0]),
         margin=STATS["border_margin"],
     shell:
         "histosynth evaluate-masks {input.synthetic:q} {params.out:q} --real {input.real:q}"

@@ -1,30 +1,4 @@
 # Annotations -> typed patch sets (one job per annotated slide), and the train/test split.
-ANNOTATED = annotated_slides()
-SPLIT = config["split"]
-
-
-def class_flags():
-    classes = config["classes"]
-    flags = ""
-    if classes:
-        pairs = " ".join(shlex.quote(f"{k}={v}") for k, v in classes.items())
-        flags += f"--classes {pairs}"
-    if config["catch_all"] is not None:
-        flags += f" --catch-all {shlex.quote(str(config['catch_all']))}"
-    return flags
-
-
-def split_flags():
-    flags = f"--test-fraction {SPLIT['test_fraction']} --seed {SPLIT['seed']}"
-    if SPLIT["train"] is not None or SPLIT["test"] is not None:
-        flags += " --train " + " ".join(map(shlex.quote, SPLIT["train"] or []))
-        flags += " --test " + " ".join(map(shlex.quote, SPLIT["test"] or []))
-    groups = [
-        f"{s}={g}" for s, g in zip(SLIDES["slide"], SLIDES["stain"]) if g is not None
-    ]
-    if SPLIT["by_stain"] and groups:
-        flags += " --groups " + " ".join(map(shlex.quote, groups))
-    return flags
 
 
 rule rasterize:
@@ -36,6 +10,8 @@ rule rasterize:
         overlay=f"{RESULTS}/qc/overlays/{{slide}}.png",
     log:
         f"{RESULTS}/logs/rasterize/{{slide}}.log",
+    conda:
+        CPU_ENV
     threads: 1
     resources:
         mem_mb=2000,
@@ -52,6 +28,8 @@ rule split:
         f"{RESULTS}/split.csv",
     log:
         f"{RESULTS}/logs/split.log",
+    conda:
+        CPU_ENV
     threads: 1
     resources:
         mem_mb=500,

@@ -1,5 +1,4 @@
 # Tiling: one job per slide, slide -> patch set of image tiles.
-TILE = config["tile"]
 
 
 rule tile:
@@ -12,6 +11,8 @@ rule tile:
         directory(f"{RESULTS}/tiles/{{slide}}"),
     log:
         f"{RESULTS}/logs/tile/{{slide}}.log",
+    conda:
+        CPU_ENV
     threads: TILE["threads"]
     resources:
         mem_mb=TILE["mem_mb"],

@@ -1,0 +1,199 @@
+"""Score a trained HoVer-Net on held-out patch sets: the ``score`` stage.
+
+:func:`score` runs :func:`histosynth.segmenter.predict` (overlapping windows,
+so images larger than the network's patch are covered) and
+:func:`histosynth.models.hovernet.postprocess` on every patch of the test
+patch sets and compares the instances with the true masks
+(:mod:`histosynth.metrics`). It writes into ``out_dir``:
+
+- ``scores.csv`` — one row per image: arm, seed, slide, x, y, patch index,
+  Dice, AJI, AJI+, DQ, SQ, PQ, n_true, n_pred (and mPQ when typed);
+- ``summary.json`` — the means over images, the type-aware mPQ (PanNuke) and
+  multi-class PQ (CoNIC) with their per-class values, counts and timings;
+- ``overlay.png`` — a few test images with true (yellow) and predicted
+  (cyan) outlines.
+
+A test set without any nucleus, or with types the model was not trained
+on, is an error rather than a meaningless score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from histosynth.errors import HistosynthError
+from histosynth.figures import save_figure
+from histosynth.io.patchset import PatchSet, read_patchset
+from histosynth.training import atomic_csv, atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def open_test_sets(paths: Sequence[str | os.PathLike]) -> list[PatchSet]:
+    """The test patch sets (images, inst and types), checked to hold at least one nucleus."""
+    if not paths:
+        raise HistosynthError("score needs at least one test patch set")
+    sets = [read_patchset(p, require=("images", "inst", "types")) for p in paths]
+    for ps in sets:
+        if ps.images.shape[:3] != ps.inst.shape or ps.inst.shape != ps.types.shape:
+            raise HistosynthError(f"images {ps.images.shape}, inst {ps.inst.shape} and types {ps.types.shape} "
+                                  "do not match", ps.path)
+    if sum(len(ps) for ps in sets) == 0:
+        raise HistosynthError("the test patch sets hold no patches: " + ", ".join(str(ps.path) for ps in sets))
+    if not any(_any_nucleus(ps.inst) for ps in sets):
+        raise HistosynthError("the test patch sets hold no nuclei, so there is nothing to score: "
+                              + ", ".join(str(ps.path) for ps in sets))
+    return sets
+
+
+def _any_nucleus(inst: np.ndarray) -> bool:
+    return any(bool(inst[i : i + 64].any()) for i in range(0, len(inst), 64))
+
+
+def check_types(model_classes: dict[int, str], model_types: int, sets: Sequence[PatchSet]) -> None:
+    """Refuse test masks whose type ids mean other classes than the model's, or that it never learned."""
+    for ps in sets:
+        classes = ps.report.get("classes")
+        if isinstance(classes, dict) and classes and model_classes:
+            theirs = {int(k): str(v) for k, v in classes.items()}
+            if theirs != model_classes:
+                raise HistosynthError(f"the test masks' types {theirs} are not the ones the model was trained with "
+                                      f"{model_classes}", ps.path)
+        top = max((int(ps.types[i : i + 64].max()) for i in range(0, len(ps), 64)), default=0)
+        if top > max(model_types, 1):
+            raise HistosynthError(f"the test masks use type {top} but the model knows types 1..{model_types}",
+                                  ps.path)
+
+
+def score(
+    model_path: str | os.PathLike,
+    patch_sets: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    overlap: int | None = None,
+    batch: int = 4,
+    device: str = "auto",
+    threads: int | None = 1,
+    n_overlays: int = 4,
+    precision: str = "float32",
+) -> dict[str, Any]:
+    """Score the model of ``model_path`` on ``patch_sets`` into ``out_dir``; returns the summary."""
+    import torch
+
+    from histosynth.device import select_device
+    from histosynth.metrics import MetricAccumulator
+    from histosynth.models.hovernet import postprocess
+    from histosynth.segmenter import load_segmenter, predict
+
+    dev = select_device(device, threads)
+    seg = load_segmenter(model_path, dev)
+    sets = open_test_sets(patch_sets)
+    check_types(seg.classes, seg.n_types, sets)
+    amp = {"float32": None, "bf16": torch.bfloat16}.get(precision, "bad")
+    if amp == "bad":
+        raise HistosynthError(f"precision must be float32 or bf16, got {precision!r}")
+    typed = seg.n_types > 1
+    acc = MetricAccumulator(classes=sorted(seg.classes) or range(1, seg.n_types + 1) if typed else None)
+    rows: list[dict[str, Any]] = []
+    overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
+    total = sum(len(ps) for ps in sets)
+    picks = set(np.linspace(0, total - 1, min(n_overlays, total)).round().astype(int).tolist())
+    t0 = time.perf_counter()
+    k = 0
+    for ps in sets:
+        for i in range(len(ps)):
+            image = np.asarray(ps.images[i])
+            maps = predict(seg, image, overlap=overlap, batch=batch, amp_dtype=amp)
+            inst, inst_types = postprocess(maps["np"], maps["hv"], maps.get("tp"))
+            true_inst = np.asarray(ps.inst[i])
+            metrics = acc.add(inst, true_inst, pred_types=_type_map(inst, inst_types) if typed else None,
+                              true_types=np.asarray(ps.types[i]) if typed else None)
+            row = ps.index.iloc[i]
+            rows.append({"arm": seg.arm, "seed": seg.seed, "slide": row["slide"], "x": int(row["x"]),
+                         "y": int(row["y"]), "patch": i, "set": ps.path.name, **metrics})
+            if k in picks:
+                overlays.append((image, true_inst, inst, f"{row['slide']} ({int(row['x'])}, {int(row['y'])})"))
+            k += 1
+    seconds = time.perf_counter() - t0
+    summary = {"stage": "score", "model": os.fspath(model_path), "arm": seg.arm, "seed": seg.seed,
+               "step": seg.step, "n_images": len(rows), "seconds": seconds,
+               "seconds_per_image": seconds / max(1, len(rows)), **acc.summary()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_overlays(overlays, out_dir / "overlay.png", title=f"{seg.arm}, seed {seg.seed}: true (yellow) vs "
+                                                            "predicted (cyan)")
+    atomic_write(out_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2, default=float)))
+    atomic_csv(pd.DataFrame(rows), out_dir / "scores.csv")
+    log.info("scored %s (%s, seed %d) on %d images in %.1f s: PQ %.3f, AJI %.3f, Dice %.3f", model_path, seg.arm,
+             seg.seed, len(rows), seconds, summary.get("pq", float("nan")), summary.get("aji", float("nan")),
+             summary.get("dice", float("nan")))
+    return summary
+
+
+def _type_map(inst: np.ndarray, inst_types: Any) -> np.ndarray:
+    """A per-pixel type map from post-processing's per-instance types (dict id → type, or already a map)."""
+    if isinstance(inst_types, np.ndarray) and inst_types.shape == inst.shape:
+        return inst_types.astype(np.uint8, copy=False)
+    lut = np.zeros(int(inst.max()) + 1, np.uint8)
+    for i, t in dict(inst_types or {}).items():
+        if 0 < int(i) < len(lut):
+            lut[int(i)] = int(t)
+    return lut[inst]
+
+
+def plot_overlays(items: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]], path: Path,
+                  title: str = "") -> Path:
+    """Images with true (yellow) and predicted (cyan) instance outlines, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.segmentation import find_boundaries
+
+    n = max(1, len(items))
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.5), squeeze=False)
+    for ax, (image, true, pred, name) in zip(axes[0], items):
+        over = image.copy()
+        over[find_boundaries(true, mode="inner")] = (255, 220, 0)
+        over[find_boundaries(pred, mode="inner")] = (0, 220, 255)
+        ax.imshow(over, interpolation="nearest")
+        ax.set_title(name, fontsize=8)
+    for ax in axes[0]:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register ``histosynth score``."""
+    p = sub.add_parser("score", help="score a trained HoVer-Net on held-out patch sets (Dice, AJI, PQ, ...)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="MODEL PATCH_SETS... OUT_DIR (model.pt of train-segmenter; test patch sets with images, "
+                        "inst and types; the output folder: scores.csv, summary.json, overlay.png)")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="overlap of the sliding windows in output pixels (default a quarter of the output)")
+    p.add_argument("--batch", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    p.add_argument("--overlays", type=int, default=4, help="test images drawn in overlay.png (default 4)")
+    p.add_argument("--precision", choices=("float32", "bf16"), default="float32", help="default float32")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    if len(args.paths) < 3:
+        raise HistosynthError("score needs a model, at least one test patch set and an output folder")
+    score(args.paths[0], args.paths[1:-1], args.paths[-1], overlap=args.overlap, batch=args.batch,
+          device=args.device, threads=args.threads, n_overlays=args.overlays, precision=args.precision)

@@ -1,0 +1,524 @@
+"""Train HoVer-Net on real, real + synthetic or synthetic patches, and run it on images of any size.
+
+:func:`train_segmenter` is the ``train_segmenter`` stage. Every arm gets the
+same recipe and the same step budget; only where a batch's patches come
+from differs:
+
+- ``real`` — the TRAIN slides' real patch sets;
+- ``synthetic`` — the translated synthetic pairs only;
+- ``real+synthetic`` — each patch of a batch comes from the synthetic pool
+  with probability ``mix`` (default 0.5), else from the real one.
+
+**Data.** Each step draws ``batch_size`` patches, a random ``input_size``
+window of each (a patch smaller than the window is reflect-padded and the
+padding is left out of the loss), a random flip / 90° rotation — a pure
+function of (seed, step), read from the memory-mapped arrays. Targets
+(:func:`histosynth.models.hovernet.hovernet_targets`) are computed on the
+window and cropped to the network's output, as the official code does.
+
+**Recipe.** Adam (lr 1e-4, betas 0.9, 0.999), the learning rate ×0.1 after
+``lr_drop`` of the steps (the official schedule drops it half-way);
+:func:`~histosynth.models.hovernet.hovernet_loss`.
+
+**Files** (``out_dir``): ``model.pt`` (weights, architecture, classes, arm,
+seed, step; ``torch.load(weights_only=True)``), ``log.csv`` (the mean of each
+loss term every ``log_every`` steps), ``checkpoint.pt`` (model, optimizer,
+RNG, log; training resumes from it — on the CPU a killed and resumed run ends
+with the same weights as an uninterrupted one).
+
+:func:`predict` runs a model over an image of any size with overlapping
+windows and returns the stitched NP / HV / TP maps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from histosynth.errors import HistosynthError
+from histosynth.models import hovernet as hn
+from histosynth.train_gan import GanData, _data_fingerprint, _max_type, _read_classes, load_gan_data
+from histosynth.training import (PRECISIONS, Deterministic, atomic_csv, atomic_torch_save, autocast,
+                                 choose_precision, load_resume, read_torch_checkpoint)
+
+log = logging.getLogger(__name__)
+
+ARMS = ("real", "real+synthetic", "synthetic")
+CHECKPOINT_FORMAT = "histosynth-hovernet"
+CHECKPOINT_VERSION = 1
+_RESUME_KEYS = ("arch", "arm", "mix", "batch_size", "lr", "lr_drop", "seed", "input_size", "steps", "data")
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A segmenter ``model.pt`` / ``checkpoint.pt`` (``torch.load(weights_only=True)``), or one clear error."""
+    return read_torch_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "segmenter")
+
+
+@dataclass
+class Segmenter:
+    """A trained HoVer-Net in inference mode, with what it was trained on."""
+
+    model: hn.HoVerNet
+    arch: dict[str, Any]
+    classes: dict[int, str]
+    n_types: int
+    arm: str
+    seed: int
+    step: int
+    input_size: int
+    output_size: int
+    path: str
+
+
+def build_model(arch: dict[str, Any]) -> hn.HoVerNet:
+    return hn.HoVerNet(**arch)
+
+
+def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") -> Segmenter:
+    """The model of ``model.pt`` (or a training ``checkpoint.pt``) on ``device``, in eval mode."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    ckpt = read_checkpoint(path)
+    try:
+        arch = dict(ckpt["arch"])
+        model = build_model(arch)
+        model.load_state_dict(ckpt["model"], strict=True)
+        seg = Segmenter(model=model, arch=arch, classes={int(k): str(v) for k, v in dict(ckpt["classes"]).items()},
+                        n_types=int(ckpt["n_types"]), arm=str(ckpt["arm"]), seed=int(ckpt["seed"]),
+                        step=int(ckpt["step"]), input_size=int(ckpt["input_size"]),
+                        output_size=int(ckpt["output_size"]), path=os.fspath(path))
+    except (KeyError, TypeError, ValueError, RuntimeError, HistosynthError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise HistosynthError(f"checkpoint does not fit the HoVer-Net architecture: {first}", path) from err
+    model.to(device).eval()
+    return seg
+
+
+def output_size_of(model: torch.nn.Module, input_size: int) -> int:
+    """The side of the NP/HV/TP maps for a square ``input_size`` input (one small forward pass)."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, input_size, input_size, device=device))
+    except RuntimeError as err:
+        raise HistosynthError(f"input size {input_size} does not fit this HoVer-Net ({err})") from err
+    finally:
+        model.train(was)
+    h, w = out["np"].shape[-2:]
+    if h != w or h < 1:
+        raise HistosynthError(f"input size {input_size} gives a {h}x{w} output")
+    return int(h)
+
+
+# -- data ------------------------------------------------------------------------------------------
+def _window(arr: np.ndarray, y: int, x: int, size: int, mode: str) -> np.ndarray:
+    """A ``size`` window of ``arr`` at (y, x), padded where it runs past the edge (reflect or zero)."""
+    h, w = arr.shape[:2]
+    y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + size, h), min(x + size, w)
+    piece = np.asarray(arr[y0:y1, x0:x1])
+    pad = [(y0 - y, y + size - y1), (x0 - x, x + size - x1)] + [(0, 0)] * (arr.ndim - 2)
+    if not any(p for pair in pad for p in pair):
+        return piece
+    if mode == "reflect":
+        return np.pad(piece, pad, mode="symmetric")
+    return np.pad(piece, pad)
+
+
+def sample_batch(pools: Sequence[GanData], weights: Sequence[float], batch_size: int, size: int, seed: int,
+                 step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(images (B, S, S, 3) uint8, inst int32, types uint8, valid bool) for ``step``, a pure function of (seed, step).
+
+    Each patch comes from pool ``i`` with probability ``weights[i]``. A window
+    larger than a patch is centred on it at random offsets; ``valid`` marks
+    the pixels that lie inside the patch.
+    """
+    rng = np.random.default_rng([int(seed), 0x5E6, int(step)])
+    which = rng.choice(len(pools), size=batch_size, p=np.asarray(weights, float) / sum(weights))
+    imgs = np.empty((batch_size, size, size, 3), np.uint8)
+    inst = np.empty((batch_size, size, size), np.int32)
+    types = np.empty((batch_size, size, size), np.uint8)
+    valid = np.empty((batch_size, size, size), bool)
+    for b in range(batch_size):
+        pool = pools[int(which[b])]
+        k = int(rng.integers(0, len(pool)))
+        s_idx, p_idx = pool.locate(np.array([k]))
+        s, p = int(s_idx[0]), int(p_idx[0])
+        h, w = pool.size
+        # offsets of the window in patch coordinates: inside when the patch is larger, around it when smaller
+        y = int(rng.integers(min(0, h - size), max(0, h - size) + 1))
+        x = int(rng.integers(min(0, w - size), max(0, w - size) + 1))
+        d = int(rng.integers(0, 8))
+        ones = np.ones((h, w), bool)
+        for out, arr, mode in ((imgs, pool.images[s][p], "reflect"), (inst, pool.inst[s][p], "zero"),
+                               (types, pool.types[s][p], "zero"), (valid, ones, "zero")):
+            a = np.rot90(_window(arr, y, x, size, mode), d % 4)
+            out[b] = a[:, ::-1] if d >= 4 else a
+    return imgs, inst, types, valid
+
+
+def _centre(arr: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` × ``size`` of the last two axes."""
+    h, w = arr.shape[-2:]
+    y, x = (h - size) // 2, (w - size) // 2
+    return arr[..., y : y + size, x : x + size]
+
+
+def batch_targets(inst: np.ndarray, types: np.ndarray, valid: np.ndarray, out_size: int, n_types: int,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """HoVer-Net targets of a batch (computed on the window, cropped to the output) as tensors."""
+    per = [hn.hovernet_targets(inst[b], types[b] if n_types else None) for b in range(len(inst))]
+    out: dict[str, torch.Tensor] = {}
+    for key in per[0]:
+        stacked = np.stack([_centre(np.asarray(t[key]), out_size) for t in per])
+        out[key] = torch.from_numpy(np.ascontiguousarray(stacked)).to(device)
+    out["valid"] = torch.from_numpy(np.ascontiguousarray(_centre(valid, out_size))).to(device)
+    return out
+
+
+def to_input(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → float (B, 3, H, W) in [0, 1] (HoVer-Net's input scaling)."""
+    return torch.from_numpy(np.ascontiguousarray(imgs)).to(device).permute(0, 3, 1, 2).float() / 255.0
+
+
+def learning_rate(step: int, lr: float, steps: int, lr_drop: float) -> float:
+    return lr if step < int(round(lr_drop * steps)) else lr * 0.1
+
+
+# -- training ----------------------------------------------------------------------------------------
+def _pools_for(arm: str, real: Sequence[str | os.PathLike], synthetic: Sequence[str | os.PathLike],
+               mix: float) -> tuple[list[GanData], list[float], list[str]]:
+    if arm not in ARMS:
+        raise HistosynthError(f"arm must be one of {ARMS}, got {arm!r}")
+    if not 0.0 < mix < 1.0:
+        raise HistosynthError(f"mix (the synthetic share of a real+synthetic batch) must be in (0, 1), got {mix}")
+    need_real, need_synth = arm in ("real", "real+synthetic"), arm in ("synthetic", "real+synthetic")
+    if need_real and not real:
+        raise HistosynthError(f"arm {arm!r} needs real patch sets")
+    if need_synth and not synthetic:
+        raise HistosynthError(f"arm {arm!r} needs synthetic patch sets (--synthetic)")
+    if not need_real and real:
+        raise HistosynthError(f"arm {arm!r} trains on synthetic data only; real patch sets were given")
+    if not need_synth and synthetic:
+        raise HistosynthError(f"arm {arm!r} trains on real data only; synthetic patch sets were given")
+    pools, weights, paths = [], [], []
+    if need_real:
+        pools.append(load_gan_data(real, None))
+        weights.append(1.0 - mix if need_synth else 1.0)
+        paths += [os.fspath(p) for p in real]
+    if need_synth:
+        pools.append(load_gan_data(synthetic, None))
+        weights.append(mix if need_real else 1.0)
+        paths += [os.fspath(p) for p in synthetic]
+    return pools, weights, paths
+
+
+def _check_finite(parts: dict[str, float], step: int, last_good: str | None, out_dir: Path) -> None:
+    bad = [k for k, v in parts.items() if not math.isfinite(v)]
+    if bad:
+        raise HistosynthError(
+            f"training stopped: non-finite loss ({', '.join(f'{k}={parts[k]}' for k in bad)}) at step {step + 1} "
+            f"(try a lower --lr or --precision float32); last good checkpoint: {last_good or 'none written yet'}",
+            out_dir)
+
+
+def train_segmenter(
+    real: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    arm: str = "real",
+    synthetic: Sequence[str | os.PathLike] = (),
+    mix: float = 0.5,
+    mode: str = "fast",
+    width: int = 64,
+    units: Sequence[int] = (3, 4, 6, 3),
+    input_size: int | None = None,
+    steps: int = 2000,
+    batch_size: int = 4,
+    lr: float = 1e-4,
+    lr_drop: float = 0.5,
+    seed: int = 0,
+    device: str = "auto",
+    threads: int | None = 1,
+    checkpoint_every: int = 200,
+    log_every: int = 10,
+    precision: str = "auto",
+    classes: dict[str, int] | dict[int, str] | None = None,
+    resume: bool = True,
+    progress: bool | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train one arm's HoVer-Net into ``out_dir`` (see the module docstring); returns a report.
+
+    ``input_size`` defaults to the mode's (fast 256, original 270). ``callback``
+    (a test hook) runs after every step and its checkpoint; an exception it
+    raises ends training there, as a kill would.
+    """
+    from tqdm import tqdm
+
+    from histosynth.device import select_device
+
+    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("width", width, 1),
+                             ("checkpoint_every", checkpoint_every, 1), ("log_every", log_every, 1)):
+        if int(value) < low:
+            raise HistosynthError(f"{name} must be at least {low}, got {value}")
+    if not lr > 0 or not 0.0 <= lr_drop <= 1.0:
+        raise HistosynthError(f"lr must be > 0 and lr_drop in [0, 1], got lr={lr}, lr_drop={lr_drop}")
+    if mode not in hn.MODES:
+        raise HistosynthError(f"mode must be one of {hn.MODES}, got {mode!r}")
+    input_size = int(input_size or hn.INPUT_SIZE[mode])
+    pools, weights, paths = _pools_for(arm, real, synthetic, mix)
+    if classes:
+        first = next(iter(classes))
+        class_map = ({int(v): str(k) for k, v in classes.items()} if isinstance(first, str)
+                     else {int(k): str(v) for k, v in classes.items()})
+    else:
+        class_map = _read_classes(paths)
+    n_types = max([*(_max_type(p) for p in pools), *class_map.keys()], default=0)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = select_device(device, threads)
+    cpu = dev.type == "cpu"
+    arch = {"n_types": int(n_types) or None, "mode": mode, "width": int(width),
+            "units": [int(u) for u in units]}
+
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model = build_model(arch).to(dev)
+        out_size = output_size_of(model, input_size)
+        settings: dict[str, Any] = {
+            "arch": arch, "arm": arm, "mix": float(mix) if arm == "real+synthetic" else None,
+            "batch_size": int(batch_size), "lr": float(lr), "lr_drop": float(lr_drop), "seed": int(seed),
+            "input_size": input_size, "output_size": out_size, "steps": int(steps),
+            "data": "|".join(_data_fingerprint(pool_paths, pool) for pool_paths, pool in
+                             zip(_split_paths(arm, real, synthetic), pools)),
+            "patch_sets": paths,
+        }
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
+
+        def probe(dtype: torch.dtype | None) -> None:
+            import copy
+
+            m = copy.deepcopy(model)
+            x = torch.rand(min(batch_size, 2), 3, input_size, input_size, device=dev)
+            with autocast(dev, dtype):
+                loss = sum(v.float().mean() for v in m(x).values())
+            loss.backward()
+
+        amp_dtype = choose_precision(precision, dev, probe)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        settings["precision"] = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+
+        ckpt_path = out_dir / "checkpoint.pt"
+        step = 0
+        rows: list[dict[str, Any]] = []
+        partial: dict[str, float] = {}
+        ckpt = load_resume(ckpt_path, settings, _RESUME_KEYS, read_checkpoint, "optimizer") if resume else None
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
+            step = int(ckpt["step"])
+            rows = [dict(r) for r in ckpt["log"]]
+            partial = dict(ckpt["partial"])
+            log.info("resuming %s from %s at step %d", out_dir, ckpt_path, step)
+        last_good = f"{ckpt_path} (step {step})" if ckpt is not None else None
+
+        def model_dict(**extra: Any) -> dict[str, Any]:
+            return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                    "arch": arch, "classes": class_map, "n_types": int(n_types), "arm": arm, "seed": int(seed),
+                    "step": step, "input_size": input_size, "output_size": out_size, "train": settings, **extra}
+
+        def save_checkpoint() -> None:
+            nonlocal last_good
+            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda"
+                   else None}
+            atomic_torch_save(model_dict(optimizer=optimizer.state_dict(),
+                                         scaler=scaler.state_dict() if scaler.is_enabled() else {},
+                                         rng=rng, log=[dict(r) for r in rows], partial=dict(partial)), ckpt_path)
+            last_good = f"{ckpt_path} (step {step})"
+
+        if progress is None:
+            progress = sys.stderr.isatty()
+        log.info("training HoVer-Net (%s mode, width %d, units %s, %d types) arm %s seed %d on %s patches; "
+                 "%d steps of batch %d at %d px -> %d px on %s (%s)", mode, width, list(units), n_types, arm, seed,
+                 " + ".join(str(len(p)) for p in pools), steps, batch_size, input_size, out_size, dev,
+                 settings["precision"])
+        t_start = t_mark = time.perf_counter()
+        model.train()
+        with Deterministic(cpu), tqdm(total=steps, initial=min(step, steps), desc=f"train-segmenter {arm}",
+                                       unit="step", disable=not progress, file=sys.stderr) as bar:
+            while step < steps:
+                imgs, inst, types, valid = sample_batch(pools, weights, batch_size, input_size, seed, step)
+                targets = batch_targets(inst, types, valid, out_size, n_types, dev)
+                rate = learning_rate(step, lr, steps, lr_drop)
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
+                with autocast(dev, amp_dtype):
+                    outputs = model(to_input(imgs, dev))
+                loss, parts = hn.hovernet_loss({k: v.float() for k, v in outputs.items()}, targets,
+                                               valid=targets["valid"])
+                values = {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
+                _check_finite(values, step, last_good, out_dir)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                step += 1
+                for k, v in values.items():
+                    partial[k] = partial.get(k, 0.0) + v
+                partial["n"] = partial.get("n", 0.0) + 1
+                bar.update(1)
+                if step % log_every == 0 or step == steps:
+                    n = max(1.0, partial.pop("n"))
+                    now = time.perf_counter()
+                    rows.append({"step": step, **{k: partial.get(k, 0.0) / n for k in values}, "lr": rate,
+                                 "seconds": partial.get("seconds", 0.0) + now - t_mark})
+                    t_mark = now
+                    partial = {}
+                    bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}")
+                    atomic_csv(pd.DataFrame(rows), out_dir / "log.csv")
+                if step % checkpoint_every == 0 or step == steps:
+                    partial["seconds"] = partial.get("seconds", 0.0) + time.perf_counter() - t_mark
+                    t_mark = time.perf_counter()
+                    save_checkpoint()
+                if callback is not None:
+                    callback({"step": step, **values})
+        seconds = time.perf_counter() - t_start
+        atomic_torch_save(model_dict(), out_dir / "model.pt")
+        atomic_csv(pd.DataFrame(rows), out_dir / "log.csv")
+    final = rows[-1] if rows else {}
+    timed = [r["seconds"] / max(1, r["step"] - p["step"]) for p, r in zip([{"step": 0}] + rows[:-1], rows)]
+    report = {"stage": "train_segmenter", "out_dir": str(out_dir), "arm": arm, "seed": int(seed), "step": step,
+              "patches": {name: len(p) for name, p in zip(("real", "synthetic") if len(pools) == 2 else (arm,),
+                                                           pools)},
+              "n_types": int(n_types), "precision": settings["precision"], "device": str(dev),
+              "seconds": seconds, "seconds_per_step": float(np.median(timed)) if timed else float("nan"),
+              "loss": final.get("loss", float("nan"))}
+    log.info("HoVer-Net written to %s after %d steps: loss %.4f; %.3f s per step", out_dir / "model.pt", step,
+             report["loss"], report["seconds_per_step"])
+    return report
+
+
+def _split_paths(arm: str, real: Sequence[str | os.PathLike], synthetic: Sequence[str | os.PathLike]
+                 ) -> list[Sequence[str | os.PathLike]]:
+    return [p for p, used in ((real, arm != "synthetic"), (synthetic, arm != "real")) if used]
+
+
+# -- inference ---------------------------------------------------------------------------------------
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    """Window starts covering [0, length): every ``stride``, the last one flush with the end."""
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window, stride))
+    return starts + [length - window]
+
+
+def predict(seg: Segmenter, image: np.ndarray, *, overlap: int | None = None, batch: int = 4,
+            amp_dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
+    """NP probability (H, W), HV (2, H, W) and TP probabilities (T+1, H, W) for an RGB image of any size.
+
+    The image is reflect-padded by the network's margin and covered by
+    output-sized windows that overlap by ``overlap`` pixels (default a
+    quarter of the output); overlapping predictions are averaged.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise HistosynthError(f"predict needs an RGB uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    model = seg.model
+    device = next(model.parameters()).device
+    s_in, s_out = seg.input_size, seg.output_size
+    margin = (s_in - s_out) // 2
+    overlap = s_out // 4 if overlap is None else int(overlap)
+    if not 0 <= overlap < s_out:
+        raise HistosynthError(f"overlap must be in [0, {s_out}) for a {s_out}-px output, got {overlap}")
+    h, w = image.shape[:2]
+    big_h, big_w = max(h, s_out), max(w, s_out)
+    padded = np.pad(image, ((margin, margin + big_h - h), (margin, margin + big_w - w), (0, 0)), mode="symmetric")
+    ys, xs = _starts(big_h, s_out, s_out - overlap), _starts(big_w, s_out, s_out - overlap)
+    windows = [(y, x) for y in ys for x in xs]
+    sums: dict[str, np.ndarray] = {}
+    count = np.zeros((big_h, big_w), np.float32)
+    with torch.no_grad():
+        for i in range(0, len(windows), batch):
+            chunk = windows[i : i + batch]
+            x_in = np.stack([padded[y : y + s_in, x : x + s_in] for y, x in chunk])
+            with autocast(device, amp_dtype):
+                out = model(to_input(x_in, device))
+            maps = {"np": torch.softmax(out["np"].float(), 1)[:, 1:2], "hv": out["hv"].float()}
+            if "tp" in out:
+                maps["tp"] = torch.softmax(out["tp"].float(), 1)
+            for key, value in maps.items():
+                arr = value.cpu().numpy()
+                acc = sums.setdefault(key, np.zeros((arr.shape[1], big_h, big_w), np.float32))
+                for (y, x), a in zip(chunk, arr):
+                    acc[:, y : y + s_out, x : x + s_out] += a
+            for y, x in chunk:
+                count[y : y + s_out, x : x + s_out] += 1
+    result = {k: (v / count)[:, :h, :w] for k, v in sums.items()}
+    result["np"] = result["np"][0]
+    return result
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register ``histosynth train-segmenter``."""
+    p = sub.add_parser("train-segmenter", help="train HoVer-Net for one arm (real, real+synthetic, synthetic)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="[REAL_PATCH_SETS...] OUT_DIR (real patch sets with images, inst and types; the output "
+                        "folder: model.pt, log.csv, checkpoint.pt)")
+    p.add_argument("--arm", choices=ARMS, required=True, help="which data to train on")
+    p.add_argument("--synthetic", nargs="+", default=[], metavar="PATCH_SET",
+                   help="synthetic pairs (translate's output), for the synthetic and real+synthetic arms")
+    p.add_argument("--mix", type=float, default=0.5,
+                   help="real+synthetic: the chance that a batch patch is synthetic (default 0.5)")
+    p.add_argument("--mode", choices=("fast", "original"), default="fast",
+                   help="HoVer-Net mode: fast 256 -> 164 px, original 270 -> 80 px (default fast)")
+    p.add_argument("--width", type=int, default=64, help="encoder base width (default 64, the paper's)")
+    p.add_argument("--units", type=int, nargs=4, default=[3, 4, 6, 3], metavar="N",
+                   help="residual units per encoder stage (default 3 4 6 3, ResNet-50)")
+    p.add_argument("--input-size", type=int, default=None, help="network input side (default: the mode's)")
+    p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000), the same for every arm")
+    p.add_argument("--batch-size", type=int, default=4, help="default 4")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--lr-drop", type=float, default=0.5,
+                   help="fraction of the steps after which the learning rate is divided by 10 (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
+    p.add_argument("--log-every", type=int, default=10, help="steps per log.csv row (default 10)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="default auto")
+    p.add_argument("--classes", nargs="+", default=None, metavar="NAME=ID",
+                   help="type names (default: from the patch sets' report.json)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint.pt")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> None:
+    from histosynth.patches import parse_class_map
+
+    train_segmenter(args.paths[:-1], args.paths[-1], arm=args.arm, synthetic=args.synthetic, mix=args.mix,
+                    mode=args.mode, width=args.width, units=args.units, input_size=args.input_size,
+                    steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_drop=args.lr_drop, seed=args.seed,
+                    device=args.device, threads=args.threads, checkpoint_every=args.checkpoint_every,
+                    log_every=args.log_every, precision=args.precision, classes=parse_class_map(args.classes),
+                    resume=args.resume, progress=getattr(args, "progress", False) or None)

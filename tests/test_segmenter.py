@@ -1,0 +1,205 @@
+"""Training HoVer-Net per arm, resuming, sliding-window prediction, and scoring on held-out patch sets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from histosynth import segmenter as sg
+from histosynth.cli import main
+from histosynth.errors import HistosynthError
+from histosynth.io.patchset import PatchSetWriter
+from histosynth.score import score
+
+torch.set_num_threads(1)
+
+COLOURS = {0: (235, 190, 215), 1: (90, 40, 140), 2: (40, 20, 90)}
+# the smallest HoVer-Net: 8 channels, one unit per stage; a 96-px input gives a 4-px output in fast mode
+TINY = dict(width=8, units=(1, 1, 1, 1), input_size=104, batch_size=2, device="cpu", threads=1,
+            precision="float32", log_every=1)
+
+
+def _write_set(path, slide, n=3, size=64, seed=0, classes=None, max_type=2, source="test"):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    with PatchSetWriter(path, arrays=("images", "inst", "types"), patch_size=(size, size)) as w:
+        for i in range(n):
+            inst = np.zeros((size, size), np.int32)
+            types = np.zeros((size, size), np.uint8)
+            for k in range(1, 7):
+                cy, cx, r = rng.integers(5, size - 5), rng.integers(5, size - 5), rng.integers(3, 6)
+                disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) & (inst == 0)
+                inst[disc] = k
+                types[disc] = 1 + k % max_type
+            img = np.zeros((size, size, 3), np.uint8)
+            img[:] = COLOURS[0]
+            for t in range(1, max_type + 1):
+                img[types == t] = COLOURS[min(t, 2)]
+            row = {"slide": slide, "x": 0, "y": i * size, "level": 0, "downsample": 1.0, "mpp": 0.5,
+                   "width": size, "height": size, "tissue_fraction": 1.0, "n_nuclei": 6, "source": source}
+            w.add(row, images=img, inst=inst, types=types)
+        w.report = {"classes": classes or {"1": "Epithelial", "2": "Lymphocyte"}}
+    return path
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    return {"real": [_write_set(root / "real", "r", seed=1)], "synthetic": [_write_set(root / "syn", "s", seed=2)],
+            "test": [_write_set(root / "test", "t", seed=3, n=2, size=150)]}
+
+
+def test_sampler_is_pure_and_pads_small_patches(sets):
+    pools, weights, _ = sg._pools_for("real+synthetic", sets["real"], sets["synthetic"], 0.5)
+    a = sg.sample_batch(pools, weights, 3, 96, 0, 4)
+    b = sg.sample_batch(pools, weights, 3, 96, 0, 4)
+    assert all((x == y).all() for x, y in zip(a, b))
+    imgs, inst, types, valid = a
+    assert imgs.shape == (3, 96, 96, 3) and inst.dtype == np.int32
+    # a 64-px patch in a 96-px window: exactly 64*64 valid pixels, padding has no nuclei
+    assert (valid.reshape(3, -1).sum(1) == 64 * 64).all()
+    assert not inst[~valid].any() and not types[~valid].any()
+
+
+def test_mix_draws_from_both_pools_in_proportion(sets):
+    real = sg.load_gan_data(sets["real"], None)
+    pools, weights, _ = sg._pools_for("real+synthetic", sets["real"], sets["synthetic"], 0.25)
+    assert weights == [0.75, 0.25]
+    rng_draws = [np.random.default_rng([0, 0x5E6, s]).choice(2, size=4, p=[0.75, 0.25]) for s in range(200)]
+    assert 0.18 < np.mean(rng_draws) < 0.32
+    assert len(real) == 3
+
+
+@pytest.mark.parametrize("arm, real, synthetic, message", [
+    ("real", False, False, "needs real patch sets"),
+    ("synthetic", False, False, "needs synthetic"),
+    ("real", True, True, "real data only"),
+    ("synthetic", True, True, "synthetic data only"),
+    ("both", True, False, "arm must be one of"),
+])
+def test_arms_need_their_data(sets, arm, real, synthetic, message):
+    with pytest.raises(HistosynthError, match=message):
+        sg._pools_for(arm, sets["real"] if real else [], sets["synthetic"] if synthetic else [], 0.5)
+
+
+def test_training_writes_model_log_and_resumes_exactly(sets, tmp_path):
+    full = sg.train_segmenter(sets["real"], tmp_path / "full", arm="real+synthetic", synthetic=sets["synthetic"],
+                              steps=4, checkpoint_every=2, seed=3, **TINY)
+    assert full["step"] == 4 and np.isfinite(full["loss"])
+    log_csv = pd.read_csv(tmp_path / "full" / "log.csv")
+    assert list(log_csv["step"]) == [1, 2, 3, 4] and {"np_ce", "hv_mse", "tp_ce", "lr"} <= set(log_csv.columns)
+
+    class Kill(Exception):
+        pass
+
+    def kill_at_3(info):
+        if info["step"] == 3:
+            raise Kill
+
+    with pytest.raises(Kill):
+        sg.train_segmenter(sets["real"], tmp_path / "resumed", arm="real+synthetic", synthetic=sets["synthetic"],
+                           steps=4, checkpoint_every=2, seed=3, callback=kill_at_3, **TINY)
+    assert not (tmp_path / "resumed" / "model.pt").exists()
+    sg.train_segmenter(sets["real"], tmp_path / "resumed", arm="real+synthetic", synthetic=sets["synthetic"],
+                       steps=4, checkpoint_every=2, seed=3, **TINY)
+    a = sg.load_segmenter(tmp_path / "full" / "model.pt")
+    b = sg.load_segmenter(tmp_path / "resumed" / "model.pt")
+    assert a.arm == "real+synthetic" and a.classes == {1: "Epithelial", 2: "Lymphocyte"} and a.n_types == 2
+    for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), k
+
+
+def test_checkpoint_of_another_kind_or_corrupt_is_named(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(HistosynthError, match="unreadable segmenter checkpoint"):
+        sg.load_segmenter(bad)
+    torch.save({"format": "histosynth-gan"}, bad)
+    with pytest.raises(HistosynthError, match="not a segmenter checkpoint"):
+        sg.load_segmenter(bad)
+    torch.save({"format": sg.CHECKPOINT_FORMAT, "version": 1, "arch": {"width": 8}, "model": {}}, bad)
+    with pytest.raises(HistosynthError, match="does not fit"):
+        sg.load_segmenter(bad)
+
+
+def test_nan_loss_stops_training(sets, tmp_path, monkeypatch):
+    real_loss = sg.hn.hovernet_loss
+
+    def nan_loss(*a, **k):
+        total, parts = real_loss(*a, **k)
+        return total * float("nan"), parts
+
+    monkeypatch.setattr(sg.hn, "hovernet_loss", nan_loss)
+    with pytest.raises(HistosynthError, match="non-finite loss"):
+        sg.train_segmenter(sets["real"], tmp_path / "nan", arm="real", steps=2, **TINY)
+    assert not (tmp_path / "nan" / "model.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def model(sets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    sg.train_segmenter(sets["real"], out, arm="real", steps=2, seed=0, **TINY)
+    return out / "model.pt"
+
+
+def test_predict_covers_any_size_and_overlap_only_blends(model):
+    seg = sg.load_segmenter(model)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (37, 50, 3), dtype=np.uint8)
+    maps = sg.predict(seg, image, overlap=0)
+    assert maps["np"].shape == (37, 50) and maps["hv"].shape == (2, 37, 50) and maps["tp"].shape == (3, 37, 50)
+    assert np.isfinite(maps["hv"]).all() and ((maps["np"] >= 0) & (maps["np"] <= 1)).all()
+    # each window sees its full receptive field (reflect padding), so overlapping windows agree up to float noise
+    big = rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)
+    a, b = sg.predict(seg, big, overlap=0), sg.predict(seg, big, overlap=3)
+    assert a["np"].shape == (30, 30)
+    with pytest.raises(HistosynthError, match="overlap"):
+        sg.predict(seg, big, overlap=seg.output_size)
+    with pytest.raises(HistosynthError, match="RGB uint8"):
+        sg.predict(seg, big.astype(float))
+    assert np.allclose(a["np"][:4, :4], b["np"][:4, :4], atol=1e-5)
+
+
+def test_score_writes_per_image_rows_summary_and_overlay(model, sets, tmp_path):
+    summary = score(model, sets["test"], tmp_path / "score", device="cpu", threads=1, n_overlays=2)
+    rows = pd.read_csv(tmp_path / "score" / "scores.csv")
+    assert len(rows) == 2 and set(rows["arm"]) == {"real"} and {"pq", "aji", "dice", "slide"} <= set(rows.columns)
+    assert ((rows[["dice", "aji", "pq"]] >= 0) & (rows[["dice", "aji", "pq"]] <= 1)).all().all()
+    saved = json.loads((tmp_path / "score" / "summary.json").read_text())
+    assert saved["n_images"] == 2 and saved["arm"] == "real" and "mpq" in saved
+    assert summary["pq"] == pytest.approx(rows["pq"].mean())
+    assert (tmp_path / "score" / "overlay.png").stat().st_size > 1000
+
+
+def test_score_refuses_sets_without_nuclei_and_foreign_types(model, tmp_path):
+    empty = tmp_path / "empty"
+    with PatchSetWriter(empty, arrays=("images", "inst", "types"), patch_size=(32, 32)) as w:
+        w.add({"slide": "e", "x": 0, "y": 0, "level": 0, "downsample": 1.0, "mpp": 0.5, "width": 32,
+               "height": 32, "tissue_fraction": 1.0, "n_nuclei": 0, "source": "t"},
+              images=np.zeros((32, 32, 3), np.uint8), inst=np.zeros((32, 32), np.int32),
+              types=np.zeros((32, 32), np.uint8))
+    with pytest.raises(HistosynthError, match="no nuclei"):
+        score(model, [empty], tmp_path / "out", device="cpu")
+    other = _write_set(tmp_path / "other", "o", classes={"1": "Tumour", "2": "Immune"})
+    with pytest.raises(HistosynthError, match="not the ones the model was trained with"):
+        score(model, [other], tmp_path / "out", device="cpu")
+    more = _write_set(tmp_path / "more", "m", classes={}, max_type=3)
+    with pytest.raises(HistosynthError, match="use type 3"):
+        score(model, [more], tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out" / "scores.csv").exists()
+
+
+def test_cli_train_and_score(sets, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train-segmenter", str(sets["synthetic"][0]), str(out), "--arm", "real", "--width", "8", "--units",
+            "1", "1", "1", "1", "--input-size", "104", "--steps", "1", "--batch-size", "1", "--device", "cpu",
+            "--precision", "float32"]
+    assert main(args) == 0
+    assert main(["score", str(out / "model.pt"), str(sets["test"][0]), str(tmp_path / "s"), "--device", "cpu"]) == 0
+    assert (tmp_path / "s" / "scores.csv").is_file()
+    assert main(["train-segmenter", str(tmp_path / "x"), "--arm", "synthetic"]) == 2
+    assert "needs synthetic" in capsys.readouterr().err
