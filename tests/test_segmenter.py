@@ -203,3 +203,9 @@ def test_cli_train_and_score(sets, tmp_path, capsys):
     assert (tmp_path / "s" / "scores.csv").is_file()
     assert main(["train-segmenter", str(tmp_path / "x"), "--arm", "synthetic"]) == 2
     assert "needs synthetic" in capsys.readouterr().err
+
+
+def test_score_reads_the_rasterize_class_spelling(model, tmp_path):
+    """rasterize's report names classes by index column ({"n_epithelial": 1}); that is the same mapping."""
+    spelled = _write_set(tmp_path / "spelled", "t", classes={"n_epithelial": 1, "n_lymphocyte": 2})
+    assert score(model, [spelled], tmp_path / "out", device="cpu")["n_images"] == 3

@@ -170,3 +170,47 @@ def test_monuseg_preset_runs_the_dag_so_far(tmp_path, shared_data):
         assert ps.report["nuclei_on_no_kept_tile"] == 0 and ps.index["n_nuclei"].sum() > 300
         assert set(int(t) for t in ps.types[:].ravel()) == {0, 1}
     assert sorted(pd.read_csv(tmp_path / "out" / "split.csv")["slide"]) == names
+
+
+def _outputs(results: Path) -> dict[str, float]:
+    """Every file under results/ (logs and Snakemake's own state aside) → its mtime."""
+    return {str(p.relative_to(results)): p.stat().st_mtime for p in results.rglob("*")
+            if p.is_file() and "logs" not in p.parts}
+
+
+def test_killed_run_restarts_without_redoing_finished_jobs(tmp_path):
+    """kill -9 Snakemake and its jobs mid-run; unlock and rerun: finished jobs are kept, the rest completes."""
+    import os
+    import signal
+    import time
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--configfile", str(tmp_path / "config.yaml"), "--cores", "2", "--resources", "gpu=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    results = tmp_path / "results"
+    started = results / "logs" / "train_dvae.log"  # the patches are done, the beta-VAE is training
+    deadline = time.monotonic() + 300
+    while not started.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # what had finished when the kill came: everything upstream of the beta-VAE
+    finished = ("demo/", "tiles/", "patches/", "qc/", "split.csv", "library/")
+    before = {k: v for k, v in _outputs(results).items() if k.startswith(finished)}
+    assert any(k.startswith("patches/") for k in before) and not (results / "models" / "dvae" / "dvae.pt").exists()
+
+    assert snakemake(tmp_path, "--unlock").returncode == 0
+    res = snakemake(tmp_path, "--rerun-incomplete")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    after = _outputs(results)
+    kept = {k: v for k, v in before.items() if k in after and after[k] == v}
+    assert kept == before, f"redone: {sorted(set(before) - set(kept))}"
+    for rule in ("demo_slides", "tile", "rasterize", "split"):
+        assert f"rule {rule}:" not in out, rule
+    assert "rule train_dvae:" in out and (results / "report" / "index.html").is_file()
+    for shard in (0, 1):
+        read_patchset(results / "synthetic" / "pairs" / f"shard-{shard}", require=("images", "inst", "types"))
+    assert not [k for k in after if "tmp" in Path(k).name], "temporary files left behind"

@@ -42,7 +42,6 @@ import argparse
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,20 +51,14 @@ from scipy import stats as sps
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.io.patchset import read_patchset
-from histosynth.stats import _parse_classes, nn_distances, nucleus_features
+from histosynth.io.patchset import class_key, parse_classes, read_patchset
+from histosynth.stats import nn_distances, nucleus_features
 
 log = logging.getLogger(__name__)
 
 BARS = {"count": 0.1, "area": 0.1, "nn_distance": 0.1, "eccentricity": 0.15}
 TYPE_COLORS = np.array([[0, 0, 0], [220, 40, 40], [150, 80, 200], [60, 170, 90], [240, 170, 30],
                         [40, 130, 220], [200, 200, 60], [120, 120, 120]], np.uint8)
-
-
-def _norm_name(name: str) -> str:
-    name = str(name)
-    name = name[2:] if name.startswith("n_") else name
-    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
 
 
 def measure(patch_sets: Sequence[str | os.PathLike], border_margin: int = 1, side: str = "",
@@ -89,8 +82,8 @@ def measure(patch_sets: Sequence[str | os.PathLike], border_margin: int = 1, sid
             raise HistosynthError(f"{side} patch set is empty", path)
         cls = ps.report.get("classes")
         if isinstance(cls, dict) and cls:
-            for tid, name in _parse_classes(cls).items():
-                if tid in classes and _norm_name(classes[tid]) != _norm_name(name):
+            for tid, name in parse_classes(cls).items():
+                if tid in classes and class_key(classes[tid]) != class_key(name):
                     raise HistosynthError(f"type {tid} is {name!r} here but {classes[tid]!r} in another {side} "
                                           "patch set", path)
                 classes[tid] = name
@@ -164,7 +157,7 @@ def evaluate_masks(
     real_types = sorted({t for tc in rl["type_counts"] for t in tc})
     if syn["classes"] and rl["classes"]:
         for tid in set(syn["classes"]) & set(rl["classes"]):
-            if _norm_name(syn["classes"][tid]) != _norm_name(rl["classes"][tid]):
+            if class_key(syn["classes"][tid]) != class_key(rl["classes"][tid]):
                 raise HistosynthError(f"type {tid} is {syn['classes'][tid]!r} in the synthetic masks but "
                                       f"{rl['classes'][tid]!r} in the real ones: mismatched class maps", synthetic[0])
         extra = sorted(set(syn_types) - set(rl["classes"]))
@@ -202,7 +195,7 @@ def evaluate_masks(
         return np.array([tc.get(t, 0) / sum(tc.values()) for tc in tcs if sum(tc.values()) > 0])
 
     for t in all_types:
-        key = f"type_fraction_{_norm_name(classes[t]) or t}"
+        key = f"type_fraction_{class_key(classes[t]) or t}"
         type_feats[key] = {**_ks(fractions(syn["type_counts"], t), fractions(rl["type_counts"], t)),
                            "type": t, "bar": None, "pass": None}
     pooled_s = np.array([sum(tc.get(t, 0) for tc in syn["type_counts"]) for t in all_types], float)

@@ -33,7 +33,7 @@ import pandas as pd
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.io.patchset import PatchSet, read_patchset
+from histosynth.io.patchset import PatchSet, class_key, parse_classes, read_patchset
 from histosynth.training import atomic_csv, atomic_write
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,8 @@ def check_types(model_classes: dict[int, str], model_types: int, sets: Sequence[
     for ps in sets:
         classes = ps.report.get("classes")
         if isinstance(classes, dict) and classes and model_classes:
-            theirs = {int(k): str(v) for k, v in classes.items()}
-            if theirs != model_classes:
+            theirs = parse_classes(classes)
+            if {k: class_key(v) for k, v in theirs.items()} != {k: class_key(v) for k, v in model_classes.items()}:
                 raise HistosynthError(f"the test masks' types {theirs} are not the ones the model was trained with "
                                       f"{model_classes}", ps.path)
         top = max((int(ps.types[i : i + 64].max()) for i in range(0, len(ps), 64)), default=0)

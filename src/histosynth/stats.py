@@ -159,7 +159,7 @@ from scipy.spatial import cKDTree
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.io.patchset import read_patchset
+from histosynth.io.patchset import parse_classes, read_patchset
 
 log = logging.getLogger(__name__)
 
@@ -838,24 +838,12 @@ def class_names_of(patch_set_paths: Sequence[str | os.PathLike]) -> dict[int, st
         classes = data.get("classes")
         if not isinstance(classes, dict) or not classes:
             continue
-        names = _parse_classes(classes)
+        names = parse_classes(classes)
         if found is None:
             found, first = names, p
         elif names != found:
             raise HistosynthError(f"class map {names} differs from {found} of {first}", p)
     return found
-
-
-def _parse_classes(classes: Mapping[Any, Any]) -> dict[int, str]:
-    """{"n_epithelial": 1} (rasterize) or {"1": "Epithelial"} (stats, sample-masks) → {1: "..."}."""
-    out: dict[int, str] = {}
-    for key, val in classes.items():
-        if isinstance(val, (int, np.integer)) or (isinstance(val, str) and val.isdigit() and not str(key).isdigit()):
-            name = str(key)
-            out[int(val)] = name[2:] if name.startswith("n_") else name
-        else:
-            out[int(key)] = str(val)
-    return out
 
 
 def load_stats(path: str | os.PathLike) -> dict[str, Any]:

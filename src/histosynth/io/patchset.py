@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -235,3 +236,27 @@ def read_patchset(path: str | os.PathLike, require: tuple[str, ...] = ()) -> Pat
     if len(shapes) > 1:
         raise HistosynthError(f"arrays of different patch sizes {sorted(shapes)}", path)
     return PatchSet(path=path, index=index, **arrays)
+
+
+def parse_classes(classes: dict[Any, Any]) -> dict[int, str]:
+    """Type id → class name from a report's ``classes``.
+
+    rasterize writes ``{"n_epithelial": 1}`` (index column → id), the later
+    stages ``{"1": "Epithelial"}`` (id → name); both are read.
+    """
+    out: dict[int, str] = {}
+    for key, val in classes.items():
+        if isinstance(val, (int, np.integer)) or (isinstance(val, str) and val.isdigit() and not str(key).isdigit()):
+            name = str(key)
+            out[int(val)] = name[2:] if name.startswith("n_") else name
+        else:
+            out[int(key)] = str(val)
+    return out
+
+
+def class_key(name: str) -> str:
+    """A class name compared loosely: lower case, ``n_`` prefix dropped, non-alphanumerics as ``_``."""
+    name = str(name)
+    name = name[2:] if name.startswith("n_") else name
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+
