@@ -15,7 +15,7 @@ rule train_gan:
     threads: GAN["threads"]
     resources:
         gpu=GPU,
-        mem_mb=GAN["mem_mb"],
+        mem_mb=lambda wc, attempt: GAN["mem_mb"] * attempt,
         runtime=GAN["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),

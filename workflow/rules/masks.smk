@@ -69,7 +69,7 @@ rule train_dvae:
     threads: DVAE["threads"]
     resources:
         gpu=GPU,
-        mem_mb=DVAE["mem_mb"],
+        mem_mb=lambda wc, attempt: DVAE["mem_mb"] * attempt,
         runtime=DVAE["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
@@ -93,7 +93,7 @@ rule dvae_sweep:
     threads: DVAE["threads"]
     resources:
         gpu=GPU,
-        mem_mb=DVAE["mem_mb"],
+        mem_mb=lambda wc, attempt: DVAE["mem_mb"] * attempt,
         runtime=DVAE["runtime"] * len(DVAE["sweep_latent_dims"]),
     params:
         out=lambda w, output: os.path.dirname(output[0]),

@@ -20,7 +20,7 @@ rule train_segmenter:
     threads: SEG["threads"]
     resources:
         gpu=GPU,
-        mem_mb=SEG["mem_mb"],
+        mem_mb=lambda wc, attempt: SEG["mem_mb"] * attempt,
         runtime=SEG["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
