@@ -4,20 +4,29 @@ import re
 import shlex
 import sys
 
+# The package's source: importable here even when histosynth is not installed,
+# and by every job (`python -m histosynth <stage>`), also inside a --use-conda
+# environment, which holds the dependencies but not histosynth itself.
+SRC = os.path.join(workflow.basedir, "src")
+sys.path.insert(0, SRC)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (SRC, os.environ.get("PYTHONPATH")) if p
+)
+# Jobs without --use-conda run the Python of Snakemake, even when its virtual
+# environment is not activated.
+os.environ["PATH"] = os.pathsep.join(
+    [os.path.dirname(sys.executable), os.environ.get("PATH", "")]
+)
+
 from histosynth.config import load_schema, slide_table, validate_config
 from histosynth.split import split_slides
 
 
-# PATH is read (and extended) at start-up; declared so that a job on a cluster gets it too.
+# Read (and extended) at start-up; declared so that a job on a cluster gets them too.
 envvars:
     "PATH",
+    "PYTHONPATH",
 
-
-# Rules call the `histosynth` command of the Python running Snakemake, even
-# when its virtual environment is not activated.
-os.environ["PATH"] = (
-    f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
-)
 
 config = validate_config(
     config, load_schema(workflow.source_path("../schemas/config.schema.yaml"))
@@ -160,6 +169,7 @@ def dvae_flags(epochs):
 # -- settings and helpers of gan.smk
 GAN = config["gan"]
 TRANSLATE = config["translate"]
+EVAL_IMAGES = config["evaluate_images"]
 
 
 def slide_option(slide):

@@ -22,6 +22,6 @@ rule demo_slides:
         mpp=DEMO["mpp"],
         seed=DEMO["seed"],
     shell:
-        "histosynth demo-slides {params.out:q} --n-slides {params.n}"
+        "python -m histosynth demo-slides {params.out:q} --n-slides {params.n}"
         " --size {params.width} {params.height} --mpp {params.mpp} --seed {params.seed}"
         " > {log:q} 2>&1"

@@ -23,7 +23,7 @@ rule train_gan:
         classes=class_flags(),
         flags=gan_flags(),
     shell:
-        "histosynth train-gan {input:q} {params.out:q} --options {params.options}"
+        "python -m histosynth train-gan {input:q} {params.out:q} --options {params.options}"
         " {params.flags} {params.classes} --threads {threads} > {log:q} 2>&1"
 
 
@@ -50,7 +50,7 @@ rule translate:
         seed=lambda wc: config["seed"] * 1000 + int(wc.shard),
         device=config["device"],
     shell:
-        "histosynth translate {input.gan:q} {input.masks:q} {output.pairs:q} {params.options}"
+        "python -m histosynth translate {input.gan:q} {input.masks:q} {output.pairs:q} {params.options}"
         " --batch {params.batch} --seed {params.seed} --montage {output.montage:q}"
         " --device {params.device} --threads {threads} > {log:q} 2>&1"
 
@@ -76,7 +76,7 @@ rule translate_test_masks:
         seed=config["seed"],
         device=config["device"],
     shell:
-        "histosynth translate {input.gan:q} {input.masks:q} {output.pairs:q} --option {params.option}"
+        "python -m histosynth translate {input.gan:q} {input.masks:q} {output.pairs:q} --option {params.option}"
         " --batch {params.batch} --seed {params.seed} --no-montage"
         " --device {params.device} --threads {threads} > {log:q} 2>&1"
 
@@ -95,18 +95,23 @@ rule evaluate_images:
         f"{RESULTS}/logs/evaluate_images.log",
     conda:
         CPU_ENV
-    threads: 1
+    threads: EVAL_IMAGES["threads"]
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=EVAL_IMAGES["mem_mb"],
+        runtime=EVAL_IMAGES["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
         options=option_flags(TEST_SLIDES),
         seed=config["seed"],
+        fid=(
+            f"--fid-max-images {EVAL_IMAGES['fid_max_images']} --device {config['device']}"
+            if EVAL_IMAGES["fid"]
+            else "--no-fid"
+        ),
     shell:
-        "histosynth evaluate-images {input.generated:q} {params.out:q} --real {input.real:q}"
+        "python -m histosynth evaluate-images {input.generated:q} {params.out:q} --real {input.real:q}"
         " --real-masks-translated {input.translated:q} --real-options {params.options}"
-        " --seed {params.seed} > {log:q} 2>&1"
+        " --seed {params.seed} {params.fid} --threads {threads} > {log:q} 2>&1"
 
 
 rule synthetic:

@@ -25,7 +25,7 @@ rule fit_stats:
         calibrate_masks=STATS["calibrate_masks"],
         seed=config["seed"],
     shell:
-        "histosynth fit-stats {input:q} {params.out:q} {params.classes}"
+        "python -m histosynth fit-stats {input:q} {params.out:q} {params.classes}"
         " --border-margin {params.margin} --calibrate {params.calibrate}"
         " --calibrate-masks {params.calibrate_masks} --seed {params.seed} > {log:q} 2>&1"
 
@@ -49,7 +49,7 @@ rule nuclei_library:
         min_bbox_area=LIBRARY["min_bbox_area"],
         frame=LIBRARY["frame"],
     shell:
-        "histosynth nuclei-library {input:q} {output.npz:q} --montage {output.montage:q}"
+        "python -m histosynth nuclei-library {input:q} {output.npz:q} --montage {output.montage:q}"
         " --min-bbox-area {params.min_bbox_area} --frame {params.frame} {params.classes}"
         " > {log:q} 2>&1"
 
@@ -76,7 +76,7 @@ rule train_dvae:
         latent_dim=DVAE["latent_dim"],
         flags=dvae_flags(DVAE["epochs"]),
     shell:
-        "histosynth train-dvae {input:q} {params.out:q} --latent-dim {params.latent_dim}"
+        "python -m histosynth train-dvae {input:q} {params.out:q} --latent-dim {params.latent_dim}"
         " {params.flags} --threads {threads} > {log:q} 2>&1"
 
 
@@ -100,7 +100,7 @@ rule dvae_sweep:
         dims=" ".join(map(str, DVAE["sweep_latent_dims"])),
         flags=dvae_flags(DVAE["sweep_epochs"]),
     shell:
-        "histosynth dvae-sweep {input:q} {params.out:q} --latent-dims {params.dims}"
+        "python -m histosynth dvae-sweep {input:q} {params.out:q} --latent-dims {params.dims}"
         " {params.flags} --threads {threads} > {log:q} 2>&1"
 
 
@@ -125,7 +125,7 @@ rule sample_masks:
         shards=SAMPLE["shards"],
         seed=config["seed"],
     shell:
-        "histosynth sample-masks {input.stats:q} {input.dvae:q} {output:q}"
+        "python -m histosynth sample-masks {input.stats:q} {input.dvae:q} {output:q}"
         " --n {params.n} --size {params.size} --sigma {params.sigma} --seed {params.seed}"
         " --shard {wildcards.shard} --n-shards {params.shards} --threads {threads} > {log:q} 2>&1"
 
@@ -150,7 +150,7 @@ rule evaluate_masks:
         out=lambda w, output: os.path.dirname(output[0]),
         margin=STATS["border_margin"],
     shell:
-        "histosynth evaluate-masks {input.synthetic:q} {params.out:q} --real {input.real:q}"
+        "python -m histosynth evaluate-masks {input.synthetic:q} {params.out:q} --real {input.real:q}"
         " --border-margin {params.margin} > {log:q} 2>&1"
 
 

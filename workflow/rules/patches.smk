@@ -19,7 +19,7 @@ rule rasterize:
     params:
         classes=class_flags(),
     shell:
-        "histosynth rasterize {input.annotations:q} {input.tiles:q} {output.patches:q}"
+        "python -m histosynth rasterize {input.annotations:q} {input.tiles:q} {output.patches:q}"
         " {params.classes} --overlay {output.overlay:q} > {log:q} 2>&1"
 
 
@@ -38,7 +38,7 @@ rule split:
         slides=" ".join(map(shlex.quote, ANNOTATED)),
         flags=split_flags(),
     shell:
-        "histosynth split {output:q} --slides {params.slides} {params.flags} > {log:q} 2>&1"
+        "python -m histosynth split {output:q} --slides {params.slides} {params.flags} > {log:q} 2>&1"
 
 
 rule patches:

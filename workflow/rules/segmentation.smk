@@ -31,7 +31,7 @@ rule train_segmenter:
         classes=class_flags(),
         flags=segmenter_flags(),
     shell:
-        "histosynth train-segmenter {params.real} {params.out:q} --arm {wildcards.arm:q}"
+        "python -m histosynth train-segmenter {params.real} {params.out:q} --arm {wildcards.arm:q}"
         " --seed {wildcards.seed} {params.synthetic} {params.flags} {params.classes}"
         " --threads {threads} > {log:q} 2>&1"
 
@@ -66,7 +66,7 @@ rule score:
             f" --device {config['device']} {opt('--overlap', SCORE['overlap'])}"
         ),
     shell:
-        "histosynth score {input.model:q} {input.test:q} {params.out:q} {params.flags}"
+        "python -m histosynth score {input.model:q} {input.test:q} {params.out:q} {params.flags}"
         " --threads {threads} > {log:q} 2>&1"
 
 
@@ -94,7 +94,7 @@ rule report:
         out=lambda w, output: os.path.dirname(output[0]),
         figures=quoted(f"--figure={c}={p}" for c, p in report_figures()),
     shell:
-        "histosynth report {input.scores:q} {params.out:q} {params.figures} > {log:q} 2>&1"
+        "python -m histosynth report {input.scores:q} {params.out:q} {params.figures} > {log:q} 2>&1"
 
 
 rule segmentation:

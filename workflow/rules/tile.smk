@@ -31,7 +31,7 @@ rule tile:
             else ""
         ),
     shell:
-        "histosynth tile {input.slide:q} {output:q} --name {wildcards.slide:q}"
+        "python -m histosynth tile {input.slide:q} {output:q} --name {wildcards.slide:q}"
         " --size {params.size} {params.mpp} {params.stride}"
         " --background-threshold {params.threshold} --max-background {params.max_background}"
         " --edge {params.edge} {params.fallback} {params.regions} --threads {threads}"
