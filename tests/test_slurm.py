@@ -53,7 +53,8 @@ SMOKE = {
                   "input_size": 128, "steps": 2, "batch_size": 2, "checkpoint_every": 2, "threads": 1,
                   "mem_mb": 1400, "runtime": 30},
     "score": {"batch": 2, "overlays": 1, "threads": 1, "mem_mb": 2000},
-    "translate": {"mem_mb": 1500},  # a GPU rule that is not a training rule: its memory stays the config's
+    "translate": {"mem_mb": 1500},
+    "evaluate_images": {"fid": False, "threads": 1},  # a GPU rule that is not a training rule: its memory stays the config's
 }
 TARGETS = ("all", "dvae_sweep")
 # Scoring and the report are CPU rules downstream of every GPU rule (tests/test_workflow.py runs them);

@@ -7,7 +7,11 @@ rule train_gan:
     output:
         model=f"{RESULTS}/models/gan/gan.pt",
         log_csv=f"{RESULTS}/models/gan/log.csv",
-        samples=f"{RESULTS}/models/gan/samples.png",
+        samples=report(
+            f"{RESULTS}/models/gan/samples.png",
+            caption="../report/gan_samples.rst",
+            category="5. Synthetic images",
+        ),
     log:
         f"{RESULTS}/logs/train_gan.log",
     conda:
@@ -33,7 +37,11 @@ rule translate:
         masks=f"{RESULTS}/synthetic/masks/shard-{{shard}}",
     output:
         pairs=directory(f"{RESULTS}/synthetic/pairs/shard-{{shard}}"),
-        montage=f"{RESULTS}/synthetic/pairs/shard-{{shard}}.montage.png",
+        montage=report(
+            f"{RESULTS}/synthetic/pairs/shard-{{shard}}.montage.png",
+            caption="../report/pairs_montage.rst",
+            category="5. Synthetic images",
+        ),
     log:
         f"{RESULTS}/logs/translate/shard-{{shard}}.log",
     conda:
@@ -90,7 +98,11 @@ rule evaluate_images:
         ),
     output:
         evaluation=f"{RESULTS}/synthetic/images-evaluation/evaluation.json",
-        figure=f"{RESULTS}/synthetic/images-evaluation/figure.png",
+        figure=report(
+            f"{RESULTS}/synthetic/images-evaluation/figure.png",
+            caption="../report/images_evaluation.rst",
+            category="5. Synthetic images",
+        ),
     log:
         f"{RESULTS}/logs/evaluate_images.log",
     conda:

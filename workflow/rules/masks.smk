@@ -6,9 +6,21 @@ rule fit_stats:
         train_patches,
     output:
         stats=f"{RESULTS}/stats/stats.json",
-        counts=f"{RESULTS}/stats/counts.png",
-        morphology=f"{RESULTS}/stats/morphology.png",
-        spatial=f"{RESULTS}/stats/spatial.png",
+        counts=report(
+            f"{RESULTS}/stats/counts.png",
+            caption="../report/stats_counts.rst",
+            category="2. Mask statistics",
+        ),
+        morphology=report(
+            f"{RESULTS}/stats/morphology.png",
+            caption="../report/stats_morphology.rst",
+            category="2. Mask statistics",
+        ),
+        spatial=report(
+            f"{RESULTS}/stats/spatial.png",
+            caption="../report/stats_spatial.rst",
+            category="2. Mask statistics",
+        ),
     log:
         f"{RESULTS}/logs/fit_stats.log",
     conda:
@@ -35,7 +47,11 @@ rule nuclei_library:
         train_patches,
     output:
         npz=f"{RESULTS}/library/nuclei.npz",
-        montage=f"{RESULTS}/library/montage.png",
+        montage=report(
+            f"{RESULTS}/library/montage.png",
+            caption="../report/library_montage.rst",
+            category="3. Nucleus shapes",
+        ),
     log:
         f"{RESULTS}/logs/nuclei_library.log",
     conda:
@@ -60,8 +76,16 @@ rule train_dvae:
     output:
         model=f"{RESULTS}/models/dvae/dvae.pt",
         log_csv=f"{RESULTS}/models/dvae/log.csv",
-        traversal=f"{RESULTS}/models/dvae/traversal.png",
-        samples=f"{RESULTS}/models/dvae/samples.png",
+        traversal=report(
+            f"{RESULTS}/models/dvae/traversal.png",
+            caption="../report/dvae_traversal.rst",
+            category="3. Nucleus shapes",
+        ),
+        samples=report(
+            f"{RESULTS}/models/dvae/samples.png",
+            caption="../report/dvae_samples.rst",
+            category="3. Nucleus shapes",
+        ),
     log:
         f"{RESULTS}/logs/train_dvae.log",
     conda:
@@ -136,8 +160,16 @@ rule evaluate_masks:
         real=test_patches,
     output:
         evaluation=f"{RESULTS}/synthetic/masks-evaluation/evaluation.json",
-        histograms=f"{RESULTS}/synthetic/masks-evaluation/histograms.png",
-        montage=f"{RESULTS}/synthetic/masks-evaluation/montage.png",
+        histograms=report(
+            f"{RESULTS}/synthetic/masks-evaluation/histograms.png",
+            caption="../report/masks_histograms.rst",
+            category="4. Synthetic masks",
+        ),
+        montage=report(
+            f"{RESULTS}/synthetic/masks-evaluation/montage.png",
+            caption="../report/masks_montage.rst",
+            category="4. Synthetic masks",
+        ),
     log:
         f"{RESULTS}/logs/evaluate_masks.log",
     conda:

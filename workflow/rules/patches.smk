@@ -7,7 +7,11 @@ rule rasterize:
         tiles=f"{RESULTS}/tiles/{{slide}}",
     output:
         patches=directory(f"{RESULTS}/patches/{{slide}}"),
-        overlay=f"{RESULTS}/qc/overlays/{{slide}}.png",
+        overlay=report(
+            f"{RESULTS}/qc/overlays/{{slide}}.png",
+            caption="../report/qc_overlay.rst",
+            category="1. Annotations",
+        ),
     log:
         f"{RESULTS}/logs/rasterize/{{slide}}.log",
     conda:
