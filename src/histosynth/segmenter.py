@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
@@ -50,8 +49,8 @@ import torch
 from histosynth.errors import HistosynthError
 from histosynth.models import hovernet as hn
 from histosynth.train_gan import GanData, _data_fingerprint, _max_type, _read_classes, load_gan_data
-from histosynth.training import (PRECISIONS, Deterministic, atomic_csv, atomic_torch_save, autocast,
-                                 choose_precision, load_resume, read_torch_checkpoint)
+from histosynth.training import (Deterministic, add_training_args, atomic_csv, atomic_torch_save, autocast,
+                                 check_finite, choose_precision, load_resume, read_torch_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -171,22 +170,15 @@ def sample_batch(pools: Sequence[GanData], weights: Sequence[float], batch_size:
     return imgs, inst, types, valid
 
 
-def _centre(arr: np.ndarray, size: int) -> np.ndarray:
-    """The central ``size`` × ``size`` of the last two axes."""
-    h, w = arr.shape[-2:]
-    y, x = (h - size) // 2, (w - size) // 2
-    return arr[..., y : y + size, x : x + size]
-
-
 def batch_targets(inst: np.ndarray, types: np.ndarray, valid: np.ndarray, out_size: int, n_types: int,
                   device: torch.device) -> dict[str, torch.Tensor]:
     """HoVer-Net targets of a batch (computed on the window, cropped to the output) as tensors."""
     per = [hn.hovernet_targets(inst[b], types[b] if n_types else None) for b in range(len(inst))]
     out: dict[str, torch.Tensor] = {}
     for key in per[0]:
-        stacked = np.stack([_centre(np.asarray(t[key]), out_size) for t in per])
+        stacked = np.stack([hn.center_crop(np.asarray(t[key]), out_size) for t in per])
         out[key] = torch.from_numpy(np.ascontiguousarray(stacked)).to(device)
-    out["valid"] = torch.from_numpy(np.ascontiguousarray(_centre(valid, out_size))).to(device)
+    out["valid"] = torch.from_numpy(np.ascontiguousarray(hn.center_crop(valid, out_size))).to(device)
     return out
 
 
@@ -225,15 +217,6 @@ def _pools_for(arm: str, real: Sequence[str | os.PathLike], synthetic: Sequence[
         weights.append(mix if need_real else 1.0)
         paths += [os.fspath(p) for p in synthetic]
     return pools, weights, paths
-
-
-def _check_finite(parts: dict[str, float], step: int, last_good: str | None, out_dir: Path) -> None:
-    bad = [k for k, v in parts.items() if not math.isfinite(v)]
-    if bad:
-        raise HistosynthError(
-            f"training stopped: non-finite loss ({', '.join(f'{k}={parts[k]}' for k in bad)}) at step {step + 1} "
-            f"(try a lower --lr or --precision float32); last good checkpoint: {last_good or 'none written yet'}",
-            out_dir)
 
 
 def train_segmenter(
@@ -378,7 +361,7 @@ def train_segmenter(
                 loss, parts = hn.hovernet_loss({k: v.float() for k, v in outputs.items()}, targets,
                                                valid=targets["valid"])
                 values = {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
-                _check_finite(values, step, last_good, out_dir)
+                check_finite(values, step, last_good, out_dir)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -501,15 +484,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
     p.add_argument("--lr-drop", type=float, default=0.5,
                    help="fraction of the steps after which the learning rate is divided by 10 (default 0.5)")
-    p.add_argument("--seed", type=int, default=0, help="default 0")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints (default 200)")
-    p.add_argument("--log-every", type=int, default=10, help="steps per log.csv row (default 10)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="default auto")
-    p.add_argument("--classes", nargs="+", default=None, metavar="NAME=ID",
-                   help="type names (default: from the patch sets' report.json)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint.pt")
+    add_training_args(p, checkpoint_every=200)
     p.set_defaults(func=_run)
 
 

@@ -48,7 +48,6 @@ import argparse
 import copy
 import hashlib
 import logging
-import math
 import os
 import sys
 import time
@@ -64,8 +63,8 @@ import torch
 from histosynth.conditioning import build_conditioning, conditioning_channels, render_conditioning
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.training import (PRECISIONS, Deterministic, atomic_csv, atomic_torch_save, choose_precision,
-                                 load_resume)
+from histosynth.training import (Deterministic, add_training_args, atomic_csv, atomic_torch_save, check_finite,
+                                 choose_precision, load_resume)
 from histosynth.training import autocast as _autocast
 from histosynth.io.patchset import read_patchset
 from histosynth.models import pix2pix as p2p
@@ -260,18 +259,6 @@ def plot_samples(G: p2p.UnetGenerator, data: GanData, out_png: Path, *, n_types:
 
 
 # -- training ------------------------------------------------------------------------------------------
-def _check_finite(losses: dict[str, torch.Tensor], step: int, last_good: str | None,
-                  out_dir: Path) -> dict[str, float]:
-    values = {k: float(v.detach()) for k, v in losses.items()}
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        raise HistosynthError(
-            f"training stopped: non-finite loss ({', '.join(f'{k}={values[k]}' for k in bad)}) at step {step + 1} "
-            f"(try a lower --lr or --precision float32); last good checkpoint: {last_good or 'none written yet'}",
-            out_dir)
-    return values
-
-
 def train_gan(
     patch_sets: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -460,7 +447,7 @@ def train_gan(
                     d_fake = criterion(pred_fake, False)
                     d_real = criterion(pred_real, True)
                     loss_D = 0.5 * (d_fake + d_real)
-                _check_finite({"D_real": d_real, "D_fake": d_fake}, step, last_good, out_dir)
+                check_finite({"D_real": d_real, "D_fake": d_fake}, step, last_good, out_dir)
                 opt_D.zero_grad(set_to_none=True)
                 scaler.scale(loss_D).backward()
                 scaler.step(opt_D)
@@ -473,7 +460,7 @@ def train_gan(
                     g_fm = (lambda_fm * p2p.feature_matching_loss(pred, pred_real) if disc == "multiscale"
                             else torch.zeros((), device=dev))
                     loss_G = g_gan + g_l1 + g_fm
-                values = _check_finite({"G_gan": g_gan, "G_l1": g_l1, "G_fm": g_fm, "D_real": d_real,
+                values = check_finite({"G_gan": g_gan, "G_l1": g_l1, "G_fm": g_fm, "D_real": d_real,
                                         "D_fake": d_fake}, step, last_good, out_dir)
                 opt_G.zero_grad(set_to_none=True)
                 scaler.scale(loss_G).backward()
@@ -561,16 +548,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help=f"steps of linear lr decay to 0 (default {DEFAULT_DECAY_STEPS})")
     p.add_argument("--batch-size", type=int, default=4, help="default 4")
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
-    p.add_argument("--seed", type=int, default=0, help="default 0")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     p.add_argument("--sample-every", type=int, default=500, help="steps between samples.png (default 500)")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
-    p.add_argument("--log-every", type=int, default=10, help="steps per log.csv row (default 10)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="default auto")
-    p.add_argument("--classes", nargs="+", default=None, metavar="NAME=ID",
-                   help="type names (default: from the patch sets' report.json)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint.pt")
+    add_training_args(p, checkpoint_every=500)
     p.set_defaults(func=_run)
 
 

@@ -148,3 +148,31 @@ def choose_precision(precision: str, device: torch.device, probe: Callable[[torc
     log.info("precision auto on the CPU: float32 %.3f s, bf16 %.3f s per probe step -> %s",
              times["float32"], times["bf16"], "bf16" if use else "float32")
     return torch.bfloat16 if use else None
+
+
+def check_finite(losses: dict[str, Any], step: int, last_good: str | None, out_dir: str | os.PathLike
+                 ) -> dict[str, float]:
+    """The losses as floats; a non-finite one stops training with the step and the last good checkpoint."""
+    values = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in losses.items()}
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise HistosynthError(
+            f"training stopped: non-finite loss ({', '.join(f'{k}={values[k]}' for k in bad)}) at step {step + 1} "
+            f"(try a lower --lr or --precision float32); last good checkpoint: {last_good or 'none written yet'}",
+            out_dir)
+    return values
+
+
+def add_training_args(p: Any, checkpoint_every: int) -> None:
+    """The options every training stage shares: seed, device, threads, checkpoints, logging, precision, classes."""
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
+                   help=f"steps between checkpoints (default {checkpoint_every})")
+    p.add_argument("--log-every", type=int, default=10, help="steps per log.csv row (default 10)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="default auto")
+    p.add_argument("--classes", nargs="+", default=None, metavar="NAME=ID",
+                   help="type names (default: from the patch sets' report.json)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint.pt")
+
