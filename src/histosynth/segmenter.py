@@ -43,13 +43,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from histosynth.errors import HistosynthError
 from histosynth.models import hovernet as hn
 from histosynth.train_gan import GanData, _data_fingerprint, _max_type, _read_classes, load_gan_data
-from histosynth.training import (Deterministic, add_training_args, atomic_csv, atomic_torch_save, autocast,
+from histosynth.training import (Deterministic, StepLog, add_training_args, atomic_torch_save, autocast,
                                  check_finite, choose_precision, load_resume, read_torch_checkpoint)
 
 log = logging.getLogger(__name__)
@@ -308,8 +307,6 @@ def train_segmenter(
 
         ckpt_path = out_dir / "checkpoint.pt"
         step = 0
-        rows: list[dict[str, Any]] = []
-        partial: dict[str, float] = {}
         ckpt = load_resume(ckpt_path, settings, _RESUME_KEYS, read_checkpoint, "optimizer") if resume else None
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
@@ -320,8 +317,6 @@ def train_segmenter(
             if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
             step = int(ckpt["step"])
-            rows = [dict(r) for r in ckpt["log"]]
-            partial = dict(ckpt["partial"])
             log.info("resuming %s from %s at step %d", out_dir, ckpt_path, step)
         last_good = f"{ckpt_path} (step {step})" if ckpt is not None else None
 
@@ -337,7 +332,8 @@ def train_segmenter(
                    else None}
             atomic_torch_save(model_dict(optimizer=optimizer.state_dict(),
                                          scaler=scaler.state_dict() if scaler.is_enabled() else {},
-                                         rng=rng, log=[dict(r) for r in rows], partial=dict(partial)), ckpt_path)
+                                         rng=rng, log=[dict(r) for r in steplog.rows],
+                                         partial=dict(steplog.partial)), ckpt_path)
             last_good = f"{ckpt_path} (step {step})"
 
         if progress is None:
@@ -346,7 +342,9 @@ def train_segmenter(
                  "%d steps of batch %d at %d px -> %d px on %s (%s)", mode, width, list(units), n_types, arm, seed,
                  " + ".join(str(len(p)) for p in pools), steps, batch_size, input_size, out_size, dev,
                  settings["precision"])
-        t_start = t_mark = time.perf_counter()
+        t_start = time.perf_counter()
+        steplog = StepLog(out_dir / "log.csv", log_every, steps, rows=ckpt["log"] if ckpt is not None else (),
+                          partial=ckpt["partial"] if ckpt is not None else None)
         model.train()
         with Deterministic(cpu), tqdm(total=steps, initial=min(step, steps), desc=f"train-segmenter {arm}",
                                        unit="step", disable=not progress, file=sys.stderr) as bar:
@@ -367,35 +365,24 @@ def train_segmenter(
                 scaler.step(optimizer)
                 scaler.update()
                 step += 1
-                for k, v in values.items():
-                    partial[k] = partial.get(k, 0.0) + v
-                partial["n"] = partial.get("n", 0.0) + 1
                 bar.update(1)
-                if step % log_every == 0 or step == steps:
-                    n = max(1.0, partial.pop("n"))
-                    now = time.perf_counter()
-                    rows.append({"step": step, **{k: partial.get(k, 0.0) / n for k in values}, "lr": rate,
-                                 "seconds": partial.get("seconds", 0.0) + now - t_mark})
-                    t_mark = now
-                    partial = {}
-                    bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}")
-                    atomic_csv(pd.DataFrame(rows), out_dir / "log.csv")
+                row = steplog.add(step, values, rate)
+                if row is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.3f}")
                 if step % checkpoint_every == 0 or step == steps:
-                    partial["seconds"] = partial.get("seconds", 0.0) + time.perf_counter() - t_mark
-                    t_mark = time.perf_counter()
+                    steplog.pause()
                     save_checkpoint()
                 if callback is not None:
                     callback({"step": step, **values})
         seconds = time.perf_counter() - t_start
         atomic_torch_save(model_dict(), out_dir / "model.pt")
-        atomic_csv(pd.DataFrame(rows), out_dir / "log.csv")
-    final = rows[-1] if rows else {}
-    timed = [r["seconds"] / max(1, r["step"] - p["step"]) for p, r in zip([{"step": 0}] + rows[:-1], rows)]
+        steplog.write()
+    final = steplog.rows[-1] if steplog.rows else {}
     report = {"stage": "train_segmenter", "out_dir": str(out_dir), "arm": arm, "seed": int(seed), "step": step,
               "patches": {name: len(p) for name, p in zip(("real", "synthetic") if len(pools) == 2 else (arm,),
                                                            pools)},
               "n_types": int(n_types), "precision": settings["precision"], "device": str(dev),
-              "seconds": seconds, "seconds_per_step": float(np.median(timed)) if timed else float("nan"),
+              "seconds": seconds, "seconds_per_step": steplog.seconds_per_step(),
               "loss": final.get("loss", float("nan"))}
     log.info("HoVer-Net written to %s after %d steps: loss %.4f; %.3f s per step", out_dir / "model.pt", step,
              report["loss"], report["seconds_per_step"])

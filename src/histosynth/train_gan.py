@@ -57,13 +57,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from histosynth.conditioning import build_conditioning, conditioning_channels, render_conditioning
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.training import (Deterministic, add_training_args, atomic_csv, atomic_torch_save, check_finite,
+from histosynth.training import (Deterministic, StepLog, add_training_args, atomic_torch_save, check_finite,
                                  choose_precision, load_resume)
 from histosynth.training import autocast as _autocast
 from histosynth.io.patchset import read_patchset
@@ -374,8 +373,6 @@ def train_gan(
 
         ckpt_path = out_dir / "checkpoint.pt"
         step = 0
-        rows: list[dict[str, Any]] = []
-        partial: dict[str, float] = {}
         ckpt = None
         if resume:
             ckpt = load_resume(ckpt_path, settings, _RESUME_KEYS, p2p.read_gan_checkpoint, "optimizer_G")
@@ -391,8 +388,6 @@ def train_gan(
             if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
             step = int(ckpt["step"])
-            rows = [dict(r) for r in ckpt["log"]]
-            partial = dict(ckpt["partial"])
             log.info("resuming %s from %s at step %d", out_dir, ckpt_path, step)
         last_good = f"{ckpt_path} (step {step})" if ckpt is not None else None
 
@@ -406,7 +401,7 @@ def train_gan(
                 discriminator={k: v.detach().cpu().clone() for k, v in D.state_dict().items()},
                 optimizer_G=opt_G.state_dict(), optimizer_D=opt_D.state_dict(),
                 scaler=scaler.state_dict() if scaler.is_enabled() else {},
-                rng=rng, log=[dict(r) for r in rows], partial=dict(partial),
+                rng=rng, log=[dict(r) for r in steplog.rows], partial=dict(steplog.partial),
             ), ckpt_path)
             last_good = f"{ckpt_path} (step {step})"
 
@@ -422,7 +417,9 @@ def train_gan(
                  ", noise" if noise else "", len(data), "x".join(map(str, data.size)), data.options, n_types,
                  total, dev, settings["precision"])
         t_start = time.perf_counter()
-        t_mark = time.perf_counter()
+        steplog = StepLog(out_dir / "log.csv", log_every, total, LOG_COLUMNS,
+                          rows=ckpt["log"] if ckpt is not None else (),
+                          partial=ckpt["partial"] if ckpt is not None else None)
         G.train()
         D.train()
         with Deterministic(cpu), tqdm(total=total, initial=min(step, total), desc="train-gan", unit="step",
@@ -468,24 +465,14 @@ def train_gan(
                 scaler.update()
                 D.requires_grad_(True)
                 step += 1
-                for k, v in values.items():
-                    partial[k] = partial.get(k, 0.0) + v
-                partial["n"] = partial.get("n", 0.0) + 1
                 bar.update(1)
-                if step % log_every == 0 or step == total:
-                    n = max(1.0, partial.pop("n"))
-                    now = time.perf_counter()
-                    rows.append({"step": step, **{k: partial.get(k, 0.0) / n for k in values}, "lr": rate,
-                                 "seconds": partial.get("seconds", 0.0) + now - t_mark})
-                    t_mark = now
-                    partial = {}
-                    bar.set_postfix(G_l1=f"{rows[-1]['G_l1']:.2f}", D=f"{rows[-1]['D_real']:.2f}")
-                    atomic_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), out_dir / "log.csv")
+                row = steplog.add(step, values, rate)
+                if row is not None:
+                    bar.set_postfix(G_l1=f"{row['G_l1']:.2f}", D=f"{row['D_real']:.2f}")
                 if step % sample_every == 0:
                     sample("")
                 if step % checkpoint_every == 0 or step == total:
-                    partial["seconds"] = partial.get("seconds", 0.0) + time.perf_counter() - t_mark
-                    t_mark = time.perf_counter()
+                    steplog.pause()
                     save_checkpoint()
                 if callback is not None:
                     callback({"step": step, **values})
@@ -495,14 +482,13 @@ def train_gan(
         atomic_torch_save(p2p.gan_checkpoint_dict(
             G, options=data.options, classes=class_map, n_types=n_types, noise=noise, step=step,
             config={"train": settings}), out_dir / "gan.pt")
-        atomic_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), out_dir / "log.csv")
-    final = rows[-1] if rows else {}
-    timed = [r["seconds"] / max(1, r["step"] - p["step"]) for p, r in zip([{"step": 0}] + rows[:-1], rows)]
+        steplog.write()
+    final = steplog.rows[-1] if steplog.rows else {}
     report = {
         "stage": "train_gan", "out_dir": str(out_dir), "step": step, "patches": len(data),
         "options": list(data.options), "n_types": n_types, "precision": settings["precision"],
         "device": str(dev), "seconds": seconds,
-        "seconds_per_step": float(np.median(timed)) if timed else float("nan"),
+        "seconds_per_step": steplog.seconds_per_step(),
         **{k: final.get(k, float("nan")) for k in ("G_gan", "G_l1", "G_fm", "D_real", "D_fake")},
     }
     log.info("GAN written to %s after %d steps: G_l1 %.3f, G_gan %.3f, D real %.3f / fake %.3f; %.3f s per step",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -176,3 +177,52 @@ def add_training_args(p: Any, checkpoint_every: int) -> None:
                    help="type names (default: from the patch sets' report.json)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint.pt")
 
+
+
+class StepLog:
+    """``log.csv`` of a training loop: the mean of each loss term over every ``every`` steps, with its seconds.
+
+    ``rows`` and ``partial`` (the sums since the last row) go into the
+    checkpoint, so a resumed run writes the same log as an uninterrupted one;
+    :meth:`pause` banks the time so far before a checkpoint is written.
+    """
+
+    def __init__(self, path: str | os.PathLike, every: int, total: int, columns: Sequence[str] | None = None,
+                 rows: Sequence[dict[str, Any]] = (), partial: dict[str, float] | None = None):
+        self.path = Path(path)
+        self.every, self.total = int(every), int(total)
+        self.columns = list(columns) if columns else None
+        self.rows = [dict(r) for r in rows]
+        self.partial = dict(partial or {})
+        self.mark = time.perf_counter()
+
+    def add(self, step: int, values: dict[str, float], lr: float) -> dict[str, Any] | None:
+        """Count the losses of (1-based) ``step``; returns the row when one is written."""
+        for k, v in values.items():
+            self.partial[k] = self.partial.get(k, 0.0) + v
+        self.partial["n"] = self.partial.get("n", 0.0) + 1
+        if step % self.every and step != self.total:
+            return None
+        n = max(1.0, self.partial.pop("n"))
+        now = time.perf_counter()
+        row = {"step": step, **{k: self.partial.get(k, 0.0) / n for k in values}, "lr": lr,
+               "seconds": self.partial.get("seconds", 0.0) + now - self.mark}
+        self.rows.append(row)
+        self.mark = now
+        self.partial = {}
+        self.write()
+        return row
+
+    def pause(self) -> None:
+        now = time.perf_counter()
+        self.partial["seconds"] = self.partial.get("seconds", 0.0) + now - self.mark
+        self.mark = now
+
+    def write(self) -> None:
+        atomic_csv(pd.DataFrame(self.rows, columns=self.columns), self.path)
+
+    def seconds_per_step(self) -> float:
+        """Median seconds per step over the rows (NaN before the first row)."""
+        previous = [0] + [r["step"] for r in self.rows[:-1]]
+        timed = [r["seconds"] / max(1, r["step"] - p) for p, r in zip(previous, self.rows)]
+        return float(statistics.median(timed)) if timed else float("nan")
