@@ -33,7 +33,7 @@ import pandas as pd
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.io.patchset import PatchSet, class_key, parse_classes, read_patchset
+from histosynth.io.patchset import PatchSet, class_key, parse_classes, read_paired_sets
 from histosynth.training import atomic_csv, atomic_write
 
 log = logging.getLogger(__name__)
@@ -41,15 +41,7 @@ log = logging.getLogger(__name__)
 
 def open_test_sets(paths: Sequence[str | os.PathLike]) -> list[PatchSet]:
     """The test patch sets (images, inst and types), checked to hold at least one nucleus."""
-    if not paths:
-        raise HistosynthError("score needs at least one test patch set")
-    sets = [read_patchset(p, require=("images", "inst", "types")) for p in paths]
-    for ps in sets:
-        if ps.images.shape[:3] != ps.inst.shape or ps.inst.shape != ps.types.shape:
-            raise HistosynthError(f"images {ps.images.shape}, inst {ps.inst.shape} and types {ps.types.shape} "
-                                  "do not match", ps.path)
-    if sum(len(ps) for ps in sets) == 0:
-        raise HistosynthError("the test patch sets hold no patches: " + ", ".join(str(ps.path) for ps in sets))
+    sets = read_paired_sets(paths, "test patch sets")
     if not any(_any_nucleus(ps.inst) for ps in sets):
         raise HistosynthError("the test patch sets hold no nuclei, so there is nothing to score: "
                               + ", ".join(str(ps.path) for ps in sets))
@@ -92,7 +84,7 @@ def score(
 
     from histosynth.device import select_device
     from histosynth.metrics import MetricAccumulator
-    from histosynth.models.hovernet import postprocess
+    from histosynth.models.hovernet import postprocess, type_map
     from histosynth.segmenter import load_segmenter, predict
 
     dev = select_device(device, threads)
@@ -116,7 +108,7 @@ def score(
             maps = predict(seg, image, overlap=overlap, batch=batch, amp_dtype=amp)
             inst, inst_types = postprocess(maps["np"], maps["hv"], maps.get("tp"))
             true_inst = np.asarray(ps.inst[i])
-            metrics = acc.add(inst, true_inst, pred_types=_type_map(inst, inst_types) if typed else None,
+            metrics = acc.add(inst, true_inst, pred_types=type_map(inst, inst_types or {}) if typed else None,
                               true_types=np.asarray(ps.types[i]) if typed else None)
             row = ps.index.iloc[i]
             rows.append({"arm": seg.arm, "seed": seg.seed, "slide": row["slide"], "x": int(row["x"]),
@@ -138,17 +130,6 @@ def score(
              seg.seed, len(rows), seconds, summary.get("pq", float("nan")), summary.get("aji", float("nan")),
              summary.get("dice", float("nan")))
     return summary
-
-
-def _type_map(inst: np.ndarray, inst_types: Any) -> np.ndarray:
-    """A per-pixel type map from post-processing's per-instance types (dict id → type, or already a map)."""
-    if isinstance(inst_types, np.ndarray) and inst_types.shape == inst.shape:
-        return inst_types.astype(np.uint8, copy=False)
-    lut = np.zeros(int(inst.max()) + 1, np.uint8)
-    for i, t in dict(inst_types or {}).items():
-        if 0 < int(i) < len(lut):
-            lut[int(i)] = int(t)
-    return lut[inst]
 
 
 def plot_overlays(items: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]], path: Path,

@@ -81,10 +81,6 @@ class Segmenter:
     path: str
 
 
-def build_model(arch: dict[str, Any]) -> hn.HoVerNet:
-    return hn.HoVerNet(**arch)
-
-
 def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") -> Segmenter:
     """The model of ``model.pt`` (or a training ``checkpoint.pt``) on ``device``, in eval mode."""
     if device == "auto":
@@ -92,7 +88,7 @@ def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") 
     ckpt = read_checkpoint(path)
     try:
         arch = dict(ckpt["arch"])
-        model = build_model(arch)
+        model = hn.HoVerNet(**arch)
         model.load_state_dict(ckpt["model"], strict=True)
         seg = Segmenter(model=model, arch=arch, classes={int(k): str(v) for k, v in dict(ckpt["classes"]).items()},
                         n_types=int(ckpt["n_types"]), arm=str(ckpt["arm"]), seed=int(ckpt["seed"]),
@@ -103,24 +99,6 @@ def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise HistosynthError(f"checkpoint does not fit the HoVer-Net architecture: {first}", path) from err
     model.to(device).eval()
     return seg
-
-
-def output_size_of(model: torch.nn.Module, input_size: int) -> int:
-    """The side of the NP/HV/TP maps for a square ``input_size`` input (one small forward pass)."""
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros(1, 3, input_size, input_size, device=device))
-    except RuntimeError as err:
-        raise HistosynthError(f"input size {input_size} does not fit this HoVer-Net ({err})") from err
-    finally:
-        model.train(was)
-    h, w = out["np"].shape[-2:]
-    if h != w or h < 1:
-        raise HistosynthError(f"input size {input_size} gives a {h}x{w} output")
-    return int(h)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -280,8 +258,8 @@ def train_segmenter(
 
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = build_model(arch).to(dev)
-        out_size = output_size_of(model, input_size)
+        model = hn.HoVerNet(**arch).to(dev)
+        out_size = int(model.output_size(input_size))  # a HistosynthError names an input size that cannot work
         settings: dict[str, Any] = {
             "arch": arch, "arm": arm, "mix": float(mix) if arm == "real+synthetic" else None,
             "batch_size": int(batch_size), "lr": float(lr), "lr_drop": float(lr_drop), "seed": int(seed),

@@ -65,7 +65,7 @@ from histosynth.figures import save_figure
 from histosynth.training import (Deterministic, StepLog, add_training_args, atomic_torch_save, check_finite,
                                  choose_precision, load_resume)
 from histosynth.training import autocast as _autocast
-from histosynth.io.patchset import read_patchset
+from histosynth.io.patchset import read_paired_sets, read_patchset
 from histosynth.models import pix2pix as p2p
 
 log = logging.getLogger(__name__)
@@ -102,19 +102,11 @@ class GanData:
 
 def load_gan_data(patch_sets: Sequence[str | os.PathLike], options: dict[str, str] | None) -> GanData:
     """Open the patch sets (images, inst and types required, all of one patch size)."""
-    if not patch_sets:
-        raise HistosynthError("train-gan needs at least one patch set")
-    sets = [read_patchset(p, require=("images", "inst", "types")) for p in patch_sets]
+    sets = read_paired_sets(patch_sets)
     sizes = {ps.images.shape[1:3] for ps in sets}
     if len(sizes) > 1:
         raise HistosynthError(f"patch sets of different patch sizes {sorted(sizes)}: "
                               + ", ".join(f"{ps.path} {ps.images.shape[1:3]}" for ps in sets))
-    for ps in sets:
-        if ps.images.shape[:3] != ps.inst.shape or ps.inst.shape != ps.types.shape:
-            raise HistosynthError(f"images {ps.images.shape}, inst {ps.inst.shape} and types {ps.types.shape} "
-                                  "do not match", ps.path)
-    if sum(len(ps) for ps in sets) == 0:
-        raise HistosynthError("the patch sets hold no patches: " + ", ".join(str(ps.path) for ps in sets))
     options = dict(options or {})
     slide_names = [ps.index["slide"].astype(str).to_numpy() for ps in sets]
     all_slides = set(np.concatenate(slide_names).tolist())

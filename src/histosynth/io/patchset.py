@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -259,4 +260,18 @@ def class_key(name: str) -> str:
     name = str(name)
     name = name[2:] if name.startswith("n_") else name
     return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+
+
+def read_paired_sets(paths: Sequence[str | os.PathLike], what: str = "patch sets") -> list[PatchSet]:
+    """Open patch sets holding images with their masks (images, inst, types of one shape each), not all empty."""
+    if not paths:
+        raise HistosynthError(f"no {what} given (at least one patch set is needed)")
+    sets = [read_patchset(p, require=("images", "inst", "types")) for p in paths]
+    for ps in sets:
+        if ps.images.shape[:3] != ps.inst.shape or ps.inst.shape != ps.types.shape:
+            raise HistosynthError(f"images {ps.images.shape}, inst {ps.inst.shape} and types {ps.types.shape} "
+                                  "do not match", ps.path)
+    if sum(len(ps) for ps in sets) == 0:
+        raise HistosynthError(f"the {what} hold no patches: " + ", ".join(str(ps.path) for ps in sets))
+    return sets
 
