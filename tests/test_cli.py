@@ -93,7 +93,7 @@ def test_bad_flags_are_usage_errors(slide, tmp_path):
 def test_slide_info(slide, capsys):
     assert main(["slide-info", str(slide)]) == 0
     out = capsys.readouterr().out
-    assert '"mpp_source": "openslide"' in out and '"fast_levels"' in out
+    assert '"mpp_source": "tiff-resolution"' in out and '"fast_levels"' in out
 
 
 def test_console_script_and_module():

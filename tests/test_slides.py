@@ -26,7 +26,9 @@ def test_single_level_svs_fast_path_matches_openslide():
         assert slide.dimensions == (2220, 2967)
         assert slide.level_count == 1
         assert slide.mpp == pytest.approx(0.499)
-        assert slide.mpp_source == "openslide"
+        # every level decodes directly: opened without OpenSlide, MPP from the Aperio description
+        assert slide.backend == "tifffile" and slide.vendor == "aperio"
+        assert slide.mpp_source == "aperio-description"
         assert slide.fast_path(0)
         for x, y in [(0, 0), (100, 333), (1017, 1451), (1900, 2600)]:
             ours = slide.read_region(x, y, 0, 256, 256)
@@ -44,6 +46,7 @@ def test_jpeg2000_svs_without_mpp_needs_fallback():
         assert slide.level_count == 2
         assert slide.level_downsamples[1] == pytest.approx(2.0005, abs=1e-3)
         assert not slide.fast_path(0)  # JPEG 2000 goes through OpenSlide
+        assert slide.backend == "openslide"
         region = slide.read_region(1000, 1000, 1, 64, 64)
         assert region.shape == (64, 64, 3) and region.dtype == np.uint8
         assert np.array_equal(region, _openslide_rgb(path, 1000, 1000, 1, 64, 64))
@@ -93,6 +96,85 @@ def test_generated_pyramid_levels_mpp_and_fast_path(tmp_path):
         # past the edge: white, not black or transparent
         out = slide.read_region(950, 650, 0, 100, 100)
         assert (out[50:] == 255).all() and (out[:, 50:] == 255).all()
+
+
+def _direct_and_openslide_agree(path):
+    with open_slide(path) as slide, openslide.OpenSlide(str(path)) as osr:
+        assert slide.backend == "tifffile"
+        assert slide.level_dimensions == list(osr.level_dimensions)
+        assert slide.level_downsamples == list(osr.level_downsamples)
+        assert slide.mpp_x == pytest.approx(float(osr.properties[openslide.PROPERTY_NAME_MPP_X]))
+        assert slide.mpp_y == pytest.approx(float(osr.properties[openslide.PROPERTY_NAME_MPP_Y]))
+
+
+def test_direct_open_lists_the_levels_openslide_lists(tmp_path):
+    # odd sizes: OpenSlide's downsample is the mean of the two axes' ratios
+    _direct_and_openslide_agree(write_pyramid(tmp_path / "odd.tif", tissue_image(1001, 703), levels=4, tile=128))
+    _direct_and_openslide_agree(write_pyramid(tmp_path / "one.tif", tissue_image(300, 200), levels=1, tile=128))
+    # a tiled page without the reduced-resolution bit is not a level (OpenSlide skips it)
+    img = tissue_image(512, 384)
+    with tifffile.TiffWriter(tmp_path / "extra.tif") as tw:
+        kw = dict(tile=(128, 128), compression="jpeg", photometric="rgb", metadata=None,
+                  resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+        tw.write(img, subfiletype=0, **kw)
+        tw.write(img[:128, :128], subfiletype=0, **kw)
+        tw.write(cv2.resize(img, (256, 192), interpolation=cv2.INTER_AREA), subfiletype=1, **kw)
+    _direct_and_openslide_agree(tmp_path / "extra.tif")
+    with open_slide(tmp_path / "extra.tif") as slide:
+        assert slide.level_dimensions == [(512, 384), (256, 192)]
+
+
+def test_direct_open_leaves_doubtful_files_to_openslide(tmp_path):
+    # no MPP in the file: OpenSlide (and then the fallback) decides
+    path = write_pyramid(tmp_path / "nompp.tif", tissue_image(512, 512), mpp=None, levels=2, tile=128)
+    with open_slide(path, mpp_fallback=0.3) as slide:
+        assert slide.backend == "openslide" and slide.mpp_source == "fallback"
+        assert all(slide.fast_path(i) for i in range(2))  # still decoded directly
+    # LZW levels decode directly too
+    path = write_pyramid(tmp_path / "lzw.tif", tissue_image(512, 512), levels=2, tile=128, compression="lzw")
+    _direct_and_openslide_agree(path)
+
+
+def test_jpeg_overview_is_the_blank_tiles_at_one_eighth(tmp_path):
+    path = write_pyramid(tmp_path / "s.tif", tissue_image(1024, 768, tissue=(0.5, 1.0)), levels=1, tile=128)
+    with open_slide(path) as slide:
+        grey, ds = slide.jpeg_overview(0)
+        assert ds == 8.0 and grey.shape == (96, 128)
+        ref = cv2.resize(cv2.cvtColor(slide.read_level(0), cv2.COLOR_RGB2GRAY), (128, 96), interpolation=cv2.INTER_AREA)
+    # blank tiles (left half) are probed and read as their 8x8 block means ...
+    assert np.abs(grey[:, :64].astype(int) - ref[:, :64]).max() <= 2
+    # ... tissue tiles compress to more than 0.1 byte per pixel: not probed, 0 (possibly tissue)
+    assert (grey[:, 64:] == 0).all()
+
+
+def test_jpeg_overview_refuses_a_probe_that_disagrees(tmp_path, monkeypatch, caplog):
+    from histosynth.io import slides
+
+    path = write_pyramid(tmp_path / "s.tif", tissue_image(512, 512, tissue=(0.5, 1.0)), levels=1, tile=128)
+    real = cv2.imdecode
+    monkeypatch.setattr(slides.cv2, "imdecode", lambda buf, flags: 255 - real(buf, flags))
+    with open_slide(path) as slide:
+        assert slide.jpeg_overview(0) is None
+    assert "does not match the full decode" in caplog.text
+    lzw = write_pyramid(tmp_path / "lzw.tif", tissue_image(512, 512), levels=1, tile=128, compression="lzw")
+    with open_slide(lzw) as slide:
+        assert slide.jpeg_overview(0) is None  # not JPEG
+
+
+def test_cmu_jpeg_overview_reads_rgb_jpeg_right():
+    """Aperio stores JPEG tiles as RGB without a colour transform; the probe must say so to libjpeg."""
+    path = shared_file("wsi", "CMU-1-Small-Region.svs")
+    with open_slide(path) as slide:
+        grey, ds = slide.jpeg_overview(0)
+        full = cv2.cvtColor(slide.read_level(0), cv2.COLOR_RGB2GRAY)
+    h, w = grey.shape
+    pad = np.pad(full, ((0, h * 8 - full.shape[0]), (0, w * 8 - full.shape[1])), mode="edge")
+    ref = cv2.resize(pad, (w, h), interpolation=cv2.INTER_AREA)
+    probed = grey > 0
+    assert probed.mean() > 0.3
+    inner = probed.copy()
+    inner[-1, :] = inner[:, -1] = False  # the last row and column mix in the TIFF tiles' padding
+    assert np.abs(grey[inner].astype(int) - ref[inner]).mean() <= 1.0
 
 
 def test_copy_false_shares_whole_cached_tiles(tmp_path):

@@ -152,6 +152,36 @@ def test_deterministic(slide_path, tmp_path):
         assert _sha(tmp_path / "a" / name) == _sha(tmp_path / "b" / name)
 
 
+def _same_with_and_without_prefilter(path, tmp_path, **params):
+    fast = tile_slide(path, tmp_path / "fast", TileParams(**params))
+    slow = tile_slide(path, tmp_path / "slow", TileParams(**params, lowres_min_pixels=10**6))
+    assert slow.ruled_out_lowres == 0 and slow.decoded == slow.grid
+    assert fast.kept == slow.kept
+    assert _sha(tmp_path / "fast" / "images.npy") == _sha(tmp_path / "slow" / "images.npy")
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "fast" / "index.csv"),
+                                  pd.read_csv(tmp_path / "slow" / "index.csv"))
+    return fast
+
+
+def test_single_level_slides_rule_out_background_from_jpeg_probes(tmp_path):
+    path = write_pyramid(tmp_path / "flat.tif", tissue_image(2048, 1024, tissue=(0.6, 0.9)), levels=1, tile=256)
+    fast = _same_with_and_without_prefilter(path, tmp_path, size=128)
+    assert fast.ruled_out_lowres > 0 and fast.decoded < fast.grid
+
+
+def test_jpeg_probe_prefilter_is_exact_on_pale_demo_tissue(tmp_path):
+    """The demo's pale stain, re-saved as one level so that only the JPEG probe can rule out background."""
+    from histosynth.demo import make_demo_slides
+
+    make_demo_slides(tmp_path / "demo", n_slides=1, size=(2048, 2048), seed=5)  # slide 0: pale stain
+    with open_slide(tmp_path / "demo" / "demo-000.tif") as slide:
+        level0 = slide.read_level(0)
+    path = write_pyramid(tmp_path / "pale.tif", level0, levels=1, tile=256)
+    for size in (128, 64):
+        fast = _same_with_and_without_prefilter(path, tmp_path / str(size), size=size)
+        assert fast.ruled_out_lowres > 0
+
+
 def test_threads_give_the_same_output(tmp_path):
     path = write_pyramid(tmp_path / "s.tif", tissue_image(1500, 1100, tissue=(0.3, 1.0)), levels=2, tile=128)
     p = TileParams(size=100, target_mpp=0.25)
@@ -210,6 +240,10 @@ def test_real_svs_tiles(tmp_path):
             if not row["padded"]:
                 ref = slide.read_region(int(row["x"]), int(row["y"]), 0, 256, 256)
                 assert np.array_equal(ps.images[i], ref)
+    # single level: background is ruled out from 1/8-scale JPEG probes, without changing anything
+    for size in (256, 128):
+        fast = _same_with_and_without_prefilter(path, tmp_path / str(size), size=size)
+        assert fast.ruled_out_lowres > 0
 
 
 @settings(max_examples=25, deadline=None)

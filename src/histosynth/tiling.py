@@ -26,8 +26,12 @@ Tissue filter
     the result: a low-resolution pixel counts as possible tissue up to
     ``background_threshold + lowres_margin`` (averaging lifts pale tissue and
     small dark nuclei above the threshold), and the possible-tissue mask is
-    dilated by one pixel so thin tissue is not lost. Slides without such a
-    level are judged on the decoded tiles alone.
+    dilated by one pixel so thin tissue is not lost. On slides without such a
+    level (a single-level scan, say) the low-resolution view comes from
+    1/8-scale DC-only decodes of the nearly blank JPEG tiles of the reading
+    level (:meth:`~histosynth.io.slides.Slide.jpeg_overview`), with the other
+    tiles counted as possible tissue; other slides are judged on the decoded
+    tiles alone.
 
 Memory
     Tiles stream one by one into ``images.npy``; what is held is the
@@ -188,20 +192,37 @@ def _background_mask(rgb: np.ndarray, threshold: int) -> np.ndarray:
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) > threshold
 
 
-def lowres_candidates(slide: Slide, plan: TilePlan, params: TileParams) -> np.ndarray | None:
-    """Boolean per grid tile: may hold tissue (True) or is surely background (False).
+def lowres_grey(slide: Slide, plan: TilePlan, params: TileParams) -> tuple[np.ndarray, float] | None:
+    """A low-resolution grey image of the slide and its downsample, or None.
 
-    None when the slide has no level coarse enough to save work.
+    The coarsest pyramid level with at least ``lowres_min_pixels`` pixels per
+    tile side, when it is at least 4x coarser than the reading level;
+    otherwise, on JPEG-tiled levels, 1/8-scale DC decodes of the reading
+    level's nearly blank tiles (:meth:`Slide.jpeg_overview`; the tiles not
+    probed read as possible tissue).
     """
-    if params.max_background >= 1.0:
-        return None
     want = plan.footprint / params.lowres_min_pixels
     level = slide.best_level_for_downsample(want)
     ds = slide.level_downsamples[level]
-    if ds < 4 * plan.level_downsample:
+    if ds >= 4 * plan.level_downsample:
+        return cv2.cvtColor(slide.read_level(level), cv2.COLOR_RGB2GRAY), ds
+    if plan.footprint / (8 * plan.level_downsample) >= params.lowres_min_pixels:
+        return slide.jpeg_overview(plan.level)
+    return None
+
+
+def lowres_candidates(slide: Slide, plan: TilePlan, params: TileParams) -> np.ndarray | None:
+    """Boolean per grid tile: may hold tissue (True) or is surely background (False).
+
+    None when there is no low-resolution view that could save work.
+    """
+    if params.max_background >= 1.0:
         return None
-    low = slide.read_level(level)
-    tissue = ~_background_mask(low, min(255, params.background_threshold + params.lowres_margin))
+    low = lowres_grey(slide, plan, params)
+    if low is None:
+        return None
+    grey, ds = low
+    tissue = grey <= min(255, params.background_threshold + params.lowres_margin)
     tissue = cv2.dilate(tissue.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     # integral image: tissue pixels in any rectangle in O(1)
     integral = np.pad(tissue.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))

@@ -8,7 +8,11 @@
   and Aperio with JPEG, LZW, Deflate, Zstd or no compression) regions are
   decoded straight from the TIFF tiles with tifffile/imagecodecs, which is
   several times faster than ``read_region`` and gives the same pixels (it is
-  the same libjpeg-turbo decode); other levels and formats use OpenSlide;
+  the same libjpeg-turbo decode); other levels and formats use OpenSlide.
+  When every level of such a slide decodes directly and the file states its
+  MPP, the slide is opened without OpenSlide at all (``backend`` "tifffile"),
+  with the levels and downsamples OpenSlide would list: opening with OpenSlide
+  hashes the smallest level, which for a single-level slide is the whole file;
 - images OpenSlide cannot open (stripped TIFF such as MoNuSeg's, PNG, JPEG)
   are read whole with tifffile or OpenCV; they are single-level.
 
@@ -16,7 +20,9 @@ Coordinates are level-0 pixels, as in OpenSlide. Pixels outside the slide are
 returned as white background (255), never as transparent black.
 
 MPP (micrometres per level-0 pixel) comes from, in order: OpenSlide's
-``openslide.mpp-x``/``-y``; the TIFF resolution tags (unit centimetre or inch,
+``openslide.mpp-x``/``-y`` (read from the same place OpenSlide reads it, the
+Aperio description's ``MPP``, when a slide is opened without OpenSlide); the
+TIFF resolution tags (unit centimetre or inch,
 only when the value is a plausible microscope resolution, 0.05–20 µm/px, so a
 default 72 dpi tag is not taken for one); the ``mpp_fallback`` the caller
 passes (a per-slide value from the slide table, or the configured default).
@@ -26,6 +32,7 @@ A slide with none of these is an error, never a silent 0.25.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -111,6 +118,57 @@ class _TiffLevel:
             while len(self._cache) > self._cache_items:
                 self._cache.popitem(last=False)
         return arr
+
+    def jpeg_overview(self, max_bytes_per_pixel: float) -> np.ndarray | None:
+        """A grey image of this level at 1/8 scale, from DC-only decodes of its nearly blank JPEG tiles.
+
+        A JPEG stores the mean of each 8x8 block as its DC coefficient, so
+        libjpeg decodes a tile at 1/8 scale without most of the work of a full
+        decode. Only tiles of at most ``max_bytes_per_pixel`` compressed bytes
+        per pixel are probed: blank background compresses to a few hundredths
+        of a byte per pixel and tissue to a few tenths, so the probe goes
+        where it is cheap and likely to spare a full decode. The blocks of
+        the other tiles are 0 (dark: possibly tissue). None when the level is
+        not JPEG, or when the probe of the largest tile does not match its
+        full decode (a colour space this reader does not expect).
+        """
+        if int(self.page.compression) != 7 or self.tw % 8 or self.th % 8:
+            return None
+        photometric = int(self.page.photometric)
+        if photometric not in (2, 6):  # RGB or YCbCr
+            return None
+        # TIFF JPEG tiles are abbreviated streams: put the shared tables in front and,
+        # for RGB data (no colour transform, as Aperio writes it), an Adobe marker
+        # saying so, which libjpeg honours
+        head = self.jpegtables[:-2] if self.jpegtables else b"\xff\xd8"
+        if photometric == 2:
+            head += b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+        bw, bh = self.tw // 8, self.th // 8
+        rows = -(-self.height // self.th)
+        out = np.zeros((rows * bh, self.cols * bw), np.uint8)
+
+        def probe(index: int) -> np.ndarray | None:
+            count = int(self.counts[index])
+            if count == 0:
+                return np.full((bh, bw), BACKGROUND, np.uint8)
+            data = os.pread(self._fd, count, int(self.offsets[index]))
+            grey = cv2.imdecode(np.frombuffer(head + data[2:], np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8)
+            return grey if grey is not None and grey.shape == (bh, bw) else None
+
+        check = int(np.argmax(self.counts))
+        grey = probe(check)
+        full = cv2.resize(cv2.cvtColor(self.tile(check), cv2.COLOR_RGB2GRAY), (bw, bh), interpolation=cv2.INTER_AREA)
+        if grey is None or np.abs(grey.astype(np.int16) - full).mean() > 2.0:
+            log.warning("%s: 1/8-scale JPEG decode does not match the full decode; not used", self.path)
+            return None
+        limit = max_bytes_per_pixel * self.tw * self.th
+        for index in np.flatnonzero(self.counts <= limit):
+            grey = probe(int(index))
+            if grey is None:
+                return None
+            ty, tx = divmod(int(index), self.cols)
+            out[ty * bh : (ty + 1) * bh, tx * bw : (tx + 1) * bw] = grey
+        return out[: -(-self.height // 8), : -(-self.width // 8)]
 
     def tile_indices(self, lx: int, ly: int, w: int, h: int) -> list[int]:
         """Indices of the TIFF tiles a region of this level touches."""
@@ -323,6 +381,18 @@ class Slide:
                 unique = unique[: fast._cache_items]  # never evict what we just decoded
             list(pool.map(fast.tile, unique))
 
+    def jpeg_overview(self, level: int, max_bytes_per_pixel: float = 0.1) -> tuple[np.ndarray, float] | None:
+        """A cheap grey overview of ``level`` and its downsample, for ruling out background.
+
+        Built from 1/8-scale DC-only decodes of the level's nearly blank JPEG
+        tiles (see :meth:`_TiffLevel.jpeg_overview`); pixels of tiles not
+        probed are 0, i.e. possibly tissue. None for levels without the
+        direct JPEG path.
+        """
+        fast = self._fast.get(level)
+        grey = fast.jpeg_overview(max_bytes_per_pixel) if fast is not None else None
+        return None if grey is None else (grey, 8 * self.levels[level].downsample)
+
     def read_level(self, level: int, chunk: int = 4096) -> np.ndarray:
         """A whole level as one array (meant for low-resolution levels)."""
         w, h = self.level_dimensions[level]
@@ -418,21 +488,104 @@ def _open_openslide(path: Path, vendor: str, mpp_fallback: float | None, cache_b
 def _match_tiff_levels(path: Path, levels: list[LevelInfo], cache_bytes: int) -> dict[int, _TiffLevel]:
     """Map OpenSlide levels to tiled TIFF pages of the same size that tifffile can decode."""
     fast: dict[int, _TiffLevel] = {}
-    tf = tifffile.TiffFile(path)
-    with tf:
-        pages = [p for p in tf.pages if p.is_tiled and p.samplesperpixel in (3, 4) and p.bitspersample == 8]
-        by_size = {(int(p.imagewidth), int(p.imagelength)): p for p in pages}
+    with tifffile.TiffFile(path) as tf:
+        by_size = {(int(p.imagewidth), int(p.imagelength)): p for p in tf.pages if p.is_tiled}
         for i, lv in enumerate(levels):
             page = by_size.get((lv.width, lv.height))
-            if page is None or int(page.compression) not in _FAST_COMPRESSIONS or page.planarconfig != 1:
-                continue
-            if len(page.dataoffsets) != -(-lv.width // page.tilewidth) * -(-lv.height // page.tilelength):
-                continue
-            fast[i] = _TiffLevel(path, page, cache_bytes)
-            # build tifffile's decoder while the file is open (it peeks at the first
-            # tile once); later decodes only use the bytes we pass in
-            page.decode  # noqa: B018
+            if page is not None and _decodes_directly(page):
+                fast[i] = _TiffLevel(path, page, cache_bytes)
     return fast
+
+
+def _decodes_directly(page: tifffile.TiffPage) -> bool:
+    """Whether tifffile decodes this tiled page's tiles with the same result as OpenSlide."""
+    ok = (
+        page.samplesperpixel in (3, 4)
+        and page.bitspersample == 8
+        and int(page.compression) in _FAST_COMPRESSIONS
+        and page.planarconfig == 1
+        and len(page.dataoffsets) == -(-page.imagewidth // page.tilewidth) * -(-page.imagelength // page.tilelength)
+    )
+    if ok:
+        # build tifffile's decoder while the file is open (it peeks at the first
+        # tile once); later decodes only use the bytes we pass in
+        page.decode  # noqa: B018
+    return ok
+
+
+class _CollectLog(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _aperio_mpp(description: str) -> tuple[float, float] | None:
+    """``MPP`` from an Aperio ImageDescription (``header|key = value|...``), as OpenSlide reads it."""
+    for field in description.split("|")[1:]:
+        key, _, value = field.partition("=")
+        if key.strip() == "MPP":
+            try:
+                mpp = float(value.strip())
+            except ValueError:
+                return None
+            return (mpp, mpp) if math.isfinite(mpp) and mpp > 0 else None
+    return None
+
+
+def _open_tiff_direct(path: Path, vendor: str, mpp_fallback: float | None, cache_bytes: int) -> Slide | None:
+    """Open an Aperio or generic tiled TIFF without OpenSlide, when every level decodes directly.
+
+    The levels are the ones OpenSlide lists (Aperio: every tiled directory in
+    file order; generic TIFF: the first directory and the tiled
+    reduced-resolution ones, widest first), with OpenSlide's downsamples, and
+    the MPP is the one the file states (Aperio: ``MPP`` in the description;
+    generic TIFF: the resolution tags). Opening with OpenSlide costs a hash of
+    the smallest level, which for a single-level slide means reading the whole
+    file. None when anything falls outside this (a level tifffile cannot
+    decode as OpenSlide does, tifffile warning about the file, tile data past
+    the end of the file, no MPP in the file): the caller then uses OpenSlide,
+    which decides.
+    """
+    collect = _CollectLog()
+    tiff_log = logging.getLogger("tifffile")
+    tiff_log.addHandler(collect)
+    try:
+        with tifffile.TiffFile(path) as tf:
+            pages = list(tf.pages)
+            if vendor == "aperio":
+                level_pages = [p for p in pages if p.is_tiled]
+                found = _aperio_mpp(pages[0].description)
+                source = "aperio-description"
+            else:
+                level_pages = [p for i, p in enumerate(pages) if p.is_tiled and (i == 0 or p.subfiletype & 1)]
+                level_pages.sort(key=lambda p: -int(p.imagewidth))
+                found = _mpp_from_tiff_tags(pages[0])
+                source = "tiff-resolution"
+            if found is None or not level_pages or not all(_decodes_directly(p) for p in level_pages):
+                return None
+            size = path.stat().st_size
+            if any(int(np.max(np.add(p.dataoffsets, p.databytecounts))) > size for p in level_pages):
+                return None
+            fast = {i: _TiffLevel(path, p, cache_bytes) for i, p in enumerate(level_pages)}
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError):
+        return None
+    finally:
+        tiff_log.removeHandler(collect)
+    if collect.messages:
+        for lvl in fast.values():
+            lvl.close()
+        return None
+    w0, h0 = int(level_pages[0].imagewidth), int(level_pages[0].imagelength)
+    levels = []
+    for p in level_pages:
+        w, h = int(p.imagewidth), int(p.imagelength)
+        # OpenSlide's downsample: the mean of the two axes' ratios
+        levels.append(LevelInfo(w, h, (h0 / h + w0 / w) / 2))
+    mpp, mpp_source = _resolve_mpp(path, found, source, mpp_fallback)
+    return Slide(path, "tifffile", levels, mpp, mpp_source, fast_levels=fast, vendor=vendor)
 
 
 def _open_plain(path: Path, mpp_fallback: float | None) -> Slide:
@@ -481,6 +634,10 @@ def open_slide(
         vendor = openslide.OpenSlide.detect_format(str(path))
     except openslide.OpenSlideError:
         vendor = None
+    if vendor in ("generic-tiff", "aperio"):
+        slide = _open_tiff_direct(path, vendor, mpp_fallback, cache_bytes)
+        if slide is not None:
+            return slide
     if vendor is not None:
         return _open_openslide(path, vendor, mpp_fallback, cache_bytes)
     if path.suffix.lower() not in _PLAIN_SUFFIXES:
