@@ -215,6 +215,23 @@ def test_failure_mid_way_leaves_nothing(slide_path, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_tile_that_fails_to_decode_in_a_worker_stops_the_run(tmp_path, monkeypatch):
+    from histosynth.io import slides
+
+    path = write_pyramid(tmp_path / "s.tif", tissue_image(1500, 1100, tissue=(0.3, 1.0)), levels=1, tile=128)
+    real = slides._TiffLevel._decode
+
+    def flaky(self, index):
+        if index == 20:
+            raise HistosynthError("corrupt slide: simulated", self.path)
+        return real(self, index)
+
+    monkeypatch.setattr(slides._TiffLevel, "_decode", flaky)
+    with pytest.raises(HistosynthError, match="simulated"):
+        tile_slide(path, tmp_path / "out" / "t", TileParams(size=100), threads=2)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_bad_params():
     for bad in (
         TileParams(size=4),

@@ -269,8 +269,9 @@ def iter_tiles(
 ) -> Iterator[tuple[dict, np.ndarray]]:
     """Yield ``(index_row, tile)`` for every kept tile, in row-major grid order.
 
-    With ``threads`` > 1 the TIFF tiles of each grid row are decoded in
-    parallel before the row's tiles are assembled (same output, same order).
+    With ``threads`` > 1 the TIFF tiles of the coming grid tiles are decoded
+    on that many worker threads while the current one is judged and written
+    (same output, same order).
     """
     stats = stats if stats is not None else TileStats()
     plan = plan_tiles(slide, params)
@@ -283,21 +284,26 @@ def iter_tiles(
         yield from _iter_kept(slide, params, plan, candidates, stats, progress, pool)
     finally:
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)
 
 
 def _iter_kept(slide, params, plan, candidates, stats, progress, pool):
     w, h = slide.dimensions
     bar = tqdm(plan.grid, desc=f"tile {slide.name}", unit="tile", disable=not progress, mininterval=5)
-    row_y = None
+    # with a pool, the tiles of the next grid tiles decode in the background while this
+    # one is judged and written; half the decoded-tile cache is the look-ahead
+    read = plan.read_size
+    ahead = max(1, slide.cache_tiles(plan.level, read, read) // 2) if pool is not None else 0
+    submitted = 0
     for k, t in enumerate(bar):
+        while pool is not None and submitted < min(k + ahead, len(plan.grid)):
+            g = plan.grid[submitted]
+            if candidates[submitted]:
+                slide.prefetch([(g.x, g.y, plan.level, read, read)], pool)
+            submitted += 1
         if not candidates[k]:
             stats.ruled_out_lowres += 1
             continue
-        if pool is not None and t.y != row_y:  # a new grid row: decode its tiles in parallel
-            row_y = t.y
-            row = [g for g, c in zip(plan.grid[k:], candidates[k:]) if g.y == row_y and c]
-            slide.prefetch([(g.x, g.y, plan.level, plan.read_size, plan.read_size) for g in row], pool)
         img = read_tile(slide, plan, t, params.size)
         stats.decoded += 1
         bg = _background_mask(img, params.background_threshold)

@@ -36,6 +36,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,7 @@ class _TiffLevel:
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_items = max(4, cache_bytes // (self.tw * self.th * 3))
         self._lock = threading.Lock()
+        self._pending: dict[int, Future] = {}  # tiles being decoded in the background
         self.decoded = 0  # number of tile decodes, for benchmarks and tests
 
     def close(self) -> None:
@@ -89,12 +91,31 @@ class _TiffLevel:
             os.close(self._fd)
             self._fd = -1
 
+    @property
+    def cache_tiles(self) -> int:
+        """How many decoded tiles the cache holds."""
+        return self._cache_items
+
+    def submit(self, index: int, pool: Executor) -> None:
+        """Start decoding tile ``index`` on ``pool`` unless it is cached or under way."""
+        with self._lock:
+            if index in self._cache or index in self._pending:
+                return
+            self._pending[index] = pool.submit(self._decode, index)
+
     def tile(self, index: int) -> np.ndarray:
         with self._lock:
             cached = self._cache.get(index)
             if cached is not None:
                 self._cache.move_to_end(index)
                 return cached
+            pending = self._pending.get(index)
+        if pending is not None:
+            return pending.result()
+        return self._decode(index)
+
+    def _decode(self, index: int) -> np.ndarray:
+        """Decode tile ``index`` into the cache (and return it)."""
         count = int(self.counts[index])
         if count == 0:  # a tile the scanner never wrote: background
             arr = np.full((self.th, self.tw, 3), BACKGROUND, np.uint8)
@@ -114,6 +135,7 @@ class _TiffLevel:
         arr.flags.writeable = False  # shared through the cache
         with self._lock:
             self.decoded += 1
+            self._pending.pop(index, None)
             self._cache[index] = arr
             while len(self._cache) > self._cache_items:
                 self._cache.popitem(last=False)
@@ -359,27 +381,31 @@ class Slide:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = self._image[y0:y1, x0:x1]
         return out
 
-    def prefetch(self, regions: list[tuple[int, int, int, int, int]], pool) -> None:
-        """Decode, in parallel on ``pool``, the TIFF tiles that these regions need.
+    def prefetch(self, regions: list[tuple[int, int, int, int, int]], pool: Executor) -> None:
+        """Start decoding, on ``pool``, the TIFF tiles that these regions need; returns at once.
 
         ``regions`` are (x, y, level, width, height) as for :meth:`read_region`;
-        levels without the direct TIFF path are skipped. The tiles land in the
-        reader's cache, so the following ``read_region`` calls only assemble.
+        levels without the direct TIFF path are skipped. Decoded tiles land in
+        the reader's cache, and a :meth:`read_region` that needs a tile still
+        being decoded waits for it. Keep what is prefetched and not yet read
+        within :meth:`cache_tiles`, or tiles are evicted before they are used.
         """
-        wanted: dict[int, list[int]] = {}
         for x, y, level, w, h in regions:
             fast = self._fast.get(level)
             if fast is None:
                 continue
             ds = self.levels[level].downsample
             lx, ly = int(np.floor(x / ds)), int(np.floor(y / ds))
-            wanted.setdefault(level, []).extend(fast.tile_indices(lx, ly, w, h))
-        for level, indices in wanted.items():
-            fast = self._fast[level]
-            unique = list(dict.fromkeys(indices))
-            if len(unique) > fast._cache_items:
-                unique = unique[: fast._cache_items]  # never evict what we just decoded
-            list(pool.map(fast.tile, unique))
+            for index in fast.tile_indices(lx, ly, w, h):
+                fast.submit(index, pool)
+
+    def cache_tiles(self, level: int, width: int, height: int) -> int:
+        """How many regions of ``width`` x ``height`` at ``level`` fit the decoded-tile cache (0: no cache)."""
+        fast = self._fast.get(level)
+        if fast is None:
+            return 0
+        per_region = (-(-width // fast.tw) + 1) * (-(-height // fast.th) + 1)
+        return fast.cache_tiles // per_region
 
     def jpeg_overview(self, level: int, max_bytes_per_pixel: float = 0.1) -> tuple[np.ndarray, float] | None:
         """A cheap grey overview of ``level`` and its downsample, for ruling out background.
