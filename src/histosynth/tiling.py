@@ -293,7 +293,7 @@ def _iter_kept(slide, params, plan, candidates, stats, progress, pool):
     # with a pool, the tiles of the next grid tiles decode in the background while this
     # one is judged and written; half the decoded-tile cache is the look-ahead
     read = plan.read_size
-    ahead = max(1, slide.cache_tiles(plan.level, read, read) // 2) if pool is not None else 0
+    ahead = max(1, slide.cached_regions(plan.level, read, read) // 2) if pool is not None else 0
     submitted = 0
     for k, t in enumerate(bar):
         while pool is not None and submitted < min(k + ahead, len(plan.grid)):

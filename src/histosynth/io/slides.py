@@ -388,7 +388,7 @@ class Slide:
         levels without the direct TIFF path are skipped. Decoded tiles land in
         the reader's cache, and a :meth:`read_region` that needs a tile still
         being decoded waits for it. Keep what is prefetched and not yet read
-        within :meth:`cache_tiles`, or tiles are evicted before they are used.
+        within :meth:`cached_regions`, or tiles are evicted before they are used.
         """
         for x, y, level, w, h in regions:
             fast = self._fast.get(level)
@@ -399,7 +399,7 @@ class Slide:
             for index in fast.tile_indices(lx, ly, w, h):
                 fast.submit(index, pool)
 
-    def cache_tiles(self, level: int, width: int, height: int) -> int:
+    def cached_regions(self, level: int, width: int, height: int) -> int:
         """How many regions of ``width`` x ``height`` at ``level`` fit the decoded-tile cache (0: no cache)."""
         fast = self._fast.get(level)
         if fast is None:
