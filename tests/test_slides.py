@@ -147,6 +147,18 @@ def test_jpeg_overview_is_the_blank_tiles_at_one_eighth(tmp_path):
     assert (grey[:, 64:] == 0).all()
 
 
+def test_jpeg_overview_of_a_large_level_averages_to_stay_small(tmp_path):
+    path = write_pyramid(tmp_path / "s.tif", tissue_image(2048, 1024, tissue=(0.75, 1.0)), levels=1, tile=256)
+    with open_slide(path) as slide:
+        fine, ds = slide.jpeg_overview(0)
+        assert ds == 8.0 and fine.shape == (128, 256)
+        coarse, ds = slide.jpeg_overview(0, max_pixels=1000)  # 1/8 would be 32,768 px
+        assert ds == 64.0 and coarse.shape == (16, 32) and coarse.size <= 1000
+        assert np.abs(coarse.astype(int) - fine.reshape(16, 8, 32, 8).mean(axis=(1, 3))).max() <= 1
+        # 256-px tiles give 32 blocks a side: no power of 2 up to 32 gets 1/8 under 10 px
+        assert slide.jpeg_overview(0, max_pixels=10) is None
+
+
 def test_jpeg_overview_refuses_a_probe_that_disagrees(tmp_path, monkeypatch, caplog):
     from histosynth.io import slides
 

@@ -169,6 +169,17 @@ def test_single_level_slides_rule_out_background_from_jpeg_probes(tmp_path):
     assert fast.ruled_out_lowres > 0 and fast.decoded < fast.grid
 
 
+def test_jpeg_probe_prefilter_on_a_level_too_large_for_one_eighth(tmp_path, monkeypatch):
+    from functools import partialmethod
+
+    from histosynth.io.slides import Slide
+
+    monkeypatch.setattr(Slide, "jpeg_overview", partialmethod(Slide.jpeg_overview, max_pixels=2000))
+    path = write_pyramid(tmp_path / "flat.tif", tissue_image(2048, 1024, tissue=(0.6, 0.9)), levels=1, tile=256)
+    fast = _same_with_and_without_prefilter(path, tmp_path, size=256)  # the overview is 1/64: 4 px a tile side
+    assert fast.ruled_out_lowres > 0
+
+
 def test_jpeg_probe_prefilter_is_exact_on_pale_demo_tissue(tmp_path):
     """The demo's pale stain, re-saved as one level so that only the JPEG probe can rule out background."""
     from histosynth.demo import make_demo_slides

@@ -207,7 +207,9 @@ def lowres_grey(slide: Slide, plan: TilePlan, params: TileParams) -> tuple[np.nd
     if ds >= 4 * plan.level_downsample:
         return cv2.cvtColor(slide.read_level(level), cv2.COLOR_RGB2GRAY), ds
     if plan.footprint / (8 * plan.level_downsample) >= params.lowres_min_pixels:
-        return slide.jpeg_overview(plan.level)
+        overview = slide.jpeg_overview(plan.level)
+        if overview is not None and plan.footprint / overview[1] >= params.lowres_min_pixels:
+            return overview
     return None
 
 
@@ -225,7 +227,8 @@ def lowres_candidates(slide: Slide, plan: TilePlan, params: TileParams) -> np.nd
     tissue = grey <= min(255, params.background_threshold + params.lowres_margin)
     tissue = cv2.dilate(tissue.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     # integral image: tissue pixels in any rectangle in O(1)
-    integral = np.pad(tissue.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    count_type = np.int32 if tissue.size < 2**31 else np.int64
+    integral = np.pad(tissue.astype(count_type).cumsum(0, dtype=count_type).cumsum(1, dtype=count_type), ((1, 0), (1, 0)))
     lh, lw = tissue.shape
     keep = np.ones(len(plan.grid), dtype=bool)
     for k, t in enumerate(plan.grid):

@@ -141,8 +141,8 @@ class _TiffLevel:
                 self._cache.popitem(last=False)
         return arr
 
-    def jpeg_overview(self, max_bytes_per_pixel: float) -> np.ndarray | None:
-        """A grey image of this level at 1/8 scale, from DC-only decodes of its nearly blank JPEG tiles.
+    def jpeg_overview(self, max_bytes_per_pixel: float, max_pixels: int) -> tuple[np.ndarray, int] | None:
+        """A grey image of this level at 1/8 scale or coarser, from DC-only decodes of its nearly blank JPEG tiles.
 
         A JPEG stores the mean of each 8x8 block as its DC coefficient, so
         libjpeg decodes a tile at 1/8 scale without most of the work of a full
@@ -150,9 +150,12 @@ class _TiffLevel:
         per pixel are probed: blank background compresses to a few hundredths
         of a byte per pixel and tissue to a few tenths, so the probe goes
         where it is cheap and likely to spare a full decode. The blocks of
-        the other tiles are 0 (dark: possibly tissue). None when the level is
-        not JPEG, or when the probe of the largest tile does not match its
-        full decode (a colour space this reader does not expect).
+        the other tiles are 0 (dark: possibly tissue). Returns the image and its
+        scale (level pixels per image pixel: 8, or 16, 32, ... when averaging
+        blocks is needed to stay within ``max_pixels``). None when the level
+        is not JPEG, when no such averaging fits ``max_pixels``, or when the
+        probe of the largest tile does not match its full decode (a colour
+        space this reader does not expect).
         """
         if int(self.page.compression) != 7 or self.tw % 8 or self.th % 8:
             return None
@@ -167,7 +170,13 @@ class _TiffLevel:
             head += b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
         bw, bh = self.tw // 8, self.th // 8
         rows = -(-self.height // self.th)
-        out = np.zeros((rows * bh, self.cols * bw), np.uint8)
+        # average r x r blocks of the probes (r a power of 2 dividing them) to stay within max_pixels
+        r = 1
+        while rows * bh * self.cols * bw > max_pixels * r * r:
+            r *= 2
+            if bw % r or bh % r:
+                return None
+        out = np.zeros((rows * bh // r, self.cols * bw // r), np.uint8)
 
         def probe(index: int) -> np.ndarray | None:
             count = int(self.counts[index])
@@ -188,9 +197,12 @@ class _TiffLevel:
             grey = probe(int(index))
             if grey is None:
                 return None
+            if r > 1:
+                grey = cv2.resize(grey, (bw // r, bh // r), interpolation=cv2.INTER_AREA)
             ty, tx = divmod(int(index), self.cols)
-            out[ty * bh : (ty + 1) * bh, tx * bw : (tx + 1) * bw] = grey
-        return out[: -(-self.height // 8), : -(-self.width // 8)]
+            out[ty * bh // r : (ty + 1) * bh // r, tx * bw // r : (tx + 1) * bw // r] = grey
+        scale = 8 * r
+        return out[: -(-self.height // scale), : -(-self.width // scale)], scale
 
     def tile_indices(self, lx: int, ly: int, w: int, h: int) -> list[int]:
         """Indices of the TIFF tiles a region of this level touches."""
@@ -407,17 +419,23 @@ class Slide:
         per_region = (-(-width // fast.tw) + 1) * (-(-height // fast.th) + 1)
         return fast.cache_tiles // per_region
 
-    def jpeg_overview(self, level: int, max_bytes_per_pixel: float = 0.1) -> tuple[np.ndarray, float] | None:
+    def jpeg_overview(
+        self, level: int, max_bytes_per_pixel: float = 0.1, max_pixels: int = 4 << 20
+    ) -> tuple[np.ndarray, float] | None:
         """A cheap grey overview of ``level`` and its downsample, for ruling out background.
 
         Built from 1/8-scale DC-only decodes of the level's nearly blank JPEG
-        tiles (see :meth:`_TiffLevel.jpeg_overview`); pixels of tiles not
-        probed are 0, i.e. possibly tissue. None for levels without the
-        direct JPEG path.
+        tiles (see :meth:`_TiffLevel.jpeg_overview`), averaged further on
+        levels so large that 1/8 scale would exceed ``max_pixels``; pixels of
+        tiles not probed are 0, i.e. possibly tissue. None for levels without
+        the direct JPEG path.
         """
         fast = self._fast.get(level)
-        grey = fast.jpeg_overview(max_bytes_per_pixel) if fast is not None else None
-        return None if grey is None else (grey, 8 * self.levels[level].downsample)
+        found = fast.jpeg_overview(max_bytes_per_pixel, max_pixels) if fast is not None else None
+        if found is None:
+            return None
+        grey, scale = found
+        return grey, scale * self.levels[level].downsample
 
     def read_level(self, level: int, chunk: int = 4096) -> np.ndarray:
         """A whole level as one array (meant for low-resolution levels)."""
