@@ -35,8 +35,10 @@ Tissue filter
 
 Memory
     Tiles stream one by one into ``images.npy``; what is held is the
-    decoded-tile cache of the reader (bounded), the current tile, and the
-    low-resolution mask (a few MB even for large slides).
+    decoded-tile cache of the reader (bounded; with threads it also holds
+    the tiles decoded ahead, at most half of it), the current tile, and the
+    low-resolution mask with its integral image (the JPEG-probe view is
+    capped at 4 M pixels; a pyramid level has about 16 pixels per tile).
 """
 
 from __future__ import annotations
