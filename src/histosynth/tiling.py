@@ -38,7 +38,7 @@ Memory
     decoded-tile cache of the reader (bounded; with threads it also holds
     the tiles decoded ahead, at most half of it), the current tile, and the
     low-resolution mask with its integral image (the JPEG-probe view is
-    capped at 4 M pixels; a pyramid level has about 16 pixels per tile).
+    capped at 4 M pixels; a pyramid level has 16-64 pixels per grid tile).
 """
 
 from __future__ import annotations
