@@ -18,7 +18,8 @@ in a fresh child process (one thread; ``histosynth_2threads`` decodes with
 two, shown for information, not used in the ratios) so its peak RSS is its own; the best of
 ``--repeat`` runs is kept. Without ``--slides`` it uses
 ``../shared/data/wsi/CMU-1-Small-Region.svs`` and a demo slide of
-``--demo-size`` px generated into ``--workdir`` (reused when present).
+``--demo-size`` px generated into ``--workdir`` (reused when present), and with
+``--single-level`` a copy of that slide with no pyramid (240-px JPEG tiles).
 
     python benchmarks/tiling.py --demo-size 20480 --out benchmarks/out/tiling.json
 """
@@ -131,10 +132,29 @@ def _demo_slide(workdir: Path, size: int) -> Path:
     return path
 
 
+def _single_level_copy(demo: Path) -> Path:
+    """Level 0 of the demo slide re-saved with no pyramid, in 240-px JPEG tiles (as some converters write)."""
+    import tifffile
+
+    from histosynth.io.slides import open_slide
+
+    path = demo.with_name(demo.stem + "-single-level.tif")
+    if not path.exists():
+        print(f"writing a single-level copy of {demo.name} ...", flush=True)
+        with open_slide(demo) as slide:
+            level0 = slide.read_level(0)
+            res = 1e4 / slide.mpp
+        tifffile.imwrite(path, level0, tile=(240, 240), compression="jpeg", photometric="rgb",
+                         resolution=(res, res), resolutionunit="CENTIMETER", metadata=None)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slides", nargs="*", help="slides to measure (default: CMU small region + a demo slide)")
     ap.add_argument("--demo-size", type=int, default=20480, help="side of the generated demo slide (px)")
+    ap.add_argument("--single-level", action="store_true",
+                    help="also measure a single-level copy of the demo slide (240-px JPEG tiles, no pyramid)")
     ap.add_argument("--size", type=int, default=256, help="tile size (px)")
     ap.add_argument("--mpp", type=float, default=None, help="target um/px (default: native)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per method; the best is kept")
@@ -158,6 +178,8 @@ def main() -> None:
         else:
             print(f"note: {cmu} not found; measuring the demo slide only")
         slides.append(_demo_slide(workdir, args.demo_size))
+        if args.single_level:
+            slides.append(_single_level_copy(slides[-1]))
 
     results = []
     for slide in slides:
