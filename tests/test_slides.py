@@ -147,6 +147,22 @@ def test_jpeg_overview_is_the_blank_tiles_at_one_eighth(tmp_path):
     assert (grey[:, 64:] == 0).all()
 
 
+def test_jpeg_overview_on_threads_is_the_same(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = tissue_image(4096, 1024, tissue=(0.5, 1.0))
+    # the blank tiles in distinct flat shades, so that a probe placed in the wrong tile shows
+    shades = np.random.default_rng(0).integers(180, 256, (8, 16, 1, 1, 1), dtype=np.uint8)
+    image[:, :2048] = np.broadcast_to(shades, (8, 16, 128, 128, 3)).transpose(0, 2, 1, 3, 4).reshape(1024, 2048, 3)
+    path = write_pyramid(tmp_path / "s.tif", image, levels=1, tile=128)
+    with open_slide(path) as slide, ThreadPoolExecutor(2) as pool:
+        grey, ds = slide.jpeg_overview(0)
+        threaded, ds2 = slide.jpeg_overview(0, pool=pool)
+    assert ds == ds2 and (grey > 0).sum() >= 100 * 16 * 16  # 100+ blank tiles: several runs of probes
+    assert len(np.unique(grey[:, :256])) > 50
+    np.testing.assert_array_equal(grey, threaded)
+
+
 def test_jpeg_overview_of_a_large_level_averages_to_stay_small(tmp_path):
     path = write_pyramid(tmp_path / "s.tif", tissue_image(2048, 1024, tissue=(0.75, 1.0)), levels=1, tile=256)
     with open_slide(path) as slide:

@@ -193,14 +193,32 @@ def test_jpeg_probe_prefilter_is_exact_on_pale_demo_tissue(tmp_path):
         assert fast.ruled_out_lowres > 0
 
 
-def test_threads_give_the_same_output(tmp_path):
-    path = write_pyramid(tmp_path / "s.tif", tissue_image(1500, 1100, tissue=(0.3, 1.0)), levels=2, tile=128)
+@pytest.mark.parametrize("levels", [2, 1])  # 1: the pre-filter's JPEG probes run on the threads too
+def test_threads_give_the_same_output(tmp_path, levels):
+    path = write_pyramid(tmp_path / "s.tif", tissue_image(1500, 1100, tissue=(0.3, 1.0)), levels=levels, tile=128)
     p = TileParams(size=100, target_mpp=0.25)
     one = tile_slide(path, tmp_path / "one", p, threads=1)
     two = tile_slide(path, tmp_path / "two", p, threads=2)
-    assert one.kept == two.kept > 0
+    assert one.kept == two.kept > 0 and one.ruled_out_lowres == two.ruled_out_lowres > 0
     for name in ("images.npy", "index.csv"):
         assert _sha(tmp_path / "one" / name) == _sha(tmp_path / "two" / name)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    size=st.integers(1, 40),
+    threshold=st.integers(0, 255),
+    inside=st.one_of(st.none(), st.tuples(st.integers(0, 40), st.integers(0, 40))),
+)
+def test_background_pixels_counts_grey_above_threshold(seed, size, threshold, inside):
+    rgb = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    bg = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) > threshold
+    if inside is not None:
+        inside = (min(inside[0], size), min(inside[1], size))
+        bg[inside[0] :, :] = True  # past the slide edge: background
+        bg[:, inside[1] :] = True
+    assert tiling._background_pixels(rgb, threshold, inside) == int(bg.sum())
 
 
 def test_tile_larger_than_slide(slide_path, tmp_path):

@@ -47,8 +47,9 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 from dataclasses import asdict, dataclass, field
 
 import cv2
@@ -101,8 +102,7 @@ class TileParams:
                 raise HistosynthError(f"a region is (x, y, width, height) with positive size, got {r}")
 
 
-@dataclass(frozen=True)
-class GridTile:
+class GridTile(NamedTuple):
     x: int  # level-0 origin
     y: int
     padded: bool
@@ -190,18 +190,32 @@ def _n_steps(extent: float, footprint: float, step: float) -> int:
     return max(1, min(reach_end, start_inside))
 
 
-def _background_mask(rgb: np.ndarray, threshold: int) -> np.ndarray:
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) > threshold
+def _background_pixels(rgb: np.ndarray, threshold: int, inside: tuple[int, int] | None = None) -> int:
+    """Pixels of ``rgb`` whose grey value is above ``threshold``.
+
+    With ``inside`` = (height, width), only the top-left part that lies on the
+    slide is looked at and every pixel outside it counts as background.
+    """
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    outside = 0
+    if inside is not None:
+        grey = grey[: inside[0], : inside[1]]
+        outside = rgb.shape[0] * rgb.shape[1] - grey.size
+    if grey.size == 0:
+        return outside
+    return cv2.countNonZero(cv2.threshold(grey, threshold, 1, cv2.THRESH_BINARY)[1]) + outside
 
 
-def lowres_grey(slide: Slide, plan: TilePlan, params: TileParams) -> tuple[np.ndarray, float] | None:
+def lowres_grey(
+    slide: Slide, plan: TilePlan, params: TileParams, pool: Executor | None = None
+) -> tuple[np.ndarray, float] | None:
     """A low-resolution grey image of the slide and its downsample, or None.
 
     The coarsest pyramid level with at least ``lowres_min_pixels`` pixels per
     tile side, when it is at least 4x coarser than the reading level;
     otherwise, on JPEG-tiled levels, 1/8-scale DC decodes of the reading
     level's nearly blank tiles (:meth:`Slide.jpeg_overview`; the tiles not
-    probed read as possible tissue).
+    probed read as possible tissue; probed on ``pool`` when given).
     """
     want = plan.footprint / params.lowres_min_pixels
     level = slide.best_level_for_downsample(want)
@@ -209,20 +223,22 @@ def lowres_grey(slide: Slide, plan: TilePlan, params: TileParams) -> tuple[np.nd
     if ds >= 4 * plan.level_downsample:
         return cv2.cvtColor(slide.read_level(level), cv2.COLOR_RGB2GRAY), ds
     if plan.footprint / (8 * plan.level_downsample) >= params.lowres_min_pixels:
-        overview = slide.jpeg_overview(plan.level)
+        overview = slide.jpeg_overview(plan.level, pool=pool)
         if overview is not None and plan.footprint / overview[1] >= params.lowres_min_pixels:
             return overview
     return None
 
 
-def lowres_candidates(slide: Slide, plan: TilePlan, params: TileParams) -> np.ndarray | None:
+def lowres_candidates(
+    slide: Slide, plan: TilePlan, params: TileParams, pool: Executor | None = None
+) -> np.ndarray | None:
     """Boolean per grid tile: may hold tissue (True) or is surely background (False).
 
     None when there is no low-resolution view that could save work.
     """
     if params.max_background >= 1.0:
         return None
-    low = lowres_grey(slide, plan, params)
+    low = lowres_grey(slide, plan, params, pool)
     if low is None:
         return None
     grey, ds = low
@@ -232,17 +248,17 @@ def lowres_candidates(slide: Slide, plan: TilePlan, params: TileParams) -> np.nd
     count_type = np.int32 if tissue.size < 2**31 else np.int64
     integral = np.pad(tissue.astype(count_type).cumsum(0, dtype=count_type).cumsum(1, dtype=count_type), ((1, 0), (1, 0)))
     lh, lw = tissue.shape
-    keep = np.ones(len(plan.grid), dtype=bool)
-    for k, t in enumerate(plan.grid):
-        x0 = min(max(int(math.floor(t.x / ds)), 0), lw)
-        y0 = min(max(int(math.floor(t.y / ds)), 0), lh)
-        x1 = min(max(int(math.ceil((t.x + plan.footprint) / ds)), x0), lw)
-        y1 = min(max(int(math.ceil((t.y + plan.footprint) / ds)), y0), lh)
-        area_total = ((t.x + plan.footprint) / ds - t.x / ds) ** 2  # the footprint in low-res pixels
-        n_tissue = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
-        # outside-the-slide parts are background, as they are when padded
-        keep[k] = n_tissue / area_total >= (1.0 - params.max_background) - 1e-9
-    return keep
+    origins = np.array([(t.x, t.y) for t in plan.grid], dtype=np.float64).reshape(-1, 2)
+    lo = origins / ds
+    hi = (origins + plan.footprint) / ds
+    x0 = np.clip(np.floor(lo[:, 0]), 0, lw).astype(np.int64)
+    y0 = np.clip(np.floor(lo[:, 1]), 0, lh).astype(np.int64)
+    x1 = np.clip(np.ceil(hi[:, 0]), x0, lw).astype(np.int64)
+    y1 = np.clip(np.ceil(hi[:, 1]), y0, lh).astype(np.int64)
+    area_total = (hi[:, 0] - lo[:, 0]) ** 2  # the footprint in low-res pixels
+    n_tissue = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    # outside-the-slide parts are background, as they are when padded
+    return n_tissue / area_total >= (1.0 - params.max_background) - 1e-9
 
 
 def read_tile(slide: Slide, plan: TilePlan, tile: GridTile, size: int) -> np.ndarray:
@@ -274,18 +290,18 @@ def iter_tiles(
 ) -> Iterator[tuple[dict, np.ndarray]]:
     """Yield ``(index_row, tile)`` for every kept tile, in row-major grid order.
 
-    With ``threads`` > 1 the TIFF tiles of the coming grid tiles are decoded
-    on that many worker threads while the current one is judged and written
-    (same output, same order).
+    With ``threads`` > 1 the JPEG probes of the pre-filter run on that many
+    worker threads, and the TIFF tiles of the coming grid tiles are decoded on
+    them while the current one is judged and written (same output, same order).
     """
     stats = stats if stats is not None else TileStats()
     plan = plan_tiles(slide, params)
     stats.grid = len(plan.grid)
-    candidates = lowres_candidates(slide, plan, params)
-    if candidates is None:
-        candidates = np.ones(len(plan.grid), dtype=bool)
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
     try:
+        candidates = lowres_candidates(slide, plan, params, pool)
+        if candidates is None:
+            candidates = np.ones(len(plan.grid), dtype=bool)
         yield from _iter_kept(slide, params, plan, candidates, stats, progress, pool)
     finally:
         if pool is not None:
@@ -298,6 +314,7 @@ def _iter_kept(slide, params, plan, candidates, stats, progress, pool):
     # with a pool, the tiles of the next grid tiles decode in the background while this
     # one is judged and written; half the decoded-tile cache is the look-ahead
     read = plan.read_size
+    n_pixels = params.size * params.size
     ahead = max(1, slide.cached_regions(plan.level, read, read) // 2) if pool is not None else 0
     submitted = 0
     for k, t in enumerate(bar):
@@ -311,7 +328,7 @@ def _iter_kept(slide, params, plan, candidates, stats, progress, pool):
             continue
         img = read_tile(slide, plan, t, params.size)
         stats.decoded += 1
-        bg = _background_mask(img, params.background_threshold)
+        inside = None
         if t.padded:
             # pixels past the slide edge are background whatever the reader filled in
             img = np.array(img)
@@ -319,9 +336,8 @@ def _iter_kept(slide, params, plan, candidates, stats, progress, pool):
             inside_y = int(np.clip(round((h - t.y) / plan.downsample), 0, params.size))
             img[inside_y:, :] = 255
             img[:, inside_x:] = 255
-            bg[inside_y:, :] = True
-            bg[:, inside_x:] = True
-        bg_frac = cv2.countNonZero(bg.view(np.uint8)) / bg.size
+            inside = (inside_y, inside_x)
+        bg_frac = _background_pixels(img, params.background_threshold, inside) / n_pixels
         if bg_frac > params.max_background:
             stats.dropped_background += 1
             continue

@@ -36,6 +36,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,9 @@ class _TiffLevel:
                 self._cache.popitem(last=False)
         return arr
 
-    def jpeg_overview(self, max_bytes_per_pixel: float, max_pixels: int) -> tuple[np.ndarray, int] | None:
+    def jpeg_overview(
+        self, max_bytes_per_pixel: float, max_pixels: int, pool: Executor | None = None
+    ) -> tuple[np.ndarray, int] | None:
         """A grey image of this level at 1/8 scale or coarser, from DC-only decodes of its nearly blank JPEG tiles.
 
         A JPEG stores the mean of each 8x8 block as its DC coefficient, so
@@ -155,7 +158,8 @@ class _TiffLevel:
         blocks is needed to stay within ``max_pixels``). None when the level
         is not JPEG, when no such averaging fits ``max_pixels``, or when the
         probe of the largest tile does not match its full decode (a colour
-        space this reader does not expect).
+        space this reader does not expect). With ``pool``, tiles are probed on
+        its threads (same result).
         """
         if int(self.page.compression) != 7 or self.tw % 8 or self.th % 8:
             return None
@@ -193,13 +197,25 @@ class _TiffLevel:
             log.warning("%s: 1/8-scale JPEG decode does not match the full decode; not used", self.path)
             return None
         limit = max_bytes_per_pixel * self.tw * self.th
-        for index in np.flatnonzero(self.counts <= limit):
-            grey = probe(int(index))
+        indices = [int(i) for i in np.flatnonzero(self.counts <= limit)]
+        if pool is None:
+            probes: Iterable[np.ndarray | None] = map(probe, indices)
+        else:
+            # a probe takes tens of microseconds, as long as handing a task to a thread:
+            # each task probes a run of tiles, and a round of tasks is placed before the next
+            def probe_run(run: list[int]) -> list[np.ndarray | None]:
+                return [probe(i) for i in run]
+
+            n = max(4, min(32, -(-len(indices) // 8)))
+            runs = [indices[i : i + n] for i in range(0, len(indices), n)]
+            rounds = (runs[i : i + 64] for i in range(0, len(runs), 64))
+            probes = (grey for r in rounds for run in pool.map(probe_run, r) for grey in run)
+        for index, grey in zip(indices, probes):
             if grey is None:
                 return None
             if r > 1:
                 grey = cv2.resize(grey, (bw // r, bh // r), interpolation=cv2.INTER_AREA)
-            ty, tx = divmod(int(index), self.cols)
+            ty, tx = divmod(index, self.cols)
             out[ty * bh // r : (ty + 1) * bh // r, tx * bw // r : (tx + 1) * bw // r] = grey
         scale = 8 * r
         return out[: -(-self.height // scale), : -(-self.width // scale)], scale
@@ -420,7 +436,8 @@ class Slide:
         return fast.cache_tiles // per_region
 
     def jpeg_overview(
-        self, level: int, max_bytes_per_pixel: float = 0.1, max_pixels: int = 4 << 20
+        self, level: int, max_bytes_per_pixel: float = 0.1, max_pixels: int = 4 << 20,
+        pool: Executor | None = None,
     ) -> tuple[np.ndarray, float] | None:
         """A cheap grey overview of ``level`` and its downsample, for ruling out background.
 
@@ -428,10 +445,10 @@ class Slide:
         tiles (see :meth:`_TiffLevel.jpeg_overview`), averaged further on
         levels so large that 1/8 scale would exceed ``max_pixels``; pixels of
         tiles not probed are 0, i.e. possibly tissue. None for levels without
-        the direct JPEG path.
+        the direct JPEG path. With ``pool``, the tiles are probed on its threads.
         """
         fast = self._fast.get(level)
-        found = fast.jpeg_overview(max_bytes_per_pixel, max_pixels) if fast is not None else None
+        found = fast.jpeg_overview(max_bytes_per_pixel, max_pixels, pool) if fast is not None else None
         if found is None:
             return None
         grey, scale = found
