@@ -89,7 +89,7 @@ def _add_tile(sub: argparse._SubParsersAction) -> None:
                    help="tile only the annotated areas of this annotation file")
     p.add_argument("--mpp-fallback", type=_positive_float,
                    help="um/px to assume when the slide states none (otherwise that is an error)")
-    p.add_argument("--threads", type=int, default=1, help="threads decoding slide tiles (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="threads decoding slide tiles and probing them for background (default 1)")
     p.set_defaults(func=_run_tile)
 
 
