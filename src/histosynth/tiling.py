@@ -47,10 +47,10 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import cv2
 import numpy as np
