@@ -236,19 +236,24 @@ def test_agrees_with_exact_point_in_polygon(poly, d, x0, y0, frac):
     )
 
 
+@st.composite
+def float_star(draw):
+    """A simple polygon with arbitrary float vertices: star-shaped around a float centre.
+
+    (Random float vertex lists are mostly self-intersecting; filtering them out
+    made Hypothesis give up on some seeds.)
+    """
+    angles = sorted(draw(st.lists(st.floats(0, 2 * np.pi, exclude_max=True), min_size=3, max_size=10, unique=True)))
+    radii = draw(st.lists(st.floats(0.05, 11), min_size=len(angles), max_size=len(angles)))
+    cx, cy = draw(st.floats(-3, 19)), draw(st.floats(-3, 19))
+    return [(cx + r * np.cos(a), cy + r * np.sin(a)) for a, r in zip(angles, radii)]
+
+
 @SETTINGS
-@given(
-    st.lists(
-        st.tuples(st.floats(-3, 19, allow_nan=False), st.floats(-3, 19, allow_nan=False)),
-        min_size=3,
-        max_size=10,
-    ),
-    st.sampled_from([1.0, 1.5, 1 / 3]),
-    st.floats(-2, 2),
-)
+@given(float_star(), st.sampled_from([1.0, 1.5, 1 / 3]), st.floats(-2, 2))
 def test_arbitrary_floats_differ_only_within_rounding_of_the_boundary(pts, d, x0):
     poly = Polygon(pts)
-    assume(poly.is_valid and poly.area > 1e-6)
+    assume(poly.is_valid and poly.area > 1e-6)  # near-coincident angles can still fold a vertex
     w = h = 16
     m = polygon_mask(poly, w, h, x0=x0, y0=0.0, downsample=d)
     ref = ref_shapely(poly, x0, 0.0, d, w, h)
