@@ -68,7 +68,7 @@ def _child(method: str, slide: str, size: int, mpp: float | None, out: str) -> d
         plan = plan_tiles(s, params)
         plan.level_dimensions = s.level_dimensions[plan.level]
     n_grid = len(plan.grid)
-    if method == "kept_floor":  # the tiles histosynth keeps, from an untimed run
+    if method == "kept_floor":  # the tiles histosynth keeps and the TIFF tiles under them, untimed
         import pandas as pd
 
         from histosynth.tiling import tile_slide
@@ -77,6 +77,10 @@ def _child(method: str, slide: str, size: int, mpp: float | None, out: str) -> d
         index = pd.read_csv(Path(out) / "index.csv")
         plan.kept = list(zip(index["x"], index["y"]))
         shutil.rmtree(out)
+        with open_slide(slide) as s:
+            level = s._fast[plan.level]  # the reader's direct-TIFF level (a JPEG-tiled slide)
+            ds, read = plan.level_downsample, plan.read_size
+            plan.needed = sorted({i for x, y in plan.kept for i in level.tile_indices(int(x // ds), int(y // ds), read, read)})
     # small slides take milliseconds: repeat inside the process and keep the fastest
     inner = max(1, min(10, 2000 // max(n_grid, 1)))
     best = None
@@ -123,17 +127,9 @@ def _measure(method, slide, plan, params, out) -> dict:
         with tifffile.TiffFile(slide) as tf:
             w, h = plan.level_dimensions
             page = next(p for p in tf.pages if p.is_tiled and (p.imagewidth, p.imagelength) == (w, h))
-            tw, th, cols = page.tilewidth, page.tilelength, -(-w // page.tilewidth)
-            ds, read = plan.level_downsample, plan.read_size
-            needed = set()
-            for x, y in plan.kept:
-                lx, ly = int(x // ds), int(y // ds)
-                for ty in range(ly // th, (min(ly + read, h) - 1) // th + 1):
-                    for tx in range(lx // tw, (min(lx + read, w) - 1) // tw + 1):
-                        needed.add(ty * cols + tx)
             fd = os.open(slide, os.O_RDONLY)
             tables = page.jpegtables
-            for i in sorted(needed):
+            for i in plan.needed:
                 page.decode(os.pread(fd, page.databytecounts[i], page.dataoffsets[i]), i, jpegtables=tables)
             os.close(fd)
             buf = memoryview(np.full((params.size, params.size, 3), 255, np.uint8)).cast("B")
@@ -141,7 +137,7 @@ def _measure(method, slide, plan, params, out) -> dict:
             with open(Path(out) / "images.npy", "wb") as fh:
                 for _ in plan.kept:
                     fh.write(buf)
-            extra = {"tiff_tiles": len(needed), "kept": len(plan.kept)}
+            extra = {"tiff_tiles": len(plan.needed), "kept": len(plan.kept)}
     else:
         raise SystemExit(f"unknown method {method}")
     return {"seconds": time.perf_counter() - start, **extra}

@@ -202,14 +202,13 @@ class _TiffLevel:
             probes: Iterable[np.ndarray | None] = map(probe, indices)
         else:
             # a probe takes tens of microseconds, as long as handing a task to a thread:
-            # each task probes a run of tiles, and a round of tasks is placed before the next
+            # each task probes a run of tiles (results are placed as they arrive, in order)
             def probe_run(run: list[int]) -> list[np.ndarray | None]:
                 return [probe(i) for i in run]
 
             n = max(4, min(32, -(-len(indices) // 8)))
             runs = [indices[i : i + n] for i in range(0, len(indices), n)]
-            rounds = (runs[i : i + 64] for i in range(0, len(runs), 64))
-            probes = (grey for r in rounds for run in pool.map(probe_run, r) for grey in run)
+            probes = (grey for run in pool.map(probe_run, runs) for grey in run)
         for index, grey in zip(indices, probes):
             if grey is None:
                 return None
