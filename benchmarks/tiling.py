@@ -97,7 +97,6 @@ def _child(method: str, slide: str, size: int, mpp: float | None, out: str) -> d
 def _measure(method, slide, plan, params, out) -> dict:
     import numpy as np
     import openslide
-    import tifffile
 
     from histosynth.tiling import tile_slide
 
@@ -114,33 +113,34 @@ def _measure(method, slide, plan, params, out) -> dict:
             np.asarray(osr.read_region((t.x, t.y), plan.level, (read, read)).convert("RGB"))
         osr.close()
     elif method == "decode_floor":
-        with tifffile.TiffFile(slide) as tf:
-            w, h = plan.level_dimensions
-            page = next(p for p in tf.pages if p.is_tiled and (p.imagewidth, p.imagelength) == (w, h))
-            fd = os.open(slide, os.O_RDONLY)
-            tables = page.jpegtables
-            for i, (off, cnt) in enumerate(zip(page.dataoffsets, page.databytecounts)):
-                page.decode(os.pread(fd, cnt, off), i, jpegtables=tables)
-            os.close(fd)
-            extra = {"tiff_tiles": len(page.dataoffsets), "tiff_tile_size": [page.tilewidth, page.tilelength]}
+        extra = _decode_tiles(slide, plan, None)
     elif method == "kept_floor":
-        with tifffile.TiffFile(slide) as tf:
-            w, h = plan.level_dimensions
-            page = next(p for p in tf.pages if p.is_tiled and (p.imagewidth, p.imagelength) == (w, h))
-            fd = os.open(slide, os.O_RDONLY)
-            tables = page.jpegtables
-            for i in plan.needed:
-                page.decode(os.pread(fd, page.databytecounts[i], page.dataoffsets[i]), i, jpegtables=tables)
-            os.close(fd)
-            buf = memoryview(np.full((params.size, params.size, 3), 255, np.uint8)).cast("B")
-            Path(out).mkdir()
-            with open(Path(out) / "images.npy", "wb") as fh:
-                for _ in plan.kept:
-                    fh.write(buf)
-            extra = {"tiff_tiles": len(plan.needed), "kept": len(plan.kept)}
+        extra = _decode_tiles(slide, plan, plan.needed)
+        buf = memoryview(np.full((params.size, params.size, 3), 255, np.uint8)).cast("B")
+        Path(out).mkdir()
+        with open(Path(out) / "images.npy", "wb") as fh:
+            for _ in plan.kept:
+                fh.write(buf)
+        extra["kept"] = len(plan.kept)
     else:
         raise SystemExit(f"unknown method {method}")
     return {"seconds": time.perf_counter() - start, **extra}
+
+
+def _decode_tiles(slide, plan, indices) -> dict:
+    """Read and decode, with tifffile/imagecodecs, these TIFF tiles (None: all) of the level under the grid."""
+    import tifffile
+
+    with tifffile.TiffFile(slide) as tf:
+        w, h = plan.level_dimensions
+        page = next(p for p in tf.pages if p.is_tiled and (p.imagewidth, p.imagelength) == (w, h))
+        indices = range(len(page.dataoffsets)) if indices is None else indices
+        fd = os.open(slide, os.O_RDONLY)
+        tables = page.jpegtables
+        for i in indices:
+            page.decode(os.pread(fd, page.databytecounts[i], page.dataoffsets[i]), i, jpegtables=tables)
+        os.close(fd)
+        return {"tiff_tiles": len(indices), "tiff_tile_size": [page.tilewidth, page.tilelength]}
 
 
 def _run_child(method: str, slide: Path, size: int, mpp: float | None, workdir: Path) -> dict:
