@@ -5,7 +5,7 @@ For each configuration, in one process and on the same data:
 - ``bare``: the same generator and discriminator, one fixed batch already
   on the device, D step + G step (LSGAN + lambda L1) with Adam — nothing
   else;
-- ``full``: :func:`histosynth.train_gan.train_gan` for the same number of
+- ``full``: :func:`histosynth.gan.train.train_gan` for the same number of
   steps (sampling crops, flips and rotations from the memory-mapped patch
   sets, conditioning, logging), its per-step seconds read from ``log.csv``
   (the first and the last step, which carry start-up and the final
@@ -38,9 +38,9 @@ CLASSES = {"Epithelial": 1, "Lymphocyte": 2, "Spindle": 3}
 
 
 def _demo_patch_sets(workdir: Path) -> tuple[list[Path], dict[str, str]]:
-    from histosynth.demo import make_demo_slides
-    from histosynth.patches import rasterize_patchset
-    from histosynth.tiling import TileParams, tile_slide
+    from histosynth.slides.demo import make_demo_slides
+    from histosynth.patches.annotate import rasterize_patchset
+    from histosynth.slides.tiling import TileParams, tile_slide
 
     demo = workdir / "gan-demo"
     table = make_demo_slides(demo / "slides", n_slides=2, size=(2048, 2048), seed=0) \
@@ -60,8 +60,8 @@ def _demo_patch_sets(workdir: Path) -> tuple[list[Path], dict[str, str]]:
 def _bare(sets, options, crop, depth, width, batch, steps) -> float:
     import torch
 
-    from histosynth import train_gan as tg
-    from histosynth.conditioning import build_conditioning
+    from histosynth.gan import train as tg
+    from histosynth.gan.conditioning import build_conditioning
     from histosynth.models import pix2pix as p2p
 
     data = tg.load_gan_data(sets, options)
@@ -98,7 +98,7 @@ def _bare(sets, options, crop, depth, width, batch, steps) -> float:
 def _full(sets, options, out, crop, depth, width, batch, steps) -> float:
     import pandas as pd
 
-    from histosynth.train_gan import train_gan
+    from histosynth.gan.train import train_gan
 
     train_gan(sets, out, options=options, crop=crop, depth=depth, width=width, batch_size=batch, steps=steps,
               decay_steps=0, device="cpu", threads=1, precision="float32", log_every=1,
@@ -120,7 +120,7 @@ def main() -> None:
     import torch
 
     from histosynth.io.patchset import PatchSetWriter, read_patchset
-    from histosynth.translate import translate
+    from histosynth.gan.translate import translate
 
     torch.set_num_threads(1)
     workdir = Path(args.workdir)

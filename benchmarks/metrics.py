@@ -7,7 +7,7 @@ shifted by 0-2 px and eroded or dilated by one pixel, a few split in two,
 merged with a neighbour, missing, or added as false positives. Then times,
 in one run and on the same maps:
 
-* ``histosynth.metrics.instance_metrics`` (all metrics together; best of
+* ``histosynth.segmentation.metrics.instance_metrics`` (all metrics together; best of
   ``--repeats``) against the 0.15 s target;
 * ``MetricAccumulator.add`` with per-pixel type maps (4 classes): the
   instance metrics plus the per-class counts of mPQ / mPQ+;
@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.optimize import linear_sum_assignment
 
-from histosynth.metrics import MetricAccumulator, instance_metrics
+from histosynth.segmentation.metrics import MetricAccumulator, instance_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ def monuseg_gt(shared: Path) -> tuple[str, np.ndarray] | None:
     if not files:
         return None
     from histosynth.io.annotations import read
-    from histosynth.rasterize import rasterize_tile
+    from histosynth.patches.rasterize import rasterize_tile
 
     path = files[0]
     aset = read(path, slide_size=(1000, 1000))

@@ -14,9 +14,9 @@ other, fraction of identical pixels after matching ids).
 (b) Sanity on real outlines. For every MoNuSeg training tile
 (``<data>/monuseg-train``: 1000 x 1000, ImageScope XML), the instance map is
 rasterised with histosynth's own reader and rasteriser
-(``histosynth.io.annotations.read`` + ``histosynth.rasterize.rasterize_tile``),
+(``histosynth.io.annotations.read`` + ``histosynth.patches.rasterize.rasterize_tile``),
 its perfect NP / HV maps are post-processed, and the result is scored against
-the instance map with ``histosynth.metrics.instance_metrics`` (PQ, DQ, SQ,
+the instance map with ``histosynth.segmentation.metrics.instance_metrics`` (PQ, DQ, SQ,
 AJI, counts). Target: PQ >= 0.9 on each tile.
 
     python benchmarks/postprocess.py --repeats 7 --out benchmarks/out/postprocess.json
@@ -98,7 +98,7 @@ def synthetic_tile(n: int = 900, size: int = 1000, seed: int = 0) -> np.ndarray:
 
 def monuseg_instances(data: Path) -> dict[str, np.ndarray]:
     from histosynth.io.annotations import read
-    from histosynth.rasterize import rasterize_tile
+    from histosynth.patches.rasterize import rasterize_tile
 
     out = {}
     for xml in sorted((data / "monuseg-train" / "annotations").glob("*.xml")):
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(REPO / "src"))
     logging.getLogger("histosynth").setLevel(logging.ERROR)  # the annotation reader's per-file repair summaries
-    from histosynth.metrics import instance_metrics
+    from histosynth.segmentation.metrics import instance_metrics
     from histosynth.models.hovernet import postprocess
 
     result: dict = {"python": platform.python_version(), "cpus": os.cpu_count(), "cv2_threads": cv2.getNumThreads(),

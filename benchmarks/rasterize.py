@@ -4,7 +4,7 @@ Generates N nucleus-like polygons (jittered ellipses, 20-40 vertices, radius
 3-10 px) spread over a slide grid of 256-px tiles (~50 nuclei per tile) and
 times, on the same polygon-tile pairs and in one run:
 
-* ``histosynth.rasterize.rasterize_tiles`` (exact closed-polygon convention,
+* ``histosynth.patches.rasterize.rasterize_tiles`` (exact closed-polygon convention,
   instance + type maps, overlap rule, per-tile info);
 * a bare ``cv2.fillPoly`` loop (per pair, into its tile's int32 instance map,
   int32 vertices ``round(x - x0 - 0.5)``) - the floor to beat;
@@ -111,7 +111,7 @@ def to_shapely(coords, off):
 
 def tile_pairs(packed, side: int):
     """The (tile, polygon) candidate pairs rasterize_tiles itself uses (untimed), tile-major."""
-    from histosynth.rasterize import _GridIndex
+    from histosynth.patches.rasterize import _GridIndex
 
     pt, pp = _GridIndex(packed, TILE).query(np.array(tiles_of(side), dtype=np.float64))
     o = np.lexsort((pp, pt))
@@ -126,7 +126,7 @@ def tiles_of(side):
 
 
 def run_ours(packed, types, side, check=None):
-    from histosynth.rasterize import rasterize_tiles
+    from histosynth.patches.rasterize import rasterize_tiles
 
     n = 0
     fg = {}
@@ -186,7 +186,7 @@ def mismatch(fg_ref: dict, fg: dict) -> float:
 
 
 def bench_raster(n: int, seed: int, skimage_max: int) -> dict:
-    from histosynth.rasterize import pack_polygons
+    from histosynth.patches.rasterize import pack_polygons
 
     t = time.perf_counter()
     coords, off, types, side = make_nuclei(n, seed)

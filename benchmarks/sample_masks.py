@@ -1,4 +1,4 @@
-"""Benchmark: sampling synthetic nuclei masks (histosynth.sample_masks) on one core.
+"""Benchmark: sampling synthetic nuclei masks (histosynth.masks.sampling) on one core.
 
 Times ``sample_masks`` for N (default 200) masks of 256 x 256 px with about 50
 nuclei each, on one core (OMP_NUM_THREADS=1, torch.set_num_threads(1)),
@@ -100,8 +100,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from histosynth.sample_masks import FastDecoder, dvae_source, ellipse_source, sample_masks
-    from histosynth.stats import fit_stats, load_stats, scale_counts
+    from histosynth.masks.sampling import FastDecoder, dvae_source, ellipse_source, sample_masks
+    from histosynth.masks.stats import fit_stats, load_stats, scale_counts
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-sample-masks-"))
     t0 = time.perf_counter()

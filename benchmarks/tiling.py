@@ -3,7 +3,7 @@
 For each slide, over the same grid of tiles (``--size`` px at the slide's
 level-0 resolution unless ``--mpp`` is given):
 
-- ``histosynth``: :func:`histosynth.tiling.tile_slide`, the whole stage:
+- ``histosynth``: :func:`histosynth.slides.tiling.tile_slide`, the whole stage:
   low-resolution tissue pre-filter, decoding, tissue filter, writing
   ``images.npy`` + ``index.csv``;
 - ``read_region``: a plain OpenSlide loop, ``read_region`` + RGB conversion
@@ -61,7 +61,7 @@ def _peak_rss_mb() -> float:
 
 def _child(method: str, slide: str, size: int, mpp: float | None, out: str) -> dict:
     from histosynth.io.slides import open_slide
-    from histosynth.tiling import TileParams, plan_tiles
+    from histosynth.slides.tiling import TileParams, plan_tiles
 
     params = TileParams(size=size, target_mpp=mpp)
     with open_slide(slide) as s:
@@ -71,7 +71,7 @@ def _child(method: str, slide: str, size: int, mpp: float | None, out: str) -> d
     if method == "kept_floor":  # the tiles histosynth keeps and the TIFF tiles under them, untimed
         import pandas as pd
 
-        from histosynth.tiling import tile_slide
+        from histosynth.slides.tiling import tile_slide
 
         tile_slide(slide, out, params)
         index = pd.read_csv(Path(out) / "index.csv")
@@ -98,7 +98,7 @@ def _measure(method, slide, plan, params, out) -> dict:
     import numpy as np
     import openslide
 
-    from histosynth.tiling import tile_slide
+    from histosynth.slides.tiling import tile_slide
 
     start = time.perf_counter()
     extra: dict = {}
@@ -156,7 +156,7 @@ def _run_child(method: str, slide: Path, size: int, mpp: float | None, workdir: 
 
 
 def _demo_slide(workdir: Path, size: int) -> Path:
-    from histosynth.demo import make_demo_slides
+    from histosynth.slides.demo import make_demo_slides
 
     out = workdir / f"demo-{size}"
     path = out / "demo-000.tif"

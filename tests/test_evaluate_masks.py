@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from histosynth.errors import HistosynthError
-from histosynth.evaluate_masks import BARS, add_cli, evaluate_masks, measure
+from histosynth.cli.masks import register as add_cli
+from histosynth.masks.evaluate import BARS, evaluate_masks, measure
 from histosynth.io.patchset import PatchSetWriter
 from tests.test_stats import write_toy
 

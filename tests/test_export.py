@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from histosynth.errors import HistosynthError
-from histosynth.export import export, outline_image, overlay
+from histosynth.patches.export import export, outline_image, overlay
 from histosynth.io.patchset import PatchSetWriter
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from skimage.draw import ellipse
 
+from histosynth.cli.masks import register as add_cli
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import PatchSetWriter
-from histosynth.library import (
+from histosynth.masks.library import (
     DEFAULT_MIN_BBOX_AREA,
-    add_cli,
     build_library,
     extract_nuclei,
     find_duplicates,

@@ -1,4 +1,4 @@
-"""histosynth.metrics: hand-checked cases, edge cases, a slow loop reference, properties, mPQ."""
+"""histosynth.segmentation.metrics: hand-checked cases, edge cases, a slow loop reference, properties, mPQ."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from histosynth import metrics as M
+from histosynth.segmentation import metrics as M
 from histosynth.errors import HistosynthError
-from histosynth.metrics import (
+from histosynth.segmentation.metrics import (
     COUNT_KEYS,
     METRIC_KEYS,
     MetricAccumulator,

@@ -10,8 +10,8 @@ import pytest
 from histosynth.cli import main
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import read_patchset
-from histosynth.patches import class_columns, parse_class_map, rasterize_patchset
-from histosynth.tiling import TileParams, tile_slide
+from histosynth.patches.annotate import class_columns, parse_class_map, rasterize_patchset
+from histosynth.slides.tiling import TileParams, tile_slide
 from tests.conftest import shared_file
 from tests.helpers import tissue_image, write_pyramid
 
@@ -121,7 +121,7 @@ def test_class_maps():
 def test_monuseg_instances_equal_the_valid_regions():
     """Every kept MoNuSeg region becomes one instance, unless an overlapping smaller one hides it."""
     from histosynth.io.annotations import read
-    from histosynth.rasterize import rasterize_tile
+    from histosynth.patches.rasterize import rasterize_tile
 
     for name in ("TCGA-21-5784-01Z-00-DX1", "TCGA-B0-5710-01Z-00-DX1"):
         aset = read(shared_file("monuseg-train", "annotations", f"{name}.xml"), slide_size=(1000, 1000))

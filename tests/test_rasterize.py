@@ -1,4 +1,4 @@
-"""Exact rasterization of nucleus polygons onto tiles (histosynth.rasterize)."""
+"""Exact rasterization of nucleus polygons onto tiles (histosynth.patches.rasterize)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from skimage.draw import polygon2mask
 from skimage.measure import grid_points_in_poly
 
 from histosynth.errors import HistosynthError
-from histosynth.rasterize import (
+from histosynth.patches.rasterize import (
     PackedPolygons,
     RasterizeError,
     pack_polygons,
@@ -346,7 +346,7 @@ def test_deterministic_and_batched_equals_single():
 
 
 def test_grid_index_finds_every_pair_once():
-    from histosynth.rasterize import _candidate_pairs_brute, _GridIndex
+    from histosynth.patches.rasterize import _candidate_pairs_brute, _GridIndex
 
     polys, _ = random_nuclei(300, 200, seed=4)
     polys += [box(-50, -40, 400, 300), box(10, 10, 90, 11), None, box(199.5, 0, 200.5, 1)]

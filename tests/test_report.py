@@ -11,7 +11,7 @@ from scipy import stats
 
 from histosynth.cli import main
 from histosynth.errors import HistosynthError
-from histosynth.report import METRICS, build_report, mean_ci, read_scores, summarise
+from histosynth.segmentation.report import METRICS, build_report, mean_ci, read_scores, summarise
 
 
 def _scores(path, arm, seed, values, mpq=None):

@@ -11,7 +11,7 @@ from scipy import ndimage
 
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import read_patchset
-from histosynth.sample_masks import (
+from histosynth.masks.sampling import (
     MaskSampler,
     clean_shapes,
     ellipse_source,
@@ -20,7 +20,7 @@ from histosynth.sample_masks import (
     simulate_spatial,
     warp_shapes,
 )
-from histosynth.stats import fit_stats, load_stats, nucleus_features
+from histosynth.masks.stats import fit_stats, load_stats, nucleus_features
 from tests.test_stats import write_toy
 
 NAMES = {1: "Epithelial", 2: "Lymphocyte", 3: "Spindle"}
@@ -81,7 +81,7 @@ def test_type_blind_shapes_are_assigned_by_eccentricity(clustered):
     shapes = ellipse_source(None, ecc_range=(0.0, 0.98))(50, None, np.random.default_rng(0))
     target = np.random.default_rng(1).random(50)
     out = sampler.match_eccentricity(shapes, target)
-    from histosynth.stats import shape_moments
+    from histosynth.masks.stats import shape_moments
 
     have = shape_moments(out)["eccentricity"]
     assert np.all(np.diff(have[np.argsort(target)]) >= 0)  # rounder shapes go to rounder targets
@@ -180,7 +180,7 @@ def test_shards_differ_and_are_reproducible(clustered, tmp_path):
 
 
 def _g(paths_or_masks, types=(1, 2), size=128):
-    from histosynth.stats import PairCorrelation, default_r_edges
+    from histosynth.masks.stats import PairCorrelation, default_r_edges
 
     pc = PairCorrelation(list(types), default_r_edges((size, size)))
     for inst, typ in paths_or_masks:
@@ -219,7 +219,7 @@ def test_simulated_spatial_matches_calibration_targets(clustered):
 
 # --------------------------------------------------------------------------- the patch set and the CLI
 def _parser():
-    from histosynth.sample_masks import add_cli
+    from histosynth.cli.masks import register as add_cli
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--progress", action="store_true")
@@ -300,7 +300,7 @@ def test_stats_round_trip_through_json(clustered, tmp_path):
 def test_fast_decoder_equals_sample_shapes(conditional):
     dvae = pytest.importorskip("histosynth.models.dvae")
     torch = pytest.importorskip("torch")
-    from histosynth.sample_masks import FastDecoder, dvae_source
+    from histosynth.masks.sampling import FastDecoder, dvae_source
 
     torch.manual_seed(0)
     kw = {"type_ids": (1, 2)} if conditional else {}
@@ -337,7 +337,7 @@ def test_degenerate_stats_and_empty_masks(tmp_path):
 
 def test_gauss_field_matches_the_grid_for_narrow_kernels():
     """Regression: a field whose kernel is under 3 grid cells (small patches, MoNuSeg at 128 px) has the grid's shape."""
-    from histosynth.sample_masks import MaskSampler
+    from histosynth.masks.sampling import MaskSampler
 
     sampler = MaskSampler.__new__(MaskSampler)
     sampler.grid = 36

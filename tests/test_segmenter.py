@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from histosynth import segmenter as sg
+from histosynth.segmentation import segmenter as sg
 from histosynth.cli import main
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import PatchSetWriter
-from histosynth.score import score
+from histosynth.segmentation.score import score
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from histosynth.cli import main
 from histosynth.errors import HistosynthError
-from histosynth.split import read_split, slides_in, split_slides
+from histosynth.patches.split import read_split, slides_in, split_slides
 
 NAMES = [f"s{i}" for i in range(8)]
 

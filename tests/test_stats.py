@@ -15,7 +15,7 @@ from skimage.measure import regionprops
 
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import PatchSetWriter
-from histosynth.stats import (
+from histosynth.masks.stats import (
     PairCorrelation,
     count_cdf_table,
     count_logpmf,
@@ -247,7 +247,7 @@ def test_scale_counts_by_area_not_side():
 
 
 def fit_counts_moments(fam, params):
-    from histosynth.stats import _moments
+    from histosynth.masks.stats import _moments
 
     return _moments(fam, params)
 
@@ -425,7 +425,7 @@ def test_load_stats_rejects_bad_files(tmp_path):
 
 
 def test_cli_fit_stats(toy_sets, tmp_path, capsys):
-    from histosynth.stats import add_cli
+    from histosynth.cli.masks import register as add_cli
 
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))

@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from histosynth import tiling
+from histosynth.slides import tiling
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import read_patchset
 from histosynth.io.slides import open_slide
-from histosynth.tiling import TileParams, plan_tiles, tile_slide
+from histosynth.slides.tiling import TileParams, plan_tiles, tile_slide
 from tests.conftest import shared_file
 from tests.helpers import tissue_image, write_pyramid
 
@@ -92,7 +92,7 @@ def test_lowres_prefilter_skips_decoding_but_changes_nothing(tmp_path):
 
 def test_lowres_prefilter_is_exact_on_pale_demo_tissue(tmp_path):
     """Pale tissue sits just under the threshold: averaging at low res must not rule it out."""
-    from histosynth.demo import make_demo_slides
+    from histosynth.slides.demo import make_demo_slides
 
     make_demo_slides(tmp_path / "demo", n_slides=1, size=(2048, 2048), seed=5)  # slide 0: pale stain
     path = tmp_path / "demo" / "demo-000.tif"
@@ -182,7 +182,7 @@ def test_jpeg_probe_prefilter_on_a_level_too_large_for_one_eighth(tmp_path, monk
 
 def test_jpeg_probe_prefilter_is_exact_on_pale_demo_tissue(tmp_path):
     """The demo's pale stain, re-saved as one level so that only the JPEG probe can rule out background."""
-    from histosynth.demo import make_demo_slides
+    from histosynth.slides.demo import make_demo_slides
 
     make_demo_slides(tmp_path / "demo", n_slides=1, size=(2048, 2048), seed=5)  # slide 0: pale stain
     with open_slide(tmp_path / "demo" / "demo-000.tif") as slide:
@@ -331,7 +331,7 @@ def test_regions_from_annotations_group_separate_areas(tmp_path):
     """Two annotated areas far apart give two regions; the space between them is not tiled."""
     import json
 
-    from histosynth.tiling import annotation_regions
+    from histosynth.slides.tiling import annotation_regions
 
     def square(x, y):
         return {"type": "Feature", "properties": {"classification": {"name": "n"}},

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from histosynth import train_gan as tg
+from histosynth.gan import train as tg
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import PatchSetWriter
 from histosynth.models.pix2pix import generate, load_gan
-from histosynth.train_gan import add_cli, learning_rate, load_gan_data, sample_batch, train_gan
+from histosynth.cli.gan import register as add_cli
+from histosynth.gan.train import learning_rate, load_gan_data, sample_batch, train_gan
 
 torch.set_num_threads(1)
 
@@ -86,7 +87,7 @@ def test_a_few_steps_reduce_l1(sets, tmp_path):
     assert bundle.options == ["dark", "pale"] and bundle.n_types == 2 and bundle.step == 40
     assert bundle.classes == {1: "Epithelial", 2: "Lymphocyte"} and not bundle.noise
     assert report["step"] == 40 and report["precision"] == "float32"
-    from histosynth.conditioning import build_conditioning
+    from histosynth.gan.conditioning import build_conditioning
 
     _, inst, types, _ = sample_batch(load_gan_data(sets, None), 2, 32, 0, 0)
     cond = build_conditioning(inst, types, bundle.n_types, bundle.option_index("pale"), len(bundle.options))

@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from histosynth import translate as tr
+from histosynth.gan import translate as tr
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import PatchSetWriter, read_patchset
-from histosynth.translate import add_cli, assign_options, translate
+from histosynth.cli.gan import register as add_cli
+from histosynth.gan.translate import assign_options, translate
 from tests.test_stats import write_toy
 
 torch.set_num_threads(1)
@@ -201,14 +202,14 @@ def test_cli(monkeypatch, masks, tmp_path):
 
 def test_missing_checkpoint_is_named(masks, tmp_path):
     pytest.importorskip("histosynth.models.pix2pix", reason="the GAN module is not written yet")
-    pytest.importorskip("histosynth.conditioning", reason="the conditioning module is not written yet")
+    pytest.importorskip("histosynth.gan.conditioning", reason="the conditioning module is not written yet")
     with pytest.raises(HistosynthError, match="no such GAN checkpoint"):
         translate(tmp_path / "nope.pt", masks, tmp_path / "o", device="cpu")
 
 
 def test_real_untrained_generator_through_a_checkpoint(masks, tmp_path):
     pix2pix = pytest.importorskip("histosynth.models.pix2pix", reason="the GAN module is not written yet")
-    conditioning = pytest.importorskip("histosynth.conditioning", reason="the conditioning module is not written yet")
+    conditioning = pytest.importorskip("histosynth.gan.conditioning", reason="the conditioning module is not written yet")
     if not all(hasattr(pix2pix, n) for n in ("define_G", "gan_checkpoint_dict")):
         pytest.skip("histosynth.models.pix2pix has no generator builder / checkpoint writer")
     torch.manual_seed(0)

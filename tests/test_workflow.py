@@ -62,7 +62,7 @@ def test_dag_produces_tiles(run):
 
 
 def test_dag_produces_typed_patches_and_split(run):
-    from histosynth.split import read_split
+    from histosynth.patches.split import read_split
 
     results = run / "results"
     split = read_split(results / "split.csv")

@@ -19,11 +19,12 @@ import yaml
 
 from histosynth.errors import HistosynthError
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+#: the schema: every key of config.yaml, its type and THE default (package data, so an installed wheel has it)
+SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 
 SLIDE_COLUMNS = ["slide", "image", "annotations", "mpp", "stain"]
 
-#: stain styles of the demo slides, slide i gets DEMO_STAINS[i % 2] (histosynth.demo)
+#: stain styles of the demo slides, slide i gets DEMO_STAINS[i % 2] (histosynth.slides.demo)
 DEMO_STAINS = ("pale", "dark")
 
 
@@ -101,7 +102,7 @@ def load_config_file(path: str | os.PathLike) -> dict:
 
 
 def demo_slide_names(n_slides: int) -> list[str]:
-    """Names of the demo slides, as :func:`histosynth.demo.make_demo_slides` writes them."""
+    """Names of the demo slides, as :func:`histosynth.slides.demo.make_demo_slides` writes them."""
     return [f"demo-{i:03d}" for i in range(n_slides)]
 
 

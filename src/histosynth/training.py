@@ -16,27 +16,9 @@ import pandas as pd
 import torch
 
 from histosynth.errors import HistosynthError
+from histosynth.io.atomic import atomic_csv
 
 log = logging.getLogger(__name__)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` into a temporary sibling of ``path``, then rename it into place."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_csv(frame: pd.DataFrame, path: str | os.PathLike) -> None:
-    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 class Deterministic:
@@ -80,29 +62,6 @@ def load_resume(
         log.warning("%s was written with other settings (%s); training starts afresh", path,
                     ", ".join(differ) or "no optimizer state")
         return None
-    return ckpt
-
-
-def read_torch_checkpoint(path: str | os.PathLike, fmt: str, version: int, what: str) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` of a ``fmt`` file with one clear error for a missing, corrupt or foreign one.
-
-    ``what`` names the kind in messages ("GAN", "DVAE", ...); a file newer than
-    ``version`` is refused.
-    """
-    if not os.path.isfile(path):
-        raise HistosynthError(f"{what} checkpoint not found", path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError (zip), EOFError, ...
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-        raise HistosynthError(
-            f"unreadable {what} checkpoint (corrupt, truncated or not a torch file): {type(err).__name__} {first}"
-            .rstrip(), path) from err
-    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
-        found = ckpt.get("format", "no format entry") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise HistosynthError(f"not a {what} checkpoint ({found})", path)
-    if int(ckpt.get("version", 0)) > version:
-        raise HistosynthError(f"{what} checkpoint version {ckpt['version']} is newer than this histosynth reads", path)
     return ckpt
 
 
@@ -162,21 +121,6 @@ def check_finite(losses: dict[str, Any], step: int, last_good: str | None, out_d
             f"(try a lower --lr or --precision float32); last good checkpoint: {last_good or 'none written yet'}",
             out_dir)
     return values
-
-
-def add_training_args(p: Any, checkpoint_every: int) -> None:
-    """The options every training stage shares: seed, device, threads, checkpoints, logging, precision, classes."""
-    p.add_argument("--seed", type=int, default=0, help="default 0")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    p.add_argument("--checkpoint-every", type=int, default=checkpoint_every,
-                   help=f"steps between checkpoints (default {checkpoint_every})")
-    p.add_argument("--log-every", type=int, default=10, help="steps per log.csv row (default 10)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="default auto")
-    p.add_argument("--classes", nargs="+", default=None, metavar="NAME=ID",
-                   help="type names (default: from the patch sets' report.json)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint.pt")
-
 
 
 class StepLog:

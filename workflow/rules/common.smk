@@ -19,7 +19,7 @@ os.environ["PATH"] = os.pathsep.join(
 )
 
 from histosynth.config import load_schema, slide_table, validate_config
-from histosynth.split import split_slides
+from histosynth.patches.split import split_slides
 
 
 # Read (and extended) at start-up; declared so that a job on a cluster gets them too.
@@ -28,9 +28,7 @@ envvars:
     "PYTHONPATH",
 
 
-config = validate_config(
-    config, load_schema(workflow.source_path("../schemas/config.schema.yaml"))
-)
+config = validate_config(config, load_schema())
 RESULTS = config["results"]
 # conda environments for --use-conda: the CUDA build of torch for the GPU rules
 # (unless the config pins the CPU), the CPU build for the rest

@@ -1,7 +1,7 @@
 """The β-VAE ("DVAE") of nucleus shapes, after the seed's section 5 and appendix C.
 
 Input: a ``size`` × ``size`` (64) binary nucleus shape from the nuclei
-library (:mod:`histosynth.library`). Read top to bottom::
+library (:mod:`histosynth.masks.library`). Read top to bottom::
 
     Encoder   x (1, 64, 64)
               4 × DownBlock: conv 4×4 stride 2 → BatchNorm → ReLU    64 → 32 → 16 → 8 → 4
@@ -45,7 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from histosynth.errors import HistosynthError
-from histosynth.training import read_torch_checkpoint
+from histosynth.models.checkpoint import read_torch_checkpoint
 
 #: the ``format`` entry of every DVAE checkpoint (final model and training checkpoint)
 CHECKPOINT_FORMAT = "histosynth-dvae"
@@ -440,7 +440,7 @@ def sample_posterior_shapes(
     otherwise). The prior N(0, sigma² I) of :func:`sample_shapes` under-draws
     the rarer shapes (elongated spindle nuclei sit in its tails); this follows
     the library's own mix of shapes while still making new ones. Needs a
-    ``dvae.pt`` written by :func:`histosynth.train_dvae.train_dvae` (it stores
+    ``dvae.pt`` written by :func:`histosynth.masks.dvae.train_dvae` (it stores
     the posterior of every training shape). Deterministic given ``seed``.
     """
     bank = getattr(model, "posterior", None)

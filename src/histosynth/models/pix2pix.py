@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histosynth.errors import HistosynthError
-from histosynth.training import read_torch_checkpoint
+from histosynth.models.checkpoint import read_torch_checkpoint
 
 CHECKPOINT_FORMAT = "histosynth-gan"
 CHECKPOINT_VERSION = 1

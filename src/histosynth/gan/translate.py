@@ -2,7 +2,7 @@
 
 ``histosynth translate GAN MASKS OUT`` reads a mask patch set (``inst.npy`` +
 ``types.npy``, e.g. a ``sample-masks`` shard), builds the generator's
-conditioning for each mask (:func:`histosynth.conditioning.build_conditioning`),
+conditioning for each mask (:func:`histosynth.gan.conditioning.build_conditioning`),
 runs the generator in batches (memory bounded by one batch) and writes a full
 patch set (``images.npy`` + ``inst.npy`` + ``types.npy``). ``inst`` and
 ``types`` are copied unchanged; ``index.csv`` keeps the mask rows (and their
@@ -39,7 +39,6 @@ at ``<OUT>.montage.png`` unless ``--montage`` names another path.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
 import os
@@ -105,7 +104,7 @@ def _size_multiple(bundle: Any) -> int:
 
 def _default_api() -> tuple[Callable, Callable, Callable]:
     try:
-        from histosynth.conditioning import build_conditioning
+        from histosynth.gan.conditioning import build_conditioning
         from histosynth.models.pix2pix import generate, load_gan
     except ImportError as err:  # pragma: no cover - the GAN modules ship with the package
         raise HistosynthError(f"the GAN modules are not available ({err})") from err
@@ -133,7 +132,7 @@ def type_colour_image(inst: np.ndarray, types: np.ndarray) -> np.ndarray:
     """A mask drawn for people: nuclei filled with their type's colour, outlined in black, on white."""
     from skimage.segmentation import find_boundaries
 
-    from histosynth.export import PALETTE
+    from histosynth.patches.export import PALETTE
 
     out = np.full((*inst.shape, 3), 255, np.uint8)
     fg = inst > 0
@@ -207,7 +206,7 @@ def translate(
     ``gan`` is a checkpoint path (loaded with :func:`histosynth.models.pix2pix.load_gan`)
     or an already loaded bundle with ``generator``, ``options``, ``n_types``,
     ``noise``, ``classes`` and ``config``. ``conditioner`` and ``generate_fn``
-    default to :func:`histosynth.conditioning.build_conditioning` and
+    default to :func:`histosynth.gan.conditioning.build_conditioning` and
     :func:`histosynth.models.pix2pix.generate`. Returns the report (also in
     ``report.json``).
     """
@@ -305,34 +304,3 @@ def translate(
         report["montage"] = str(montage_path)
     log.info("translated %d masks with %s into %s (options %s)", n, gan_name, out_dir, counts)
     return report
-
-
-# --------------------------------------------------------------------------- CLI
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``translate``."""
-    p = sub.add_parser("translate", help="paint synthetic masks into H&E images with the GAN (image+inst+types)")
-    p.add_argument("gan", help="GAN checkpoint (gan.pt from train-gan)")
-    p.add_argument("masks", help="mask patch set (inst.npy + types.npy), e.g. a sample-masks shard")
-    p.add_argument("out_dir", help="output patch set (images + inst + types)")
-    p.add_argument("--option", action="append", dest="options", metavar="NAME",
-                   help="stain/domain option; repeat for a balanced seeded mix (a name twice = twice the share); "
-                        "'all' = every option of the model; default: the model's first option")
-    p.add_argument("--mix", action="store_true", help="same as --option all")
-    p.add_argument("--batch", type=int, default=16, help="masks per generator call (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the option mix, noise and dropout (default 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    p.add_argument("--montage", dest="montage_path", help="montage PNG path (default OUT_DIR.montage.png)")
-    p.add_argument("--no-montage", action="store_true", help="do not write the montage")
-    p.set_defaults(func=_run_translate)
-
-
-def _run_translate(args: argparse.Namespace) -> None:
-    options = list(args.options or [])
-    if args.mix:
-        if options and options != ["all"]:
-            raise HistosynthError("--mix cannot be combined with --option names (it means --option all)")
-        options = ["all"]
-    translate(args.gan, args.masks, args.out_dir, options=options or None, batch=args.batch, seed=args.seed,
-              device=args.device, threads=args.threads, montage=not args.no_montage,
-              montage_path=args.montage_path, progress=getattr(args, "progress", False))

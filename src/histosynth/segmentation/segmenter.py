@@ -32,7 +32,6 @@ windows and returns the stitched NP / HV / TP maps.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -47,9 +46,9 @@ import torch
 
 from histosynth.errors import HistosynthError
 from histosynth.models import hovernet as hn
-from histosynth.train_gan import GanData, _data_fingerprint, _max_type, _read_classes, load_gan_data
-from histosynth.training import (Deterministic, StepLog, add_training_args, atomic_torch_save, autocast,
-                                 check_finite, choose_precision, load_resume, read_torch_checkpoint)
+from histosynth.gan.train import GanData, _data_fingerprint, _max_type, _read_classes, load_gan_data
+from histosynth.models.checkpoint import atomic_torch_save, read_torch_checkpoint
+from histosynth.training import Deterministic, StepLog, autocast, check_finite, choose_precision, load_resume
 
 log = logging.getLogger(__name__)
 
@@ -424,41 +423,3 @@ def predict(seg: Segmenter, image: np.ndarray, *, overlap: int | None = None, ba
     result = {k: (v / count)[:, :h, :w] for k, v in sums.items()}
     result["np"] = result["np"][0]
     return result
-
-
-# -- CLI ---------------------------------------------------------------------------------------------------
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``histosynth train-segmenter``."""
-    p = sub.add_parser("train-segmenter", help="train HoVer-Net for one arm (real, real+synthetic, synthetic)")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="[REAL_PATCH_SETS...] OUT_DIR (real patch sets with images, inst and types; the output "
-                        "folder: model.pt, log.csv, checkpoint.pt)")
-    p.add_argument("--arm", choices=ARMS, required=True, help="which data to train on")
-    p.add_argument("--synthetic", nargs="+", default=[], metavar="PATCH_SET",
-                   help="synthetic pairs (translate's output), for the synthetic and real+synthetic arms")
-    p.add_argument("--mix", type=float, default=0.5,
-                   help="real+synthetic: the chance that a batch patch is synthetic (default 0.5)")
-    p.add_argument("--mode", choices=("fast", "original"), default="fast",
-                   help="HoVer-Net mode: fast 256 -> 164 px, original 270 -> 80 px (default fast)")
-    p.add_argument("--width", type=int, default=64, help="encoder base width (default 64, the paper's)")
-    p.add_argument("--units", type=int, nargs=4, default=[3, 4, 6, 3], metavar="N",
-                   help="residual units per encoder stage (default 3 4 6 3, ResNet-50)")
-    p.add_argument("--input-size", type=int, default=None, help="network input side (default: the mode's)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000), the same for every arm")
-    p.add_argument("--batch-size", type=int, default=4, help="default 4")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
-    p.add_argument("--lr-drop", type=float, default=0.5,
-                   help="fraction of the steps after which the learning rate is divided by 10 (default 0.5)")
-    add_training_args(p, checkpoint_every=200)
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> None:
-    from histosynth.patches import parse_class_map
-
-    train_segmenter(args.paths[:-1], args.paths[-1], arm=args.arm, synthetic=args.synthetic, mix=args.mix,
-                    mode=args.mode, width=args.width, units=args.units, input_size=args.input_size,
-                    steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_drop=args.lr_drop, seed=args.seed,
-                    device=args.device, threads=args.threads, checkpoint_every=args.checkpoint_every,
-                    log_every=args.log_every, precision=args.precision, classes=parse_class_map(args.classes),
-                    resume=args.resume, progress=getattr(args, "progress", False) or None)

@@ -3,7 +3,7 @@
 :func:`fit_stats` reads one or more typed patch sets (``inst.npy`` + ``types.npy``)
 of the TRAIN slides and writes ``stats.json`` plus three figures
 (``counts.png``, ``morphology.png``, ``spatial.png``). Everything
-:mod:`histosynth.sample_masks` needs is in ``stats.json``; nothing else is read
+:mod:`histosynth.masks.sampling` needs is in ``stats.json``; nothing else is read
 back.
 
 What is measured
@@ -57,7 +57,7 @@ What is fitted
   has few lymphocytes). The sampler draws them through a Gaussian copula whose
   correlation matrix is 2 sin(pi rho_s / 6) of the Spearman correlations of the
   per-type counts (projected onto the positive-definite matrices).
-* **Spatial model** (``field``), what :mod:`histosynth.sample_masks` places
+* **Spatial model** (``field``), what :mod:`histosynth.masks.sampling` places
   nuclei with (a hard-core, thresholded-Gaussian-field Cox process; the
   design and why are in that module's docstring):
 
@@ -75,7 +75,7 @@ What is fitted
   - then, unless ``calibrate=0``, a few rounds of simulation adjust packing,
     contact and length scale until the sampler's median NN distances,
     touching fractions and g(r) match the real ones
-    (:func:`histosynth.sample_masks.calibrate_field`); the simulated g(r) is
+    (:func:`histosynth.masks.sampling.calibrate_field`); the simulated g(r) is
     kept as ``g_sampler`` and drawn dashed in ``spatial.png``.
 
 ``scale_counts`` rescales a count fit to another patch area
@@ -143,7 +143,6 @@ A stats.json of the demo (3 classes, 76 patches) is ~100 kB.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -947,7 +946,7 @@ def fit_stats(
     """Measure the patch sets, fit everything, write ``out_dir/stats.json`` (+ figures); return the stats.
 
     ``calibrate`` > 0 refines the spatial field by that many rounds of
-    simulation (:func:`histosynth.sample_masks.calibrate_field`, ``calibrate_masks``
+    simulation (:func:`histosynth.masks.sampling.calibrate_field`, ``calibrate_masks``
     masks a round, seeded by ``seed``); 0 keeps the direct fit g = exp(C).
     """
     data = collect(patch_sets, border_margin=border_margin, progress=progress)
@@ -1060,7 +1059,7 @@ def fit_stats(
         "field": field,
     }
     if calibrate > 0 and h == w:
-        from histosynth.sample_masks import calibrate_field
+        from histosynth.masks.sampling import calibrate_field
 
         stats["field"] = calibrate_field(stats, iterations=calibrate, n_masks=calibrate_masks, seed=seed)
     out_dir = Path(out_dir)
@@ -1189,34 +1188,3 @@ def _pair_label(stats: Mapping[str, Any], key: str) -> str:
         return "all nuclei"
     a, b = key.split("-")
     return f"{stats['classes'][a]}-{stats['classes'][b]}"
-
-
-# --------------------------------------------------------------------------- CLI
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``fit-stats``."""
-    p = sub.add_parser("fit-stats", help="mask statistics + count/size/spatial fits of real patch sets (stats.json)")
-    p.add_argument("patch_sets", nargs="+", help="typed patch sets (inst + types) of the train slides")
-    p.add_argument("out_dir", help="output directory (stats.json, counts.png, morphology.png, spatial.png)")
-    p.add_argument("--classes", nargs="*", metavar="NAME=ID",
-                   help="class names (default: from the patch sets' report.json, else 'type k')")
-    p.add_argument("--border-margin", type=int, default=1,
-                   help="nuclei within this many px of the edge are left out of the morphology (default 1)")
-    p.add_argument("--calibrate", type=int, default=4,
-                   help="rounds of simulation calibrating the placement (packing, contact; default 4; 0: none)")
-    p.add_argument("--calibrate-masks", type=int, default=64, help="masks simulated per round (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration simulations (default 0)")
-    p.set_defaults(func=_run_fit_stats)
-
-
-def _run_fit_stats(args: argparse.Namespace) -> None:
-    from histosynth.patches import parse_class_map
-
-    if len(args.patch_sets) < 1:
-        raise HistosynthError("fit-stats needs at least one patch set and an output directory")
-    cmap = parse_class_map(args.classes)
-    names = {v: k for k, v in cmap.items()} if cmap else None
-    if args.calibrate < 0 or args.calibrate_masks < 1:
-        raise HistosynthError("--calibrate must be >= 0 and --calibrate-masks >= 1")
-    fit_stats(args.patch_sets, args.out_dir, class_names=names, border_margin=args.border_margin,
-              progress=getattr(args, "progress", False), calibrate=args.calibrate,
-              calibrate_masks=args.calibrate_masks, seed=args.seed)

@@ -49,8 +49,8 @@ import pandas as pd
 import shapely
 import tifffile
 
-from . import __version__
-from .errors import HistosynthError
+from histosynth import __version__
+from histosynth.errors import HistosynthError
 
 log = logging.getLogger(__name__)
 
@@ -1183,7 +1183,7 @@ def make_demo_slides(
         table.to_csv(staging / "slides.csv", index=False)
         totals = {c: sum(s["counts"][c] for s in per_slide) for c in _CLASS_NAMES}
         meta = {
-            "generator": "histosynth.demo.make_demo_slides",
+            "generator": "histosynth.slides.demo.make_demo_slides",
             "version": __version__,
             "parameters": {
                 "n_slides": n_slides, "size": [width, height], "seed": seed, "mpp": mpp,

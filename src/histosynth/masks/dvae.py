@@ -1,6 +1,6 @@
 """Train the nucleus-shape β-VAE on the nuclei library (and sweep its latent size).
 
-:func:`train_dvae` reads ``nuclei.npz`` (:mod:`histosynth.library`), holds back
+:func:`train_dvae` reads ``nuclei.npz`` (:mod:`histosynth.masks.library`), holds back
 a seeded, type-stratified ``holdout`` fraction, trains
 :class:`histosynth.models.dvae.DVAE` with Adam and writes into ``out_dir``:
 
@@ -49,7 +49,6 @@ into ``out_dir/latent-{k}/`` and writes ``sweep.csv`` and ``sweep.png``.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import math
@@ -66,8 +65,10 @@ import torch
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.training import Deterministic, atomic_csv, atomic_torch_save, load_resume
-from histosynth.library import load_library
+from histosynth.io.atomic import atomic_csv
+from histosynth.models.checkpoint import atomic_torch_save
+from histosynth.training import Deterministic, load_resume
+from histosynth.masks.library import load_library
 from histosynth.models import dvae as dvae_mod
 from histosynth.models.dvae import DVAE, DVAEConfig, checkpoint_dict, encode, init_output_bias, kl_divergence
 
@@ -480,67 +481,3 @@ def dvae_sweep(
     save_figure(fig, out_dir / "sweep.png")
     log.info("latent-size sweep written to %s:\n%s", out_dir / "sweep.csv", table.to_string(index=False))
     return {"rows": rows, "csv": str(out_dir / "sweep.csv"), "png": str(out_dir / "sweep.png")}
-
-
-# -- CLI -------------------------------------------------------------------------------------------------
-def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beta", type=float, default=4.0, help="weight of the KL term, > 1 disentangles (default 4)")
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"epochs (default {DEFAULT_EPOCHS})")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    p.add_argument("--conditional", action="store_true", help="condition encoder and decoder on the nucleus type")
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction held out for evaluation (default 0.1)")
-    p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (default 1)")
-    p.add_argument("--checkpoint-steps", type=int, default=0,
-                   help="also checkpoint every this many optimizer steps (default 0: off)")
-    p.add_argument("--no-augment", dest="augment", action="store_false",
-                   help="no random flips / 90-degree rotations of the training shapes")
-    p.add_argument("--enc-widths", type=int, nargs="+", default=list(DVAEConfig.enc_widths),
-                   help="encoder channels, one stride-2 block each "
-                        f"(default {' '.join(map(str, DVAEConfig.enc_widths))})")
-    p.add_argument("--dec-widths", type=int, nargs="+", default=list(DVAEConfig.dec_widths),
-                   help=f"decoder channels (default {' '.join(map(str, DVAEConfig.dec_widths))}; "
-                        "strides 2 1 2 for three blocks)")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint.pt")
-
-
-def _training_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = dict(beta=args.beta, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                  device=args.device, threads=args.threads, conditional=args.conditional, holdout=args.holdout,
-                  checkpoint_every=args.checkpoint_every, checkpoint_steps=args.checkpoint_steps,
-                  augment=args.augment, enc_widths=tuple(args.enc_widths), dec_widths=tuple(args.dec_widths),
-                  resume=args.resume, progress=getattr(args, "progress", False) or None)
-    if len(args.dec_widths) != len(DVAEConfig.dec_strides):
-        # one upsampling per block until the side is reached: 2, 2 for two blocks; 2, 1, 2, 1 ... otherwise
-        strides = [2, 2] if len(args.dec_widths) == 2 else [2 if i % 2 == 0 else 1 for i in range(len(args.dec_widths))]
-        kwargs["dec_strides"] = tuple(strides)
-    return kwargs
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``histosynth train-dvae`` and ``histosynth dvae-sweep``."""
-    p = sub.add_parser("train-dvae", help="train the nucleus-shape beta-VAE on a nuclei library")
-    p.add_argument("library", help="nuclei.npz from `histosynth nuclei-library`")
-    p.add_argument("out_dir", help="output folder (dvae.pt, log.csv, traversal.png, samples.png, checkpoint.pt)")
-    p.add_argument("--latent-dim", type=int, default=10, help="latent size (default 10)")
-    _add_training_flags(p)
-    p.set_defaults(func=_run_train)
-
-    p = sub.add_parser("dvae-sweep", help="train one beta-VAE per latent size (sweep.csv, sweep.png)")
-    p.add_argument("library", help="nuclei.npz from `histosynth nuclei-library`")
-    p.add_argument("out_dir", help="output folder (latent-K/ per size, sweep.csv, sweep.png)")
-    p.add_argument("--latent-dims", type=int, nargs="+", default=[8, 10, 16, 20, 30],
-                   help="latent sizes (default 8 10 16 20 30)")
-    _add_training_flags(p)
-    p.set_defaults(func=_run_sweep)
-
-
-def _run_train(args: argparse.Namespace) -> None:
-    train_dvae(args.library, args.out_dir, latent_dim=args.latent_dim, **_training_kwargs(args))
-
-
-def _run_sweep(args: argparse.Namespace) -> None:
-    dvae_sweep(args.library, args.out_dir, latent_dims=tuple(args.latent_dims), **_training_kwargs(args))

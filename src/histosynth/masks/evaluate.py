@@ -7,7 +7,7 @@ and writes ``evaluation.json``, ``histograms.png`` (real vs synthetic per
 feature) and ``montage.png`` (real masks above, synthetic below, coloured by
 type, instance outlines in black).
 
-Features (the same code measures both sides; see :mod:`histosynth.stats`):
+Features (the same code measures both sides; see :mod:`histosynth.masks.stats`):
 
 * ``count`` - nuclei per patch (distinct ids, nuclei cut by the edge count).
   When the patch sizes differ: real patches LARGER than the synthetic ones
@@ -38,7 +38,6 @@ HistosynthError naming the file.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -52,7 +51,7 @@ from scipy import stats as sps
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
 from histosynth.io.patchset import class_key, parse_classes, read_patchset
-from histosynth.stats import nn_distances, nucleus_features
+from histosynth.masks.stats import nn_distances, nucleus_features
 
 log = logging.getLogger(__name__)
 
@@ -304,28 +303,3 @@ def plot_montage(syn_ex: list, real_ex: list, classes: Mapping[int, str], out: P
     fig.legend(handles, [classes[t] for t in classes], loc="lower center", ncol=len(classes), fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     save_figure(fig, out, dpi=90)
-
-
-# --------------------------------------------------------------------------- CLI
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``evaluate-masks``."""
-    p = sub.add_parser("evaluate-masks", help="KS comparison of synthetic vs real masks (evaluation.json + PNGs)")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="SYNTHETIC REAL OUT_DIR, or SYNTHETIC... OUT_DIR with --real REAL...")
-    p.add_argument("--real", nargs="+", help="real patch sets (then PATH is SYNTHETIC... OUT_DIR)")
-    p.add_argument("--border-margin", type=int, default=1,
-                   help="nuclei within this many px of the edge are left out of area/eccentricity (default 1)")
-    p.set_defaults(func=_run_evaluate)
-
-
-def _run_evaluate(args: argparse.Namespace) -> None:
-    paths = list(args.paths)
-    if args.real:
-        if len(paths) < 2:
-            raise HistosynthError("evaluate-masks needs SYNTHETIC... OUT_DIR with --real")
-        synthetic, real, out = paths[:-1], list(args.real), paths[-1]
-    else:
-        if len(paths) != 3:
-            raise HistosynthError("evaluate-masks takes SYNTHETIC REAL OUT_DIR (or several with --real)")
-        synthetic, real, out = [paths[0]], [paths[1]], paths[2]
-    evaluate_masks(synthetic, real, out, border_margin=args.border_margin)

@@ -12,7 +12,7 @@ One mask, step by step
 ----------------------
 1. **Counts.** The total count T is drawn from the AIC-best fit of the total
    (``stats.json`` ``counts.total``), rescaled from the fitted patch area to
-   S x S by AREA (:func:`histosynth.stats.scale_counts`; the seed paper scaled
+   S x S by AREA (:func:`histosynth.masks.stats.scale_counts`; the seed paper scaled
    by side length, which is wrong). The split into types comes from a draw of
    the per-type counts through the Gaussian copula of ``count_copula`` (each
    type's own fitted, area-rescaled distribution): T is apportioned in those
@@ -106,7 +106,6 @@ to shard i * n_shards // N, i.e. shards get contiguous, near-equal ranges).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -122,7 +121,7 @@ from scipy.special import ndtr
 
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import PatchSetWriter
-from histosynth.stats import count_cdf_table, count_ppf, load_stats, sample_quantiles, scale_counts, shape_moments
+from histosynth.masks.stats import count_cdf_table, count_ppf, load_stats, sample_quantiles, scale_counts, shape_moments
 
 log = logging.getLogger(__name__)
 
@@ -846,7 +845,7 @@ def sample_masks(
     """
     from tqdm import tqdm
 
-    from histosynth.patches import class_columns
+    from histosynth.patches.annotate import class_columns
 
     if not isinstance(stats, Mapping):
         stats = load_stats(stats)
@@ -872,7 +871,7 @@ def sample_masks(
         "shape_source": source_name, "area_ratio": sampler.area_ratio,
         "classes": {col: tid for tid, col in cols.items()},
         "class_names": {str(k): v for k, v in classes.items()},
-        "placement": "hard-core thresholded-Gaussian-field Cox process (see histosynth.sample_masks)",
+        "placement": "hard-core thresholded-Gaussian-field Cox process (see histosynth.masks.sampling)",
         "eccentricity": eccentricity,
         **(dict(extra_report) if extra_report else {}),
     }
@@ -936,7 +935,7 @@ def simulate_spatial(stats: Mapping[str, Any], n_masks: int, rng: np.random.Gene
     Masks have the stats' patch size; shapes are fitted ellipses unless
     ``shape_source`` is given. Returns {"g": {...}, "nn": {"all": array, "1": array, ...}}.
     """
-    from histosynth.stats import PairCorrelation, nn_distances, nucleus_features, touching
+    from histosynth.masks.stats import PairCorrelation, nn_distances, nucleus_features, touching
 
     ph, pw = stats["patch_size"]
     if ph != pw:
@@ -984,7 +983,7 @@ def calibrate_field(stats: Mapping[str, Any], iterations: int = 4, n_masks: int 
     The result carries the simulated g(r) (``g_sampler``, drawn in
     spatial.png) and a ``calibration`` record.
     """
-    from histosynth.stats import MAX_PACKING
+    from histosynth.masks.stats import MAX_PACKING
 
     types = [str(t) for t in stats["field"].get("types", [])]
     real_nn = stats["spatial"]["nn"]
@@ -1082,29 +1081,6 @@ def calibrate_field(stats: Mapping[str, Any], iterations: int = 4, n_masks: int 
     return out
 
 
-# --------------------------------------------------------------------------- CLI
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``sample-masks`` (``fit-stats`` and ``evaluate-masks`` live in their modules)."""
-    p = sub.add_parser("sample-masks", help="synthetic nuclei masks (inst + types) from stats.json and the β-VAE")
-    p.add_argument("stats", help="stats.json from fit-stats (or its directory)")
-    p.add_argument("dvae", help="β-VAE checkpoint (dvae.pt); the word 'ellipses' uses fitted ellipses instead")
-    p.add_argument("out_dir", help="output patch set (inst.npy + types.npy + index.csv)")
-    p.add_argument("--n", type=int, required=True, help="number of masks over all shards")
-    p.add_argument("--size", type=int, default=256, help="mask side in px at the stats' mpp (default 256)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sigma", type=float, default=0.5, help="sd of the latent draws z ~ N(0, sigma^2) (default 0.5)")
-    p.add_argument("--shard", type=int, default=0, help="this shard (0-based, default 0)")
-    p.add_argument("--n-shards", type=int, default=1, help="number of shards (default 1)")
-    p.add_argument("--batch", type=int, default=32, help="masks whose shapes are decoded together (default 32)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for decoding (default 1)")
-    p.add_argument("--eccentricity", choices=("fitted", "model"), default="fitted",
-                   help="fitted: stretch each shape to an eccentricity drawn from its type's fitted distribution "
-                        "(default); model: keep the decoded shape's own")
-    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="decoder arithmetic: auto = bfloat16 on CPUs with native bf16, else float32")
-    p.set_defaults(func=_run_sample_masks)
-
-
 def build_shape_source(dvae: str, stats: Mapping[str, Any], sigma: float, threads: int = 1,
                        precision: str = "auto") -> tuple[ShapeSource, str, dict[str, Any]]:
     """The CLI's shape source: the β-VAE at ``dvae``, or fitted ellipses for the word 'ellipses'."""
@@ -1131,15 +1107,3 @@ def build_shape_source(dvae: str, stats: Mapping[str, Any], sigma: float, thread
     source = dvae_source(model, sigma, precision=precision)
     info.update(getattr(source, "info", {}))
     return source, "dvae", info
-
-
-def _run_sample_masks(args: argparse.Namespace) -> None:
-    stats = load_stats(args.stats)
-    if args.sigma <= 0:
-        raise HistosynthError(f"--sigma must be positive, got {args.sigma}")
-    if args.threads < 1:
-        raise HistosynthError(f"--threads must be at least 1, got {args.threads}")
-    source, name, info = build_shape_source(args.dvae, stats, args.sigma, args.threads, args.precision)
-    sample_masks(stats, source, args.n, args.size, args.seed, out_dir=args.out_dir, shard=args.shard,
-                 n_shards=args.n_shards, batch=args.batch, source_name=name, eccentricity=args.eccentricity,
-                 progress=getattr(args, "progress", False), extra_report={"stats": str(args.stats), **info})

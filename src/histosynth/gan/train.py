@@ -2,7 +2,7 @@
 
 :func:`train_gan` reads the real (image, inst, types) patches of the given
 patch sets, conditions the U-Net generator on
-:func:`histosynth.conditioning.build_conditioning` of the masks with the
+:func:`histosynth.gan.conditioning.build_conditioning` of the masks with the
 option of each patch's slide (``options``: slide → option name, e.g. the
 stain style; slides without an entry get ``"default"``), and trains it
 against a PatchGAN (default), a global or a multi-scale discriminator with
@@ -44,7 +44,6 @@ step; the last good ``checkpoint.pt`` is left as it was.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import logging
@@ -59,11 +58,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from histosynth.conditioning import build_conditioning, conditioning_channels, render_conditioning
+from histosynth.gan.conditioning import build_conditioning, conditioning_channels, render_conditioning
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.training import (Deterministic, StepLog, add_training_args, atomic_torch_save, check_finite,
-                                 choose_precision, load_resume)
+from histosynth.models.checkpoint import atomic_torch_save
+from histosynth.training import Deterministic, StepLog, check_finite, choose_precision, load_resume
 from histosynth.training import autocast as _autocast
 from histosynth.io.patchset import read_paired_sets, read_patchset
 from histosynth.models import pix2pix as p2p
@@ -487,61 +486,3 @@ def train_gan(
              out_dir / "gan.pt", step, report["G_l1"], report["G_gan"], report["D_real"], report["D_fake"],
              report["seconds_per_step"])
     return report
-
-
-# -- CLI -----------------------------------------------------------------------------------------------------
-def _parse_pairs(pairs: list[str] | None, what: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.rpartition("=")
-        if not sep or not key or not value:
-            raise HistosynthError(f"{what} is SLIDE=NAME, got {pair!r}")
-        out[key] = value
-    return out
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``histosynth train-gan``."""
-    p = sub.add_parser("train-gan", help="train Optional pix2pix (masks + option layer -> H&E patches)")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="PATCH_SETS... OUT_DIR (patch sets with images, "
-                   "inst and types; the output folder: gan.pt, log.csv, samples.png, checkpoint.pt)")
-    p.add_argument("--options", nargs="+", default=None, metavar="SLIDE=NAME",
-                   help="the option (stain style / domain) of each slide; others get 'default'")
-    p.add_argument("--crop", type=int, default=128, help="training crop side, divisible by 2**depth (default 128)")
-    p.add_argument("--depth", type=int, default=7, help="U-Net levels (default 7; the paper's is 8 at 256 px)")
-    p.add_argument("--width", type=int, default=32, help="U-Net first-level channels (default 32; paper 64)")
-    p.add_argument("--norm", choices=p2p.NORMS, default="batch", help="default batch")
-    p.add_argument("--disc", choices=p2p.DISCRIMINATORS, default="patch", help="discriminator (default patch)")
-    p.add_argument("--num-d", type=int, default=2, help="scales of the multiscale discriminator (default 2)")
-    p.add_argument("--ndf", type=int, default=None, help="discriminator width (default: --width)")
-    p.add_argument("--gan-mode", choices=p2p.GAN_MODES, default="lsgan", help="default lsgan")
-    p.add_argument("--lambda-l1", type=float, default=100.0, help="weight of the L1 term (default 100)")
-    p.add_argument("--lambda-fm", type=float, default=10.0,
-                   help="weight of feature matching, multiscale only (default 10)")
-    p.add_argument("--noise", action="store_true", help="add a noise channel to the generator input")
-    p.add_argument("--no-dropout-at-inference", dest="dropout_at_inference", action="store_false",
-                   help="switch dropout off when generating (pix2pix keeps it on)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"steps at constant lr (default {DEFAULT_STEPS})")
-    p.add_argument("--decay-steps", type=int, default=DEFAULT_DECAY_STEPS,
-                   help=f"steps of linear lr decay to 0 (default {DEFAULT_DECAY_STEPS})")
-    p.add_argument("--batch-size", type=int, default=4, help="default 4")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
-    p.add_argument("--sample-every", type=int, default=500, help="steps between samples.png (default 500)")
-    add_training_args(p, checkpoint_every=500)
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> None:
-    from histosynth.patches import parse_class_map
-
-    if len(args.paths) < 2:
-        raise HistosynthError("train-gan needs at least one patch set and an output folder")
-    train_gan(args.paths[:-1], args.paths[-1], options=_parse_pairs(args.options, "an option") or None,
-              crop=args.crop, depth=args.depth, width=args.width, norm=args.norm, disc=args.disc, num_d=args.num_d,
-              ndf=args.ndf, gan_mode=args.gan_mode, lambda_l1=args.lambda_l1, lambda_fm=args.lambda_fm,
-              noise=args.noise, dropout_at_inference=args.dropout_at_inference, steps=args.steps,
-              decay_steps=args.decay_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-              device=args.device, threads=args.threads, sample_every=args.sample_every,
-              checkpoint_every=args.checkpoint_every, log_every=args.log_every, precision=args.precision,
-              classes=parse_class_map(args.classes), resume=args.resume,
-              progress=getattr(args, "progress", False) or None)

@@ -1,10 +1,10 @@
 """Score a trained HoVer-Net on held-out patch sets: the ``score`` stage.
 
-:func:`score` runs :func:`histosynth.segmenter.predict` (overlapping windows,
+:func:`score` runs :func:`histosynth.segmentation.segmenter.predict` (overlapping windows,
 so images larger than the network's patch are covered) and
 :func:`histosynth.models.hovernet.postprocess` on every patch of the test
 patch sets and compares the instances with the true masks
-(:mod:`histosynth.metrics`). It writes into ``out_dir``:
+(:mod:`histosynth.segmentation.metrics`). It writes into ``out_dir``:
 
 - ``scores.csv`` — one row per image: arm, seed, slide, x, y, patch index,
   Dice, AJI, AJI+, DQ, SQ, PQ, n_true, n_pred (and mPQ when typed);
@@ -19,7 +19,6 @@ on, is an error rather than a meaningless score.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ import pandas as pd
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
 from histosynth.io.patchset import PatchSet, class_key, parse_classes, read_paired_sets
-from histosynth.training import atomic_csv, atomic_write
+from histosynth.io.atomic import atomic_csv, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +82,9 @@ def score(
     import torch
 
     from histosynth.device import select_device
-    from histosynth.metrics import MetricAccumulator
+    from histosynth.segmentation.metrics import MetricAccumulator
     from histosynth.models.hovernet import postprocess, type_map
-    from histosynth.segmenter import load_segmenter, predict
+    from histosynth.segmentation.segmenter import load_segmenter, predict
 
     dev = select_device(device, threads)
     seg = load_segmenter(model_path, dev)
@@ -155,26 +154,3 @@ def plot_overlays(items: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``histosynth score``."""
-    p = sub.add_parser("score", help="score a trained HoVer-Net on held-out patch sets (Dice, AJI, PQ, ...)")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="MODEL PATCH_SETS... OUT_DIR (model.pt of train-segmenter; test patch sets with images, "
-                        "inst and types; the output folder: scores.csv, summary.json, overlay.png)")
-    p.add_argument("--overlap", type=int, default=None,
-                   help="overlap of the sliding windows in output pixels (default a quarter of the output)")
-    p.add_argument("--batch", type=int, default=4, help="windows per forward pass (default 4)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    p.add_argument("--overlays", type=int, default=4, help="test images drawn in overlay.png (default 4)")
-    p.add_argument("--precision", choices=("float32", "bf16"), default="float32", help="default float32")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> None:
-    if len(args.paths) < 3:
-        raise HistosynthError("score needs a model, at least one test patch set and an output folder")
-    score(args.paths[0], args.paths[1:-1], args.paths[-1], overlap=args.overlap, batch=args.batch,
-          device=args.device, threads=args.threads, n_overlays=args.overlays, precision=args.precision)

@@ -2,7 +2,7 @@
 
 :func:`rasterize_patchset` reads a slide's annotation file (any format
 :mod:`histosynth.io.annotations` knows), draws every nucleus onto the tiles
-of that slide with :func:`histosynth.rasterize.rasterize_tiles` (exact
+of that slide with :func:`histosynth.patches.rasterize.rasterize_tiles` (exact
 pixel-centre rule, smallest nucleus wins where outlines overlap), and writes a
 new, self-contained patch set with ``images.npy``, ``inst.npy`` (int32, ids
 1..n per patch) and ``types.npy`` (uint8). ``index.csv`` gains ``n_nuclei``
@@ -22,7 +22,7 @@ import numpy as np
 from histosynth.errors import HistosynthError
 from histosynth.io import annotations
 from histosynth.io.patchset import PatchSetWriter, read_patchset
-from histosynth.rasterize import rasterize_tiles
+from histosynth.patches.rasterize import rasterize_tiles
 
 log = logging.getLogger(__name__)
 

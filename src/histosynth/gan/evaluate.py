@@ -50,7 +50,6 @@ real images by (slide, x, y) for a per-pixel mean absolute H / E difference.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -644,41 +643,3 @@ def plot(gen: Mapping[str, np.ndarray], real: Mapping[str, np.ndarray], base: Ma
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------- CLI
-def _slide_option(text: str) -> tuple[str, str]:
-    slide, sep, name = text.partition("=")
-    if not sep or not slide or not name:
-        raise argparse.ArgumentTypeError(f"expected SLIDE=OPTION, got {text!r}")
-    return slide, name
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``evaluate-images``."""
-    p = sub.add_parser("evaluate-images", help="stain realism, mask consistency and a mean-colour baseline "
-                                               "of generated vs real images (evaluation.json + figure.png)")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="GENERATED... OUT_DIR")
-    p.add_argument("--real", nargs="+", required=True, help="real patch sets (images + inst)")
-    p.add_argument("--real-masks-translated", nargs="+", dest="translated",
-                   help="the real masks painted by the GAN (paired with --real by slide, x, y)")
-    p.add_argument("--real-options", nargs="+", type=_slide_option, default=[], metavar="SLIDE=OPTION",
-                   help="real slide → stain domain, for the option × domain table")
-    p.add_argument("--max-samples", type=int, default=MAX_SAMPLES,
-                   help=f"pixels pooled per collection and region (default {MAX_SAMPLES})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-fid", action="store_true", help="do not try FID/KID")
-    p.add_argument("--fid-max-images", type=int, default=FID_MAX_IMAGES,
-                   help=f"images per side for FID/KID, drawn by --seed when there are more (default {FID_MAX_IMAGES})")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the FID/KID Inception network runs (default auto)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for FID/KID (default 1)")
-    p.set_defaults(func=_run_evaluate_images)
-
-
-def _run_evaluate_images(args: argparse.Namespace) -> None:
-    if len(args.paths) < 2:
-        raise HistosynthError("evaluate-images takes GENERATED... OUT_DIR (with --real REAL...)")
-    evaluate_images(args.paths[:-1], args.real, args.paths[-1], real_options=dict(args.real_options),
-                    translated=args.translated, max_samples=args.max_samples, seed=args.seed, fid=not args.no_fid,
-                    fid_max_images=args.fid_max_images, device=args.device, threads=args.threads)

@@ -34,7 +34,7 @@ id) is kept and the others are counted as duplicates.
 ``nuclei.npz`` holds ``shapes`` uint8 (N, frame, frame) 0/1, ``types`` uint8,
 ``areas`` float32 (patch pixels, before any downscale), ``scales`` float32
 (1 = not downscaled), ``slides`` (str), ``centroids`` float64 (N, 2) level-0
-x, y (pixel-centre convention of :mod:`histosynth.rasterize`), ``patch_rows``
+x, y (pixel-centre convention of :mod:`histosynth.patches.rasterize`), ``patch_rows``
 int64 and ``inst_ids`` int32 (where each came from), ``patch_set_ids`` int32
 into ``patch_sets`` (JSON list of paths), ``classes`` (JSON {type id: name}),
 ``mpp``, ``frame`` and ``min_bbox_area``. Read it back with
@@ -43,7 +43,6 @@ into ``patch_sets`` (JSON list of paths), ``classes`` (JSON {type id: name}),
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -487,32 +486,3 @@ def write_montage(
     ax.set_title(title or f"{n} nuclei", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out_png)
-
-
-# -- CLI -------------------------------------------------------------------------------------------
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``histosynth nuclei-library``."""
-    p = sub.add_parser("nuclei-library", help="collect every complete nucleus of typed patch sets (nuclei.npz)")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="typed patch sets (inst + types) followed by the output .npz")
-    p.add_argument("--min-bbox-area", type=float, default=DEFAULT_MIN_BBOX_AREA,
-                   help=f"drop nuclei whose bounding box (rows x cols, patch pixels) is smaller "
-                        f"(default {DEFAULT_MIN_BBOX_AREA}; the seed used 800)")
-    p.add_argument("--frame", type=int, default=DEFAULT_FRAME,
-                   help=f"side of the square image each shape is stored in (default {DEFAULT_FRAME})")
-    p.add_argument("--classes", nargs="*", metavar="NAME=ID",
-                   help="class names of the type ids (default: from the patch sets' report.json)")
-    p.add_argument("--montage", help="montage PNG (default: montage.png beside the .npz)")
-    p.set_defaults(func=_run_cli)
-
-
-def _run_cli(args: argparse.Namespace) -> None:
-    from histosynth.patches import parse_class_map
-
-    if len(args.paths) < 2:
-        raise HistosynthError("nuclei-library needs at least one patch set and the output .npz")
-    *sets, out = args.paths
-    class_map = parse_class_map(args.classes)
-    names = {tid: name for name, tid in class_map.items()} if class_map else None
-    build_library(sets, out, min_bbox_area=args.min_bbox_area, frame=args.frame, class_names=names,
-                  montage=args.montage, progress=getattr(args, "progress", False))

@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import logging
@@ -32,7 +31,7 @@ import pandas as pd
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.training import atomic_csv, atomic_write
+from histosynth.io.atomic import atomic_csv, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -197,26 +196,3 @@ if 'seeds' in over else 'one seed per arm: the interval is over images and ignor
              len(images))
     return {"stage": "report", "out_dir": str(out_dir), "arms": sorted(runs["arm"].unique()),
             "runs": len(runs), "table": table.to_dict("records")}
-
-
-def _figure_arg(text: str) -> tuple[str, str]:
-    caption, sep, path = text.rpartition("=")
-    if not sep or not caption or not path:
-        raise HistosynthError(f"a figure is CAPTION=PATH, got {text!r}")
-    return caption, path
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``histosynth report``."""
-    p = sub.add_parser("report", help="gather the scores of every arm and seed into a table, chart and HTML page")
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="SCORES_CSV... OUT_DIR (scores.csv of histosynth score, summary.json beside each)")
-    p.add_argument("--figure", action="append", default=[], metavar="CAPTION=PATH",
-                   help="a per-stage figure to include (repeatable)")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> None:
-    if len(args.paths) < 2:
-        raise HistosynthError("report needs at least one scores.csv and an output folder")
-    build_report(args.paths[:-1], args.paths[-1], [_figure_arg(f) for f in args.figure])

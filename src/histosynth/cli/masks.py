@@ -1,0 +1,201 @@
+"""CLI of the masks family: fit-stats, nuclei-library, train-dvae, dvae-sweep, sample-masks, evaluate-masks."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from histosynth.errors import HistosynthError
+
+
+def _add_fit_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fit-stats", help="mask statistics + count/size/spatial fits of real patch sets (stats.json)")
+    p.add_argument("patch_sets", nargs="+", help="typed patch sets (inst + types) of the train slides")
+    p.add_argument("out_dir", help="output directory (stats.json, counts.png, morphology.png, spatial.png)")
+    p.add_argument("--classes", nargs="*", metavar="NAME=ID",
+                   help="class names (default: from the patch sets' report.json, else 'type k')")
+    p.add_argument("--border-margin", type=int, default=1,
+                   help="nuclei within this many px of the edge are left out of the morphology (default 1)")
+    p.add_argument("--calibrate", type=int, default=4,
+                   help="rounds of simulation calibrating the placement (packing, contact; default 4; 0: none)")
+    p.add_argument("--calibrate-masks", type=int, default=64, help="masks simulated per round (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration simulations (default 0)")
+    p.set_defaults(func=_run_fit_stats)
+
+
+def _run_fit_stats(args: argparse.Namespace) -> None:
+    from histosynth.masks.stats import fit_stats
+    from histosynth.patches.annotate import parse_class_map
+
+    if len(args.patch_sets) < 1:
+        raise HistosynthError("fit-stats needs at least one patch set and an output directory")
+    cmap = parse_class_map(args.classes)
+    names = {v: k for k, v in cmap.items()} if cmap else None
+    if args.calibrate < 0 or args.calibrate_masks < 1:
+        raise HistosynthError("--calibrate must be >= 0 and --calibrate-masks >= 1")
+    fit_stats(args.patch_sets, args.out_dir, class_names=names, border_margin=args.border_margin,
+              progress=getattr(args, "progress", False), calibrate=args.calibrate,
+              calibrate_masks=args.calibrate_masks, seed=args.seed)
+
+
+def _add_library(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("nuclei-library", help="collect every complete nucleus of typed patch sets (nuclei.npz)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="typed patch sets (inst + types) followed by the output .npz")
+    p.add_argument("--min-bbox-area", type=float, default=64,
+                   help=f"drop nuclei whose bounding box (rows x cols, patch pixels) is smaller "
+                        f"(default {64}; the seed used 800)")
+    p.add_argument("--frame", type=int, default=64,
+                   help=f"side of the square image each shape is stored in (default {64})")
+    p.add_argument("--classes", nargs="*", metavar="NAME=ID",
+                   help="class names of the type ids (default: from the patch sets' report.json)")
+    p.add_argument("--montage", help="montage PNG (default: montage.png beside the .npz)")
+    p.set_defaults(func=_run_library)
+
+
+def _run_library(args: argparse.Namespace) -> None:
+    from histosynth.masks.library import build_library
+    from histosynth.patches.annotate import parse_class_map
+
+    if len(args.paths) < 2:
+        raise HistosynthError("nuclei-library needs at least one patch set and the output .npz")
+    *sets, out = args.paths
+    class_map = parse_class_map(args.classes)
+    names = {tid: name for name, tid in class_map.items()} if class_map else None
+    build_library(sets, out, min_bbox_area=args.min_bbox_area, frame=args.frame, class_names=names,
+                  montage=args.montage, progress=getattr(args, "progress", False))
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--beta", type=float, default=4.0, help="weight of the KL term, > 1 disentangles (default 4)")
+    p.add_argument("--epochs", type=int, default=30, help=f"epochs (default {30})")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    p.add_argument("--conditional", action="store_true", help="condition encoder and decoder on the nucleus type")
+    p.add_argument("--holdout", type=float, default=0.1, help="fraction held out for evaluation (default 0.1)")
+    p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (default 1)")
+    p.add_argument("--checkpoint-steps", type=int, default=0,
+                   help="also checkpoint every this many optimizer steps (default 0: off)")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no random flips / 90-degree rotations of the training shapes")
+    p.add_argument("--enc-widths", type=int, nargs="+", default=[32, 32, 64, 64],
+                   help="encoder channels, one stride-2 block each "
+                        "(default 32 32 64 64)")
+    p.add_argument("--dec-widths", type=int, nargs="+", default=[32, 32, 16],
+                   help="decoder channels (default 32 32 16; "
+                        "strides 2 1 2 for three blocks)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint.pt")
+
+
+def _training_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs = dict(beta=args.beta, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                  device=args.device, threads=args.threads, conditional=args.conditional, holdout=args.holdout,
+                  checkpoint_every=args.checkpoint_every, checkpoint_steps=args.checkpoint_steps,
+                  augment=args.augment, enc_widths=tuple(args.enc_widths), dec_widths=tuple(args.dec_widths),
+                  resume=args.resume, progress=getattr(args, "progress", False) or None)
+    if len(args.dec_widths) != 3:
+        # one upsampling per block until the side is reached: 2, 2 for two blocks; 2, 1, 2, 1 ... otherwise
+        strides = [2, 2] if len(args.dec_widths) == 2 else [2 if i % 2 == 0 else 1 for i in range(len(args.dec_widths))]
+        kwargs["dec_strides"] = tuple(strides)
+    return kwargs
+
+
+def _add_dvae(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-dvae", help="train the nucleus-shape beta-VAE on a nuclei library")
+    p.add_argument("library", help="nuclei.npz from `histosynth nuclei-library`")
+    p.add_argument("out_dir", help="output folder (dvae.pt, log.csv, traversal.png, samples.png, checkpoint.pt)")
+    p.add_argument("--latent-dim", type=int, default=10, help="latent size (default 10)")
+    _add_training_flags(p)
+    p.set_defaults(func=_run_train)
+
+    p = sub.add_parser("dvae-sweep", help="train one beta-VAE per latent size (sweep.csv, sweep.png)")
+    p.add_argument("library", help="nuclei.npz from `histosynth nuclei-library`")
+    p.add_argument("out_dir", help="output folder (latent-K/ per size, sweep.csv, sweep.png)")
+    p.add_argument("--latent-dims", type=int, nargs="+", default=[8, 10, 16, 20, 30],
+                   help="latent sizes (default 8 10 16 20 30)")
+    _add_training_flags(p)
+    p.set_defaults(func=_run_sweep)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from histosynth.masks.dvae import train_dvae
+
+    train_dvae(args.library, args.out_dir, latent_dim=args.latent_dim, **_training_kwargs(args))
+
+
+def _run_sweep(args: argparse.Namespace) -> None:
+    from histosynth.masks.dvae import dvae_sweep
+
+    dvae_sweep(args.library, args.out_dir, latent_dims=tuple(args.latent_dims), **_training_kwargs(args))
+
+
+def _add_sample_masks(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample-masks", help="synthetic nuclei masks (inst + types) from stats.json and the β-VAE")
+    p.add_argument("stats", help="stats.json from fit-stats (or its directory)")
+    p.add_argument("dvae", help="β-VAE checkpoint (dvae.pt); the word 'ellipses' uses fitted ellipses instead")
+    p.add_argument("out_dir", help="output patch set (inst.npy + types.npy + index.csv)")
+    p.add_argument("--n", type=int, required=True, help="number of masks over all shards")
+    p.add_argument("--size", type=int, default=256, help="mask side in px at the stats' mpp (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sigma", type=float, default=0.5, help="sd of the latent draws z ~ N(0, sigma^2) (default 0.5)")
+    p.add_argument("--shard", type=int, default=0, help="this shard (0-based, default 0)")
+    p.add_argument("--n-shards", type=int, default=1, help="number of shards (default 1)")
+    p.add_argument("--batch", type=int, default=32, help="masks whose shapes are decoded together (default 32)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for decoding (default 1)")
+    p.add_argument("--eccentricity", choices=("fitted", "model"), default="fitted",
+                   help="fitted: stretch each shape to an eccentricity drawn from its type's fitted distribution "
+                        "(default); model: keep the decoded shape's own")
+    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="decoder arithmetic: auto = bfloat16 on CPUs with native bf16, else float32")
+    p.set_defaults(func=_run_sample_masks)
+
+
+def _run_sample_masks(args: argparse.Namespace) -> None:
+    from histosynth.masks.sampling import build_shape_source, sample_masks
+    from histosynth.masks.stats import load_stats
+
+    stats = load_stats(args.stats)
+    if args.sigma <= 0:
+        raise HistosynthError(f"--sigma must be positive, got {args.sigma}")
+    if args.threads < 1:
+        raise HistosynthError(f"--threads must be at least 1, got {args.threads}")
+    source, name, info = build_shape_source(args.dvae, stats, args.sigma, args.threads, args.precision)
+    sample_masks(stats, source, args.n, args.size, args.seed, out_dir=args.out_dir, shard=args.shard,
+                 n_shards=args.n_shards, batch=args.batch, source_name=name, eccentricity=args.eccentricity,
+                 progress=getattr(args, "progress", False), extra_report={"stats": str(args.stats), **info})
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate-masks", help="KS comparison of synthetic vs real masks (evaluation.json + PNGs)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="SYNTHETIC REAL OUT_DIR, or SYNTHETIC... OUT_DIR with --real REAL...")
+    p.add_argument("--real", nargs="+", help="real patch sets (then PATH is SYNTHETIC... OUT_DIR)")
+    p.add_argument("--border-margin", type=int, default=1,
+                   help="nuclei within this many px of the edge are left out of area/eccentricity (default 1)")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from histosynth.masks.evaluate import evaluate_masks
+
+    paths = list(args.paths)
+    if args.real:
+        if len(paths) < 2:
+            raise HistosynthError("evaluate-masks needs SYNTHETIC... OUT_DIR with --real")
+        synthetic, real, out = paths[:-1], list(args.real), paths[-1]
+    else:
+        if len(paths) != 3:
+            raise HistosynthError("evaluate-masks takes SYNTHETIC REAL OUT_DIR (or several with --real)")
+        synthetic, real, out = [paths[0]], [paths[1]], paths[2]
+    evaluate_masks(synthetic, real, out, border_margin=args.border_margin)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _add_fit_stats(sub)
+    _add_library(sub)
+    _add_dvae(sub)
+    _add_sample_masks(sub)
+    _add_evaluate(sub)

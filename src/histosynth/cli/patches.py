@@ -1,0 +1,102 @@
+"""CLI of the patches family: rasterize, split, export, overlay."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from histosynth.errors import HistosynthError
+
+log = logging.getLogger("histosynth")
+
+
+# -- rasterize / export / overlay ---------------------------------------------------
+def _add_rasterize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rasterize", help="draw annotated nuclei onto a slide's tiles (inst + types)")
+    p.add_argument("annotations", help="annotation file (GeoJSON, ImageScope/ASAP XML, .mat, label image, ...)")
+    p.add_argument("tiles_dir", help="the slide's tile patch set (from `histosynth tile`)")
+    p.add_argument("out_dir", help="output patch set (images + inst + types)")
+    p.add_argument("--classes", nargs="*", metavar="NAME=ID",
+                   help="class name to type id (1..255); omitted: every nucleus is type 1")
+    p.add_argument("--catch-all", metavar="NAME_OR_ID",
+                   help="class for names not in --classes (otherwise unknown names are an error)")
+    p.add_argument("--overlay", metavar="PNG", help="also draw outlines on a few patches into this PNG")
+    p.set_defaults(func=_run_rasterize)
+
+
+def _run_rasterize(args: argparse.Namespace) -> None:
+    from histosynth.patches.export import overlay
+    from histosynth.patches.annotate import parse_class_map, rasterize_patchset
+
+    class_map = parse_class_map(args.classes)
+    catch_all = int(args.catch_all) if args.catch_all and args.catch_all.isdigit() else args.catch_all
+    rasterize_patchset(args.annotations, args.tiles_dir, args.out_dir, class_map, catch_all)
+    if args.overlay:
+        names = {v: k for k, v in class_map.items()} if class_map else None
+        overlay(args.out_dir, args.overlay, class_names=names)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="copy a patch set out as PNG files, PanNuke arrays or HoVer-Net .npy")
+    p.add_argument("patch_set")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--format", required=True, choices=("png", "pannuke", "hovernet"))
+    p.add_argument("--n-types", type=int, help="type channels for pannuke (default: the largest type id)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from histosynth.patches.export import export
+
+    export(args.patch_set, args.out, args.format, n_types=args.n_types)
+
+
+def _add_overlay(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("overlay", help="PNG of nucleus outlines on a few patches per slide")
+    p.add_argument("patch_set")
+    p.add_argument("out_png")
+    p.add_argument("--per-slide", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_overlay)
+
+
+def _run_overlay(args: argparse.Namespace) -> None:
+    from histosynth.patches.export import overlay
+
+    overlay(args.patch_set, args.out_png, per_slide=args.per_slide, seed=args.seed)
+
+
+# -- split ------------------------------------------------------------------------
+def _add_split(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("split", help="assign whole slides to train / test (split.csv)")
+    p.add_argument("out", help="output CSV (slide, split)")
+    p.add_argument("--slides", nargs="+", required=True, help="all slide names of the run")
+    p.add_argument("--test-fraction", type=float, default=0.25, help="fraction of slides for test (default 0.25)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train", nargs="*", help="explicit train slides (with --test: no random split)")
+    p.add_argument("--test", nargs="*", help="explicit test slides")
+    p.add_argument("--groups", nargs="*", metavar="SLIDE=GROUP",
+                   help="split each group (e.g. stain style) on its own")
+    p.set_defaults(func=_run_split)
+
+
+def _run_split(args: argparse.Namespace) -> None:
+    from histosynth.patches.split import split_slides, write_split
+
+    groups = None
+    if args.groups:
+        bad = [g for g in args.groups if "=" not in g]
+        if bad:
+            raise HistosynthError(f"--groups takes SLIDE=GROUP pairs, got {bad}")
+        groups = dict(g.split("=", 1) for g in args.groups)
+    table = split_slides(args.slides, args.test_fraction, args.seed, train=args.train, test=args.test,
+                         groups=groups)
+    write_split(table, args.out)
+
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _add_rasterize(sub)
+    _add_split(sub)
+    _add_export(sub)
+    _add_overlay(sub)
