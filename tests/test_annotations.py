@@ -1024,8 +1024,10 @@ def test_bulk_geojson_and_imagescope_match_shapely_reference(tmp_path):
     assert shapely.equals_exact(got, ref, tolerance=0).all()
     assert sum(len(nu.polygon.interiors) for nu in s.nuclei) == n_holes
     # the per-feature reader (used for files the bulk path leaves to it) agrees
+    from histosynth.io.annotations.geojson import _parse_geojson_reference
+
     data = orjson.loads(gj.read_bytes())
-    slow = A._f._parse_geojson_reference(data["features"], gj)
+    slow = _parse_geojson_reference(data["features"], gj)
     assert [g.wkb for g in slow.geoms if g is not None] == [p.wkb for p in got]
 
     # the same shells as ImageScope regions, one annotation per class, coordinates exact (repr)
