@@ -1,4 +1,9 @@
-"""Networks: one module per model family, written to be read top to bottom.
+"""Networks only, written to be read top to bottom, plus their checkpoint files.
 
 - :mod:`histosynth.models.dvae` — the β-VAE (DVAE) of nucleus shapes.
+- :mod:`histosynth.models.pix2pix` — the Optional pix2pix generator and discriminators.
+- :mod:`histosynth.models.hovernet` — HoVer-Net: ``net`` (the network), ``targets``, ``loss``, ``postprocess``.
+- :mod:`histosynth.models.checkpoint` — atomic checkpoint writes and the one ``weights_only`` reader.
+
+Nothing here imports a stage: models sit below every stage family (tests/test_layers.py).
 """
