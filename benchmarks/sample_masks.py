@@ -100,8 +100,11 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from histosynth.masks.sampling import FastDecoder, dvae_source, ellipse_source, sample_masks
-    from histosynth.masks.stats import fit_stats, load_stats, scale_counts
+    from histosynth.masks.counts import scale_counts
+    from histosynth.masks.sampling import sample_masks
+    from histosynth.masks.shapes import FastDecoder, dvae_source, ellipse_source
+    from histosynth.masks.stats import fit_stats
+    from histosynth.masks.statsfile import load_stats
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-sample-masks-"))
     t0 = time.perf_counter()

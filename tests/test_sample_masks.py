@@ -11,16 +11,12 @@ from scipy import ndimage
 
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import read_patchset
-from histosynth.masks.sampling import (
-    MaskSampler,
-    clean_shapes,
-    ellipse_source,
-    sample_masks,
-    shard_range,
-    simulate_spatial,
-    warp_shapes,
-)
-from histosynth.masks.stats import fit_stats, load_stats, nucleus_features
+from histosynth.masks.calibrate import simulate_spatial
+from histosynth.masks.features import nucleus_features
+from histosynth.masks.sampling import MaskSampler, sample_masks, shard_range
+from histosynth.masks.shapes import clean_shapes, ellipse_source, warp_shapes
+from histosynth.masks.stats import fit_stats
+from histosynth.masks.statsfile import load_stats
 from tests.test_stats import write_toy
 
 NAMES = {1: "Epithelial", 2: "Lymphocyte", 3: "Spindle"}
@@ -81,7 +77,7 @@ def test_type_blind_shapes_are_assigned_by_eccentricity(clustered):
     shapes = ellipse_source(None, ecc_range=(0.0, 0.98))(50, None, np.random.default_rng(0))
     target = np.random.default_rng(1).random(50)
     out = sampler.match_eccentricity(shapes, target)
-    from histosynth.masks.stats import shape_moments
+    from histosynth.masks.features import shape_moments
 
     have = shape_moments(out)["eccentricity"]
     assert np.all(np.diff(have[np.argsort(target)]) >= 0)  # rounder shapes go to rounder targets
@@ -180,7 +176,7 @@ def test_shards_differ_and_are_reproducible(clustered, tmp_path):
 
 
 def _g(paths_or_masks, types=(1, 2), size=128):
-    from histosynth.masks.stats import PairCorrelation, default_r_edges
+    from histosynth.masks.spatial import PairCorrelation, default_r_edges
 
     pc = PairCorrelation(list(types), default_r_edges((size, size)))
     for inst, typ in paths_or_masks:
@@ -300,7 +296,7 @@ def test_stats_round_trip_through_json(clustered, tmp_path):
 def test_fast_decoder_equals_sample_shapes(conditional):
     dvae = pytest.importorskip("histosynth.models.dvae")
     torch = pytest.importorskip("torch")
-    from histosynth.masks.sampling import FastDecoder, dvae_source
+    from histosynth.masks.shapes import FastDecoder, dvae_source
 
     torch.manual_seed(0)
     kw = {"type_ids": (1, 2)} if conditional else {}

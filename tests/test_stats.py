@@ -15,22 +15,11 @@ from skimage.measure import regionprops
 
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import PatchSetWriter
-from histosynth.masks.stats import (
-    PairCorrelation,
-    count_cdf_table,
-    count_logpmf,
-    count_ppf,
-    default_r_edges,
-    fit_counts,
-    fit_stats,
-    load_stats,
-    nn_distances,
-    nucleus_features,
-    orientation_alignment,
-    scale_counts,
-    shape_moments,
-    touching,
-)
+from histosynth.masks.counts import count_cdf_table, count_logpmf, count_ppf, fit_counts, scale_counts
+from histosynth.masks.features import nucleus_features, orientation_alignment, shape_moments, touching
+from histosynth.masks.spatial import PairCorrelation, default_r_edges, nn_distances
+from histosynth.masks.stats import fit_stats
+from histosynth.masks.statsfile import load_stats
 
 CLASSES = {1: "Epithelial", 2: "Lymphocyte"}
 
@@ -247,7 +236,7 @@ def test_scale_counts_by_area_not_side():
 
 
 def fit_counts_moments(fam, params):
-    from histosynth.masks.stats import _moments
+    from histosynth.masks.counts import _moments
 
     return _moments(fam, params)
 

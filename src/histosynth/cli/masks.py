@@ -154,8 +154,9 @@ def _add_sample_masks(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_sample_masks(args: argparse.Namespace) -> None:
-    from histosynth.masks.sampling import build_shape_source, sample_masks
-    from histosynth.masks.stats import load_stats
+    from histosynth.masks.sampling import sample_masks
+    from histosynth.masks.shapes import build_shape_source
+    from histosynth.masks.statsfile import load_stats
 
     stats = load_stats(args.stats)
     if args.sigma <= 0:

@@ -51,7 +51,8 @@ from scipy import stats as sps
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
 from histosynth.io.patchset import class_key, parse_classes, read_patchset
-from histosynth.masks.stats import nn_distances, nucleus_features
+from histosynth.masks.features import nucleus_features
+from histosynth.masks.spatial import nn_distances
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ One mask, step by step
 ----------------------
 1. **Counts.** The total count T is drawn from the AIC-best fit of the total
    (``stats.json`` ``counts.total``), rescaled from the fitted patch area to
-   S x S by AREA (:func:`histosynth.masks.stats.scale_counts`; the seed paper scaled
+   S x S by AREA (:func:`histosynth.masks.counts.scale_counts`; the seed paper scaled
    by side length, which is wrong). The split into types comes from a draw of
    the per-type counts through the Gaussian copula of ``count_copula`` (each
    type's own fitted, area-rescaled distribution): T is apportioned in those
@@ -23,10 +23,11 @@ One mask, step by step
 2. **Shapes.** ``shape_source(n, types, rng) -> bool (n, 64, 64)`` for all
    nuclei of a batch of masks at once (the CLI decodes the β-VAE with
    z ~ N(0, sigma^2), sigma 0.5 as in the seed; tests and the fallback use
-   :func:`ellipse_source`, ellipses whose eccentricity is drawn from the fitted
-   per-type distribution). The β-VAE is decoded by :class:`FastDecoder`
-   (BatchNorm folded, stride-1 transposed convolutions as convolutions,
-   channels-last, bfloat16 where the CPU has it natively; ``--precision``),
+   :func:`~histosynth.masks.shapes.ellipse_source`, ellipses whose eccentricity
+   is drawn from the fitted per-type distribution). The β-VAE is decoded by
+   :class:`~histosynth.masks.shapes.FastDecoder` (BatchNorm folded, stride-1
+   transposed convolutions as convolutions, channels-last, bfloat16 where the
+   CPU has it natively; ``--precision``),
    about 5x faster than ``model.decode`` on one core, checked against it at
    start-up. Each shape is cleaned (largest component, holes filled; an empty
    decode becomes a disk). An unconditional β-VAE does not know the type, so
@@ -56,8 +57,8 @@ One mask, step by step
 4. **Placement: a hard-core, thresholded-Gaussian-field Cox process**
    (all parameters in ``stats.json`` ``field``, fitted by fit-stats to the
    real g(r), NN distances and touching fractions; see
-   :func:`calibrate_field`). Per mask, on a 4-px grid over the patch plus a
-   margin:
+   :func:`histosynth.masks.calibrate.calibrate_field`). Per mask, on a 4-px
+   grid over the patch plus a margin:
 
    - the **tissue** is the top fraction f of a smooth Gaussian field, f taken
      from a real patch with about as many nuclei (real patches with few
@@ -110,9 +111,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -121,283 +121,16 @@ from scipy.special import ndtr
 
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import PatchSetWriter
-from histosynth.masks.stats import count_cdf_table, count_ppf, load_stats, sample_quantiles, scale_counts, shape_moments
+from histosynth.masks.counts import count_cdf_table, count_ppf, scale_counts
+from histosynth.masks.features import shape_moments
+from histosynth.masks.shapes import ShapeSource, clean_shapes, warp_shapes
+from histosynth.masks.statsfile import load_stats, sample_quantiles
 
 log = logging.getLogger(__name__)
 
-ShapeSource = Callable[[int, np.ndarray, np.random.Generator], np.ndarray]
-SHAPE_SIZE = 64
 STEPS = ("counts", "decode", "resize_rotate", "field", "placement", "write")
 
 
-# --------------------------------------------------------------------------- shape sources
-def ellipse_source(stats: Mapping[str, Any] | None = None, size: int = SHAPE_SIZE,
-                   ecc_range: tuple[float, float] = (0.3, 0.9)) -> ShapeSource:
-    """Filled ellipses (n, size, size) with eccentricity drawn from the stats' per-type distribution.
-
-    Without stats (or for a type without morphology) the eccentricity is uniform
-    on ``ecc_range``. Major axis 0.7 x size, random orientation (the sampler
-    re-orients and re-sizes every shape anyway).
-    """
-    morph = dict(stats.get("morphology", {})) if stats else {}
-    centre = (size - 1) / 2.0
-    shift = 4  # sub-pixel precision of cv2.ellipse: 1/16 px
-
-    def source(n: int, types: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
-        out = np.zeros((n, size, size), np.uint8)
-        if n == 0:
-            return out.astype(bool)
-        types = np.zeros(n, np.int64) if types is None else np.asarray(types)
-        u = rng.random(n)
-        ecc = ecc_range[0] + (ecc_range[1] - ecc_range[0]) * u
-        for t in np.unique(types):
-            m = morph.get(str(int(t)), {})
-            if m.get("n", 0) > 0 and "eccentricity" in m:
-                sel = types == t
-                ecc[sel] = sample_quantiles(m["eccentricity"], u[sel])
-        ecc = np.clip(ecc, 0.0, 0.995)
-        a = 0.35 * size
-        b = np.maximum(a * np.sqrt(1 - ecc * ecc), 1.5)
-        th = rng.uniform(0, 180, n)
-        c = int(round(centre * (1 << shift)))
-        for i in range(n):
-            cv2.ellipse(out[i], (c, c), (int(round(a * (1 << shift))), int(round(b[i] * (1 << shift)))),
-                        float(th[i]), 0, 360, 1, -1, cv2.LINE_8, shift)
-        return out.astype(bool)
-
-    source.type_aware = True  # type: ignore[attr-defined]
-    return source
-
-
-class FastDecoder:
-    """The β-VAE decoder rewritten for CPU inference: BatchNorm folded into the weights, the stride-1
-    transposed convolutions turned into ordinary (flipped-kernel) convolutions, channels-last memory.
-
-    About 3-4x faster than ``model.decode`` on one core (the 16 -> 1 channel
-    transposed convolution at 64 x 64 is slow in PyTorch), and about 2x more in
-    bfloat16 on CPUs with native bf16 (``precision="auto"`` picks bfloat16
-    exactly when /proc/cpuinfo lists avx512_bf16 or amx_bf16 - a property of
-    the machine, so the choice, and the output, are reproducible there; the
-    logits differ from float32 by ~1e-3, which moves at most a boundary pixel
-    now and then). Built from the decoder's layers (``fc``, ``up`` of
-    Conv-BN-ReLU blocks, ``to_logits``); :meth:`build` checks it against
-    ``model.decode`` on random latents and returns None when the architecture
-    is not what it expects or the outputs differ, so the caller falls back to
-    the model.
-    """
-
-    def __init__(self, model: Any, precision: str = "auto"):
-        import torch
-        from torch import nn
-
-        if precision == "auto":
-            precision = "bfloat16" if cpu_has_bf16() else "float32"
-        if precision not in ("float32", "bfloat16"):
-            raise ValueError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
-        self.precision = precision
-        self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
-
-        dec = model.decoder
-        self.model = model
-        self.fc, self.channels, self.side = dec.fc, int(dec.channels), int(dec.side)
-        self.layers = []
-        blocks = list(dec.up) + [dec.to_logits]
-        for blk in blocks:
-            if isinstance(blk, nn.ConvTranspose2d):
-                convt, bn, relu = blk, None, False
-            else:
-                mods = list(blk.block)
-                if len(mods) != 3 or not isinstance(mods[0], nn.ConvTranspose2d) or not isinstance(
-                        mods[1], nn.BatchNorm2d) or not isinstance(mods[2], nn.ReLU):
-                    raise ValueError("unexpected decoder block")
-                convt, bn, relu = mods[0], mods[1], True
-            if convt.groups != 1 or convt.dilation != (1, 1) or convt.output_padding != (0, 0):
-                raise ValueError("unexpected transposed convolution")
-            w = convt.weight.detach().float().clone()  # (in, out, k, k)
-            bias = convt.bias.detach().float().clone() if convt.bias is not None else torch.zeros(w.shape[1])
-            if bn is not None:
-                scale = bn.weight.detach().float() / torch.sqrt(bn.running_var.float() + bn.eps)
-                w = w * scale[None, :, None, None]
-                bias = (bias - bn.running_mean.float()) * scale + bn.bias.detach().float()
-            stride, padding = convt.stride[0], convt.padding[0]
-            if stride == 1:
-                k = w.shape[-1]
-                w = w.flip(-1, -2).transpose(0, 1).contiguous()
-                self.layers.append(("conv", w.to(self.dtype), bias.to(self.dtype), k - 1 - padding, relu))
-            else:
-                self.layers.append(("convt", w.to(self.dtype), bias.to(self.dtype), (stride, padding), relu))
-
-    @classmethod
-    def build(cls, model: Any, precision: str = "auto") -> FastDecoder | None:
-        import torch
-
-        try:
-            fast = cls(model, precision)
-            gen = torch.Generator().manual_seed(1)
-            z = torch.randn(8, int(model.latent_dim), generator=gen)
-            c = model.one_hot(np.full(8, int(model.cfg.type_ids[0])), 8) if model.conditional else None
-            with torch.inference_mode():
-                ref = model.decode(z, c)
-                got = fast.logits(z, c)
-            tol = 1e-3 if fast.precision == "float32" else 0.05 * max(1.0, float(ref.abs().max()))
-            if ref.shape != got.shape or float((ref - got.float()).abs().max()) > tol:
-                return None
-            return fast
-        except (AttributeError, ValueError, TypeError, RuntimeError, KeyError, IndexError, HistosynthError) as err:
-            log.debug("fast decoder unavailable (%s); using model.decode", err)
-            return None
-
-    def logits(self, z: Any, c: Any = None) -> Any:
-        import torch
-        import torch.nn.functional as F
-
-        if c is not None:
-            z = torch.cat([z, c.to(z.dtype)], dim=1)
-        h = self.fc(z).view(-1, self.channels, self.side, self.side)
-        h = h.to(self.dtype).contiguous(memory_format=torch.channels_last)
-        for kind, w, b, p, relu in self.layers:
-            h = F.conv2d(h, w, b, padding=p) if kind == "conv" else F.conv_transpose2d(h, w, b, stride=p[0],
-                                                                                          padding=p[1])
-            if relu:
-                h = F.relu_(h)
-        return h
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU computes bfloat16 natively (Linux /proc/cpuinfo: avx512_bf16 or amx_bf16)."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"avx512_bf16", "amx_bf16"} & flags)
-    except OSError:
-        pass
-    return False
-
-
-def dvae_source(model: Any, sigma: float = 0.5, fast: bool = True, batch: int = 1024,
-                precision: str = "auto") -> ShapeSource:
-    """Shapes decoded by the β-VAE, z ~ N(0, sigma^2 I), thresholded at probability 1/2.
-
-    The latents are drawn exactly as ``histosynth.models.dvae.sample_shapes``
-    draws them (a CPU ``torch.Generator`` seeded from ``rng``), so with
-    ``fast=False`` the shapes are those of ``sample_shapes``; with ``fast``
-    (default) :class:`FastDecoder` decodes them (same logits up to float
-    rounding) when it can.
-    """
-    import torch
-
-    from histosynth.models.dvae import sample_shapes
-
-    decoder = FastDecoder.build(model, precision) if fast else None
-    source_info = {"decoder": "fast " + decoder.precision if decoder else "model.decode float32"}
-    conditional = bool(getattr(model, "conditional", False))
-
-    def source(n: int, types: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
-        if n == 0:
-            return np.zeros((0, SHAPE_SIZE, SHAPE_SIZE), bool)
-        seed = int(rng.integers(0, 2**31 - 1))
-        t = np.asarray(types) if (conditional and types is not None) else None
-        if decoder is None:
-            return np.asarray(sample_shapes(model, n, t, sigma=sigma, seed=seed), dtype=bool)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        z = torch.randn(int(n), int(model.latent_dim), generator=gen) * float(sigma)
-        c_all = model.one_hot(t, n) if conditional else None
-        out = []
-        with torch.inference_mode():
-            for start in range(0, n, batch):
-                c = None if c_all is None else c_all[start:start + batch]
-                out.append((decoder.logits(z[start:start + batch], c) > 0)[:, 0].numpy())
-        return np.concatenate(out)
-
-    source.info = source_info  # type: ignore[attr-defined]
-    # an unconditional model does not know the type: the sampler assigns its shapes by eccentricity
-    source.type_aware = conditional  # type: ignore[attr-defined]
-    return source
-
-
-def clean_shapes(shapes: np.ndarray) -> np.ndarray:
-    """Largest 8-connected component with holes filled, per shape; empty shapes stay empty."""
-    out = np.ascontiguousarray(shapes, dtype=np.uint8)
-    for i in range(len(out)):
-        contours, _ = cv2.findContours(out[i], cv2.RETR_CCOMP, cv2.CHAIN_APPROX_NONE)
-        if len(contours) <= 1:  # one component without holes (or nothing)
-            continue
-        outer, _ = cv2.findContours(out[i], cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        big = max(outer, key=lambda cnt: (cv2.contourArea(cnt), len(cnt)))
-        out[i] = 0
-        cv2.drawContours(out[i], [big], -1, 1, thickness=-1)
-    return out.astype(bool)
-
-
-def warp_shapes(shapes: np.ndarray, areas: np.ndarray, orientations: np.ndarray,
-                eccentricities: np.ndarray | None = None) -> list[np.ndarray]:
-    """Give each shape a target area and orientation (skimage convention), optionally an eccentricity.
-
-    One affine map per shape, about its centroid: with ``eccentricities`` an
-    area-preserving stretch along its principal axes (major x s, minor / s,
-    s = ((l2/l1) / (1 - e^2))^(1/4), clipped to [0.4, 3]) first, then the
-    rotation by (target - own orientation) and the isotropic scale
-    sqrt(target area / area). Returns square boolean crops of odd side whose
-    centre pixel ((side - 1) / 2) is the shape's centroid. An empty shape
-    becomes a disk of the target area.
-    """
-    mom = shape_moments(shapes)
-    n, h, w = shapes.shape
-    out: list[np.ndarray] = []
-    if n == 0:
-        return out
-    # radius bound from the bounding box: the farthest box corner from the centroid
-    rows, cols = shapes.any(axis=2), shapes.any(axis=1)
-    big = np.int64(1 << 30)
-    r0 = np.where(rows, np.arange(h), big).min(axis=1)
-    r1 = np.where(rows, np.arange(h), -1).max(axis=1)
-    c0 = np.where(cols, np.arange(w), big).min(axis=1)
-    c1 = np.where(cols, np.arange(w), -1).max(axis=1)
-    dy = np.maximum(np.abs(r0 - mom["cy"]), np.abs(r1 - mom["cy"])) + 0.5
-    dx = np.maximum(np.abs(c0 - mom["cx"]), np.abs(c1 - mom["cx"])) + 0.5
-    rad = np.sqrt(dy * dy + dx * dx)
-    stretch = np.ones(n)
-    if eccentricities is not None:
-        ratio = np.where(mom["major_axis"] > 0, (mom["minor_axis"] / np.maximum(mom["major_axis"], 1e-9)) ** 2, 1.0)
-        want = np.clip(1.0 - np.asarray(eccentricities, float) ** 2, 1e-3, 1.0)
-        stretch = np.clip((np.maximum(ratio, 1e-3) / want) ** 0.25, 0.4, 3.0)
-    src = shapes.astype(np.uint8) * 255
-    for i in range(n):
-        a_src = mom["area"][i]
-        target = max(float(areas[i]), 1.0)
-        if a_src < 1:
-            rd = math.sqrt(target / math.pi)
-            side = 2 * int(math.ceil(rd)) + 3
-            cc = (side - 1) / 2
-            yy, xx = np.ogrid[0:side, 0:side]
-            out.append((yy - cc) ** 2 + (xx - cc) ** 2 <= rd * rd)
-            continue
-        cy, cx = float(mom["cy"][i]), float(mom["cx"][i])
-        f = math.sqrt(target / a_src)
-        th = float(mom["orientation"][i])
-        delta = float(orientations[i]) - th
-        cd, sd = math.cos(delta), math.sin(delta)
-        lin = f * np.array([[cd, sd], [-sd, cd]])  # rotation in (x, y), as cv2.getRotationMatrix2D
-        st = float(stretch[i])
-        if st != 1.0:
-            u = np.array([math.sin(th), math.cos(th)])  # major axis in (x, y)
-            v = np.array([u[1], -u[0]])
-            lin = lin @ (st * np.outer(u, u) + np.outer(v, v) / st)
-        side = 2 * int(math.ceil(rad[i] * f * max(st, 1.0 / st))) + 3
-        c = (side - 1) / 2
-        m = np.empty((2, 3))
-        m[:, :2] = lin
-        m[:, 2] = np.array([c, c]) - lin @ np.array([cx, cy])
-        crop = cv2.warpAffine(src[i], m, (side, side), flags=cv2.INTER_LINEAR) >= 128
-        if not crop.any():  # a sliver scaled below a pixel: keep one pixel
-            crop[side // 2, side // 2] = True
-        out.append(crop)
-    return out
-
-
-# --------------------------------------------------------------------------- the sampler
 @dataclass
 class MaskSampler:
     """Draws synthetic masks of ``size`` x ``size`` px from a stats dict and a shape source."""
@@ -835,10 +568,10 @@ def sample_masks(
     """Sample this shard's masks of ``n`` in all; write them to ``out_dir`` (a patch set) if given.
 
     ``shape_source(n, types, rng) -> bool (n, H, W)`` is any callable (the CLI
-    builds one from the β-VAE: :func:`dvae_source`; tests use
-    :func:`ellipse_source`). A source with ``type_aware = False`` (an
-    unconditional β-VAE) gets its shapes assigned by eccentricity; a source
-    without the attribute is trusted to respect ``types``.
+    builds one from the β-VAE: :func:`~histosynth.masks.shapes.dvae_source`;
+    tests use :func:`~histosynth.masks.shapes.ellipse_source`). A source with
+    ``type_aware = False`` (an unconditional β-VAE) gets its shapes assigned by
+    eccentricity; a source without the attribute is trusted to respect ``types``.
 
     Returns a report dict; without ``out_dir`` it also holds ``inst``, ``types``
     (stacked arrays) and ``rows`` (the index rows) - handy for tests.
@@ -925,185 +658,3 @@ def _summary(sampler: MaskSampler, rows: list[dict[str, Any]], seconds: float) -
     return {"nuclei": nuclei, "dropped": int(sampler.dropped), "seconds": round(seconds, 3),
             "masks_per_second": round(len(rows) / seconds, 2) if seconds > 0 else None,
             "timings": {k: round(v, 4) for k, v in sampler.timings.items()}}
-
-
-# --------------------------------------------------------------------------- calibration
-def simulate_spatial(stats: Mapping[str, Any], n_masks: int, rng: np.random.Generator,
-                     shape_source: ShapeSource | None = None) -> dict[str, Any]:
-    """g_ab(r) and NN distances measured, exactly as fit-stats measures real masks, on sampled masks.
-
-    Masks have the stats' patch size; shapes are fitted ellipses unless
-    ``shape_source`` is given. Returns {"g": {...}, "nn": {"all": array, "1": array, ...}}.
-    """
-    from histosynth.masks.stats import PairCorrelation, nn_distances, nucleus_features, touching
-
-    ph, pw = stats["patch_size"]
-    if ph != pw:
-        raise HistosynthError(f"field calibration needs square patches, got {ph}x{pw}")
-    sampler = MaskSampler(stats, shape_source or ellipse_source(stats), int(ph))
-    types = [int(t) for t in stats["classes"]]
-    pc = PairCorrelation(types, np.asarray(stats["spatial"]["r_edges"], float))
-    nn: dict[str, list[np.ndarray]] = {"all": [], **{str(t): [] for t in types}}
-    touch_t, all_t = [], []
-    for inst, typ in sampler.sample(n_masks, rng):
-        f = nucleus_features(inst, typ)
-        touch_t.append(np.isin(f["label"], touching(inst)))
-        all_t.append(f["type"])
-        pts = np.column_stack([f["cy"], f["cx"]])
-        pc.add(pts, f["type"], (ph, pw))
-        nn["all"].append(nn_distances(pts))
-        for t in types:
-            sel = f["type"] == t
-            if sel.sum() >= 2:
-                nn[str(t)].append(nn_distances(pts[sel]))
-    g, _ = pc.result()
-    tch = np.concatenate(touch_t) if touch_t else np.zeros(0, bool)
-    tps = np.concatenate(all_t) if all_t else np.zeros(0, np.int64)
-    touch = {"all": float(tch.mean()) if tch.size else 0.0}
-    for t in types:
-        sel = tps == t
-        touch[str(t)] = float(tch[sel].mean()) if sel.any() else 0.0
-    return {"g": g, "nn": {k: np.concatenate(v) if v else np.zeros(0) for k, v in nn.items()}, "touching": touch}
-
-
-def calibrate_field(stats: Mapping[str, Any], iterations: int = 4, n_masks: int = 64, seed: int = 0
-                    ) -> dict[str, Any]:
-    """Calibrate packing fractions and contact rates so that the SAMPLER reproduces the real spacing.
-
-    fit-stats estimates each type's packing fraction directly (nucleus area /
-    territory area) and its contact rate (fraction of nuclei touching
-    another); the sampler's hard core and finite territories change the
-    realised values. Each round simulates ``n_masks`` masks and measures them
-    exactly as the real masks were measured, then sets
-    packing_t <- packing_t (d_sim,t / d_real,t)^2 (d: median same-type NN
-    distance; spacing ~ packing^-1/2, clipped to [0.02, 0.75]) and
-    contact_t <- contact_t + (touching_real,t - touching_sim,t) (clipped to
-    [0, 1]). The round with the smallest error (RMS over types and all nuclei
-    of log(d_sim / d_real) and of the touching-fraction differences) is kept.
-    The result carries the simulated g(r) (``g_sampler``, drawn in
-    spatial.png) and a ``calibration`` record.
-    """
-    from histosynth.masks.stats import MAX_PACKING
-
-    types = [str(t) for t in stats["field"].get("types", [])]
-    real_nn = stats["spatial"]["nn"]
-
-    def median_of(summ: Mapping[str, Any]) -> float | None:
-        return float(np.median(summ["quantiles"])) if summ.get("n", 0) else None
-
-    targets = {t: median_of(real_nn.get(t, {})) for t in types}
-    target_all = median_of(real_nn["all"])
-    real_touch = stats["spatial"].get("touching_fraction", {})
-    sp = stats["spatial"]
-    r = np.asarray(sp["r"], float)
-    use = r >= float(stats["field"].get("r_fit", [0.0])[0])
-    g_real = {k: np.array([np.nan if v is None else v for v in vals], float)[use] for k, vals in sp["g"].items()}
-    w_real = {k: np.asarray(v, float)[use] for k, v in sp["pairs"].items()}
-    pair_keys = [f"{a}-{b}" for i, a in enumerate(types) for b in types[i:]]
-    same_keys = [f"{t}-{t}" for t in types]
-    hard = float(stats["field"].get("hard_core_px", 1.0))
-    ell_lo, ell_hi = max(2.0, 2.0 * hard), 2.0 * float(r[-1])
-
-    def excess(g: Mapping[str, np.ndarray]) -> float:
-        """Pair-weighted mean of g - 1 over the same-type curves in the fit range (clustering strength)."""
-        num = den = 0.0
-        for k in same_keys:
-            gv, wv = g[k], w_real[k]
-            ok = np.isfinite(gv) & np.isfinite(g_real[k]) & (wv > 0)
-            num += float(np.sum(wv[ok] * (gv[ok] - 1.0)))
-            den += float(np.sum(wv[ok]))
-        return num / den if den > 0 else 0.0
-
-    def g_error(g: Mapping[str, np.ndarray]) -> float:
-        num = den = 0.0
-        for k in pair_keys:
-            gv, gr, wv = g[k], g_real[k], w_real[k]
-            ok = np.isfinite(gv) & np.isfinite(gr) & (wv > 0)
-            d = np.log(np.maximum(gv[ok], 0.05)) - np.log(np.maximum(gr[ok], 0.05))
-            num += float(np.sum(wv[ok] * d * d))
-            den += float(np.sum(wv[ok]))
-        return math.sqrt(num / den) if den > 0 else 0.0
-
-    e_real = excess(g_real)
-    rng = np.random.default_rng(np.random.SeedSequence(int(seed), spawn_key=(0xCA11B,)))
-    field_now = {**stats["field"], "packing": dict(stats["field"].get("packing", {})),
-                 "contact": dict(stats["field"].get("contact", {}))}
-    history = []
-    best = None
-    for it in range(int(iterations) + 1):
-        sim = simulate_spatial({**stats, "field": field_now}, n_masks, rng)
-        g_sim = {k: v[use] for k, v in sim["g"].items()}
-        errs, meds = [], {}
-        for t in types + ["all"]:
-            want = target_all if t == "all" else targets[t]
-            got = sim["nn"][t]
-            if want and got.size >= 5:
-                meds[t] = float(np.median(got))
-                errs.append(math.log(meds[t] / want))
-            if t in real_touch:
-                errs.append(real_touch[t] - sim["touching"].get(t, 0.0))
-        ge = g_error(g_sim)
-        errs.append(ge)
-        e = math.sqrt(float(np.mean(np.square(errs)))) if errs else 0.0
-        e_sim = excess(g_sim)
-        history.append({"packing": {k: round(v, 4) for k, v in field_now["packing"].items()},
-                        "contact": {k: round(v, 4) for k, v in field_now["contact"].items()},
-                        "length_px": [round(c["length_px"], 2) for c in field_now.get("components", [])],
-                        "nn_median_sim": {k: round(v, 3) for k, v in meds.items()},
-                        "touching_sim": {k: round(v, 4) for k, v in sim["touching"].items()},
-                        "g_excess_sim": round(e_sim, 4), "log_g_rmse": round(ge, 4), "rmse": round(e, 5)})
-        if best is None or e < best[0]:
-            best = (e, field_now, sim["g"])
-        if it == iterations or not errs:
-            break
-        new_pack = dict(field_now["packing"])
-        new_contact = dict(field_now["contact"])
-        for t in types:
-            if t in meds and targets[t] and t in new_pack:
-                new_pack[t] = float(np.clip(new_pack[t] * (meds[t] / targets[t]) ** 2, 0.02, MAX_PACKING))
-            if t in real_touch and t in new_contact:
-                new_contact[t] = float(np.clip(new_contact[t] + real_touch[t] - sim["touching"].get(t, 0.0), 0, 1))
-        comps = [dict(c) for c in field_now.get("components", [])]
-        if e_real > 0.02 and comps:
-            factor = 1.5 if e_sim <= 0.01 else float(np.clip(e_real / e_sim, 0.5, 2.0)) ** 0.7
-            for c in comps:
-                c["length_px"] = float(np.clip(c["length_px"] * factor, ell_lo, ell_hi))
-        field_now = {**field_now, "packing": new_pack, "contact": new_contact, "components": comps}
-    e_best, fbest, g_best = best
-    out = dict(fbest)
-    out["g_sampler"] = {k: [None if not np.isfinite(x) else round(float(x), 5) for x in v] for k, v in g_best.items()}
-    out["calibration"] = {"method": "packing fractions and contact rates matched to the median same-type NN "
-                                    "distance and touching fraction by simulation",
-                          "iterations": int(iterations), "masks_per_iteration": int(n_masks),
-                          "nn_median_real": {**{t: targets[t] for t in types}, "all": target_all},
-                          "g_excess_real": round(e_real, 4),
-                          "touching_real": dict(real_touch), "history": history, "chosen_rmse": round(e_best, 5)}
-    return out
-
-
-def build_shape_source(dvae: str, stats: Mapping[str, Any], sigma: float, threads: int = 1,
-                       precision: str = "auto") -> tuple[ShapeSource, str, dict[str, Any]]:
-    """The CLI's shape source: the β-VAE at ``dvae``, or fitted ellipses for the word 'ellipses'."""
-    if dvae == "ellipses":
-        return ellipse_source(stats), "ellipses", {}
-    if not Path(dvae).is_file():
-        raise HistosynthError("no such β-VAE checkpoint", dvae)
-    try:
-        import torch
-
-        from histosynth.models.dvae import load_dvae
-    except ImportError as err:
-        raise HistosynthError(f"the β-VAE module is not available ({err})", dvae) from err
-    torch.set_num_threads(max(1, int(threads)))
-    model = load_dvae(dvae, device="cpu")
-    info: dict[str, Any] = {"dvae": str(dvae), "sigma": float(sigma),
-                            "dvae_conditional": bool(getattr(model, "conditional", False))}
-    if getattr(model, "conditional", False):
-        known = {int(t) for t in getattr(getattr(model, "cfg", None), "type_ids", ()) or dict(model.classes)}
-        need = sorted(int(t) for t in stats["classes"] if stats["morphology"][str(t)].get("n", 0) > 0)
-        missing = [t for t in need if t not in known]
-        if missing:
-            raise HistosynthError(f"the conditional β-VAE knows type ids {sorted(known)}, the stats need {need}", dvae)
-    source = dvae_source(model, sigma, precision=precision)
-    info.update(getattr(source, "info", {}))
-    return source, "dvae", info

@@ -63,38 +63,32 @@ What is fitted
 
   - the *correlation structure* of the per-type latent fields: a multitype
     log-Gaussian Cox process fitted to the g_ab(r) curves by least squares on
-    log g (:func:`fit_field`; signs and relative sizes of the cross-type
-    correlations, length scale);
+    log g (:func:`~histosynth.masks.spatial.fit_field`; signs and relative
+    sizes of the cross-type correlations, length scale);
   - per-type *packing fraction* (visible nucleus area / territory area, the
     territory being the union of discs of the median same-type NN distance
-    around the type's centroids; :func:`packing_fraction`) and *contact rate*
+    around the type's centroids;
+    :func:`~histosynth.masks.spatial.packing_fraction`) and *contact rate*
     (fraction of nuclei touching another, 4-adjacency);
   - the *tissue*: per patch, the fraction within the 90th-percentile NN
-    distance of any centroid (:func:`tissue_fractions`), kept as (total count,
-    fraction) pairs;
+    distance of any centroid (:func:`~histosynth.masks.spatial.tissue_fractions`),
+    kept as (total count, fraction) pairs;
   - then, unless ``calibrate=0``, a few rounds of simulation adjust packing,
     contact and length scale until the sampler's median NN distances,
     touching fractions and g(r) match the real ones
-    (:func:`histosynth.masks.sampling.calibrate_field`); the simulated g(r) is
+    (:func:`histosynth.masks.calibrate.calibrate_field`); the simulated g(r) is
     kept as ``g_sampler`` and drawn dashed in ``spatial.png``.
 
-``scale_counts`` rescales a count fit to another patch area
------------------------------------------------------------
-Counts scale with AREA, not side length: for a ratio a = (S/P)^2 (S, P the
-side lengths) every family's mean becomes a * mean. (The seed paper scaled a
-1000x1000 fit to 350x350 by 0.35; the right factor is 0.35^2 = 0.1225.) The
-variance:
-
-* ``poisson``: lam' = a lam (exact for a Poisson process);
-* ``nbinom`` (a Poisson process whose intensity is gamma-distributed from patch
-  to patch, constant within a patch): mean' = a mean, size' = size, so
-  var' = a mean + a^2 mean^2 / size;
-* ``normal`` and ``gamma``: the same decomposition into a Poisson part and an
-  extra-Poisson part: var' = a m + a^2 (v - m) when v >= m (over-dispersed),
-  var' = a v when v < m (under-dispersed, like sums of independent blocks);
-  the normal takes (a m, sqrt(var')), the gamma shape m'^2/var' and scale
-  var'/m';
-* ``point``: value' = a value.
+Where the code is
+-----------------
+This module is the stage (reading the patch sets, fitting, writing
+stats.json and the figures). The measurements and fits it uses live in
+:mod:`histosynth.masks.features` (per nucleus), :mod:`histosynth.masks.counts`
+(count distributions; how ``scale_counts`` rescales a fit to another patch
+AREA is in its docstring), :mod:`histosynth.masks.spatial` (NN distances,
+g(r), packing, the field fit) and :mod:`histosynth.masks.calibrate` (the
+simulation rounds); :mod:`histosynth.masks.statsfile` has the format
+constants, the quantile summaries and :func:`~histosynth.masks.statsfile.load_stats`.
 
 stats.json (``format: histosynth-stats``, ``version: 1``)
 ---------------------------------------------------------
@@ -151,652 +145,35 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
-from scipy import optimize, stats as sps
-from scipy.spatial import cKDTree
+from scipy import stats as sps
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
 from histosynth.io.patchset import parse_classes, read_patchset
+from histosynth.masks.calibrate import calibrate_field
+from histosynth.masks.counts import count_logpmf, fit_counts
+from histosynth.masks.features import nucleus_features, orientation_alignment, touching
+from histosynth.masks.spatial import (
+    MAX_PACKING,
+    PairCorrelation,
+    default_r_edges,
+    fit_field,
+    nearest_psd,
+    nn_distances,
+    packing_fraction,
+    tissue_fractions,
+)
+from histosynth.masks.statsfile import FORMAT, QUANTILE_P, VERSION, quantile_summary
 
 log = logging.getLogger(__name__)
 
-FORMAT = "histosynth-stats"
-VERSION = 1
-FAMILIES = ("normal", "gamma", "poisson", "nbinom")
-N_QUANTILES = 201
-QUANTILE_P = np.linspace(0.0, 1.0, N_QUANTILES)
-MAX_PACKING = 0.75  # above the jamming limit of random sequential packing: the hard core caps it anyway
 LEAK = 0.05  # fraction of a type's nuclei placed outside its territory
 MAX_TISSUE_PAIRS = 5000  # (count, tissue fraction) pairs kept in stats.json
 MORPH_FEATURES = ("area", "eccentricity", "orientation", "perimeter", "solidity", "major_axis", "minor_axis")
 
 
-# --------------------------------------------------------------------------- per-nucleus features
-def nucleus_features(inst: np.ndarray, types: np.ndarray | None = None, full: bool = False,
-                     border_margin: int = 1) -> dict[str, np.ndarray]:
-    """Per-nucleus features of one instance mask, ids 1..n (gaps allowed; absent ids are dropped).
-
-    Returns arrays (one entry per present id, in id order): ``label``, ``type``
-    (majority of ``types``; 0 without ``types``), ``area``, ``cy``, ``cx``
-    (centroid, row/col), ``eccentricity``, ``orientation`` (radians, skimage
-    convention: angle from the row axis to the major axis, in [-pi/2, pi/2]),
-    ``major_axis``, ``minor_axis`` (4 sqrt(eigenvalue)), ``border`` (bbox within
-    ``border_margin`` px of the edge). ``full`` adds ``perimeter`` and
-    ``solidity`` from ``skimage.measure.regionprops``.
-    The moments are vectorised with ``np.bincount`` and equal regionprops'.
-    """
-    inst = np.asarray(inst)
-    h, w = inst.shape
-    flat = inst.ravel().astype(np.int64)
-    n = int(flat.max()) if flat.size else 0
-    if n <= 0:
-        empty = {k: np.zeros(0) for k in ("area", "cy", "cx", "eccentricity", "orientation", "major_axis",
-                                          "minor_axis")}
-        empty.update(label=np.zeros(0, np.int64), type=np.zeros(0, np.int64), border=np.zeros(0, bool))
-        if full:
-            empty.update(perimeter=np.zeros(0), solidity=np.zeros(0))
-        return empty
-    rr, cc = np.divmod(np.arange(flat.size, dtype=np.int64), w)
-    m = n + 1
-    area = np.bincount(flat, minlength=m).astype(np.float64)
-    present = np.nonzero(area[1:])[0] + 1
-    sr = np.bincount(flat, rr, m)
-    sc = np.bincount(flat, cc, m)
-    src = np.bincount(flat, (rr * cc).astype(np.float64), m)
-    srr = np.bincount(flat, (rr * rr).astype(np.float64), m)
-    scc = np.bincount(flat, (cc * cc).astype(np.float64), m)
-    a = area[present]
-    cy, cx = sr[present] / a, sc[present] / a
-    var_r = srr[present] / a - cy * cy
-    var_c = scc[present] / a - cx * cx
-    cov = src[present] / a - cy * cx
-    ecc, orient, l1, l2 = _shape_from_moments(var_r, var_c, cov)
-    # bounding boxes: min/max row and col per label
-    rmin = np.full(m, h, np.int64)
-    rmax = np.full(m, -1, np.int64)
-    cmin = np.full(m, w, np.int64)
-    cmax = np.full(m, -1, np.int64)
-    np.minimum.at(rmin, flat, rr)
-    np.maximum.at(rmax, flat, rr)
-    np.minimum.at(cmin, flat, cc)
-    np.maximum.at(cmax, flat, cc)
-    bm = int(border_margin)
-    p = present
-    border = (rmin[p] < bm) | (cmin[p] < bm) | (rmax[p] >= h - bm) | (cmax[p] >= w - bm)
-    out: dict[str, np.ndarray] = {
-        "label": p.astype(np.int64),
-        "area": a,
-        "cy": cy,
-        "cx": cx,
-        "eccentricity": ecc,
-        "orientation": orient,
-        "major_axis": 4.0 * np.sqrt(l1),
-        "minor_axis": 4.0 * np.sqrt(l2),
-        "border": border,
-    }
-    if types is not None:
-        t = np.asarray(types).ravel().astype(np.int64)
-        nt = int(t.max()) + 1 if t.size else 1
-        joint = np.bincount(flat * nt + t, minlength=m * nt).reshape(m, nt)
-        joint[:, 0] = 0  # background type never wins over a real type
-        tt = joint.argmax(axis=1)
-        out["type"] = tt[p]
-    else:
-        out["type"] = np.zeros(len(p), np.int64)
-    if full:
-        from skimage.measure import regionprops_table
-
-        props = regionprops_table(inst.astype(np.int32, copy=False), properties=("label", "perimeter", "solidity"))
-        pos = {int(lab): i for i, lab in enumerate(props["label"])}
-        idx = np.array([pos[int(lab)] for lab in p])
-        out["perimeter"] = np.asarray(props["perimeter"], float)[idx]
-        out["solidity"] = np.asarray(props["solidity"], float)[idx]
-    return out
-
-
-def _shape_from_moments(var_r: np.ndarray, var_c: np.ndarray, cov: np.ndarray):
-    """Eccentricity, orientation and inertia eigenvalues (l1 >= l2) as in skimage.regionprops."""
-    half_tr = 0.5 * (var_r + var_c)
-    disc = np.sqrt(np.maximum(0.25 * (var_r - var_c) ** 2 + cov * cov, 0.0))
-    l1 = half_tr + disc
-    l2 = np.maximum(half_tr - disc, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ecc = np.where(l1 > 0, np.sqrt(np.clip(1.0 - l2 / np.where(l1 > 0, l1, 1.0), 0.0, 1.0)), 0.0)
-    # skimage: a = var_c, b = -cov, c = var_r; orientation = 0.5 atan2(-2b, c - a)
-    diff = var_r - var_c
-    orient = np.where(diff == 0, np.where(cov > 0, np.pi / 4, np.where(cov < 0, -np.pi / 4, np.pi / 4)),
-                      0.5 * np.arctan2(2.0 * cov, diff))
-    return ecc, orient, l1, l2
-
-
-def shape_moments(shapes: np.ndarray) -> dict[str, np.ndarray]:
-    """Area, centroid (cy, cx), orientation and eccentricity of a batch of binary masks (n, h, w)."""
-    s = np.asarray(shapes, dtype=np.float64)
-    n, h, w = s.shape
-    r = np.arange(h, dtype=np.float64)
-    c = np.arange(w, dtype=np.float64)
-    rows = s.sum(axis=2)  # (n, h)
-    cols = s.sum(axis=1)  # (n, w)
-    area = rows.sum(axis=1)
-    safe = np.where(area > 0, area, 1.0)
-    cy = rows @ r / safe
-    cx = cols @ c / safe
-    var_r = rows @ (r * r) / safe - cy * cy
-    var_c = cols @ (c * c) / safe - cx * cx
-    cov = np.einsum("nij,i,j->n", s, r, c) / safe - cy * cx
-    ecc, orient, l1, l2 = _shape_from_moments(var_r, var_c, cov)
-    return {"area": area, "cy": cy, "cx": cx, "orientation": orient, "eccentricity": ecc,
-            "major_axis": 4 * np.sqrt(l1), "minor_axis": 4 * np.sqrt(l2)}
-
-
-# --------------------------------------------------------------------------- count distributions
-def _disc_cont_logpmf(dist: Any, x: np.ndarray) -> np.ndarray:
-    """log P(k) for a continuous distribution discretised to the integers 0, 1, ... (mass < 1/2 → 0)."""
-    lo = np.where(x <= 0, -np.inf, x - 0.5)
-    hi = x + 0.5
-    p_cdf = dist.cdf(hi) - np.where(np.isinf(lo), 0.0, dist.cdf(np.where(np.isinf(lo), 0.0, lo)))
-    p_sf = np.where(np.isinf(lo), 1.0, dist.sf(np.where(np.isinf(lo), 0.0, lo))) - dist.sf(hi)
-    p = np.maximum(p_cdf, p_sf)
-    return np.log(np.maximum(p, 1e-300))
-
-
-def _family_dist(family: str, params: Mapping[str, float]) -> Any:
-    if family == "normal":
-        return sps.norm(loc=params["mean"], scale=params["sd"])
-    if family == "gamma":
-        return sps.gamma(a=params["shape"], scale=params["scale"])
-    if family == "poisson":
-        return sps.poisson(params["lam"])
-    if family == "nbinom":
-        size, mean = params["size"], params["mean"]
-        return sps.nbinom(size, size / (size + mean))
-    raise ValueError(f"unknown count family {family!r}")
-
-
-def count_logpmf(family: str, params: Mapping[str, float], k: np.ndarray) -> np.ndarray:
-    """log P(K = k) of a fitted count distribution (continuous families discretised)."""
-    k = np.asarray(k, dtype=np.float64)
-    if family == "point":
-        v = params["value"]
-        lo, frac = math.floor(v), v - math.floor(v)
-        p = np.where(k == lo, 1.0 - frac, 0.0) + np.where(k == lo + 1, frac, 0.0)
-        with np.errstate(divide="ignore"):
-            return np.log(p)
-    dist = _family_dist(family, params)
-    if family in ("poisson", "nbinom"):
-        return dist.logpmf(k)
-    return _disc_cont_logpmf(dist, k)
-
-
-def _moments(family: str, params: Mapping[str, float]) -> tuple[float, float]:
-    if family == "point":
-        v = params["value"]
-        f = v - math.floor(v)
-        return float(v), float(f * (1 - f))
-    if family == "normal":
-        return float(params["mean"]), float(params["sd"] ** 2)
-    if family == "gamma":
-        return float(params["shape"] * params["scale"]), float(params["shape"] * params["scale"] ** 2)
-    if family == "poisson":
-        return float(params["lam"]), float(params["lam"])
-    m, r = params["mean"], params["size"]
-    return float(m), float(m + m * m / r)
-
-
-def _fit_family(family: str, x: np.ndarray) -> dict[str, float]:
-    """Maximum-likelihood parameters of one family on counts x (not all equal, len >= 2)."""
-    mean = float(x.mean())
-    var = float(x.var())
-    if family == "poisson":
-        return {"lam": mean}
-    if family == "nbinom":
-        def nll(logr: float) -> float:
-            r = math.exp(logr)
-            return -float(sps.nbinom.logpmf(x, r, r / (r + mean)).sum())
-
-        res = optimize.minimize_scalar(nll, bounds=(-8.0, 16.0), method="bounded", options={"xatol": 1e-6})
-        return {"mean": mean, "size": float(math.exp(res.x))}
-    if family == "normal":
-        start = np.array([mean, math.log(max(math.sqrt(max(var - 1 / 12, 0.0)), 0.3))])
-
-        def nll(p: np.ndarray) -> float:
-            return -float(_disc_cont_logpmf(sps.norm(p[0], math.exp(p[1])), x).sum())
-
-        res = optimize.minimize(nll, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-8})
-        p = res.x if nll(res.x) <= nll(start) else start
-        return {"mean": float(p[0]), "sd": float(math.exp(p[1]))}
-    if family == "gamma":
-        v = max(var, 0.25)
-        m = max(mean, 0.1)
-        start = np.array([math.log(m * m / v), math.log(v / m)])
-
-        def nll(p: np.ndarray) -> float:
-            p = np.clip(p, -20, 20)
-            return -float(_disc_cont_logpmf(sps.gamma(math.exp(p[0]), scale=math.exp(p[1])), x).sum())
-
-        res = optimize.minimize(nll, start, method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-8})
-        p = np.clip(res.x if nll(res.x) <= nll(start) else start, -20, 20)
-        return {"shape": float(math.exp(p[0])), "scale": float(math.exp(p[1]))}
-    raise ValueError(f"unknown count family {family!r}")
-
-
-_N_PARAMS = {"normal": 2, "gamma": 2, "poisson": 1, "nbinom": 2}
-
-
-def fit_counts(counts: Sequence[int] | np.ndarray, families: Sequence[str] = FAMILIES) -> dict[str, Any]:
-    """Fit every family in ``families`` by maximum likelihood; the smallest AIC is ``family``.
-
-    Degenerate data (< 2 values, or all equal) → ``family: "point"`` at the mean,
-    no candidates. Negative or non-integer counts are a ValueError.
-    """
-    x = np.asarray(counts, dtype=np.float64).ravel()
-    if x.size and (np.any(x < 0) or np.any(x != np.round(x)) or not np.all(np.isfinite(x))):
-        raise ValueError("counts must be non-negative integers")
-    summary = {
-        "n": int(x.size),
-        "min": float(x.min()) if x.size else 0.0,
-        "max": float(x.max()) if x.size else 0.0,
-        "zero_fraction": float(np.mean(x == 0)) if x.size else 1.0,
-    }
-    if x.size < 2 or np.all(x == x[0]):
-        value = float(x.mean()) if x.size else 0.0
-        return {"family": "point", "params": {"value": value}, "mean": value, "var": 0.0,
-                "candidates": {}, **summary}
-    candidates: dict[str, dict[str, Any]] = {}
-    for fam in families:
-        params = _fit_family(fam, x)
-        ll = float(count_logpmf(fam, params, x).sum())
-        if not math.isfinite(ll):
-            ll = -1e300
-        candidates[fam] = {"params": params, "loglik": ll, "aic": 2 * _N_PARAMS[fam] - 2 * ll}
-    best = min(candidates, key=lambda f: (candidates[f]["aic"], FAMILIES.index(f)))
-    mean, var = _moments(best, candidates[best]["params"])
-    return {"family": best, "params": dict(candidates[best]["params"]), "mean": mean, "var": var,
-            "candidates": candidates, **summary}
-
-
-def count_cdf_table(fit: Mapping[str, Any], tail: float = 1e-10) -> np.ndarray:
-    """Cumulative probabilities P(K <= k) for k = 0 .. kmax (kmax where the tail falls below ``tail``)."""
-    family, params = fit["family"], fit["params"]
-    if family == "point":
-        v = float(params["value"])
-        lo, frac = math.floor(v), v - math.floor(v)
-        cdf = np.ones(lo + 2)
-        cdf[:lo] = 0.0
-        cdf[lo] = 1.0 - frac
-        return cdf
-    mean, var = _moments(family, params)
-    kmax = int(max(10, mean + 12 * math.sqrt(max(var, mean, 1.0)) + 10))
-    while True:
-        k = np.arange(kmax + 1, dtype=np.float64)
-        cdf = np.cumsum(np.exp(count_logpmf(family, params, k)))
-        if 1.0 - cdf[-1] < tail or kmax > 10_000_000:
-            break
-        kmax *= 2
-    cdf /= cdf[-1]
-    return cdf
-
-
-def count_ppf(fit: Mapping[str, Any], u: np.ndarray, table: np.ndarray | None = None) -> np.ndarray:
-    """Inverse CDF of a count fit at probabilities u (→ int64 counts >= 0).
-
-    Continuous families give round(F^-1(u)) clipped at 0 (the discretisation of
-    the likelihood); a non-integer point mass is stochastically rounded.
-    ``table`` (from :func:`count_cdf_table`) skips rebuilding the CDF.
-    """
-    cdf = count_cdf_table(fit) if table is None else table
-    u = np.asarray(u, dtype=np.float64)
-    return np.minimum(np.searchsorted(cdf, u, side="right"), len(cdf) - 1).astype(np.int64)
-
-
-def _scale_mean_var(m: float, v: float, a: float) -> tuple[float, float]:
-    if v >= m:
-        return a * m, a * m + a * a * (v - m)
-    return a * m, a * v
-
-
-def _scale_params(family: str, params: Mapping[str, float], a: float) -> dict[str, float]:
-    if family == "point":
-        return {"value": a * params["value"]}
-    if family == "poisson":
-        return {"lam": a * params["lam"]}
-    if family == "nbinom":
-        return {"mean": a * params["mean"], "size": params["size"]}
-    m, v = _moments(family, params)
-    m2, v2 = _scale_mean_var(m, v, a)
-    if family == "normal":
-        return {"mean": m2, "sd": math.sqrt(max(v2, 0.0))}
-    if family == "gamma":
-        v2 = max(v2, 1e-12)
-        m2 = max(m2, 1e-12)
-        return {"shape": m2 * m2 / v2, "scale": v2 / m2}
-    raise ValueError(f"unknown count family {family!r}")
-
-
-def scale_counts(fit: Mapping[str, Any], area_ratio: float) -> dict[str, Any]:
-    """A count fit rescaled to a patch ``area_ratio`` times as large (new area / fitted area).
-
-    The mean of every family scales linearly with area; the variance as the
-    module docstring states (Poisson: var = mean; NB: size kept, so
-    var' = a mean + a^2 mean^2/size; normal/gamma: Poisson part * a, extra-Poisson
-    part * a^2, or var * a when under-dispersed). ``area_ratio`` = (S/P)^2
-    for square patches of sides S (new) and P (fitted), not S/P.
-    """
-    a = float(area_ratio)
-    if not a > 0:
-        raise ValueError(f"area ratio must be positive, got {area_ratio}")
-    out = dict(fit)
-    out["params"] = _scale_params(fit["family"], fit["params"], a)
-    out["mean"], out["var"] = _moments(fit["family"], out["params"])
-    out["candidates"] = {f: {**c, "params": _scale_params(f, c["params"], a)}
-                         for f, c in fit.get("candidates", {}).items()}
-    out["area_ratio"] = a * float(fit.get("area_ratio", 1.0))
-    return out
-
-
-# --------------------------------------------------------------------------- spatial statistics
-def nn_distances(points: np.ndarray, targets: np.ndarray | None = None) -> np.ndarray:
-    """Distance from each point to the nearest *other* point (of ``targets`` if given, else of ``points``).
-
-    ``points`` and ``targets`` are (n, 2); with ``targets`` the points are assumed
-    to be a subset of them (the point itself at distance 0 is skipped). Points
-    without a neighbour give no entry.
-    """
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    tg = points if targets is None else np.asarray(targets, dtype=np.float64).reshape(-1, 2)
-    if len(points) == 0 or len(tg) < 2:
-        return np.zeros(0)
-    d, _ = cKDTree(tg).query(points, k=2)
-    return d[:, 1]
-
-
-def default_r_edges(patch_size: tuple[int, int]) -> np.ndarray:
-    """The fixed ring grid for g(r): 0 .. min(H, W)/3 px, about 40 rings of whole pixels."""
-    r_max = max(4, int(min(patch_size)) // 3)
-    dr = max(1, int(round(r_max / 40)))
-    return np.arange(0, r_max + 1e-9, dr, dtype=np.float64)
-
-
-class PairCorrelation:
-    """Accumulates the translation-corrected pair-correlation g_ab(r) over patches.
-
-    ``add(points, types, shape)`` per patch; ``result()`` gives
-    {"a-b": g(r)} for a <= b in ``type_ids`` plus "all-all", and the raw pair
-    counts per ring. See the module docstring for the estimator.
-    """
-
-    def __init__(self, type_ids: Sequence[int], r_edges: np.ndarray):
-        self.types = [int(t) for t in type_ids]
-        self.r_edges = np.asarray(r_edges, dtype=np.float64)
-        self.keys = [f"{a}-{b}" for i, a in enumerate(self.types) for b in self.types[i:]] + ["all-all"]
-        nb = len(self.r_edges) - 1
-        self.num = {k: np.zeros(nb) for k in self.keys}
-        self.den = {k: 0.0 for k in self.keys}
-        self.pairs = {k: np.zeros(nb, np.int64) for k in self.keys}
-        self.ring_area = np.pi * np.diff(self.r_edges ** 2)
-
-    def add(self, points: np.ndarray, types: np.ndarray, shape: tuple[int, int]) -> None:
-        h, w = float(shape[0]), float(shape[1])
-        area = h * w
-        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        types = np.asarray(types).ravel()
-        r_max = self.r_edges[-1]
-        if len(points) >= 2:
-            tree = cKDTree(points)
-            pairs = tree.query_pairs(r_max, output_type="ndarray")
-        else:
-            pairs = np.zeros((0, 2), np.int64)
-        i, j = pairs[:, 0], pairs[:, 1]
-        dy = np.abs(points[i, 0] - points[j, 0])
-        dx = np.abs(points[i, 1] - points[j, 1])
-        d = np.hypot(dx, dy)
-        wgt = 1.0 / np.maximum((h - dy) * (w - dx), 1e-9)  # 1 / |W ∩ W_x|
-        ti, tj = types[i], types[j]
-        counts = {t: int(np.sum(types == t)) for t in self.types}
-        n = len(points)
-        for key in self.keys:
-            if key == "all-all":
-                sel = np.ones(len(d), bool)
-                den = n * (n - 1)
-                mult = 2.0  # ordered pairs
-            else:
-                a, b = (int(s) for s in key.split("-"))
-                if a == b:
-                    sel = (ti == a) & (tj == a)
-                    den = counts[a] * (counts[a] - 1)
-                    mult = 2.0
-                else:
-                    sel = ((ti == a) & (tj == b)) | ((ti == b) & (tj == a))
-                    den = counts[a] * counts[b]
-                    mult = 1.0
-            if sel.any():
-                hist, _ = np.histogram(d[sel], bins=self.r_edges, weights=wgt[sel])
-                self.num[key] += mult * hist
-                self.pairs[key] += np.histogram(d[sel], bins=self.r_edges)[0]
-            self.den[key] += den / (area * area)  # lambda_a lambda_b of this patch
-
-    def result(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        g = {}
-        for key in self.keys:
-            # sum_p rho_p(r) / sum_p lambda_a,p lambda_b,p, rho_p = sum_pairs 1/|W ∩ W_x| / ring area
-            if self.den[key] > 0:
-                g[key] = self.num[key] / self.ring_area / self.den[key]
-            else:
-                g[key] = np.full(len(self.ring_area), np.nan)
-        return g, dict(self.pairs)
-
-
-# --------------------------------------------------------------------------- spatial field (LGCP)
-def _psd(mat: np.ndarray) -> np.ndarray:
-    mat = 0.5 * (mat + mat.T)
-    vals, vecs = np.linalg.eigh(mat)
-    return (vecs * np.maximum(vals, 0.0)) @ vecs.T
-
-
-def fit_field(r: np.ndarray, g: Mapping[str, np.ndarray], pairs: Mapping[str, np.ndarray],
-              type_ids: Sequence[int], hard_core_px: float, r_fit_min: float | None = None,
-              max_components: int = 2) -> dict[str, Any]:
-    """Fit a multitype log-Gaussian Cox process to the pair-correlation curves.
-
-    For an LGCP with Gaussian fields Z_a, g_ab(r) = exp(C_ab(r)) exactly, where
-    C_ab is the cross-covariance of Z_a and Z_b. The model is a linear model of
-    coregionalisation with one or two squared-exponential components,
-    C_ab(r) = sum_k S^(k)_ab exp(-r^2 / (2 l_k^2)), each S^(k) a positive
-    semi-definite type x type matrix. For each (l_1[, l_2]) on a geometric grid
-    the S^(k)_ab are weighted least squares of log g_ab(r) (weights: number of
-    pairs in the ring) over r >= r_fit_min (default 2 x the hard-core
-    distance: below it g is shaped by the packing of touching nuclei, which
-    the sampler's hard core produces by itself), projected onto
-    the PSD matrices; the grid point with the smallest weighted squared error
-    wins (a second component must lower it by 5 %). Length scales start at
-    2 x the hard-core distance: a field varying faster than a nucleus diameter
-    would describe packing, not clustering. log g is floored at log 0.05.
-    No clustering in the data gives S = 0: a hard-core process with uniform
-    intensity.
-    """
-    r = np.asarray(r, dtype=np.float64)
-    types = [int(t) for t in type_ids]
-    k = len(types)
-    lo = 2.0 * hard_core_px if r_fit_min is None else float(r_fit_min)
-    use = r >= lo
-    if use.sum() < 3:
-        use = r >= r[min(len(r) - 3, max(0, int(np.searchsorted(r, lo)) - 3))]
-    rr = r[use]
-    # target and weights per pair (a, b)
-    y = np.zeros((k, k, len(rr)))
-    wt = np.zeros((k, k, len(rr)))
-    for i, a in enumerate(types):
-        for j, b in enumerate(types):
-            key = f"{min(a, b)}-{max(a, b)}"
-            gv = np.asarray(g.get(key, np.full(len(r), np.nan)), float)[use]
-            pv = np.asarray(pairs.get(key, np.zeros(len(r))), float)[use]
-            ok = np.isfinite(gv)
-            y[i, j] = np.where(ok, np.log(np.maximum(np.where(ok, gv, 1.0), 0.05)), 0.0)
-            wt[i, j] = np.where(ok, pv, 0.0)
-    if k == 0 or wt.sum() <= 0:
-        return {"model": "lgcp", "types": types, "components": [], "r_fit": [float(lo), float(r[-1])],
-                "rmse": 0.0, "hard_core_px": float(hard_core_px)}
-    grid = np.geomspace(max(2.0, 2.0 * hard_core_px, 0.5 * lo), max(3.0 * r[-1], 4.0 * hard_core_px + 1), 24)
-
-    def solve(lengths: Sequence[float]) -> tuple[float, list[np.ndarray]]:
-        basis = np.stack([np.exp(-rr ** 2 / (2 * ell ** 2)) for ell in lengths])  # (m, R)
-        mats = [np.zeros((k, k)) for _ in lengths]
-        for i in range(k):
-            for j in range(i, k):
-                wv = wt[i, j]
-                if wv.sum() <= 0:
-                    continue
-                sw = np.sqrt(wv)
-                coef, *_ = np.linalg.lstsq((basis * sw).T, y[i, j] * sw, rcond=None)
-                for m_, c in enumerate(coef):
-                    mats[m_][i, j] = mats[m_][j, i] = c
-        mats = [_psd(m_) for m_ in mats]
-        pred = np.einsum("mab,mr->abr", np.stack(mats), basis)
-        sse = float(np.sum(wt * (y - pred) ** 2))
-        return sse, mats
-
-    best = (math.inf, [], [])
-    for ell in grid:
-        sse, mats = solve([ell])
-        if sse < best[0]:
-            best = (sse, [ell], mats)
-    if max_components >= 2:
-        best2 = (math.inf, [], [])
-        for i1, l1 in enumerate(grid):
-            for l2 in grid[i1 + 2:]:
-                sse, mats = solve([l1, l2])
-                if sse < best2[0]:
-                    best2 = (sse, [l1, l2], mats)
-        if best2[0] < 0.95 * best[0]:
-            best = best2
-    sse, lengths, mats = best
-    rmse = math.sqrt(sse / max(wt.sum(), 1e-12))
-    comps = [{"length_px": float(ell), "cov": m_.round(6).tolist()} for ell, m_ in zip(lengths, mats)
-             if np.any(np.abs(m_) > 1e-9)]
-    return {"model": "lgcp", "types": types, "components": comps, "r_fit": [float(rr[0]), float(rr[-1])],
-            "rmse": rmse, "hard_core_px": float(hard_core_px)}
-
-
-def field_g(field: Mapping[str, Any], a: int, b: int, r: np.ndarray) -> np.ndarray:
-    """g_ab(r) = exp(C_ab(r)) of a fitted field (without the hard core)."""
-    types = [int(t) for t in field["types"]]
-    r = np.asarray(r, float)
-    if a not in types or b not in types:
-        return np.ones_like(r)
-    i, j = types.index(a), types.index(b)
-    c = np.zeros_like(r)
-    for comp in field["components"]:
-        c += np.asarray(comp["cov"])[i, j] * np.exp(-r ** 2 / (2 * comp["length_px"] ** 2))
-    return np.exp(c)
-
-
-def _wrap_axial(theta: np.ndarray) -> np.ndarray:
-    """Angles of an axis (period pi) into [-pi/2, pi/2)."""
-    return (np.asarray(theta) + np.pi / 2) % np.pi - np.pi / 2
-
-
-def orientation_alignment(orient: np.ndarray, patch: np.ndarray, min_nuclei: int = 3
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-patch axial mean orientations and every nucleus' deviation from its patch's mean.
-
-    The axial mean is 0.5 atan2(sum sin 2t, sum cos 2t); patches with fewer
-    than ``min_nuclei`` nuclei give nothing. Aligned nuclei (spindles along
-    collagen) have deviations concentrated at 0, round ones uniform ones.
-    """
-    means, devs = [], []
-    for p in np.unique(patch):
-        th = orient[patch == p]
-        if th.size < min_nuclei:
-            continue
-        m = 0.5 * math.atan2(float(np.sin(2 * th).sum()), float(np.cos(2 * th).sum()))
-        means.append(m)
-        devs.append(_wrap_axial(th - m))
-    if not means:
-        return np.zeros(0), np.zeros(0)
-    return np.asarray(means), np.concatenate(devs)
-
-
-def touching(inst: np.ndarray) -> np.ndarray:
-    """Ids (sorted) of the nuclei that touch another nucleus (4-adjacent pixels of different ids)."""
-    inst = np.asarray(inst)
-    ids = []
-    for a, b in ((inst[:, 1:], inst[:, :-1]), (inst[1:, :], inst[:-1, :])):
-        m = (a > 0) & (b > 0) & (a != b)
-        ids.append(a[m])
-        ids.append(b[m])
-    return np.unique(np.concatenate(ids)) if ids else np.zeros(0, inst.dtype)
-
-
-def tissue_fractions(points: Sequence[tuple[np.ndarray, np.ndarray]], radius: float,
-                     shape: tuple[int, int]) -> np.ndarray:
-    """Per patch, the fraction of the patch within ``radius`` of a nucleus centroid (0 without nuclei).
-
-    The union of those discs is the patch's cellular tissue as the masks show
-    it; with the radius at the 90th percentile of the NN distance, neighbours in
-    sparse stroma are bridged while empty background (or lumen) stays out.
-    """
-    h, w = shape
-    canvas = np.zeros((h, w), np.uint8)
-    rad = max(1, int(round(radius)))
-    out = np.zeros(len(points))
-    for i, (pts, _) in enumerate(points):
-        if len(pts) == 0:
-            continue
-        canvas[:] = 0
-        for y, x in pts:
-            cv2.circle(canvas, (int(round(x)), int(round(y))), rad, 1, -1)
-        out[i] = canvas.mean()
-    return out
-
-
-def packing_fraction(points: Sequence[tuple[np.ndarray, np.ndarray]], areas: Sequence[np.ndarray],
-                     type_id: int, radius: float, shape: tuple[int, int]) -> float | None:
-    """Fraction of a type's territory covered by its nuclei, pooled over patches.
-
-    The territory of type t in a patch is the union of discs of ``radius``
-    (the median same-type NN distance: neighbours' discs overlap, so a nest is
-    one region) around its centroids, clipped to the patch; the covered part is
-    the visible area of its nuclei. None when the type never has 2 nuclei in a
-    patch.
-    """
-    h, w = shape
-    covered = territory = 0.0
-    canvas = np.zeros((h, w), np.uint8)
-    rad = max(1, int(round(radius)))
-    for (pts, tt), ar in zip(points, areas):
-        sel = tt == type_id
-        if sel.sum() < 2:
-            continue
-        canvas[:] = 0
-        for y, x in pts[sel]:
-            cv2.circle(canvas, (int(round(x)), int(round(y))), rad, 1, -1)
-        territory += float(canvas.sum())
-        covered += float(ar[sel].sum())
-    if territory <= 0:
-        return None
-    return min(covered / territory, 1.0)
-
-
 # --------------------------------------------------------------------------- helpers
-def quantile_summary(values: np.ndarray) -> dict[str, Any]:
-    """{"n", "mean", "std", "quantiles"} at QUANTILE_P (empty → n 0 and no quantiles)."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return {"n": 0}
-    q = np.quantile(v, QUANTILE_P)
-    return {"n": int(v.size), "mean": float(v.mean()), "std": float(v.std()),
-            "quantiles": [float(f"{x:.6g}") for x in q]}
-
-
-def sample_quantiles(summary: Mapping[str, Any], u: np.ndarray) -> np.ndarray:
-    """Inverse-CDF draw from a quantile summary at probabilities u."""
-    q = np.asarray(summary["quantiles"], dtype=np.float64)
-    return np.interp(np.asarray(u, float), np.linspace(0.0, 1.0, len(q)), q)
-
-
 def spearman_copula(counts: np.ndarray) -> np.ndarray:
     """Gaussian-copula correlation from per-type counts (patches x types): 2 sin(pi rho_s / 6), PSD."""
     counts = np.asarray(counts, dtype=np.float64)
@@ -812,7 +189,7 @@ def spearman_copula(counts: np.ndarray) -> np.ndarray:
         for a, i in enumerate(varying):
             for b, j in enumerate(varying):
                 corr[i, j] = pear[a, b]
-    corr = _psd(corr)
+    corr = nearest_psd(corr)
     d = np.sqrt(np.maximum(np.diag(corr), 1e-12))
     corr = corr / np.outer(d, d)
     np.fill_diagonal(corr, 1.0)
@@ -843,30 +220,6 @@ def class_names_of(patch_set_paths: Sequence[str | os.PathLike]) -> dict[int, st
         elif names != found:
             raise HistosynthError(f"class map {names} differs from {found} of {first}", p)
     return found
-
-
-def load_stats(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a stats.json (format, version, the keys the sampler needs)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "stats.json"
-    if not path.is_file():
-        raise HistosynthError("no such stats file", path)
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise HistosynthError(f"not a JSON stats file: {err}", path) from err
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        found = data.get("format") if isinstance(data, dict) else None
-        raise HistosynthError(f"not a {FORMAT} file (format {found!r})",
-                              path)
-    if int(data.get("version", 0)) > VERSION:
-        raise HistosynthError(f"stats version {data.get('version')} is newer than this histosynth ({VERSION})", path)
-    missing = [k for k in ("classes", "mpp", "patch_size", "counts", "morphology", "spatial", "field",
-                           "count_copula") if k not in data]
-    if missing:
-        raise HistosynthError(f"stats file lacks {missing}", path)
-    return data
 
 
 # --------------------------------------------------------------------------- the stage
@@ -946,7 +299,7 @@ def fit_stats(
     """Measure the patch sets, fit everything, write ``out_dir/stats.json`` (+ figures); return the stats.
 
     ``calibrate`` > 0 refines the spatial field by that many rounds of
-    simulation (:func:`histosynth.masks.sampling.calibrate_field`, ``calibrate_masks``
+    simulation (:func:`histosynth.masks.calibrate.calibrate_field`, ``calibrate_masks``
     masks a round, seeded by ``seed``); 0 keeps the direct fit g = exp(C).
     """
     data = collect(patch_sets, border_margin=border_margin, progress=progress)
@@ -1059,8 +412,6 @@ def fit_stats(
         "field": field,
     }
     if calibrate > 0 and h == w:
-        from histosynth.masks.sampling import calibrate_field
-
         stats["field"] = calibrate_field(stats, iterations=calibrate, n_masks=calibrate_masks, seed=seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
