@@ -42,6 +42,8 @@ def test_legacy_column_form_with_and_without_spellings():
     report = {"classes": legacy, "class_counts": {"Epithelial": 4}}
     assert report_class_map(report) == {1: "Epithelial", 3: "spindle_cell"}
     assert report_class_map({"stage": "tile"}) == {} and read_class_map({}) == {}
+    sampled = {"classes": {"n_epithelial": 1, "n_spindle": 3}, "class_names": {"1": "Epithelial", "3": "Spindle"}}
+    assert report_class_map(sampled) == {1: "Epithelial", 3: "Spindle"}
 
 
 def test_merged_classes_take_the_first_name_like_the_index_columns():

@@ -158,7 +158,11 @@ def parse_class_map(pairs: Sequence[str] | None) -> dict[str, int] | None:
 
 
 def report_class_map(report: Mapping[str, Any], source: str | os.PathLike | None = None) -> dict[int, str]:
-    """The class map of a patch set's report.json (``classes``; {} when it records none)."""
+    """The class map of a patch set's report.json (``classes``; {} when it records none).
+
+    Legacy ``n_<class>`` names are spelled as in the report's ``class_counts``
+    (rasterize) or ``class_names`` (sample-masks) where those name the class.
+    """
     return _report_classes(report, source)[0]
 
 
@@ -166,8 +170,11 @@ def _report_classes(report: Mapping[str, Any], source: str | os.PathLike | None)
     classes = report.get("classes")
     if classes is None:
         return {}, True
-    counts = report.get("class_counts")
-    return _parse(classes, counts if isinstance(counts, Mapping) else None, source)
+    # names as written, for legacy n_<class> columns: rasterize's class_counts, sample-masks' class_names
+    counts, names = report.get("class_counts"), report.get("class_names")
+    spellings = [*(counts if isinstance(counts, Mapping) else ()),
+                 *(names.values() if isinstance(names, Mapping) else ())]
+    return _parse(classes, [str(s) for s in spellings], source)
 
 
 def classes_of_patch_sets(paths: Sequence[str | os.PathLike]) -> dict[int, str]:
