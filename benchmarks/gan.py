@@ -62,9 +62,10 @@ def _bare(sets, options, crop, depth, width, batch, steps) -> float:
 
     from histosynth.gan import train as tg
     from histosynth.gan.conditioning import build_conditioning
+    from histosynth.io.pool import load_pool
     from histosynth.models import pix2pix as p2p
 
-    data = tg.load_gan_data(sets, options)
+    data = load_pool(sets, options)
     torch.manual_seed(0)
     n_types, n_options = 3, len(set(options.values()))
     cond_ch = 2 + n_types + 1

@@ -78,7 +78,7 @@ def toy_real_set(path: Path, n_patches: int = 24, size: int = 256, seed: int = 0
                    "height": size, "tissue_fraction": 1.0, "n_nuclei": nid, "source": "benchmark"}
             row.update({c: int(len(np.unique(inst[typ == t]))) for t, c in cols.items()})
             w.add(row, inst=inst, types=typ)
-        w.report = {"classes": {c: t for t, c in cols.items()}}
+        w.report = {"classes": {str(t): c[2:].capitalize() for t, c in cols.items()}}  # {"1": "Epithelial", ...}
     return path
 
 

@@ -243,7 +243,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_checkpoint(library, tmp_pat
         return (loss * float("nan") if calls["n"] == 7 else loss), recon, kl
 
     monkeypatch.setattr(dvae_mod, "vae_loss", poisoned)
-    with pytest.raises(HistosynthError, match=r"loss is nan at epoch 2, step 7") as err:
+    with pytest.raises(HistosynthError, match=r"non-finite loss \(loss=nan\) at epoch 2, step 7") as err:
         train_dvae(library, tmp_path, latent_dim=2, epochs=3, **TRAIN)
     assert "checkpoint.pt (step 5)" in str(err.value)
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -278,11 +278,19 @@ class _Killed(Exception):
     pass
 
 
-def _kill_at(step):
-    def callback(info):
-        if info["step"] == step and not info.get("checkpoint"):
-            raise _Killed(step)
-    return callback
+def _count_steps(monkeypatch, kill_after=None):
+    """Count the optimizer steps (calls of the loss); the one after ``kill_after`` dies, as a kill would."""
+    real = dvae_mod.vae_loss
+    steps = []
+
+    def loss(*args, **kwargs):
+        if kill_after is not None and len(steps) == kill_after:
+            raise _Killed(kill_after)
+        steps.append(len(steps) + 1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dvae_mod, "vae_loss", loss)
+    return steps
 
 
 def _weights(path):
@@ -290,20 +298,20 @@ def _weights(path):
 
 
 @pytest.mark.parametrize("checkpoint_steps, kill_at", [(0, 12), (3, 8)])
-def test_killed_and_resumed_run_equals_an_uninterrupted_one(library, trained, tmp_path, checkpoint_steps, kill_at):
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(library, trained, tmp_path, checkpoint_steps, kill_at,
+                                                            monkeypatch):
     ref_dir, _ = trained  # 3 epochs x 5 steps, latent 4, uninterrupted
     out = tmp_path / "resumed"
-    with pytest.raises(_Killed):
-        train_dvae(library, out, latent_dim=4, epochs=3, checkpoint_steps=checkpoint_steps,
-                   callback=_kill_at(kill_at), **TRAIN)
+    with monkeypatch.context() as m, pytest.raises(_Killed):
+        _count_steps(m, kill_after=kill_at)
+        train_dvae(library, out, latent_dim=4, epochs=3, checkpoint_steps=checkpoint_steps, **TRAIN)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == (10 if checkpoint_steps == 0 else 6)
     assert ckpt["batch"] == (0 if checkpoint_steps == 0 else 1)
     assert not (out / "dvae.pt").exists()
-    steps = []
-    train_dvae(library, out, latent_dim=4, epochs=3, checkpoint_steps=checkpoint_steps,
-               callback=lambda info: steps.append(info["step"]) if "checkpoint" not in info else None, **TRAIN)
-    assert steps == list(range(ckpt["step"] + 1, 16))  # it resumed: only the missing steps ran
+    steps = _count_steps(monkeypatch)
+    train_dvae(library, out, latent_dim=4, epochs=3, checkpoint_steps=checkpoint_steps, **TRAIN)
+    assert len(steps) == 15 - ckpt["step"]  # it resumed: only the missing steps ran
     ref, got = _weights(ref_dir / "dvae.pt"), _weights(out / "dvae.pt")
     assert ref.keys() == got.keys()
     assert all(torch.equal(ref[k], got[k]) for k in ref)

@@ -202,3 +202,22 @@ def test_cli_registers_and_runs(patch_set, tmp_path):
     assert json.loads(str(npz["classes"])) == {"1": "Tumour", "2": "Immune", "3": "Stroma"}
     assert len(npz["shapes"]) == 5  # the 3x3 nucleus now counts
     assert float(npz["min_bbox_area"]) == 0
+
+
+def test_class_names_from_canonical_and_legacy_reports(tmp_path):
+    """A legacy set ({"n_<class>": id}, lower case without class_counts) takes the canonical set's spelling."""
+    canonical = _write_set(tmp_path / "new", _patches(), report={"classes": {"1": "Epithelial", "2": "Lymphocyte",
+                                                                             "3": "Spindle cell"}})
+    legacy = _write_set(tmp_path / "old", _patches(), slide="s2",
+                        report={"classes": {"n_epithelial": 1, "n_lymphocyte": 2, "n_spindle_cell": 3}})
+    for order in ([legacy, canonical], [canonical, legacy]):
+        build_library(order, tmp_path / "lib.npz")
+        assert load_library(tmp_path / "lib.npz").classes == {1: "Epithelial", 2: "Lymphocyte", 3: "Spindle cell"}
+    build_library([legacy], tmp_path / "lib.npz")
+    assert load_library(tmp_path / "lib.npz").classes == {1: "epithelial", 2: "lymphocyte", 3: "spindle_cell"}
+    other = _write_set(tmp_path / "other", _patches(), slide="s3", report={"classes": {"1": "Tumour"}})
+    with pytest.raises(HistosynthError, match=r"other/report.json.*type 1 is 'Tumour'.*contradictory"):
+        build_library([canonical, other], tmp_path / "lib.npz")
+    broken = _write_set(tmp_path / "broken", _patches(), slide="s4", report={"classes": ["Epithelial"]})
+    with pytest.raises(HistosynthError, match=r"broken/report.json.*unreadable class map"):
+        build_library([broken], tmp_path / "lib.npz")

@@ -10,7 +10,8 @@ import pytest
 from histosynth.cli import main
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import read_patchset
-from histosynth.patches.annotate import class_columns, parse_class_map, rasterize_patchset
+from histosynth.io.labels import class_columns, parse_class_map, report_class_map
+from histosynth.patches.annotate import rasterize_patchset
 from histosynth.slides.tiling import TileParams, tile_slide
 from tests.conftest import shared_file
 from tests.helpers import tissue_image, write_pyramid
@@ -60,7 +61,8 @@ def test_known_squares(tiles, tmp_path):
     assert (ps.inst[right] == 1).sum() == 10 * 20
     assert np.array_equal(ps.images[:], read_patchset(tiles).images[:])
     assert report["nuclei_read"] == 3 and report["nuclei_on_kept_tiles"] == 3
-    assert report["rasterize"]["instances"] == 4 and report["classes"] == {"n_tumour": 1, "n_lymph": 2}
+    assert report["rasterize"]["instances"] == 4 and report["classes"] == {"1": "tumour", "2": "lymph"}
+    assert json.loads((tmp_path / "p" / "report.json").read_text())["classes"] == {"1": "tumour", "2": "lymph"}
     assert ps.report["parse"]["kept"] == 3
 
 
@@ -83,6 +85,7 @@ def test_no_class_map_makes_every_nucleus_type_1(tiles, tmp_path):
     rasterize_patchset(ann, tiles, tmp_path / "p")
     ps = read_patchset(tmp_path / "p")
     assert ps.index["n_nucleus"].sum() == 1 and set(np.unique(ps.types[:])) == {0, 1}
+    assert ps.report["classes"] == {"1": "nucleus"} and report_class_map(ps.report) == {1: "nucleus"}
 
 
 def test_annotation_mpp_must_match_the_slide(tiles, tmp_path):

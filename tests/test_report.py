@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -107,3 +111,24 @@ def test_cli_report_and_missing_figure(tmp_path, capsys):
     assert main(["report", str(path), str(tmp_path / "out2"), "--figure", f"Gone={tmp_path / 'nope.png'}"]) == 2
     assert "figures not found" in capsys.readouterr().err
     assert not (tmp_path / "out2" / "index.html").exists()
+
+
+def test_report_never_imports_torch(tmp_path):
+    """The report stage runs without torch: neither its module nor what it imports loads it, nor does a run."""
+    import histosynth
+
+    files = [_scores(tmp_path / f"{a}/seed-0", a, 0, [0.3, 0.5]) for a in ("real", "synthetic")]
+    script = (
+        "import sys\n"
+        "from histosynth.cli import main\n"
+        "from histosynth.segmentation.report import build_report\n"
+        f"build_report({[str(f) for f in files]!r}, {str(tmp_path / 'out')!r})\n"
+        f"assert main(['report', {str(files[0])!r}, {str(tmp_path / 'cli')!r}]) == 0\n"
+        "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not loaded, loaded[:5]\n"
+    )
+    src = str(Path(histosynth.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out" / "index.html").is_file() and (tmp_path / "cli" / "index.html").is_file()

@@ -13,6 +13,7 @@ from histosynth.segmentation import segmenter as sg
 from histosynth.cli import main
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import PatchSetWriter
+from histosynth.io.pool import load_pool
 from histosynth.segmentation.score import score
 
 torch.set_num_threads(1)
@@ -23,7 +24,7 @@ TINY = dict(width=8, units=(1, 1, 1, 1), input_size=104, batch_size=2, device="c
             precision="float32", log_every=1)
 
 
-def _write_set(path, slide, n=3, size=64, seed=0, classes=None, max_type=2, source="test"):
+def _write_set(path, slide, n=3, size=64, seed=0, classes=None, max_type=2, source="test", background=None):
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size]
     with PatchSetWriter(path, arrays=("images", "inst", "types"), patch_size=(size, size)) as w:
@@ -36,7 +37,7 @@ def _write_set(path, slide, n=3, size=64, seed=0, classes=None, max_type=2, sour
                 inst[disc] = k
                 types[disc] = 1 + k % max_type
             img = np.zeros((size, size, 3), np.uint8)
-            img[:] = COLOURS[0]
+            img[:] = COLOURS[0] if background is None else background
             for t in range(1, max_type + 1):
                 img[types == t] = COLOURS[min(t, 2)]
             row = {"slide": slide, "x": 0, "y": i * size, "level": 0, "downsample": 1.0, "mpp": 0.5,
@@ -65,13 +66,36 @@ def test_sampler_is_pure_and_pads_small_patches(sets):
     assert not inst[~valid].any() and not types[~valid].any()
 
 
-def test_mix_draws_from_both_pools_in_proportion(sets):
-    real = sg.load_gan_data(sets["real"], None)
-    pools, weights, _ = sg._pools_for("real+synthetic", sets["real"], sets["synthetic"], 0.25)
-    assert weights == [0.75, 0.25]
-    rng_draws = [np.random.default_rng([0, 0x5E6, s]).choice(2, size=4, p=[0.75, 0.25]) for s in range(200)]
-    assert 0.18 < np.mean(rng_draws) < 0.32
-    assert len(real) == 3
+@pytest.fixture(scope="module")
+def marked_pools(tmp_path_factory):
+    """Two pools told apart by the background colour of their patches (red, blue; nuclei are purple)."""
+    root = tmp_path_factory.mktemp("marked")
+    return [load_pool([_write_set(root / name, name, n=3, seed=i, background=colour)])
+            for i, (name, colour) in enumerate((("zero", (255, 0, 0)), ("one", (0, 0, 255))))]
+
+
+def _pool_of_draws(pools, weights, steps, batch_size=4):
+    """The pool each patch of ``steps`` batches came from, read off its background colour."""
+    which = []
+    for step in range(steps):
+        imgs = sg.sample_batch(pools, weights, batch_size, 32, 0, step)[0]
+        rgb = imgs.reshape(batch_size, -1, 3)
+        for patch in rgb:
+            colours = {tuple(c) for c in patch.tolist()}
+            which.append(1 if (0, 0, 255) in colours else 0)
+            assert ((255, 0, 0) in colours) != ((0, 0, 255) in colours)
+    return np.array(which)
+
+
+def test_sample_batch_follows_the_pool_weights(marked_pools):
+    pools = marked_pools
+    assert (_pool_of_draws(pools, [1.0, 0.0], 25) == 0).all()
+    assert (_pool_of_draws(pools, [0.0, 1.0], 25) == 1).all()
+    n, p = 400, 0.1
+    k = int(_pool_of_draws(pools, [0.9, 0.1], n // 4).sum())
+    assert abs(k - n * p) <= 4 * np.sqrt(n * p * (1 - p)), k  # binomial(400, 0.1): 40 +- 24; uniform would be ~200
+    _, weights, _ = sg._pools_for("real+synthetic", pools[0].paths, pools[1].paths, 0.25)
+    assert weights == [0.75, 0.25]  # the real pool first, the synthetic share second
 
 
 @pytest.mark.parametrize("arm, real, synthetic, message", [
@@ -86,23 +110,30 @@ def test_arms_need_their_data(sets, arm, real, synthetic, message):
         sg._pools_for(arm, sets["real"] if real else [], sets["synthetic"] if synthetic else [], 0.5)
 
 
-def test_training_writes_model_log_and_resumes_exactly(sets, tmp_path):
+class Kill(Exception):
+    pass
+
+
+def test_training_writes_model_log_and_resumes_exactly(sets, tmp_path, monkeypatch):
     full = sg.train_segmenter(sets["real"], tmp_path / "full", arm="real+synthetic", synthetic=sets["synthetic"],
                               steps=4, checkpoint_every=2, seed=3, **TINY)
     assert full["step"] == 4 and np.isfinite(full["loss"])
     log_csv = pd.read_csv(tmp_path / "full" / "log.csv")
     assert list(log_csv["step"]) == [1, 2, 3, 4] and {"np_ce", "hv_mse", "tp_ce", "lr"} <= set(log_csv.columns)
 
-    class Kill(Exception):
-        pass
+    real_sample = sg.sample_batch
 
-    def kill_at_3(info):
-        if info["step"] == 3:
+    def sample(*args):  # dies before step 3 (0-based), as a kill after the third step would
+        if args[-1] == 3:
             raise Kill
+        return real_sample(*args)
 
-    with pytest.raises(Kill):
-        sg.train_segmenter(sets["real"], tmp_path / "resumed", arm="real+synthetic", synthetic=sets["synthetic"],
-                           steps=4, checkpoint_every=2, seed=3, callback=kill_at_3, **TINY)
+    with monkeypatch.context() as m:
+        m.setattr(sg, "sample_batch", sample)
+        with pytest.raises(Kill):
+            sg.train_segmenter(sets["real"], tmp_path / "resumed", arm="real+synthetic", synthetic=sets["synthetic"],
+                               steps=4, checkpoint_every=2, seed=3, **TINY)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "resumed" / "model.pt").exists()
     sg.train_segmenter(sets["real"], tmp_path / "resumed", arm="real+synthetic", synthetic=sets["synthetic"],
                        steps=4, checkpoint_every=2, seed=3, **TINY)
@@ -111,6 +142,10 @@ def test_training_writes_model_log_and_resumes_exactly(sets, tmp_path):
     assert a.arm == "real+synthetic" and a.classes == {1: "Epithelial", 2: "Lymphocyte"} and a.n_types == 2
     for (k, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(x, y), k
+    pd.testing.assert_frame_equal(log_csv.drop(columns="seconds"),
+                                  pd.read_csv(tmp_path / "resumed" / "log.csv").drop(columns="seconds"))
+    assert torch.load(tmp_path / "full" / "model.pt", weights_only=True)["classes"] == {"1": "Epithelial",
+                                                                                          "2": "Lymphocyte"}
 
 
 def test_checkpoint_of_another_kind_or_corrupt_is_named(tmp_path):
@@ -209,3 +244,21 @@ def test_score_reads_the_rasterize_class_spelling(model, tmp_path):
     """rasterize's report names classes by index column ({"n_epithelial": 1}); that is the same mapping."""
     spelled = _write_set(tmp_path / "spelled", "t", classes={"n_epithelial": 1, "n_lymphocyte": 2})
     assert score(model, [spelled], tmp_path / "out", device="cpu")["n_images"] == 3
+
+
+def test_segmenter_does_not_import_the_gan():
+    """The segmenter trains from io.pool and training, never from the GAN stage (layering)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import histosynth
+
+    src = str(Path(histosynth.__file__).resolve().parents[1])
+    script = ("import sys, histosynth.segmentation.segmenter, histosynth.segmentation.score\n"
+              "bad = [m for m in sys.modules if m.startswith('histosynth.gan')]\n"
+              "assert not bad, bad\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

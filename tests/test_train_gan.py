@@ -12,9 +12,10 @@ import torch
 from histosynth.gan import train as tg
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import PatchSetWriter
+from histosynth.io.pool import load_pool
 from histosynth.models.pix2pix import generate, load_gan
 from histosynth.cli.gan import register as add_cli
-from histosynth.gan.train import learning_rate, load_gan_data, sample_batch, train_gan
+from histosynth.gan.train import learning_rate, sample_batch, train_gan
 
 torch.set_num_threads(1)
 
@@ -55,7 +56,7 @@ def sets(tmp_path_factory):
 
 
 def test_sampler_is_a_pure_function_of_seed_and_step(sets):
-    data = load_gan_data(sets, {"slide-a": "pale"})
+    data = load_pool(sets, {"slide-a": "pale"})
     assert data.options == ["default", "pale"] and len(data) == 8
     a, b = sample_batch(data, 3, 32, 0, 5), sample_batch(data, 3, 32, 0, 5)
     c = sample_batch(data, 3, 32, 0, 6)
@@ -89,7 +90,7 @@ def test_a_few_steps_reduce_l1(sets, tmp_path):
     assert report["step"] == 40 and report["precision"] == "float32"
     from histosynth.gan.conditioning import build_conditioning
 
-    _, inst, types, _ = sample_batch(load_gan_data(sets, None), 2, 32, 0, 0)
+    _, inst, types, _ = sample_batch(load_pool(sets), 2, 32, 0, 0)
     cond = build_conditioning(inst, types, bundle.n_types, bundle.option_index("pale"), len(bundle.options))
     assert generate(bundle, cond, seed=0).shape == (2, 3, 32, 32)
 
@@ -112,21 +113,42 @@ def _params(path):
     return ckpt["generator"], ckpt["discriminator"]
 
 
-def test_resume_is_exact(sets, tmp_path):
+class Kill(Exception):
+    pass
+
+
+def _kill_before(monkeypatch, module, kill_step):
+    """Make ``module.sample_batch`` raise at 0-based ``kill_step``: training dies there, as a kill would."""
+    real = module.sample_batch
+    drawn = []
+
+    def sample(*args):
+        step = args[-1]
+        if step == kill_step:
+            raise Kill
+        drawn.append(step)
+        return real(*args)
+
+    monkeypatch.setattr(module, "sample_batch", sample)
+    return drawn
+
+
+def test_resume_is_exact(sets, tmp_path, monkeypatch):
+    """A run killed after step 3 (checkpoint at 2) and restarted ends with an uninterrupted run's weights and log."""
     kw = dict(TINY, options={"slide-a": "pale"}, steps=4, decay_steps=2, checkpoint_every=2, noise=True)
     train_gan(sets, tmp_path / "whole", **kw)
 
-    class Kill(Exception):
-        pass
-
-    def kill(info):
-        if info["step"] == 3:
-            raise Kill
-
-    with pytest.raises(Kill):
-        train_gan(sets, tmp_path / "cut", callback=kill, **kw)
+    with monkeypatch.context() as m:
+        drawn = _kill_before(m, tg, 3)
+        with pytest.raises(Kill):
+            train_gan(sets, tmp_path / "cut", **kw)
+    assert drawn == [0, 1, 2]  # steps 0..2 ran, the log has their rows, the checkpoint is the one of step 2
     assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not (tmp_path / "cut" / "gan.pt").exists()
+    assert list(pd.read_csv(tmp_path / "cut" / "log.csv")["step"]) == [1, 2, 3]
+    drawn = _kill_before(monkeypatch, tg, None)
     train_gan(sets, tmp_path / "cut", **kw)
+    assert drawn == [2, 3, 4, 5, -1]  # resumed at the checkpoint: only the missing steps ran (-1: samples.png)
     for a, b in zip(_params(tmp_path / "whole" / "checkpoint.pt"), _params(tmp_path / "cut" / "checkpoint.pt")):
         assert a.keys() == b.keys()
         for k in a:

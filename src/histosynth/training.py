@@ -1,4 +1,28 @@
-"""What the training stages share: atomic files, deterministic CPU runs, resuming from a checkpoint."""
+"""THE step loop of the trainers, and what they share: resume, precision, NaN stop, ``log.csv``, progress.
+
+A step-based trainer (the GAN, HoVer-Net) builds its networks, optimizers
+and settings, then hands :class:`StepLoop` only what is its own: a step
+function (one optimizer step at a 0-based step, returning its losses and
+learning rate) and the contents of its checkpoint. The loop
+
+- resumes from ``checkpoint.pt`` when it was written with the same settings
+  (:func:`load_resume`), restoring the global torch RNG (and CUDA's), the
+  trainer's own generators, the AMP scaler and the log so far;
+- runs the steps under :class:`Deterministic` (CPU) with a tqdm bar;
+- writes ``log.csv`` through :class:`StepLog` (the mean of each loss over
+  every ``log_every`` steps);
+- writes ``checkpoint.pt`` atomically every ``checkpoint_every`` steps and at
+  the last one;
+- stops on a non-finite loss (:meth:`StepLoop.check_finite`) naming the step
+  and the last good checkpoint.
+
+The β-VAE trains by epochs (one log row per epoch, with hold-out metrics);
+it shares :class:`CheckpointFile`, :func:`check_finite`, :class:`Deterministic`
+and :func:`progress_bar` rather than the step loop.
+
+Precision: :func:`choose_precision` picks the autocast dtype, :func:`grad_scaler`
+and :func:`precision_name` go with it.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +30,9 @@ import logging
 import math
 import os
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -17,6 +42,7 @@ import torch
 
 from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_csv
+from histosynth.models.checkpoint import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -110,17 +136,64 @@ def choose_precision(precision: str, device: torch.device, probe: Callable[[torc
     return torch.bfloat16 if use else None
 
 
-def check_finite(losses: dict[str, Any], step: int, last_good: str | None, out_dir: str | os.PathLike
-                 ) -> dict[str, float]:
-    """The losses as floats; a non-finite one stops training with the step and the last good checkpoint."""
+def check_finite(losses: Mapping[str, Any], step: int, last_good: str | None, out_dir: str | os.PathLike, *,
+                 at: str | None = None, hint: str = "try a lower --lr or --precision float32") -> dict[str, float]:
+    """The losses as floats; a non-finite one stops training with the step and the last good checkpoint.
+
+    ``step`` is 0-based; ``at`` replaces "step <step + 1>" in the message (e.g. with the epoch too).
+    """
     values = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in losses.items()}
     bad = [k for k, v in values.items() if not math.isfinite(v)]
     if bad:
         raise HistosynthError(
-            f"training stopped: non-finite loss ({', '.join(f'{k}={values[k]}' for k in bad)}) at step {step + 1} "
-            f"(try a lower --lr or --precision float32); last good checkpoint: {last_good or 'none written yet'}",
+            f"training stopped: non-finite loss ({', '.join(f'{k}={values[k]}' for k in bad)}) at "
+            f"{at or f'step {step + 1}'} ({hint}); last good checkpoint: {last_good or 'none written yet'}",
             out_dir)
     return values
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """'float32', 'bf16' or 'fp16': the name of an autocast dtype from :func:`choose_precision`."""
+    return {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def grad_scaler(dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """The AMP gradient scaler for ``dtype``: enabled for fp16 only (a no-op otherwise)."""
+    return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
+def progress_bar(total: int, initial: int, desc: str, progress: bool | None):
+    """A tqdm bar on stderr (``progress`` None: shown when stderr is a terminal)."""
+    from tqdm import tqdm
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    return tqdm(total=total, initial=min(initial, total), desc=desc, unit="step", disable=not progress,
+                file=sys.stderr)
+
+
+class CheckpointFile:
+    """A trainer's ``checkpoint.pt``: the one to resume from, writing it atomically, the last good one.
+
+    ``ckpt`` is the checkpoint to resume from (None: start afresh; see
+    :func:`load_resume` for when one is set aside), ``last_good`` names the
+    newest checkpoint written or resumed for the NaN-stop message.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, settings: dict[str, Any], keys: Sequence[str],
+                 reader: Callable[[Path], dict[str, Any]], required: str, resume: bool = True):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "checkpoint.pt"
+        self.ckpt = load_resume(self.path, settings, keys, reader, required) if resume else None
+        self.last_good = f"{self.path} (step {int(self.ckpt['step'])})" if self.ckpt is not None else None
+
+    def save(self, contents: dict[str, Any], step: int) -> None:
+        atomic_torch_save(contents, self.path)
+        self.last_good = f"{self.path} (step {step})"
+
+    def check_finite(self, losses: Mapping[str, Any], step: int, **kwargs: Any) -> dict[str, float]:
+        """:func:`check_finite` naming this trainer's folder and last good checkpoint."""
+        return check_finite(losses, step, self.last_good, self.out_dir, **kwargs)
 
 
 class StepLog:
@@ -170,3 +243,94 @@ class StepLog:
         previous = [0] + [r["step"] for r in self.rows[:-1]]
         timed = [r["seconds"] / max(1, r["step"] - p) for p, r in zip(previous, self.rows)]
         return float(statistics.median(timed)) if timed else float("nan")
+
+
+StepFn = Callable[[int], tuple[Mapping[str, float], float]]
+
+
+class StepLoop:
+    """THE loop of a step-based trainer (see the module docstring).
+
+    Build it after the networks, optimizers, precision and the trainer's own
+    generators; it resumes at once: ``step`` is where training continues and
+    ``ckpt`` the checkpoint to load the networks and optimizers from (None
+    when starting afresh). Then :meth:`run` it with the step function.
+
+    The checkpoint holds the trainer's ``contents()`` followed by ``scaler``,
+    ``rng`` (``torch``, each of ``generators`` by name, ``cuda``), ``log`` and
+    ``partial`` (the :class:`StepLog` state), so a resumed run on the CPU
+    ends with the weights and log of an uninterrupted one.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, *, total: int, checkpoint_every: int, log_every: int,
+                 device: torch.device, settings: dict[str, Any], keys: Sequence[str],
+                 reader: Callable[[Path], dict[str, Any]], required: str, resume: bool = True,
+                 columns: Sequence[str] | None = None, scaler: torch.amp.GradScaler | None = None,
+                 generators: Mapping[str, torch.Generator] | None = None, desc: str = "train",
+                 progress: bool | None = None):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.total, self.checkpoint_every = int(total), int(checkpoint_every)
+        self.device, self.scaler = device, scaler
+        self.generators = dict(generators or {})
+        self.desc, self.progress = desc, progress
+        self.file = CheckpointFile(out_dir, settings=settings, keys=keys, reader=reader, required=required,
+                                   resume=resume)
+        ckpt = self.file.ckpt
+        self.step = 0
+        if ckpt is not None:
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            for name, gen in self.generators.items():
+                gen.set_state(ckpt["rng"][name])
+            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+            self.step = int(ckpt["step"])
+            log.info("resuming %s from %s at step %d", self.out_dir, self.file.path, self.step)
+        self.log = StepLog(self.out_dir / "log.csv", log_every, self.total, columns,
+                           rows=ckpt["log"] if ckpt is not None else (),
+                           partial=ckpt["partial"] if ckpt is not None else None)
+
+    @property
+    def ckpt(self) -> dict[str, Any] | None:
+        return self.file.ckpt
+
+    def check_finite(self, losses: Mapping[str, Any]) -> dict[str, float]:
+        """The losses of the current step as floats, or the NaN stop (naming the step and the last good checkpoint)."""
+        return self.file.check_finite(losses, self.step)
+
+    def save_checkpoint(self, contents: dict[str, Any]) -> None:
+        """Write ``checkpoint.pt``: ``contents`` + scaler, RNG states and the log so far."""
+        dev = self.device
+        rng = {"torch": torch.get_rng_state(), **{name: g.get_state() for name, g in self.generators.items()},
+               "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+        scaler = self.scaler
+        self.file.save({**contents, "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled()
+                        else {}, "rng": rng, "log": [dict(r) for r in self.log.rows],
+                        "partial": dict(self.log.partial)}, self.step)
+
+    def run(self, step_fn: StepFn, contents: Callable[[], dict[str, Any]], *,
+            after_step: Callable[[int], None] | None = None,
+            postfix: Callable[[dict[str, Any]], dict[str, str]] | None = None) -> None:
+        """Train from ``step`` to ``total``.
+
+        ``step_fn(step)`` (0-based) does one optimizer step and returns
+        (losses as floats, learning rate); ``after_step(step)`` (1-based, e.g.
+        a sample figure) runs after its log row and before its checkpoint;
+        ``postfix(row)`` gives the progress bar's postfix for a log row.
+        """
+        with Deterministic(self.device.type == "cpu"), progress_bar(self.total, self.step, self.desc,
+                                                                    self.progress) as bar:
+            while self.step < self.total:
+                values, rate = step_fn(self.step)
+                self.step += 1
+                bar.update(1)
+                row = self.log.add(self.step, dict(values), rate)
+                if row is not None and postfix is not None:
+                    bar.set_postfix(**postfix(row))
+                if after_step is not None:
+                    after_step(self.step)
+                if self.step % self.checkpoint_every == 0 or self.step == self.total:
+                    self.log.pause()
+                    self.save_checkpoint(contents())

@@ -26,8 +26,10 @@ a random ``crop``, a random flip / 90° rotation — a pure function of
 **Schedule.** Adam (β 0.5, 0.999); lr constant for ``steps``, then linear
 decay to 0 over ``decay_steps``.
 
-**Resume.** Rerunning with the same data and settings continues from
-``checkpoint.pt`` (``steps`` / ``decay_steps`` may change). The batches
+**Resume.** The step loop is :class:`histosynth.training.StepLoop`; this
+module supplies the step and the checkpoint contents. Rerunning with the
+same data and settings continues from ``checkpoint.pt`` (``steps`` /
+``decay_steps`` may change). The batches
 depend only on (seed, step); dropout and the noise channel draw from the
 checkpointed torch RNG states, so on the CPU a killed-and-resumed run ends with
 weights equal (``torch.equal``) to an uninterrupted one. A checkpoint written
@@ -45,27 +47,25 @@ step; the last good ``checkpoint.pt`` is left as it was.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import os
-import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from histosynth.gan.conditioning import build_conditioning, conditioning_channels, render_conditioning
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.models.checkpoint import atomic_torch_save
-from histosynth.training import Deterministic, StepLog, check_finite, choose_precision, load_resume
-from histosynth.training import autocast as _autocast
-from histosynth.io.patchset import read_paired_sets, read_patchset
+from histosynth.gan.conditioning import build_conditioning, conditioning_channels, render_conditioning
+from histosynth.io.labels import classes_of_patch_sets, read_class_map
+from histosynth.io.pool import PatchPool, dihedral, load_pool, max_type, pool_fingerprint
 from histosynth.models import pix2pix as p2p
+from histosynth.models.checkpoint import atomic_torch_save
+from histosynth.training import StepLoop, choose_precision, grad_scaler, precision_name
+from histosynth.training import autocast as _autocast
 
 log = logging.getLogger(__name__)
 
@@ -79,51 +79,7 @@ _l1 = p2p.l1_loss  # module-level so a test can make it fail
 
 
 # -- data -----------------------------------------------------------------------------------------
-@dataclass
-class GanData:
-    """The training patches of several patch sets (memory-mapped) and each patch's option index."""
-
-    images: list[np.ndarray]
-    inst: list[np.ndarray]
-    types: list[np.ndarray]
-    option: list[np.ndarray]  # per set, per patch
-    offsets: np.ndarray  # cumulative patch counts, len = sets + 1
-    options: list[str]
-    size: tuple[int, int]
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def locate(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        s = np.searchsorted(self.offsets, k, side="right") - 1
-        return s, k - self.offsets[s]
-
-
-def load_gan_data(patch_sets: Sequence[str | os.PathLike], options: dict[str, str] | None) -> GanData:
-    """Open the patch sets (images, inst and types required, all of one patch size)."""
-    sets = read_paired_sets(patch_sets)
-    sizes = {ps.images.shape[1:3] for ps in sets}
-    if len(sizes) > 1:
-        raise HistosynthError(f"patch sets of different patch sizes {sorted(sizes)}: "
-                              + ", ".join(f"{ps.path} {ps.images.shape[1:3]}" for ps in sets))
-    options = dict(options or {})
-    slide_names = [ps.index["slide"].astype(str).to_numpy() for ps in sets]
-    all_slides = set(np.concatenate(slide_names).tolist())
-    unused = sorted(set(options) - all_slides)
-    if unused:
-        log.warning("options for slides not in the training data (ignored): %s", ", ".join(unused))
-    per_patch = [np.array([options.get(s, "default") for s in names], dtype=object) for names in slide_names]
-    names = sorted(set(np.concatenate(per_patch).tolist()))
-    lookup = {n: i for i, n in enumerate(names)}
-    return GanData(
-        images=[ps.images for ps in sets], inst=[ps.inst for ps in sets], types=[ps.types for ps in sets],
-        option=[np.array([lookup[o] for o in opts], dtype=np.int64) for opts in per_patch],
-        offsets=np.concatenate([[0], np.cumsum([len(ps) for ps in sets])]).astype(np.int64),
-        options=names, size=tuple(int(v) for v in next(iter(sizes))),
-    )
-
-
-def sample_batch(data: GanData, batch_size: int, crop: int, seed: int, step: int
+def sample_batch(data: PatchPool, batch_size: int, crop: int, seed: int, step: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(images (B, crop, crop, 3) uint8, inst, types, option (B,)) for ``step``: a pure function of (seed, step)."""
     # step -1 is the fixed batch of samples.png
@@ -132,49 +88,18 @@ def sample_batch(data: GanData, batch_size: int, crop: int, seed: int, step: int
     h, w = data.size
     ys = rng.integers(0, h - crop + 1, size=batch_size)
     xs = rng.integers(0, w - crop + 1, size=batch_size)
-    dihedral = rng.integers(0, 8, size=batch_size)
+    flips = rng.integers(0, 8, size=batch_size)
     s_idx, p_idx = data.locate(k)
     imgs = np.empty((batch_size, crop, crop, 3), np.uint8)
     inst = np.empty((batch_size, crop, crop), np.int32)
     types = np.empty((batch_size, crop, crop), np.uint8)
     opts = np.empty(batch_size, np.int64)
     for b in range(batch_size):
-        s, p, y, x, d = int(s_idx[b]), int(p_idx[b]), int(ys[b]), int(xs[b]), int(dihedral[b])
+        s, p, y, x, d = int(s_idx[b]), int(p_idx[b]), int(ys[b]), int(xs[b]), int(flips[b])
         for out, arr in ((imgs, data.images), (inst, data.inst), (types, data.types)):
-            a = np.rot90(arr[s][p, y : y + crop, x : x + crop], d % 4)
-            out[b] = a[:, ::-1] if d >= 4 else a
+            out[b] = dihedral(arr[s][p, y : y + crop, x : x + crop], d)
         opts[b] = data.option[s][p]
     return imgs, inst, types, opts
-
-
-def _data_fingerprint(patch_sets: Sequence[str | os.PathLike], data: GanData) -> str:
-    h = hashlib.sha1()
-    for p, img in zip(patch_sets, data.images):
-        h.update(os.path.abspath(p).encode())
-        h.update(str(img.shape).encode())
-        if len(img):  # first and last patch: cheap, catches a re-tiled set
-            h.update(np.ascontiguousarray(img[0]).tobytes())
-            h.update(np.ascontiguousarray(img[-1]).tobytes())
-    return h.hexdigest()
-
-
-def _read_classes(patch_sets: Sequence[str | os.PathLike]) -> dict[int, str]:
-    for p in patch_sets:
-        classes = read_patchset(p).report.get("classes")
-        if isinstance(classes, dict) and classes:
-            try:
-                return {int(k): str(v) for k, v in classes.items()}
-            except (TypeError, ValueError):
-                continue
-    return {}
-
-
-def _max_type(data: GanData) -> int:
-    top = 0
-    for t in data.types:
-        for start in range(0, len(t), 256):
-            top = max(top, int(t[start : start + 256].max()))
-    return top
 
 
 # -- schedule and precision -------------------------------------------------------------------------
@@ -210,7 +135,7 @@ def _choose_precision(precision: str, device: torch.device, G: torch.nn.Module, 
 
 
 # -- figures ---------------------------------------------------------------------------------------
-def plot_samples(G: p2p.UnetGenerator, data: GanData, out_png: Path, *, n_types: int, noise: bool, crop: int,
+def plot_samples(G: p2p.UnetGenerator, data: PatchPool, out_png: Path, *, n_types: int, noise: bool, crop: int,
                  seed: int, n: int = 4, title: str = "") -> Path:
     """Rows of conditioning | generated | real for a fixed batch (a pure function of seed); RNG untouched."""
     import matplotlib
@@ -281,18 +206,13 @@ def train_gan(
     classes: dict[str, int] | dict[int, str] | None = None,
     resume: bool = True,
     progress: bool | None = None,
-    callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train Optional pix2pix on ``patch_sets`` into ``out_dir`` (see the module docstring); returns a report.
 
-    ``ndf`` (discriminator width) defaults to ``width`` (pix2pix: ngf = ndf = 64). ``classes`` is
-    NAME→ID (as on the CLI) or ID→NAME; by default it is read from the
-    patch sets' report.json. ``callback`` (a test hook) is called after every
-    step (and its checkpoint) with ``{"step", "G_l1", ...}``; an exception it
-    raises ends training there, as a kill would.
+    ``ndf`` (discriminator width) defaults to ``width`` (pix2pix: ngf = ndf = 64). ``classes`` is a class
+    map in any form :func:`histosynth.io.labels.read_class_map` reads (NAME→ID as on the CLI, or ID→NAME);
+    by default it is read from the patch sets' report.json.
     """
-    from tqdm import tqdm
-
     from histosynth.device import select_device
 
     for name, value, low in (("crop", crop, 1), ("depth", depth, 2), ("width", width, 1), ("steps", steps, 0),
@@ -312,20 +232,14 @@ def train_gan(
         raise HistosynthError(f"disc must be one of {p2p.DISCRIMINATORS}, got {disc!r}")
     if gan_mode not in p2p.GAN_MODES:
         raise HistosynthError(f"gan_mode must be one of {p2p.GAN_MODES}, got {gan_mode!r}")
-    data = load_gan_data(patch_sets, options)
+    data = load_pool(patch_sets, options)
     if crop > min(data.size):
         raise HistosynthError(f"crop {crop} is larger than the patches ({data.size[0]}x{data.size[1]})")
-    if classes:
-        first = next(iter(classes))
-        class_map = ({int(v): str(k) for k, v in classes.items()} if isinstance(first, str)
-                     else {int(k): str(v) for k, v in classes.items()})
-    else:
-        class_map = _read_classes(patch_sets)
-    n_types = max([_max_type(data), *class_map.keys()], default=0)
+    class_map = read_class_map(classes, "classes") if classes else classes_of_patch_sets(patch_sets)
+    n_types = max([max_type(data), *class_map.keys()], default=0)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = select_device(device, threads)
-    cpu = dev.type == "cpu"
     n_options = len(data.options)
     in_ch = len(conditioning_channels(n_types, noise))
     d_in = in_ch - int(noise) + 3  # the discriminator sees the conditioning without the noise, and the image
@@ -341,7 +255,7 @@ def train_gan(
             "lambda_fm": float(lambda_fm) if disc == "multiscale" else 0.0, "noise": bool(noise),
             "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed), "crop": int(crop),
             "options": list(data.options), "n_types": int(n_types),
-            "data": _data_fingerprint(patch_sets, data), "patch_sets": [str(p) for p in patch_sets],
+            "data": pool_fingerprint(data), "patch_sets": [str(p) for p in patch_sets],
             "slide_options": dict(options or {}), "steps": int(steps), "decay_steps": int(decay_steps),
             "channels": conditioning_channels(n_types, noise), "patch_size": list(data.size),
         }
@@ -357,122 +271,95 @@ def train_gan(
         opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
         opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
         amp_dtype = _choose_precision(precision, dev, G, D, in_ch, d_in, crop, batch_size)
-        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-        settings["precision"] = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+        scaler = grad_scaler(amp_dtype)
+        settings["precision"] = precision_name(amp_dtype)
         criterion = p2p.GANLoss(gan_mode)
         noise_gen = torch.Generator().manual_seed(int(seed) + 0x6E01)
 
-        ckpt_path = out_dir / "checkpoint.pt"
-        step = 0
-        ckpt = None
-        if resume:
-            ckpt = load_resume(ckpt_path, settings, _RESUME_KEYS, p2p.read_gan_checkpoint, "optimizer_G")
-        if ckpt is not None:
-            G.load_state_dict(ckpt["generator"])
-            D.load_state_dict(ckpt["discriminator"])
-            opt_G.load_state_dict(ckpt["optimizer_G"])
-            opt_D.load_state_dict(ckpt["optimizer_D"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            noise_gen.set_state(ckpt["rng"]["noise"])
-            if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
-            step = int(ckpt["step"])
-            log.info("resuming %s from %s at step %d", out_dir, ckpt_path, step)
-        last_good = f"{ckpt_path} (step {step})" if ckpt is not None else None
+        total = int(steps) + int(decay_steps)
+        loop = StepLoop(out_dir, total=total, checkpoint_every=checkpoint_every, log_every=log_every, device=dev,
+                        settings=settings, keys=_RESUME_KEYS, reader=p2p.read_gan_checkpoint, required="optimizer_G",
+                        resume=resume, columns=LOG_COLUMNS, scaler=scaler, generators={"noise": noise_gen},
+                        desc="train-gan", progress=progress)
+        if loop.ckpt is not None:
+            G.load_state_dict(loop.ckpt["generator"])
+            D.load_state_dict(loop.ckpt["discriminator"])
+            opt_G.load_state_dict(loop.ckpt["optimizer_G"])
+            opt_D.load_state_dict(loop.ckpt["optimizer_D"])
 
-        def save_checkpoint() -> None:
-            nonlocal last_good
-            rng = {"torch": torch.get_rng_state(), "noise": noise_gen.get_state(),
-                   "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
-            atomic_torch_save(p2p.gan_checkpoint_dict(
-                G, options=data.options, classes=class_map, n_types=n_types, noise=noise, step=step,
+        def contents() -> dict[str, Any]:
+            return p2p.gan_checkpoint_dict(
+                G, options=data.options, classes=class_map, n_types=n_types, noise=noise, step=loop.step,
                 config={"train": settings}, train=settings,
                 discriminator={k: v.detach().cpu().clone() for k, v in D.state_dict().items()},
-                optimizer_G=opt_G.state_dict(), optimizer_D=opt_D.state_dict(),
-                scaler=scaler.state_dict() if scaler.is_enabled() else {},
-                rng=rng, log=[dict(r) for r in steplog.rows], partial=dict(steplog.partial),
-            ), ckpt_path)
-            last_good = f"{ckpt_path} (step {step})"
+                optimizer_G=opt_G.state_dict(), optimizer_D=opt_D.state_dict())
 
         def sample(tag: str) -> None:
             plot_samples(G, data, out_dir / "samples.png", n_types=n_types, noise=noise, crop=crop, seed=seed,
-                         n=min(4, max(1, len(data))), title=f"step {step} {tag}".strip())
+                         n=min(4, max(1, len(data))), title=f"step {loop.step} {tag}".strip())
 
-        total = int(steps) + int(decay_steps)
-        if progress is None:
-            progress = sys.stderr.isatty()
+        def train_step(step: int) -> tuple[dict[str, float], float]:
+            imgs, inst, types, opts = sample_batch(data, batch_size, crop, seed, step)
+            cond = build_conditioning(inst, types, n_types, opts, n_options, noise=noise,
+                                      generator=noise_gen).to(dev)
+            real = _to_tensor_images(imgs, dev)
+            d_cond = cond[:, : d_in - 3]
+            rate = learning_rate(step, lr, steps, decay_steps)
+            for opt in (opt_G, opt_D):
+                for group in opt.param_groups:
+                    group["lr"] = rate
+
+            with _autocast(dev, amp_dtype):
+                fake = G(cond)
+            # discriminator: real vs. the detached fake
+            with _autocast(dev, amp_dtype):
+                pred_fake = D.features(torch.cat([d_cond, fake.detach()], 1))
+                pred_real = D.features(torch.cat([d_cond, real], 1))
+                d_fake = criterion(pred_fake, False)
+                d_real = criterion(pred_real, True)
+                loss_D = 0.5 * (d_fake + d_real)
+            loop.check_finite({"D_real": d_real, "D_fake": d_fake})
+            opt_D.zero_grad(set_to_none=True)
+            scaler.scale(loss_D).backward()
+            scaler.step(opt_D)
+            # generator: fool the updated D, stay close to the real image (L1), match D's features
+            D.requires_grad_(False)
+            with _autocast(dev, amp_dtype):
+                pred = D.features(torch.cat([d_cond, fake], 1))
+                g_gan = criterion(pred, True, for_discriminator=False)
+                g_l1 = _l1(fake, real, lambda_l1)
+                g_fm = (lambda_fm * p2p.feature_matching_loss(pred, pred_real) if disc == "multiscale"
+                        else torch.zeros((), device=dev))
+                loss_G = g_gan + g_l1 + g_fm
+            values = loop.check_finite({"G_gan": g_gan, "G_l1": g_l1, "G_fm": g_fm, "D_real": d_real,
+                                        "D_fake": d_fake})
+            opt_G.zero_grad(set_to_none=True)
+            scaler.scale(loss_G).backward()
+            scaler.step(opt_G)
+            scaler.update()
+            D.requires_grad_(True)
+            return values, rate
+
+        def after_step(step: int) -> None:
+            if step % sample_every == 0:
+                sample("")
+
         log.info("training pix2pix (U-Net depth %d width %d, %s D, %s, lambda_L1 %g%s) on %d patches of %s, "
                  "options %s, %d types; %d steps on %s (%s)", depth, width, disc, gan_mode, lambda_l1,
                  ", noise" if noise else "", len(data), "x".join(map(str, data.size)), data.options, n_types,
                  total, dev, settings["precision"])
         t_start = time.perf_counter()
-        steplog = StepLog(out_dir / "log.csv", log_every, total, LOG_COLUMNS,
-                          rows=ckpt["log"] if ckpt is not None else (),
-                          partial=ckpt["partial"] if ckpt is not None else None)
         G.train()
         D.train()
-        with Deterministic(cpu), tqdm(total=total, initial=min(step, total), desc="train-gan", unit="step",
-                                       disable=not progress, file=sys.stderr) as bar:
-            while step < total:
-                imgs, inst, types, opts = sample_batch(data, batch_size, crop, seed, step)
-                cond = build_conditioning(inst, types, n_types, opts, n_options, noise=noise,
-                                          generator=noise_gen).to(dev)
-                real = _to_tensor_images(imgs, dev)
-                d_cond = cond[:, : d_in - 3]
-                rate = learning_rate(step, lr, steps, decay_steps)
-                for opt in (opt_G, opt_D):
-                    for group in opt.param_groups:
-                        group["lr"] = rate
-
-                with _autocast(dev, amp_dtype):
-                    fake = G(cond)
-                # discriminator: real vs. the detached fake
-                with _autocast(dev, amp_dtype):
-                    pred_fake = D.features(torch.cat([d_cond, fake.detach()], 1))
-                    pred_real = D.features(torch.cat([d_cond, real], 1))
-                    d_fake = criterion(pred_fake, False)
-                    d_real = criterion(pred_real, True)
-                    loss_D = 0.5 * (d_fake + d_real)
-                check_finite({"D_real": d_real, "D_fake": d_fake}, step, last_good, out_dir)
-                opt_D.zero_grad(set_to_none=True)
-                scaler.scale(loss_D).backward()
-                scaler.step(opt_D)
-                # generator: fool the updated D, stay close to the real image (L1), match D's features
-                D.requires_grad_(False)
-                with _autocast(dev, amp_dtype):
-                    pred = D.features(torch.cat([d_cond, fake], 1))
-                    g_gan = criterion(pred, True, for_discriminator=False)
-                    g_l1 = _l1(fake, real, lambda_l1)
-                    g_fm = (lambda_fm * p2p.feature_matching_loss(pred, pred_real) if disc == "multiscale"
-                            else torch.zeros((), device=dev))
-                    loss_G = g_gan + g_l1 + g_fm
-                values = check_finite({"G_gan": g_gan, "G_l1": g_l1, "G_fm": g_fm, "D_real": d_real,
-                                        "D_fake": d_fake}, step, last_good, out_dir)
-                opt_G.zero_grad(set_to_none=True)
-                scaler.scale(loss_G).backward()
-                scaler.step(opt_G)
-                scaler.update()
-                D.requires_grad_(True)
-                step += 1
-                bar.update(1)
-                row = steplog.add(step, values, rate)
-                if row is not None:
-                    bar.set_postfix(G_l1=f"{row['G_l1']:.2f}", D=f"{row['D_real']:.2f}")
-                if step % sample_every == 0:
-                    sample("")
-                if step % checkpoint_every == 0 or step == total:
-                    steplog.pause()
-                    save_checkpoint()
-                if callback is not None:
-                    callback({"step": step, **values})
-
+        loop.run(train_step, contents, after_step=after_step,
+                 postfix=lambda row: {"G_l1": f"{row['G_l1']:.2f}", "D": f"{row['D_real']:.2f}"})
         seconds = time.perf_counter() - t_start
+        step = loop.step
         sample("(final)")
         atomic_torch_save(p2p.gan_checkpoint_dict(
             G, options=data.options, classes=class_map, n_types=n_types, noise=noise, step=step,
             config={"train": settings}), out_dir / "gan.pt")
+        steplog = loop.log
         steplog.write()
     final = steplog.rows[-1] if steplog.rows else {}
     report = {

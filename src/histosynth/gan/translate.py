@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from histosynth.errors import HistosynthError
+from histosynth.io.labels import class_map_to_json, report_class_map
 from histosynth.io.patchset import PatchSetWriter, read_patchset
 
 log = logging.getLogger(__name__)
@@ -258,10 +259,10 @@ def translate(
         "stage": "translate", "gan": str(gan) if isinstance(gan, (str, os.PathLike)) else gan_name,
         "masks": str(masks_dir), "n": n, "seed": int(seed), "batch": int(batch), "device": str(dev),
         "options_requested": list(options or []), "option_counts": counts, "noise": noise,
-        "classes": {str(k): v for k, v in dict(getattr(bundle, "classes", {}) or {}).items()},
+        "classes": class_map_to_json(dict(getattr(bundle, "classes", {}) or {})),
     }
     if "classes" in masks.report:
-        report["mask_classes"] = masks.report["classes"]
+        report["mask_classes"] = class_map_to_json(report_class_map(masks.report, masks.path / "report.json"))
     extra = [c for c in masks.index.columns if c not in ("option",)] + ["option"]
     source = f"translate {gan_name} seed {seed}"
     bar = tqdm(total=n, desc="translate", disable=not progress)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import struct
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from histosynth.errors import HistosynthError
+from histosynth.io.labels import read_class_map
 
 log = logging.getLogger(__name__)
 
@@ -240,26 +240,11 @@ def read_patchset(path: str | os.PathLike, require: tuple[str, ...] = ()) -> Pat
 
 
 def parse_classes(classes: dict[Any, Any]) -> dict[int, str]:
-    """Type id → class name from a report's ``classes``.
+    """Type id → class name of a class map in any form: :func:`histosynth.io.labels.read_class_map`.
 
-    rasterize writes ``{"n_epithelial": 1}`` (index column → id), the later
-    stages ``{"1": "Epithelial"}`` (id → name); both are read.
+    Kept for callers not yet moved to :mod:`histosynth.io.labels`; use that instead.
     """
-    out: dict[int, str] = {}
-    for key, val in classes.items():
-        if isinstance(val, (int, np.integer)) or (isinstance(val, str) and val.isdigit() and not str(key).isdigit()):
-            name = str(key)
-            out[int(val)] = name[2:] if name.startswith("n_") else name
-        else:
-            out[int(key)] = str(val)
-    return out
-
-
-def class_key(name: str) -> str:
-    """A class name compared loosely: lower case, ``n_`` prefix dropped, non-alphanumerics as ``_``."""
-    name = str(name)
-    name = name[2:] if name.startswith("n_") else name
-    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+    return read_class_map(classes)
 
 
 def read_paired_sets(paths: Sequence[str | os.PathLike], what: str = "patch sets") -> list[PatchSet]:

@@ -53,9 +53,8 @@ import hashlib
 import logging
 import math
 import os
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,11 +65,12 @@ import torch
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
 from histosynth.io.atomic import atomic_csv
-from histosynth.models.checkpoint import atomic_torch_save
-from histosynth.training import Deterministic, load_resume
+from histosynth.io.pool import dihedral
 from histosynth.masks.library import load_library
 from histosynth.models import dvae as dvae_mod
+from histosynth.models.checkpoint import atomic_torch_save
 from histosynth.models.dvae import DVAE, DVAEConfig, checkpoint_dict, encode, init_output_bias, kl_divergence
+from histosynth.training import CheckpointFile, Deterministic, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +108,6 @@ def split_holdout(types: np.ndarray, fraction: float, seed: int) -> tuple[np.nda
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The training order of epoch ``epoch``: a pure function of (n, seed, epoch)."""
     return np.random.default_rng([int(seed), 0xE90C, int(epoch)]).permutation(n)
-
-
-def dihedral(shapes: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Apply one of the 8 flips/90° rotations (k in 0..7) to each square shape."""
-    out = np.empty_like(shapes)
-    for i, (s, kk) in enumerate(zip(shapes, k)):
-        s = np.rot90(s, int(kk) % 4)
-        out[i] = s[:, ::-1] if kk >= 4 else s
-    return out
 
 
 def _sha1(*arrays: np.ndarray) -> str:
@@ -262,16 +253,13 @@ def train_dvae(
     dec_channels: int = DVAEConfig.dec_channels,
     resume: bool = True,
     progress: bool | None = None,
-    callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train the DVAE on ``library_npz`` into ``out_dir`` (see the module docstring); returns a report.
 
-    ``callback`` (a test hook) is called after every optimizer step, and after
-    any checkpoint of that step, with ``{"epoch", "step", "loss"}``; an
-    exception it raises ends training there, as a kill would.
+    It trains by epochs (one log row per epoch, with hold-out metrics), so it
+    shares the checkpoint file, the NaN stop and the progress bar of
+    :mod:`histosynth.training` rather than its step loop.
     """
-    from tqdm import tqdm
-
     from histosynth.device import select_device
 
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
@@ -304,7 +292,6 @@ def train_dvae(
         "library_sha1": _sha1(lib.shapes, lib.types), "mpp": lib.mpp,
     }
     steps_per_epoch = math.ceil(len(train_idx) / batch_size)
-    ckpt_path = out_dir / "checkpoint.pt"
     cpu = dev.type == "cpu"
 
     with torch.random.fork_rng(devices=[]):
@@ -322,9 +309,9 @@ def train_dvae(
     epoch, batch0, step = 0, 0, 0
     partial = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "n": 0, "seconds": 0.0}
     rows: list[dict[str, Any]] = []
-    ckpt = None
-    if resume:
-        ckpt = load_resume(ckpt_path, settings, _RESUME_KEYS, dvae_mod.read_checkpoint, "optimizer")
+    file = CheckpointFile(out_dir, settings=settings, keys=_RESUME_KEYS, reader=dvae_mod.read_checkpoint,
+                          required="optimizer", resume=resume)
+    ckpt = file.ckpt
     if ckpt is not None:
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -333,26 +320,20 @@ def train_dvae(
         epoch, batch0, step = int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["step"])
         partial = dict(ckpt["partial"])
         rows = [dict(r) for r in ckpt["log"]]
-        log.info("resuming %s from %s: epoch %d, batch %d, step %d", out_dir, ckpt_path, epoch + 1, batch0, step)
-    last_good = f"{ckpt_path} (step {step})" if ckpt is not None else None
+        log.info("resuming %s from %s: epoch %d, batch %d, step %d", out_dir, file.path, epoch + 1, batch0, step)
 
     def save_checkpoint(next_epoch: int, next_batch: int) -> None:
-        nonlocal last_good
-        atomic_torch_save(checkpoint_dict(
+        file.save(checkpoint_dict(
             model, train=settings, optimizer=optimizer.state_dict(), epoch=next_epoch, batch=next_batch,
             step=step, partial=dict(partial), log=[dict(r) for r in rows],
             rng={"torch": noise.get_state(), "numpy": aug_rng.bit_generator.state},
-        ), ckpt_path)
-        last_good = f"{ckpt_path} (step {step})"
+        ), step)
 
-    if progress is None:
-        progress = sys.stderr.isatty()
     log.info("training DVAE (latent %d, beta %g%s) on %d shapes, %d held out; %d epochs of %d steps on %s",
              latent_dim, beta, ", conditional on " + str(list(type_ids)) if conditional else "",
              len(train_idx), len(hold_idx), epochs, steps_per_epoch, dev)
     t_start = time.perf_counter()
-    with Deterministic(cpu), tqdm(total=epochs * steps_per_epoch, initial=min(step, epochs * steps_per_epoch),
-                                   desc="train-dvae", unit="step", disable=not progress, file=sys.stderr) as bar:
+    with Deterministic(cpu), progress_bar(epochs * steps_per_epoch, step, "train-dvae", progress) as bar:
         while epoch < epochs:
             t0 = time.perf_counter()
             order = epoch_order(len(train_idx), seed, epoch)
@@ -360,20 +341,15 @@ def train_dvae(
                 idx = order[b * batch_size : (b + 1) * batch_size]
                 batch = train_shapes[idx]
                 if augment:
-                    batch = dihedral(batch, aug_rng.integers(0, 8, size=len(idx)))
+                    batch = np.stack([dihedral(s, k) for s, k in zip(batch, aug_rng.integers(0, 8, size=len(idx)))])
                 x = torch.from_numpy(batch.astype(np.float32)).unsqueeze(1).to(dev)
                 if cpu:
                     x = x.contiguous(memory_format=torch.channels_last)
                 c = model.one_hot(train_types[idx], len(idx)) if conditional else None
                 logits, mu, logvar = model(x, c, generator=noise)
                 loss, recon, kl = dvae_mod.vae_loss(logits, x, mu, logvar, beta)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise HistosynthError(
-                        f"training stopped: the loss is {value} at epoch {epoch + 1}, step {step + 1} "
-                        f"(try a lower --lr or beta); last good checkpoint: {last_good or 'none written yet'}",
-                        out_dir,
-                    )
+                value = file.check_finite({"loss": loss}, step, at=f"epoch {epoch + 1}, step {step + 1}",
+                                          hint="try a lower --lr or beta")["loss"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -388,8 +364,6 @@ def train_dvae(
                     partial["seconds"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     save_checkpoint(epoch, b + 1)
-                if callback is not None:
-                    callback({"epoch": epoch, "step": step, "loss": value})
             metrics = reconstruction_metrics(model, hold_shapes, hold_types)
             n = max(1, partial["n"])
             rows.append({
@@ -406,8 +380,6 @@ def train_dvae(
             atomic_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), out_dir / "log.csv")
             if epoch % checkpoint_every == 0 or epoch == epochs:
                 save_checkpoint(epoch, 0)
-                if callback is not None:
-                    callback({"epoch": epoch, "step": step, "loss": rows[-1]["train_loss"], "checkpoint": True})
 
     model = model.to(memory_format=torch.contiguous_format).eval()
     metrics = reconstruction_metrics(model, hold_shapes, hold_types)

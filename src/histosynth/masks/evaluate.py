@@ -50,7 +50,8 @@ from scipy import stats as sps
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.io.patchset import class_key, parse_classes, read_patchset
+from histosynth.io.labels import class_key, classes_of_patch_sets
+from histosynth.io.patchset import read_patchset
 from histosynth.masks.features import nucleus_features
 from histosynth.masks.spatial import nn_distances
 
@@ -74,19 +75,12 @@ def measure(patch_sets: Sequence[str | os.PathLike], border_margin: int = 1, sid
     mpps: list[float] = []
     counts, window_counts, areas, eccs, nns = [], [], [], [], []
     type_counts: list[dict[int, int]] = []
-    classes: dict[int, str] = {}
+    classes = classes_of_patch_sets(patch_sets)
     examples: list[tuple[np.ndarray, np.ndarray]] = []
     for path in patch_sets:
         ps = read_patchset(path, require=("inst", "types"))
         if len(ps) == 0:
             raise HistosynthError(f"{side} patch set is empty", path)
-        cls = ps.report.get("classes")
-        if isinstance(cls, dict) and cls:
-            for tid, name in parse_classes(cls).items():
-                if tid in classes and class_key(classes[tid]) != class_key(name):
-                    raise HistosynthError(f"type {tid} is {name!r} here but {classes[tid]!r} in another {side} "
-                                          "patch set", path)
-                classes[tid] = name
         shape = tuple(int(s) for s in ps.inst.shape[1:3])
         sizes.add(shape)
         mpps.extend(ps.index["mpp"].astype(float).tolist())

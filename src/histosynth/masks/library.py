@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +58,7 @@ from scipy.spatial import cKDTree
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
+from histosynth.io.labels import class_map_to_json, classes_of_patch_sets, instance_types, read_class_map
 from histosynth.io.patchset import read_patchset
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,7 @@ def extract_nuclei(
     height, width = inst.shape
     shapes, tys, areas, scales, cents, ids = [], [], [], [], [], []
     n_instances = n_cut = n_small = 0
+    type_of = dict(zip(*(a.tolist() for a in instance_types(inst, types))))
     for k, sl in enumerate(ndi.find_objects(inst)):
         if sl is None:
             continue
@@ -146,11 +147,9 @@ def extract_nuclei(
         iid = k + 1
         mask = inst[sl] == iid
         shape, scale = frame_shape(mask, frame)
-        inside = types[sl][mask]
-        counts = np.bincount(inside[inside > 0], minlength=1)
         rr, cc = np.nonzero(mask)
         shapes.append(shape)
-        tys.append(int(np.argmax(counts)) if counts.sum() else 0)
+        tys.append(type_of[iid])
         areas.append(float(mask.sum()))
         scales.append(scale)
         cents.append((cs.start + cc.mean(), rs.start + rr.mean()))
@@ -233,9 +232,10 @@ def load_library(path: str | os.PathLike) -> Library:
         if len(data[key]) != n:
             raise HistosynthError(f"{key} has {len(data[key])} entries for {n} shapes", path)
     try:
-        classes = {int(k): str(v) for k, v in json.loads(str(data["classes"])).items()}
-    except (ValueError, AttributeError) as err:
+        classes = json.loads(str(data["classes"]))
+    except ValueError as err:
         raise HistosynthError(f"classes is not a JSON object of type id → name: {err}", path) from err
+    classes = read_class_map(classes, path)
     return Library(
         path=path,
         shapes=shapes.astype(np.uint8, copy=False),
@@ -249,36 +249,12 @@ def load_library(path: str | os.PathLike) -> Library:
     )
 
 
-def _report_classes(report: dict[str, Any]) -> dict[int, str]:
-    """Type id → class name from a rasterize report.json.
-
-    Its ``classes`` maps the index column (``n_<class>``) to the type id and
-    ``class_counts`` holds the class names as written in the annotations;
-    a ``{type id: name}`` map is read as it is.
-    """
-    out: dict[int, str] = {}
-    spelled = {_column(name): name for name in (report.get("class_counts") or {})}
-    for key, value in (report.get("classes") or {}).items():
-        if str(key).lstrip("-").isdigit():
-            out[int(key)] = str(value)
-        elif isinstance(value, int) or str(value).isdigit():
-            key = str(key)
-            out[int(value)] = spelled.get(key, key[2:] if key.startswith("n_") else key)
-    return out
-
-
-def _column(name: str) -> str:
-    return "n_" + re.sub(r"[^0-9a-z]+", "_", str(name).lower()).strip("_")
-
-
 def _class_names(sets: list, class_names: dict[int, str] | None, type_ids: set[int]) -> dict[int, str]:
-    names: dict[int, str] = {}
+    """Type id → name: ``class_names`` if given, else the patch sets' class maps; unnamed ids get a placeholder."""
     if class_names:
-        names.update({int(k): str(v) for k, v in class_names.items()})
+        names = read_class_map(class_names, "class_names")
     else:
-        for ps in sets:
-            for tid, name in _report_classes(ps.report).items():
-                names.setdefault(tid, name)
+        names = classes_of_patch_sets([ps.path for ps in sets])
     for tid in sorted(type_ids):
         names.setdefault(tid, "unknown" if tid == 0 else f"type{tid}")
     return dict(sorted(names.items()))
@@ -423,7 +399,7 @@ def build_library(
                 inst_ids=inst_ids,
                 patch_set_ids=patch_set_ids,
                 patch_sets=np.asarray(json.dumps(names)),
-                classes=np.asarray(json.dumps({str(k): v for k, v in classes.items()})),
+                classes=np.asarray(json.dumps(class_map_to_json(classes))),
                 mpp=np.asarray(mpp),
                 frame=np.asarray(frame),
                 min_bbox_area=np.asarray(float(min_bbox_area)),

@@ -7,34 +7,27 @@ pixel-centre rule, smallest nucleus wins where outlines overlap), and writes a
 new, self-contained patch set with ``images.npy``, ``inst.npy`` (int32, ids
 1..n per patch) and ``types.npy`` (uint8). ``index.csv`` gains ``n_nuclei``
 and one ``n_<class>`` column per class. Every skipped, repaired, clipped or
-overlapping item is counted in ``report.json`` and in the log.
+overlapping item is counted in ``report.json`` and in the log; its
+``classes`` is the class map in the one form, ``{"1": "Epithelial", ...}``
+(:mod:`histosynth.io.labels`; without a class map ``{"1": "nucleus"}``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping
 
 import numpy as np
 
 from histosynth.errors import HistosynthError
 from histosynth.io import annotations
+from histosynth.io.labels import DEFAULT_CLASS, class_columns, class_map_to_json
+from histosynth.io.labels import parse_class_map  # noqa: F401  (the CLI's import until it reads io.labels)
 from histosynth.io.patchset import PatchSetWriter, read_patchset
 from histosynth.patches.rasterize import rasterize_tiles
 
 log = logging.getLogger(__name__)
-
-
-def class_columns(class_map: Mapping[str, int] | None) -> dict[int, str]:
-    """Type id → index column name ``n_<class>`` (lower case, non-alphanumerics as _)."""
-    if not class_map:
-        return {1: "n_nucleus"}
-    names: dict[int, str] = {}
-    for name, tid in sorted(class_map.items(), key=lambda kv: (kv[1], kv[0])):
-        names.setdefault(int(tid), "n_" + re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_"))
-    return names
 
 
 def rasterize_patchset(
@@ -99,7 +92,7 @@ def rasterize_patchset(
             "nuclei_on_no_kept_tile": int(len(polygons) - seen.sum()),
             "rasterize": totals,
             "patches": len(index),
-            "classes": {v: k for k, v in columns.items()},
+            "classes": class_map_to_json(class_map or {DEFAULT_CLASS: 1}),
         }
         writer.report = report
     log.info(
@@ -109,24 +102,3 @@ def rasterize_patchset(
         totals["instances"], len(index), totals["overlap_pixels"], totals["hidden_nuclei"],
     )
     return report
-
-
-def parse_class_map(pairs: list[str] | None) -> dict[str, int] | None:
-    """``["Epithelial=1", "Lymphocyte=2"]`` → {"Epithelial": 1, "Lymphocyte": 2}; None/[] → None."""
-    if not pairs:
-        return None
-    out: dict[str, int] = {}
-    for pair in pairs:
-        name, sep, value = pair.rpartition("=")
-        if not sep or not name:
-            raise HistosynthError(f"a class is NAME=ID, got {pair!r}")
-        try:
-            tid = int(value)
-        except ValueError as err:
-            raise HistosynthError(f"class id must be an integer 1..255, got {pair!r}") from err
-        if not 1 <= tid <= 255:
-            raise HistosynthError(f"class id must be 1..255 (0 is background), got {pair!r}")
-        if name in out:
-            raise HistosynthError(f"class {name!r} given twice")
-        out[name] = tid
-    return out

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from histosynth.errors import HistosynthError
+from histosynth.io.labels import read_class_map
 from histosynth.io.patchset import PatchSet, read_patchset
 
 log = logging.getLogger(__name__)
@@ -160,12 +161,14 @@ def overlay(
     out_png: str | os.PathLike,
     per_slide: int = 4,
     seed: int = 0,
-    class_names: dict[int, str] | None = None,
+    class_names: dict[int, str] | dict[str, int] | None = None,
 ) -> int:
     """A PNG grid: for each slide, ``per_slide`` patches with nucleus outlines (colour = type).
 
     Patches with the most nuclei are preferred (ties broken by ``seed``), so
-    the picture shows nuclei rather than empty stroma. Returns the patch count drawn.
+    the picture shows nuclei rather than empty stroma. ``class_names`` (a class
+    map in any form :func:`histosynth.io.labels.read_class_map` reads) adds a
+    legend. Returns the patch count drawn.
     """
     ps = read_patchset(patch_set, require=("images", "inst"))
     out_png = Path(out_png)
@@ -191,7 +194,7 @@ def overlay(
     if class_names:
         legend = np.full((24, width, 3), 255, np.uint8)
         x = 4
-        for tid, name in sorted(class_names.items()):
+        for tid, name in read_class_map(class_names, "class_names").items():
             colour = tuple(int(c) for c in PALETTE[min(tid, len(PALETTE) - 1)])
             cv2.rectangle(legend, (x, 6), (x + 12, 18), colour, -1)
             cv2.putText(legend, name, (x + 16, 17), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)

@@ -32,8 +32,9 @@ import pandas as pd
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.io.patchset import PatchSet, class_key, parse_classes, read_paired_sets
 from histosynth.io.atomic import atomic_csv, atomic_write
+from histosynth.io.labels import class_key, report_class_map
+from histosynth.io.patchset import PatchSet, read_paired_sets
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,8 @@ def _any_nucleus(inst: np.ndarray) -> bool:
 def check_types(model_classes: dict[int, str], model_types: int, sets: Sequence[PatchSet]) -> None:
     """Refuse test masks whose type ids mean other classes than the model's, or that it never learned."""
     for ps in sets:
-        classes = ps.report.get("classes")
-        if isinstance(classes, dict) and classes and model_classes:
-            theirs = parse_classes(classes)
+        theirs = report_class_map(ps.report, ps.path / "report.json")
+        if theirs and model_classes:
             if {k: class_key(v) for k, v in theirs.items()} != {k: class_key(v) for k, v in model_classes.items()}:
                 raise HistosynthError(f"the test masks' types {theirs} are not the ones the model was trained with "
                                       f"{model_classes}", ps.path)

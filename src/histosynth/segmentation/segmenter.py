@@ -24,7 +24,10 @@ window and cropped to the network's output, as the official code does.
 seed, step; ``torch.load(weights_only=True)``), ``log.csv`` (the mean of each
 loss term every ``log_every`` steps), ``checkpoint.pt`` (model, optimizer,
 RNG, log; training resumes from it — on the CPU a killed and resumed run ends
-with the same weights as an uninterrupted one).
+with the same weights as an uninterrupted one). The loop is
+:class:`histosynth.training.StepLoop`, the patches a
+:class:`histosynth.io.pool.PatchPool` per source; ``classes`` in the files is
+the one class-map form ``{"1": "Epithelial", ...}``.
 
 :func:`predict` runs a model over an image of any size with overlapping
 windows and returns the stitched NP / HV / TP maps.
@@ -34,9 +37,8 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,10 +47,11 @@ import numpy as np
 import torch
 
 from histosynth.errors import HistosynthError
+from histosynth.io.labels import class_map_to_json, classes_of_patch_sets, read_class_map
+from histosynth.io.pool import PatchPool, dihedral, load_pool, max_type, pool_fingerprint
 from histosynth.models import hovernet as hn
-from histosynth.gan.train import GanData, _data_fingerprint, _max_type, _read_classes, load_gan_data
 from histosynth.models.checkpoint import atomic_torch_save, read_torch_checkpoint
-from histosynth.training import Deterministic, StepLog, autocast, check_finite, choose_precision, load_resume
+from histosynth.training import StepLoop, autocast, choose_precision, grad_scaler, precision_name
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") 
         arch = dict(ckpt["arch"])
         model = hn.HoVerNet(**arch)
         model.load_state_dict(ckpt["model"], strict=True)
-        seg = Segmenter(model=model, arch=arch, classes={int(k): str(v) for k, v in dict(ckpt["classes"]).items()},
+        seg = Segmenter(model=model, arch=arch, classes=read_class_map(ckpt["classes"], path),
                         n_types=int(ckpt["n_types"]), arm=str(ckpt["arm"]), seed=int(ckpt["seed"]),
                         step=int(ckpt["step"]), input_size=int(ckpt["input_size"]),
                         output_size=int(ckpt["output_size"]), path=os.fspath(path))
@@ -114,7 +117,7 @@ def _window(arr: np.ndarray, y: int, x: int, size: int, mode: str) -> np.ndarray
     return np.pad(piece, pad)
 
 
-def sample_batch(pools: Sequence[GanData], weights: Sequence[float], batch_size: int, size: int, seed: int,
+def sample_batch(pools: Sequence[PatchPool], weights: Sequence[float], batch_size: int, size: int, seed: int,
                  step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(images (B, S, S, 3) uint8, inst int32, types uint8, valid bool) for ``step``, a pure function of (seed, step).
 
@@ -141,8 +144,7 @@ def sample_batch(pools: Sequence[GanData], weights: Sequence[float], batch_size:
         ones = np.ones((h, w), bool)
         for out, arr, mode in ((imgs, pool.images[s][p], "reflect"), (inst, pool.inst[s][p], "zero"),
                                (types, pool.types[s][p], "zero"), (valid, ones, "zero")):
-            a = np.rot90(_window(arr, y, x, size, mode), d % 4)
-            out[b] = a[:, ::-1] if d >= 4 else a
+            out[b] = dihedral(_window(arr, y, x, size, mode), d)
     return imgs, inst, types, valid
 
 
@@ -169,7 +171,7 @@ def learning_rate(step: int, lr: float, steps: int, lr_drop: float) -> float:
 
 # -- training ----------------------------------------------------------------------------------------
 def _pools_for(arm: str, real: Sequence[str | os.PathLike], synthetic: Sequence[str | os.PathLike],
-               mix: float) -> tuple[list[GanData], list[float], list[str]]:
+               mix: float) -> tuple[list[PatchPool], list[float], list[str]]:
     if arm not in ARMS:
         raise HistosynthError(f"arm must be one of {ARMS}, got {arm!r}")
     if not 0.0 < mix < 1.0:
@@ -185,11 +187,11 @@ def _pools_for(arm: str, real: Sequence[str | os.PathLike], synthetic: Sequence[
         raise HistosynthError(f"arm {arm!r} trains on real data only; synthetic patch sets were given")
     pools, weights, paths = [], [], []
     if need_real:
-        pools.append(load_gan_data(real, None))
+        pools.append(load_pool(real))
         weights.append(1.0 - mix if need_synth else 1.0)
         paths += [os.fspath(p) for p in real]
     if need_synth:
-        pools.append(load_gan_data(synthetic, None))
+        pools.append(load_pool(synthetic))
         weights.append(mix if need_real else 1.0)
         paths += [os.fspath(p) for p in synthetic]
     return pools, weights, paths
@@ -219,16 +221,12 @@ def train_segmenter(
     classes: dict[str, int] | dict[int, str] | None = None,
     resume: bool = True,
     progress: bool | None = None,
-    callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train one arm's HoVer-Net into ``out_dir`` (see the module docstring); returns a report.
 
-    ``input_size`` defaults to the mode's (fast 256, original 270). ``callback``
-    (a test hook) runs after every step and its checkpoint; an exception it
-    raises ends training there, as a kill would.
+    ``input_size`` defaults to the mode's (fast 256, original 270). ``classes`` is a class map in any form
+    :func:`histosynth.io.labels.read_class_map` reads; by default it is read from the patch sets' report.json.
     """
-    from tqdm import tqdm
-
     from histosynth.device import select_device
 
     for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("width", width, 1),
@@ -241,17 +239,11 @@ def train_segmenter(
         raise HistosynthError(f"mode must be one of {hn.MODES}, got {mode!r}")
     input_size = int(input_size or hn.INPUT_SIZE[mode])
     pools, weights, paths = _pools_for(arm, real, synthetic, mix)
-    if classes:
-        first = next(iter(classes))
-        class_map = ({int(v): str(k) for k, v in classes.items()} if isinstance(first, str)
-                     else {int(k): str(v) for k, v in classes.items()})
-    else:
-        class_map = _read_classes(paths)
-    n_types = max([*(_max_type(p) for p in pools), *class_map.keys()], default=0)
+    class_map = read_class_map(classes, "classes") if classes else classes_of_patch_sets(paths)
+    n_types = max([*(max_type(p) for p in pools), *class_map.keys()], default=0)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = select_device(device, threads)
-    cpu = dev.type == "cpu"
     arch = {"n_types": int(n_types) or None, "mode": mode, "width": int(width),
             "units": [int(u) for u in units]}
 
@@ -263,8 +255,7 @@ def train_segmenter(
             "arch": arch, "arm": arm, "mix": float(mix) if arm == "real+synthetic" else None,
             "batch_size": int(batch_size), "lr": float(lr), "lr_drop": float(lr_drop), "seed": int(seed),
             "input_size": input_size, "output_size": out_size, "steps": int(steps),
-            "data": "|".join(_data_fingerprint(pool_paths, pool) for pool_paths, pool in
-                             zip(_split_paths(arm, real, synthetic), pools)),
+            "data": "|".join(pool_fingerprint(pool) for pool in pools),
             "patch_sets": paths,
         }
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
@@ -279,80 +270,53 @@ def train_segmenter(
             loss.backward()
 
         amp_dtype = choose_precision(precision, dev, probe)
-        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-        settings["precision"] = {None: "float32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+        scaler = grad_scaler(amp_dtype)
+        settings["precision"] = precision_name(amp_dtype)
 
-        ckpt_path = out_dir / "checkpoint.pt"
-        step = 0
-        ckpt = load_resume(ckpt_path, settings, _RESUME_KEYS, read_checkpoint, "optimizer") if resume else None
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if dev.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
-            step = int(ckpt["step"])
-            log.info("resuming %s from %s at step %d", out_dir, ckpt_path, step)
-        last_good = f"{ckpt_path} (step {step})" if ckpt is not None else None
+        loop = StepLoop(out_dir, total=steps, checkpoint_every=checkpoint_every, log_every=log_every, device=dev,
+                        settings=settings, keys=_RESUME_KEYS, reader=read_checkpoint, required="optimizer",
+                        resume=resume, scaler=scaler, desc=f"train-segmenter {arm}", progress=progress)
+        if loop.ckpt is not None:
+            model.load_state_dict(loop.ckpt["model"])
+            optimizer.load_state_dict(loop.ckpt["optimizer"])
 
         def model_dict(**extra: Any) -> dict[str, Any]:
             return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                     "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                    "arch": arch, "classes": class_map, "n_types": int(n_types), "arm": arm, "seed": int(seed),
-                    "step": step, "input_size": input_size, "output_size": out_size, "train": settings, **extra}
+                    "arch": arch, "classes": class_map_to_json(class_map), "n_types": int(n_types), "arm": arm,
+                    "seed": int(seed), "step": loop.step, "input_size": input_size, "output_size": out_size,
+                    "train": settings, **extra}
 
-        def save_checkpoint() -> None:
-            nonlocal last_good
-            rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda"
-                   else None}
-            atomic_torch_save(model_dict(optimizer=optimizer.state_dict(),
-                                         scaler=scaler.state_dict() if scaler.is_enabled() else {},
-                                         rng=rng, log=[dict(r) for r in steplog.rows],
-                                         partial=dict(steplog.partial)), ckpt_path)
-            last_good = f"{ckpt_path} (step {step})"
+        def train_step(step: int) -> tuple[dict[str, float], float]:
+            imgs, inst, types, valid = sample_batch(pools, weights, batch_size, input_size, seed, step)
+            targets = batch_targets(inst, types, valid, out_size, n_types, dev)
+            rate = learning_rate(step, lr, steps, lr_drop)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            with autocast(dev, amp_dtype):
+                outputs = model(to_input(imgs, dev))
+            loss, parts = hn.hovernet_loss({k: v.float() for k, v in outputs.items()}, targets,
+                                           valid=targets["valid"])
+            values = {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
+            loop.check_finite(values)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            return values, rate
 
-        if progress is None:
-            progress = sys.stderr.isatty()
         log.info("training HoVer-Net (%s mode, width %d, units %s, %d types) arm %s seed %d on %s patches; "
                  "%d steps of batch %d at %d px -> %d px on %s (%s)", mode, width, list(units), n_types, arm, seed,
                  " + ".join(str(len(p)) for p in pools), steps, batch_size, input_size, out_size, dev,
                  settings["precision"])
         t_start = time.perf_counter()
-        steplog = StepLog(out_dir / "log.csv", log_every, steps, rows=ckpt["log"] if ckpt is not None else (),
-                          partial=ckpt["partial"] if ckpt is not None else None)
         model.train()
-        with Deterministic(cpu), tqdm(total=steps, initial=min(step, steps), desc=f"train-segmenter {arm}",
-                                       unit="step", disable=not progress, file=sys.stderr) as bar:
-            while step < steps:
-                imgs, inst, types, valid = sample_batch(pools, weights, batch_size, input_size, seed, step)
-                targets = batch_targets(inst, types, valid, out_size, n_types, dev)
-                rate = learning_rate(step, lr, steps, lr_drop)
-                for group in optimizer.param_groups:
-                    group["lr"] = rate
-                with autocast(dev, amp_dtype):
-                    outputs = model(to_input(imgs, dev))
-                loss, parts = hn.hovernet_loss({k: v.float() for k, v in outputs.items()}, targets,
-                                               valid=targets["valid"])
-                values = {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
-                check_finite(values, step, last_good, out_dir)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                bar.update(1)
-                row = steplog.add(step, values, rate)
-                if row is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.3f}")
-                if step % checkpoint_every == 0 or step == steps:
-                    steplog.pause()
-                    save_checkpoint()
-                if callback is not None:
-                    callback({"step": step, **values})
+        loop.run(train_step, lambda: model_dict(optimizer=optimizer.state_dict()),
+                 postfix=lambda row: {"loss": f"{row['loss']:.3f}"})
         seconds = time.perf_counter() - t_start
+        step = loop.step
         atomic_torch_save(model_dict(), out_dir / "model.pt")
+        steplog = loop.log
         steplog.write()
     final = steplog.rows[-1] if steplog.rows else {}
     report = {"stage": "train_segmenter", "out_dir": str(out_dir), "arm": arm, "seed": int(seed), "step": step,
@@ -364,11 +328,6 @@ def train_segmenter(
     log.info("HoVer-Net written to %s after %d steps: loss %.4f; %.3f s per step", out_dir / "model.pt", step,
              report["loss"], report["seconds_per_step"])
     return report
-
-
-def _split_paths(arm: str, real: Sequence[str | os.PathLike], synthetic: Sequence[str | os.PathLike]
-                 ) -> list[Sequence[str | os.PathLike]]:
-    return [p for p, used in ((real, arm != "synthetic"), (synthetic, arm != "real")) if used]
 
 
 # -- inference ---------------------------------------------------------------------------------------

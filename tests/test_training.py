@@ -1,0 +1,95 @@
+"""The one step loop (histosynth.training.StepLoop): cadence, log.csv, resume, settings, NaN stop."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from histosynth.errors import HistosynthError
+from histosynth.models.checkpoint import read_torch_checkpoint
+from histosynth.training import StepLoop, grad_scaler, precision_name
+
+torch.set_num_threads(1)
+
+
+def _read(path):
+    return read_torch_checkpoint(path, "toy", 1, "toy")
+
+
+class Kill(Exception):
+    pass
+
+
+def _toy(out_dir, total, settings=None, poison_at=None, kill_at=None):
+    """A linear model fitted by SGD through a StepLoop; returns (loop, model, checkpoint steps, run)."""
+    settings = settings or {"lr": 0.1}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        noise = torch.Generator().manual_seed(1)
+        opt = torch.optim.SGD(model.parameters(), lr=settings["lr"])
+        loop = StepLoop(out_dir, total=total, checkpoint_every=2, log_every=2, device=torch.device("cpu"),
+                        settings=settings, keys=("lr",), reader=_read, required="optimizer",
+                        columns=["step", "loss", "lr", "seconds"], scaler=grad_scaler(None),
+                        generators={"noise": noise}, desc="toy", progress=False)
+        if loop.ckpt is not None:
+            model.load_state_dict(loop.ckpt["model"])
+            opt.load_state_dict(loop.ckpt["optimizer"])
+        saved = []
+
+        def step_fn(step):
+            if step == kill_at:
+                raise Kill
+            x = torch.randn(4, 3, generator=noise)
+            loss = ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+            if step == poison_at:
+                loss = loss * float("nan")
+            values = loop.check_finite({"loss": loss})
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return values, settings["lr"]
+
+        def contents():
+            saved.append(loop.step)
+            return {"format": "toy", "version": 1, "step": loop.step, "train": settings,
+                    "model": {k: v.clone() for k, v in model.state_dict().items()}, "optimizer": opt.state_dict()}
+
+        loop.run(step_fn, contents)
+    return loop, model, saved
+
+
+def test_cadence_log_and_exact_resume(tmp_path):
+    loop, whole, saved = _toy(tmp_path / "whole", 7)
+    assert saved == [2, 4, 6, 7] and loop.step == 7  # every checkpoint_every steps and at the last one
+    log = pd.read_csv(tmp_path / "whole" / "log.csv")
+    assert list(log.columns) == ["step", "loss", "lr", "seconds"] and list(log["step"]) == [2, 4, 6, 7]
+    ckpt = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    assert list(ckpt)[-4:] == ["scaler", "rng", "log", "partial"] and set(ckpt["rng"]) == {"torch", "noise", "cuda"}
+
+    with pytest.raises(Kill):
+        _toy(tmp_path / "cut", 7, kill_at=5)  # killed after step 5, its last checkpoint the one of step 4
+    loop, resumed, saved = _toy(tmp_path / "cut", 7)
+    assert saved == [6, 7]  # it went on from step 4
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    pd.testing.assert_frame_equal(log.drop(columns="seconds"),
+                                  pd.read_csv(tmp_path / "cut" / "log.csv").drop(columns="seconds"))
+
+
+def test_other_settings_start_afresh(tmp_path, caplog):
+    _toy(tmp_path, 3)
+    with caplog.at_level("WARNING"):
+        _, _, saved = _toy(tmp_path, 3, settings={"lr": 0.05})
+    assert "other settings (lr)" in caplog.text and saved == [2, 3]
+
+
+def test_nan_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(HistosynthError, match=r"non-finite loss \(loss=nan\) at step 4 .*checkpoint.pt \(step 2\)"):
+        _toy(tmp_path, 6, poison_at=3)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_precision_names():
+    assert precision_name(None) == "float32" and precision_name(torch.bfloat16) == "bf16"
+    assert not grad_scaler(None).is_enabled()
