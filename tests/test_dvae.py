@@ -133,7 +133,7 @@ def test_training_writes_model_log_and_pictures(trained):
     for name in ("dvae.pt", "log.csv", "traversal.png", "samples.png", "checkpoint.pt"):
         assert (out / name).stat().st_size > 0, name
     ckpt = torch.load(out / "dvae.pt", weights_only=True)
-    assert ckpt["latent_dim"] == 4 and ckpt["epoch"] == 3 and ckpt["classes"] == {1: "round", 2: "long"}
+    assert ckpt["latent_dim"] == 4 and ckpt["epoch"] == 3 and ckpt["classes"] == {"1": "round", "2": "long"}
     assert ckpt["config"]["enc_widths"] == [4, 4, 8, 8]
     table = pd.read_csv(out / "log.csv")
     assert list(table.columns) == ["epoch", "step", "train_loss", "recon", "kl", "holdout_bce", "holdout_dice",

@@ -240,7 +240,7 @@ def test_cli_writes_a_mask_patch_set(clustered, tmp_path):
     assert {"n_epithelial", "n_lymphocyte", "n_spindle"} <= set(idx.columns)
     assert list(idx["n_nuclei"]) == [int(m.max()) for m in ps.inst]
     rep = ps.report
-    assert rep["classes"] == {"n_epithelial": 1, "n_lymphocyte": 2, "n_spindle": 3}
+    assert rep["classes"] == {"1": "Epithelial", "2": "Lymphocyte", "3": "Spindle"}
     assert rep["shape_source"] == "ellipses" and rep["masks"] == 3 and set(rep["timings"]) >= {"decode", "placement"}
 
 

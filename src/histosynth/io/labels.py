@@ -225,33 +225,46 @@ def instance_types(inst: np.ndarray, types: np.ndarray) -> tuple[np.ndarray, np.
     inst, types = np.asarray(inst), np.asarray(types)
     if inst.shape != types.shape:
         raise HistosynthError(f"instance map {inst.shape} and type map {types.shape} differ in shape")
-    flat, tflat = inst.ravel(), types.ravel()
-    if flat.size and (flat.min() < 0 or tflat.min() < 0):
+    if inst.size and (inst.min() < 0 or types.min() < 0):
         raise HistosynthError("instance and type maps must hold non-negative labels")
-    ids, index = _dense(flat)
-    n = len(ids)
-    tvals, tindex = _dense(tflat)
+    ids, index, _ = relabel(inst)
+    return ids.astype(np.int64), majority_types(index, len(ids), types)
+
+
+def majority_types(index: np.ndarray, n: int, types: np.ndarray) -> np.ndarray:
+    """Majority nonzero type of instances ``1..n`` of a relabelled map ``index`` (:func:`relabel`).
+
+    Ties go to the smaller type; 0 when all of an instance's pixels are type 0.
+    """
+    tvals, tidx, _ = relabel(np.asarray(types))
     if n == 0 or len(tvals) == 0:
-        return ids, np.zeros(n, np.int64)
+        return np.zeros(n, np.int64)
     k = len(tvals) + 1
-    table = np.bincount(index * k + tindex, minlength=(n + 1) * k).reshape(n + 1, k)[1:, 1:]
-    best = table.argmax(axis=1)  # ties -> the smaller type
-    return ids, np.where(table[np.arange(n), best] > 0, tvals[best], 0).astype(np.int64)
+    table = np.bincount(index * k + tidx, minlength=(n + 1) * k).reshape(n + 1, k)[1:, 1:]
+    best = table.argmax(axis=1)  # ties -> smaller type
+    return np.where(table[np.arange(n), best] > 0, tvals[best], 0).astype(np.int64)
 
 
-def _dense(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(the sorted nonzero values, the map relabelled 0..n with 0 kept as 0) of a flat label array."""
+def relabel(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Relabel a map of non-negative ints to ``0..n`` (0 stays 0, order of ids kept).
+
+    Returns ``(ids, index, counts)``: the sorted nonzero values ``ids`` (n,),
+    the flat relabelled map ``index`` (0 = background, ``k`` = ``ids[k - 1]``)
+    and the pixel count of every id (n,).
+    """
+    flat = a.ravel()
     hi = int(flat.max()) if flat.size else 0
-    if hi <= 4 * flat.size + 65536:  # small range: O(N) by bincount
+    if hi <= 4 * flat.size + 65536:  # small id range: O(N) by bincount
         flat = flat.astype(np.intp, copy=False)
-        ids = np.flatnonzero(np.bincount(flat, minlength=1)[1:]) + 1
-        if len(ids) == hi:
-            return ids.astype(np.int64), flat
+        counts = np.bincount(flat, minlength=1)
+        ids = np.flatnonzero(counts[1:]) + 1
+        if len(ids) == hi:  # ids are already 1..n
+            return ids, flat, counts[1:]
         lut = np.zeros(hi + 1, np.intp)
         lut[ids] = np.arange(1, len(ids) + 1)
-        return ids.astype(np.int64), lut[flat]
-    vals, inv = np.unique(flat, return_inverse=True)
+        return ids, lut[flat], counts[ids]
+    vals, inv, counts = np.unique(flat, return_inverse=True, return_counts=True)
     inv = inv.reshape(-1).astype(np.intp, copy=False)
     if vals[0] == 0:
-        return vals[1:].astype(np.int64), inv
-    return vals.astype(np.int64), inv + 1
+        return vals[1:], inv, counts[1:]
+    return vals, inv + 1, counts

@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from histosynth.io.labels import instance_types
+
 
 def nucleus_features(inst: np.ndarray, types: np.ndarray | None = None, full: bool = False,
                      border_margin: int = 1) -> dict[str, np.ndarray]:
@@ -74,15 +76,7 @@ def nucleus_features(inst: np.ndarray, types: np.ndarray | None = None, full: bo
         "minor_axis": 4.0 * np.sqrt(l2),
         "border": border,
     }
-    if types is not None:
-        t = np.asarray(types).ravel().astype(np.int64)
-        nt = int(t.max()) + 1 if t.size else 1
-        joint = np.bincount(flat * nt + t, minlength=m * nt).reshape(m, nt)
-        joint[:, 0] = 0  # background type never wins over a real type
-        tt = joint.argmax(axis=1)
-        out["type"] = tt[p]
-    else:
-        out["type"] = np.zeros(len(p), np.int64)
+    out["type"] = instance_types(inst, types)[1] if types is not None else np.zeros(len(p), np.int64)
     if full:
         from skimage.measure import regionprops_table
 

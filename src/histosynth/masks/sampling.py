@@ -120,6 +120,7 @@ import numpy as np
 from scipy.special import ndtr
 
 from histosynth.errors import HistosynthError
+from histosynth.io.labels import class_columns, class_map_to_json, read_class_map
 from histosynth.io.patchset import PatchSetWriter
 from histosynth.masks.counts import count_cdf_table, count_ppf, scale_counts
 from histosynth.masks.features import shape_moments
@@ -154,7 +155,7 @@ class MaskSampler:
             raise HistosynthError(f"--size must be at least 8 px, got {self.size}")
         ph, pw = st["patch_size"]
         self.area_ratio = self.size * self.size / float(ph * pw)
-        self.classes = {int(k): v for k, v in st["classes"].items()}
+        self.classes = read_class_map(st["classes"], "stats.json")
         self.total_fit = scale_counts(st["counts"]["total"], self.area_ratio)
         self.total_table = count_cdf_table(self.total_fit)
         cop = st["count_copula"]
@@ -578,8 +579,6 @@ def sample_masks(
     """
     from tqdm import tqdm
 
-    from histosynth.patches.annotate import class_columns
-
     if not isinstance(stats, Mapping):
         stats = load_stats(stats)
     if n < 1:
@@ -589,7 +588,7 @@ def sample_masks(
     start, stop = shard_range(n, shard, n_shards)
     rng = shard_rng(seed, shard)
     sampler = MaskSampler(stats, shape_source, size, eccentricity=eccentricity)
-    classes = {int(k): v for k, v in stats["classes"].items()}
+    classes = read_class_map(stats["classes"], "stats.json")
     cols = class_columns({name: tid for tid, name in classes.items()})
     type_ids = sorted(cols)
     src = f"sample-masks seed {seed} shard {shard}"
@@ -602,8 +601,7 @@ def sample_masks(
         "seed": int(seed), "shard": int(shard), "n_shards": int(n_shards), "n_total": int(n),
         "masks": int(stop - start), "first_mask": int(start), "size": int(size), "mpp": float(stats["mpp"]),
         "shape_source": source_name, "area_ratio": sampler.area_ratio,
-        "classes": {col: tid for tid, col in cols.items()},
-        "class_names": {str(k): v for k, v in classes.items()},
+        "classes": class_map_to_json(classes),
         "placement": "hard-core thresholded-Gaussian-field Cox process (see histosynth.masks.sampling)",
         "eccentricity": eccentricity,
         **(dict(extra_report) if extra_report else {}),

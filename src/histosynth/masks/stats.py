@@ -150,7 +150,8 @@ from scipy import stats as sps
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.io.patchset import parse_classes, read_patchset
+from histosynth.io.labels import classes_of_patch_sets, read_class_map
+from histosynth.io.patchset import read_patchset
 from histosynth.masks.calibrate import calibrate_field
 from histosynth.masks.counts import count_logpmf, fit_counts
 from histosynth.masks.features import nucleus_features, orientation_alignment, touching
@@ -197,29 +198,11 @@ def spearman_copula(counts: np.ndarray) -> np.ndarray:
 
 
 def class_names_of(patch_set_paths: Sequence[str | os.PathLike]) -> dict[int, str] | None:
-    """The class map recorded in the patch sets' report.json (``classes``), if any, or None.
+    """The class map recorded in the patch sets' report.json, or None when none records one.
 
-    Different maps in different patch sets are a HistosynthError.
+    Contradictory maps, or an unreadable report.json, are a HistosynthError (:func:`classes_of_patch_sets`).
     """
-    found: dict[int, str] | None = None
-    first = None
-    for p in patch_set_paths:
-        rep = Path(p) / "report.json"
-        if not rep.is_file():
-            continue
-        try:
-            data = json.loads(rep.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        classes = data.get("classes")
-        if not isinstance(classes, dict) or not classes:
-            continue
-        names = parse_classes(classes)
-        if found is None:
-            found, first = names, p
-        elif names != found:
-            raise HistosynthError(f"class map {names} differs from {found} of {first}", p)
-    return found
+    return classes_of_patch_sets(patch_set_paths) or None
 
 
 # --------------------------------------------------------------------------- the stage
@@ -307,7 +290,7 @@ def fit_stats(
         class_names = class_names_of(patch_sets)
     seen = data["type_ids"]
     if class_names:
-        classes = {int(k): str(v) for k, v in class_names.items()}
+        classes = read_class_map(class_names, "class_names")
         unknown = sorted(set(seen) - set(classes))
         if unknown:
             raise HistosynthError(f"type ids {unknown} occur in the masks but not in the class map {classes}",

@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from histosynth.errors import HistosynthError
+from histosynth.io.labels import class_map_to_json, read_class_map
 from histosynth.models.checkpoint import read_torch_checkpoint
 
 #: the ``format`` entry of every DVAE checkpoint (final model and training checkpoint)
@@ -292,7 +293,7 @@ def checkpoint_dict(model: DVAE, **extra: Any) -> dict[str, Any]:
         "version": CHECKPOINT_VERSION,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "config": model.cfg.to_dict(),
-        "classes": {int(k): str(v) for k, v in model.classes.items()},
+        "classes": class_map_to_json(model.classes),
         "latent_dim": model.latent_dim,
         "conditional": model.conditional,
         **extra,
@@ -308,7 +309,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike) -> DVAE
     """Rebuild the DVAE a checkpoint describes and load its weights (strictly)."""
     try:
         cfg = DVAEConfig.from_dict(dict(ckpt["config"]))
-        model = DVAE(cfg, {int(k): str(v) for k, v in dict(ckpt.get("classes") or {}).items()})
+        model = DVAE(cfg, read_class_map(ckpt.get("classes") or {}, path))
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0]

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histosynth.errors import HistosynthError
+from histosynth.io.labels import class_map_to_json, read_class_map
 from histosynth.models.checkpoint import read_torch_checkpoint
 
 CHECKPOINT_FORMAT = "histosynth-gan"
@@ -366,7 +367,7 @@ def gan_checkpoint_dict(generator: UnetGenerator, *, options: list[str], classes
         "generator": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
         "config": {"generator": dict(generator.config), **(config or {})},
         "options": [str(o) for o in options],
-        "classes": {int(k): str(v) for k, v in classes.items()},
+        "classes": class_map_to_json(classes),
         "n_types": int(n_types),
         "noise": bool(noise),
         "step": int(step),
@@ -389,7 +390,7 @@ def load_gan(path: str | os.PathLike, device: str | torch.device = "cpu") -> Gan
         gen = UnetGenerator(**dict(config["generator"]))
         gen.load_state_dict(ckpt["generator"], strict=True)
         bundle = GanBundle(generator=gen, config=config, options=[str(o) for o in ckpt["options"]],
-                           classes={int(k): str(v) for k, v in dict(ckpt["classes"]).items()},
+                           classes=read_class_map(ckpt["classes"], path),
                            n_types=int(ckpt["n_types"]), noise=bool(ckpt["noise"]), step=int(ckpt["step"]),
                            path=os.fspath(path))
     except (KeyError, TypeError, ValueError, RuntimeError, HistosynthError) as err:

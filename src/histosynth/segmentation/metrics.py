@@ -78,6 +78,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from histosynth.errors import HistosynthError
+from histosynth.io.labels import instance_types as _instance_types
+from histosynth.io.labels import majority_types, relabel
 
 __all__ = [
     "COUNT_KEYS",
@@ -122,42 +124,6 @@ def _check_map(a: Any, name: str, shape: tuple[int, ...] | None = None) -> np.nd
         if lo < 0:
             raise HistosynthError(f"{name} holds negative values (min {lo}); 0 is background, ids are >= 1")
     return a
-
-
-def _relabel(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Relabel a map of non-negative ints to ``0..n`` (0 stays 0, order of ids kept).
-
-    Returns ``(ids, index, counts)``: the sorted nonzero values ``ids`` (n,),
-    the flat relabelled map ``index`` (0 = background, ``k`` = ``ids[k - 1]``)
-    and the pixel count of every id (n,).
-    """
-    flat = a.ravel()
-    hi = int(flat.max()) if flat.size else 0
-    if hi <= 4 * flat.size + 65536:  # small id range: O(N) by bincount
-        flat = flat.astype(np.intp, copy=False)
-        counts = np.bincount(flat, minlength=1)
-        ids = np.flatnonzero(counts[1:]) + 1
-        if len(ids) == hi:  # ids are already 1..n
-            return ids, flat, counts[1:]
-        lut = np.zeros(hi + 1, np.intp)
-        lut[ids] = np.arange(1, len(ids) + 1)
-        return ids, lut[flat], counts[ids]
-    vals, inv, counts = np.unique(flat, return_inverse=True, return_counts=True)
-    inv = inv.reshape(-1).astype(np.intp, copy=False)
-    if vals[0] == 0:
-        return vals[1:], inv, counts[1:]
-    return vals, inv + 1, counts
-
-
-def _majority_types(index: np.ndarray, n: int, types: np.ndarray) -> np.ndarray:
-    """Majority nonzero type of instances ``1..n`` of a relabelled map (0 when all pixels are type 0)."""
-    tvals, tidx, _ = _relabel(types)
-    if n == 0 or len(tvals) == 0:
-        return np.zeros(n, np.int64)
-    k = len(tvals) + 1
-    table = np.bincount(index * k + tidx, minlength=(n + 1) * k).reshape(n + 1, k)[1:, 1:]
-    best = table.argmax(axis=1)  # ties -> smaller type
-    return np.where(table[np.arange(n), best] > 0, tvals[best], 0).astype(np.int64)
 
 
 # --------------------------------------------------------------------------- #
@@ -219,8 +185,8 @@ def instance_overlap(
         raise HistosynthError(f"predicted instance map has shape {pred.shape} but the true one has {true.shape}")
     if (pred_types is None) != (true_types is None):
         raise HistosynthError("give both pred_types and true_types, or neither")
-    t_ids, t_idx, t_area = _relabel(true)
-    p_ids, p_idx, p_area = _relabel(pred)
+    t_ids, t_idx, t_area = relabel(true)
+    p_ids, p_idx, p_area = relabel(pred)
     nt, npr = len(t_ids), len(p_ids)
     cols = npr + 1
     if (nt + 1) * cols <= _DENSE_CELLS:
@@ -233,8 +199,8 @@ def instance_overlap(
         ti, pj = np.divmod(codes, npr) if npr else (codes, codes)
     t_type = p_type = None
     if true_types is not None:
-        t_type = _majority_types(t_idx, nt, _check_map(true_types, "true type map", true.shape))
-        p_type = _majority_types(p_idx, npr, _check_map(pred_types, "predicted type map", true.shape))
+        t_type = majority_types(t_idx, nt, _check_map(true_types, "true type map", true.shape))
+        p_type = majority_types(p_idx, npr, _check_map(pred_types, "predicted type map", true.shape))
     return Overlap(
         true_ids=t_ids,
         pred_ids=p_ids,
@@ -251,8 +217,7 @@ def instance_overlap(
 def instance_types(inst: Any, types: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(ids, type)`` of every instance of ``inst``: the majority nonzero pixel type (0 if none)."""
     inst = _check_map(inst, "instance map")
-    ids, idx, _ = _relabel(inst)
-    return ids, _majority_types(idx, len(ids), _check_map(types, "type map", inst.shape))
+    return _instance_types(inst, _check_map(types, "type map", inst.shape))
 
 
 # --------------------------------------------------------------------------- #

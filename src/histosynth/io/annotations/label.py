@@ -10,6 +10,7 @@ import numpy as np
 from histosynth.errors import HistosynthError
 from histosynth.io.annotations._geometry import instance_polygons
 from histosynth.io.annotations._model import Parsed
+from histosynth.io.labels import instance_types
 
 
 def load_mat(path: Path) -> dict:
@@ -95,15 +96,8 @@ def _types_per_instance(
         raise HistosynthError(
             f"type map {types_path} has shape {tmap.shape}, instance map has {inst.shape}", path
         )
-    sel = inst > 0
-    rank = np.searchsorted(ids, inst[sel])
-    tv = tmap[sel].astype(np.int64)
-    nz = tv > 0
-    tmax = int(tv.max()) + 1 if tv.size else 1
-    votes = np.bincount(rank[nz] * tmax + tv[nz], minlength=len(ids) * tmax).reshape(len(ids), tmax)
-    out = votes.argmax(axis=1)
-    out[votes.max(axis=1) == 0] = 0
-    return out
+    all_ids, all_types = instance_types(inst, tmap)
+    return all_types[np.searchsorted(all_ids, ids)]
 
 
 def _load_types(types_path: Path, path: Path) -> tuple[str, np.ndarray]:

@@ -7,7 +7,7 @@
   (:func:`hovernet_targets`, :func:`hv_map`);
 - :mod:`~histosynth.models.hovernet.loss`: :func:`hovernet_loss` and its terms;
 - :mod:`~histosynth.models.hovernet.postprocess`: instances and types from the
-  outputs (:func:`postprocess`, :func:`instance_types`, :func:`type_map`).
+  outputs (:func:`postprocess`, :func:`type_map`; the type of an instance is :func:`histosynth.io.labels.instance_types`).
 
 Every public name is re-exported here: ``from histosynth.models import
 hovernet as hn; hn.HoVerNet(...)``.
@@ -40,7 +40,7 @@ from histosynth.models.hovernet.net import (
     init_weights,
     upsample_add,
 )
-from histosynth.models.hovernet.postprocess import instance_types, postprocess, type_map
+from histosynth.models.hovernet.postprocess import postprocess, type_map
 from histosynth.models.hovernet.targets import hovernet_targets, hv_map
 
 __all__ = [
@@ -65,7 +65,6 @@ __all__ = [
     "hovernet_targets",
     "hv_map",
     "init_weights",
-    "instance_types",
     "msge_loss",
     "postprocess",
     "sobel_kernels",

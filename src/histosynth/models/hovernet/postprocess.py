@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from histosynth.errors import HistosynthError
+from histosynth.io.labels import instance_types
 
 
 def _minmax(a: np.ndarray) -> np.ndarray:
@@ -175,23 +176,8 @@ def postprocess(np_prob: np.ndarray, hv: np.ndarray, tp_prob: np.ndarray | None 
     inst = lut[inst]
     if tp_prob is None:
         return inst, None
-    return inst, instance_types(inst, np.argmax(tp_prob, axis=0), tp_prob.shape[0])
-
-
-def instance_types(inst: np.ndarray, type_map: np.ndarray, n_classes: int | None = None) -> dict[int, int]:
-    """{id: majority type} of each instance of ``inst`` (ids 1..n) over a per-pixel ``type_map`` (0 = background).
-
-    Background votes only win when the instance has no other vote; ties go to the smaller type.
-    """
-    inst = np.asarray(inst)
-    type_map = np.asarray(type_map).astype(np.int64, copy=False)
-    n = int(inst.max()) + 1 if inst.size else 1
-    k = int(n_classes) if n_classes is not None else int(type_map.max()) + 1
-    votes = np.bincount(inst.ravel().astype(np.int64) * k + type_map.ravel(), minlength=n * k).reshape(n, k)
-    typed = votes[:, 1:].sum(1) > 0
-    best = np.where(typed, votes[:, 1:].argmax(1) + 1, 0) if k > 1 else np.zeros(n, np.int64)
-    present = votes.sum(1) > 0
-    return {int(i): int(best[i]) for i in range(1, n) if present[i]}
+    ids, types = instance_types(inst, np.argmax(tp_prob, axis=0))
+    return inst, dict(zip(ids.tolist(), types.tolist()))
 
 
 def type_map(inst: np.ndarray, types: Mapping[int, int]) -> np.ndarray:
