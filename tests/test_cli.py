@@ -35,7 +35,7 @@ def test_tile_by_hand(slide, tmp_path):
 
 def test_tile_region_flag(slide, tmp_path):
     out = tmp_path / "tiles"
-    assert main(["tile", str(slide), str(out), "--size", "64", "--region", "400,100,128,128",
+    assert main(["tile", str(slide), str(out), "--size", "64", "--mpp", "none", "--region", "400,100,128,128",
                  "--max-background", "1"]) == 0
     idx = read_patchset(out).index
     assert sorted(zip(idx["x"], idx["y"])) == [(400, 100), (400, 164), (464, 100), (464, 164)]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 
 from histosynth.cli import main
-from histosynth.config import load_config_file, slide_table, validate_config
+from histosynth.config import SCHEMA_PATH, leaf_keys, load_config_file, load_schema, slide_table, validate_config
 from histosynth.errors import HistosynthError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,3 +128,48 @@ def test_check_config_cli(tmp_path, capsys):
     assert main(["check-config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tile.size" in err and str(bad) in err
+
+
+def test_schema_is_package_data():
+    """The schema ships inside the package (pyproject package-data) and is read through importlib.resources."""
+    from importlib import resources
+
+    text = resources.files("histosynth").joinpath("config.schema.yaml").read_text(encoding="utf-8")
+    assert yaml.safe_load(text) == load_schema() == load_schema(SCHEMA_PATH)
+    assert SCHEMA_PATH.parent == Path(__import__("histosynth").__file__).parent
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "config.schema.yaml" in data["histosynth"]
+    assert "gan.steps" in leaf_keys() and "tile.size" in leaf_keys()
+
+
+def _installed_copy(site: Path) -> Path:
+    """What a wheel installs: the package's modules and its package-data, nothing else of the repository."""
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["histosynth"]
+    src = REPO / "src" / "histosynth"
+    for path in src.rglob("*"):
+        if path.is_file() and "__pycache__" not in path.parts and (path.suffix == ".py" or path.name in data):
+            (site / "histosynth" / path.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, site / "histosynth" / path.relative_to(src))
+    return site
+
+
+def test_check_config_from_the_package_alone(tmp_path):
+    """`histosynth check-config` with only the installed package: no workflow/ folder, no repository."""
+    site = _installed_copy(tmp_path / "site")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    (work / "config.yaml").write_text(yaml.safe_dump({"slides": {"demo": {"n_slides": 2}}, "gan": {"steps": 5}}))
+    (work / "bad.yaml").write_text(yaml.safe_dump({"gan": {"stepz": 5}}))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import histosynth.config as c; print(c.__file__)"], cwd=work,
+                           env=env, capture_output=True, text=True)
+    assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr
+    ok = subprocess.run([sys.executable, "-m", "histosynth", "check-config", "config.yaml"], cwd=work, env=env,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "valid; 2 slides" in ok.stdout, ok.stdout + ok.stderr
+    bad = subprocess.run([sys.executable, "-m", "histosynth", "check-config", "bad.yaml"], cwd=work, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "gan.stepz" in bad.stderr
+    helped = subprocess.run([sys.executable, "-m", "histosynth", "train-gan", "--help"], cwd=work, env=env,
+                            capture_output=True, text=True)
+    assert helped.returncode == 0 and "(default 4000)" in helped.stdout  # the schema's default, from the package

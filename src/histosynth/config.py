@@ -8,19 +8,25 @@ one message naming the key.
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import os
+from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
-import pandas as pd
 import yaml
 
 from histosynth.errors import HistosynthError
 
+if TYPE_CHECKING:  # pandas and jsonschema load on use: the CLI reads the schema's defaults at every start
+    import jsonschema
+    import pandas as pd
+
 #: the schema: every key of config.yaml, its type and THE default (package data, so an installed wheel has it)
 SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
+SCHEMA_RESOURCE = "config.schema.yaml"
 
 SLIDE_COLUMNS = ["slide", "image", "annotations", "mpp", "stain"]
 
@@ -29,9 +35,46 @@ DEMO_STAINS = ("pale", "dark")
 
 
 def load_schema(path: str | os.PathLike | None = None) -> dict:
-    path = Path(path) if path else SCHEMA_PATH
-    with open(path) as fh:
-        return yaml.safe_load(fh)
+    """The schema of config.yaml: ``path``, or the package's own (read through importlib.resources, so an
+    installed wheel, even a zipped one, finds it without the repository)."""
+    if path:
+        with open(path) as fh:
+            return yaml.safe_load(fh)
+    return copy.deepcopy(_package_schema())
+
+
+@functools.cache
+def _package_schema() -> dict:
+    return yaml.safe_load(resources.files("histosynth").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8"))
+
+
+def schema_node(key: str, schema: dict | None = None) -> dict:
+    """The schema of one key, dotted (``"gan.steps"``); KeyError naming the key when there is none."""
+    node = schema if schema is not None else _package_schema()
+    for part in key.split("."):
+        try:
+            node = node["properties"][part]
+        except KeyError:
+            raise KeyError(f"the schema has no key {key!r}") from None
+    return node
+
+
+def leaf_keys(schema: dict | None = None, prefix: str = "") -> list[str]:
+    """Every setting of the schema, dotted, in schema order: the keys whose values are not objects of keys."""
+    node = schema if schema is not None else _package_schema()
+    keys: list[str] = []
+    for name, sub in node.get("properties", {}).items():
+        key = f"{prefix}{name}"
+        keys += leaf_keys(sub, f"{key}.") if "properties" in sub else [key]
+    return keys
+
+
+def config_value(config: Mapping[str, Any], key: str) -> Any:
+    """The value of a dotted key in a (validated) config."""
+    value: Any = config
+    for part in key.split("."):
+        value = value[part]
+    return value
 
 
 def _fill_defaults(value: Any, schema: dict) -> Any:
@@ -65,7 +108,9 @@ def validate_config(config: dict | None, schema: dict | None = None, source: str
 
     Raises HistosynthError naming the offending key(s).
     """
-    schema = schema or load_schema()
+    import jsonschema
+
+    schema = schema or _package_schema()
     if config is None:
         config = {}
     if not isinstance(config, dict):
@@ -111,6 +156,8 @@ def slide_table(config: dict, workdir: str | os.PathLike = ".") -> pd.DataFrame:
 
     Paths are returned as given (relative to ``workdir`` when relative).
     """
+    import pandas as pd
+
     slides = config["slides"]
     results = config["results"]
     if slides["source"] == "demo":
@@ -145,6 +192,8 @@ def slide_table(config: dict, workdir: str | os.PathLike = ".") -> pd.DataFrame:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
     if not path.is_file():
         raise HistosynthError("slide table not found", path)
     sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","

@@ -18,8 +18,10 @@ os.environ["PATH"] = os.pathsep.join(
     [os.path.dirname(sys.executable), os.environ.get("PATH", "")]
 )
 
+from histosynth.cli.flags import config_flags
 from histosynth.config import load_schema, slide_table, validate_config
-from histosynth.patches.split import split_slides
+from histosynth.gan import options as gan_options
+from histosynth.patches.split import split_from_config, split_inputs
 
 
 # Read (and extended) at start-up; declared so that a job on a cluster gets them too.
@@ -64,45 +66,28 @@ def mpp_flag(wildcards):
     return "" if mpp is None else f"--mpp-fallback {float(mpp)}"
 
 
-def opt(flag, value):
-    """'--flag value', or '' when value is None (the CLI's own default then applies)."""
-    return "" if value is None else f"{flag} {value}"
+def flags(stage, *omit):
+    """The flags of every setting of a stage from the config (histosynth.cli.flags.config_flags);
+    ``omit``: the flags the rule passes itself."""
+    return config_flags(stage, config, omit=omit)
+
+
+def quoted(items):
+    return " ".join(shlex.quote(str(p)) for p in items)
 
 
 def annotated_slides():
     return [s for s in SLIDE_NAMES if slide_annotations(s)]
 
 
-def compute_split():
-    """The train/test split, computed at parse time exactly as `histosynth split` writes it."""
-    names = annotated_slides()
-    if len(names) < 2:
-        return {s: "train" for s in names}
-    cfg = config["split"]
-    explicit = cfg["train"] is not None or cfg["test"] is not None
-    groups = None
-    if cfg["by_stain"]:
-        groups = {
-            s: g for s, g in zip(SLIDES["slide"], SLIDES["stain"]) if g is not None
-        }
-    table = split_slides(
-        names,
-        cfg["test_fraction"],
-        cfg["seed"],
-        train=cfg["train"] if explicit else None,
-        test=cfg["test"] if explicit else None,
-        groups=groups or None,
-    )
-    return dict(zip(table["slide"], table["split"]))
-
-
-SPLIT_OF = compute_split()
+# The train/test split, by the one function `histosynth split` calls too (rule split passes it SPLIT_INPUTS).
+SPLIT_INPUTS = split_inputs(config, SLIDES)
+SPLIT_OF = split_from_config(config, SLIDES)
 TRAIN_SLIDES = [s for s, v in SPLIT_OF.items() if v == "train"]
 TEST_SLIDES = [s for s, v in SPLIT_OF.items() if v == "test"]
 
 
 # -- settings and helpers of demo.smk
-DEMO = config["slides"]["demo"]
 DEMO_NAMES = SLIDE_NAMES if config["slides"]["source"] == "demo" else []
 
 
@@ -112,31 +97,14 @@ TILE = config["tile"]
 
 # -- settings and helpers of patches.smk
 ANNOTATED = annotated_slides()
-SPLIT = config["split"]
 
 
-def class_flags():
-    classes = config["classes"]
-    flags = ""
-    if classes:
-        pairs = " ".join(shlex.quote(f"{k}={v}") for k, v in classes.items())
-        flags += f"--classes {pairs}"
-    if config["catch_all"] is not None:
-        flags += f" --catch-all {shlex.quote(str(config['catch_all']))}"
-    return flags
-
-
-def split_flags():
-    flags = f"--test-fraction {SPLIT['test_fraction']} --seed {SPLIT['seed']}"
-    if SPLIT["train"] is not None or SPLIT["test"] is not None:
-        flags += " --train " + " ".join(map(shlex.quote, SPLIT["train"] or []))
-        flags += " --test " + " ".join(map(shlex.quote, SPLIT["test"] or []))
-    groups = [
-        f"{s}={g}" for s, g in zip(SLIDES["slide"], SLIDES["stain"]) if g is not None
-    ]
-    if SPLIT["by_stain"] and groups:
-        flags += " --groups " + " ".join(map(shlex.quote, groups))
-    return flags
+def split_groups():
+    """--groups SLIDE=GROUP ... of rule split (by stain style), or nothing."""
+    groups = SPLIT_INPUTS["groups"]
+    if not groups:
+        return ""
+    return "--groups " + quoted(f"{s}={g}" for s, g in groups.items())
 
 
 # -- settings and helpers of masks.smk
@@ -156,53 +124,23 @@ def test_patches(wildcards=None):
     return expand(f"{RESULTS}/patches/{{slide}}", slide=TEST_SLIDES)
 
 
-def dvae_flags(epochs):
-    flags = (
-        f"--beta {DVAE['beta']} --epochs {epochs} --batch-size {DVAE['batch_size']}"
-        f" --lr {DVAE['lr']} --seed {config['seed']} --device {config['device']}"
-    )
-    return flags + (" --conditional" if DVAE["conditional"] else "")
-
-
-# -- settings and helpers of gan.smk
+# -- settings and helpers of gan.smk (the option policy: histosynth.gan.options)
 GAN = config["gan"]
 TRANSLATE = config["translate"]
 EVAL_IMAGES = config["evaluate_images"]
+STAINS = dict(zip(SLIDES["slide"], SLIDES["stain"]))
+TRAIN_OPTIONS = gan_options.trained_options(TRAIN_SLIDES, STAINS, GAN["option_by"])
 
 
-def slide_option(slide):
-    """The option-layer value of a slide: its stain style, its name, or one shared value."""
-    if GAN["option_by"] == "slide":
-        return slide
-    if GAN["option_by"] == "stain":
-        stain = slide_row(slide)["stain"]
-        return stain if stain is not None else "default"
-    return "default"
-
-
-TRAIN_OPTIONS = sorted({slide_option(s) for s in TRAIN_SLIDES})
+def option_pairs(slides):
+    """SLIDE=OPTION of each slide, quoted (train-gan --options, evaluate-images --real-options)."""
+    options = gan_options.slide_options(slides, STAINS, GAN["option_by"])
+    return quoted(gan_options.option_pairs(options))
 
 
 def known_option(slide):
-    """The slide's option if the GAN was trained on it, else the first one it knows (a style it never saw)."""
-    option = slide_option(slide)
-    return option if option in TRAIN_OPTIONS or not TRAIN_OPTIONS else TRAIN_OPTIONS[0]
-
-
-def option_flags(slides):
-    return " ".join(shlex.quote(f"{s}={slide_option(s)}") for s in slides)
-
-
-def gan_flags():
-    return (
-        f"--crop {GAN['crop']} --depth {GAN['depth']} --width {GAN['width']}"
-        f" --disc {GAN['disc']} --num-d {GAN['num_d']} --gan-mode {GAN['gan_mode']}"
-        f" --lambda-l1 {GAN['lambda_l1']} --steps {GAN['steps']} --decay-steps {GAN['decay_steps']}"
-        f" --batch-size {GAN['batch_size']} --lr {GAN['lr']} --seed {config['seed']}"
-        f" --device {config['device']} --sample-every {GAN['sample_every']}"
-        f" --checkpoint-every {GAN['checkpoint_every']} --precision {GAN['precision']}"
-        + (" --noise" if GAN["noise"] else "")
-    )
+    """The slide's option if the GAN was trained on it, else the first one it knows."""
+    return gan_options.known_option(slide, STAINS, GAN["option_by"], TRAIN_OPTIONS)
 
 
 # -- settings and helpers of segmentation.smk
@@ -211,10 +149,6 @@ SCORE = config["score"]
 ARMS = SEG["arms"]
 SEEDS = SEG["seeds"]
 SEG_DIR = f"{RESULTS}/segmentation/{{arm}}/seed-{{seed}}"
-
-
-def quoted(paths):
-    return " ".join(shlex.quote(str(p)) for p in paths)
 
 
 def arm_real(wildcards):
@@ -227,17 +161,6 @@ def arm_synthetic(wildcards):
     if wildcards.arm == "real":
         return []
     return expand(f"{RESULTS}/synthetic/pairs/shard-{{shard}}", shard=SHARDS)
-
-
-def segmenter_flags():
-    flags = (
-        f"--mix {SEG['mix']} --mode {SEG['mode']} --width {SEG['width']}"
-        f" --units {' '.join(map(str, SEG['units']))} --steps {SEG['steps']}"
-        f" --batch-size {SEG['batch_size']} --lr {SEG['lr']} --lr-drop {SEG['lr_drop']}"
-        f" --checkpoint-every {SEG['checkpoint_every']} --precision {SEG['precision']}"
-        f" --device {config['device']}"
-    )
-    return f"{flags} {opt('--input-size', SEG['input_size'])}"
 
 
 def report_figures():

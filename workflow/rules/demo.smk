@@ -16,12 +16,6 @@ rule demo_slides:
         runtime=30,
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        n=DEMO["n_slides"],
-        width=DEMO["size"][0],
-        height=DEMO["size"][1],
-        mpp=DEMO["mpp"],
-        seed=DEMO["seed"],
+        flags=flags("demo-slides"),
     shell:
-        "python -m histosynth demo-slides {params.out:q} --n-slides {params.n}"
-        " --size {params.width} {params.height} --mpp {params.mpp} --seed {params.seed}"
-        " > {log:q} 2>&1"
+        "python -m histosynth demo-slides {params.out:q} {params.flags} > {log:q} 2>&1"

@@ -23,12 +23,11 @@ rule train_gan:
         runtime=GAN["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        options=option_flags(TRAIN_SLIDES),
-        classes=class_flags(),
-        flags=gan_flags(),
+        options=option_pairs(TRAIN_SLIDES),
+        flags=flags("train-gan", "--threads"),
     shell:
         "python -m histosynth train-gan {input:q} {params.out:q} --options {params.options}"
-        " {params.flags} {params.classes} --threads {threads} > {log:q} 2>&1"
+        " {params.flags} --threads {threads} > {log:q} 2>&1"
 
 
 rule translate:
@@ -52,15 +51,11 @@ rule translate:
         mem_mb=TRANSLATE["mem_mb"],
         runtime=TRANSLATE["runtime"],
     params:
-        options=" ".join(f"--option {shlex.quote(o)}" for o in TRANSLATE["options"]),
-        batch=TRANSLATE["batch"],
-        # each shard its own stream: the generator's noise and dropout must not repeat across shards
-        seed=lambda wc: config["seed"] * 1000 + int(wc.shard),
-        device=config["device"],
+        flags=flags("translate", "--seed", "--threads"),
+        seed=lambda wc: gan_options.translate_seed(config["seed"], int(wc.shard)),
     shell:
-        "python -m histosynth translate {input.gan:q} {input.masks:q} {output.pairs:q} {params.options}"
-        " --batch {params.batch} --seed {params.seed} --montage {output.montage:q}"
-        " --device {params.device} --threads {threads} > {log:q} 2>&1"
+        "python -m histosynth translate {input.gan:q} {input.masks:q} {output.pairs:q} {params.flags}"
+        " --seed {params.seed} --montage {output.montage:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule translate_test_masks:
@@ -80,13 +75,10 @@ rule translate_test_masks:
         runtime=TRANSLATE["runtime"],
     params:
         option=lambda wc: shlex.quote(known_option(wc.slide)),
-        batch=TRANSLATE["batch"],
-        seed=config["seed"],
-        device=config["device"],
+        flags=flags("translate", "--option", "--threads"),
     shell:
         "python -m histosynth translate {input.gan:q} {input.masks:q} {output.pairs:q} --option {params.option}"
-        " --batch {params.batch} --seed {params.seed} --no-montage"
-        " --device {params.device} --threads {threads} > {log:q} 2>&1"
+        " {params.flags} --no-montage --threads {threads} > {log:q} 2>&1"
 
 
 rule evaluate_images:
@@ -113,17 +105,12 @@ rule evaluate_images:
         runtime=EVAL_IMAGES["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        options=option_flags(TEST_SLIDES),
-        seed=config["seed"],
-        fid=(
-            f"--fid-max-images {EVAL_IMAGES['fid_max_images']} --device {config['device']}"
-            if EVAL_IMAGES["fid"]
-            else "--no-fid"
-        ),
+        options=option_pairs(TEST_SLIDES),
+        flags=flags("evaluate-images", "--threads"),
     shell:
         "python -m histosynth evaluate-images {input.generated:q} {params.out:q} --real {input.real:q}"
         " --real-masks-translated {input.translated:q} --real-options {params.options}"
-        " --seed {params.seed} {params.fid} --threads {threads} > {log:q} 2>&1"
+        " {params.flags} --threads {threads} > {log:q} 2>&1"
 
 
 rule synthetic:

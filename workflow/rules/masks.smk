@@ -31,15 +31,9 @@ rule fit_stats:
         runtime=STATS["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        classes=class_flags(),
-        margin=STATS["border_margin"],
-        calibrate=STATS["calibrate"],
-        calibrate_masks=STATS["calibrate_masks"],
-        seed=config["seed"],
+        flags=flags("fit-stats"),
     shell:
-        "python -m histosynth fit-stats {input:q} {params.out:q} {params.classes}"
-        " --border-margin {params.margin} --calibrate {params.calibrate}"
-        " --calibrate-masks {params.calibrate_masks} --seed {params.seed} > {log:q} 2>&1"
+        "python -m histosynth fit-stats {input:q} {params.out:q} {params.flags} > {log:q} 2>&1"
 
 
 rule nuclei_library:
@@ -61,13 +55,10 @@ rule nuclei_library:
         mem_mb=LIBRARY["mem_mb"],
         runtime=LIBRARY["runtime"],
     params:
-        classes=class_flags(),
-        min_bbox_area=LIBRARY["min_bbox_area"],
-        frame=LIBRARY["frame"],
+        flags=flags("nuclei-library"),
     shell:
         "python -m histosynth nuclei-library {input:q} {output.npz:q} --montage {output.montage:q}"
-        " --min-bbox-area {params.min_bbox_area} --frame {params.frame} {params.classes}"
-        " > {log:q} 2>&1"
+        " {params.flags} > {log:q} 2>&1"
 
 
 rule train_dvae:
@@ -97,11 +88,10 @@ rule train_dvae:
         runtime=DVAE["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        latent_dim=DVAE["latent_dim"],
-        flags=dvae_flags(DVAE["epochs"]),
+        flags=flags("train-dvae", "--threads"),
     shell:
-        "python -m histosynth train-dvae {input:q} {params.out:q} --latent-dim {params.latent_dim}"
-        " {params.flags} --threads {threads} > {log:q} 2>&1"
+        "python -m histosynth train-dvae {input:q} {params.out:q} {params.flags} --threads {threads}"
+        " > {log:q} 2>&1"
 
 
 rule dvae_sweep:
@@ -121,11 +111,10 @@ rule dvae_sweep:
         runtime=DVAE["runtime"] * len(DVAE["sweep_latent_dims"]),
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        dims=" ".join(map(str, DVAE["sweep_latent_dims"])),
-        flags=dvae_flags(DVAE["sweep_epochs"]),
+        flags=flags("dvae-sweep", "--threads"),
     shell:
-        "python -m histosynth dvae-sweep {input:q} {params.out:q} --latent-dims {params.dims}"
-        " {params.flags} --threads {threads} > {log:q} 2>&1"
+        "python -m histosynth dvae-sweep {input:q} {params.out:q} {params.flags} --threads {threads}"
+        " > {log:q} 2>&1"
 
 
 rule sample_masks:
@@ -143,15 +132,10 @@ rule sample_masks:
         mem_mb=SAMPLE["mem_mb"],
         runtime=SAMPLE["runtime"],
     params:
-        n=SAMPLE["n"],
-        size=SAMPLE["size"],
-        sigma=SAMPLE["sigma"],
-        shards=SAMPLE["shards"],
-        seed=config["seed"],
+        flags=flags("sample-masks", "--threads"),
     shell:
-        "python -m histosynth sample-masks {input.stats:q} {input.dvae:q} {output:q}"
-        " --n {params.n} --size {params.size} --sigma {params.sigma} --seed {params.seed}"
-        " --shard {wildcards.shard} --n-shards {params.shards} --threads {threads} > {log:q} 2>&1"
+        "python -m histosynth sample-masks {input.stats:q} {input.dvae:q} {output:q} {params.flags}"
+        " --shard {wildcards.shard} --threads {threads} > {log:q} 2>&1"
 
 
 rule evaluate_masks:
@@ -180,10 +164,10 @@ rule evaluate_masks:
         runtime=30,
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        margin=STATS["border_margin"],
+        flags=flags("evaluate-masks"),
     shell:
         "python -m histosynth evaluate-masks {input.synthetic:q} {params.out:q} --real {input.real:q}"
-        " --border-margin {params.margin} > {log:q} 2>&1"
+        " {params.flags} > {log:q} 2>&1"
 
 
 rule masks:

@@ -21,10 +21,10 @@ rule rasterize:
         mem_mb=2000,
         runtime=30,
     params:
-        classes=class_flags(),
+        flags=flags("rasterize"),
     shell:
         "python -m histosynth rasterize {input.annotations:q} {input.tiles:q} {output.patches:q}"
-        " {params.classes} --overlay {output.overlay:q} > {log:q} 2>&1"
+        " {params.flags} --overlay {output.overlay:q} > {log:q} 2>&1"
 
 
 rule split:
@@ -39,10 +39,13 @@ rule split:
         mem_mb=500,
         runtime=5,
     params:
-        slides=" ".join(map(shlex.quote, ANNOTATED)),
-        flags=split_flags(),
+        # what the Snakefile's own split (SPLIT_OF) was computed from: histosynth.patches.split.split_inputs
+        slides=quoted(SPLIT_INPUTS["slides"]),
+        flags=flags("split"),
+        groups=split_groups(),
     shell:
-        "python -m histosynth split {output:q} --slides {params.slides} {params.flags} > {log:q} 2>&1"
+        "python -m histosynth split {output:q} --slides {params.slides} {params.flags} {params.groups}"
+        " > {log:q} 2>&1"
 
 
 rule patches:

@@ -28,12 +28,10 @@ rule train_segmenter:
         synthetic=lambda wc: (
             f"--synthetic {quoted(arm_synthetic(wc))}" if arm_synthetic(wc) else ""
         ),
-        classes=class_flags(),
-        flags=segmenter_flags(),
+        flags=flags("train-segmenter", "--seed", "--threads"),
     shell:
         "python -m histosynth train-segmenter {params.real} {params.out:q} --arm {wildcards.arm:q}"
-        " --seed {wildcards.seed} {params.synthetic} {params.flags} {params.classes}"
-        " --threads {threads} > {log:q} 2>&1"
+        " --seed {wildcards.seed} {params.synthetic} {params.flags} --threads {threads} > {log:q} 2>&1"
 
 
 # The only rule that reads the TEST slides' patch sets for segmentation.
@@ -61,10 +59,7 @@ rule score:
         runtime=SCORE["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        flags=(
-            f"--batch {SCORE['batch']} --overlays {SCORE['overlays']}"
-            f" --device {config['device']} {opt('--overlap', SCORE['overlap'])}"
-        ),
+        flags=flags("score", "--threads"),
     shell:
         "python -m histosynth score {input.model:q} {input.test:q} {params.out:q} {params.flags}"
         " --threads {threads} > {log:q} 2>&1"

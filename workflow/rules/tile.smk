@@ -18,12 +18,7 @@ rule tile:
         mem_mb=TILE["mem_mb"],
         runtime=TILE["runtime"],
     params:
-        size=TILE["size"],
-        mpp=lambda wc: opt("--mpp", TILE["target_mpp"]),
-        stride=lambda wc: opt("--stride", TILE["stride"]),
-        threshold=TILE["background_threshold"],
-        max_background=TILE["max_background"],
-        edge=TILE["edge"],
+        flags=flags("tile", "--threads", "--mpp-fallback"),
         fallback=mpp_flag,
         regions=lambda wc, input: (
             f"--regions-from {shlex.quote(input.annotations[0])}"
@@ -32,10 +27,7 @@ rule tile:
         ),
     shell:
         "python -m histosynth tile {input.slide:q} {output:q} --name {wildcards.slide:q}"
-        " --size {params.size} {params.mpp} {params.stride}"
-        " --background-threshold {params.threshold} --max-background {params.max_background}"
-        " --edge {params.edge} {params.fallback} {params.regions} --threads {threads}"
-        " > {log:q} 2>&1"
+        " {params.flags} {params.fallback} {params.regions} --threads {threads} > {log:q} 2>&1"
 
 
 rule tiles:

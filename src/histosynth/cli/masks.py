@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from histosynth.cli._args import add_classes, add_device, add_option, add_seed, add_threads
 from histosynth.errors import HistosynthError
 
 
@@ -12,14 +13,13 @@ def _add_fit_stats(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fit-stats", help="mask statistics + count/size/spatial fits of real patch sets (stats.json)")
     p.add_argument("patch_sets", nargs="+", help="typed patch sets (inst + types) of the train slides")
     p.add_argument("out_dir", help="output directory (stats.json, counts.png, morphology.png, spatial.png)")
-    p.add_argument("--classes", nargs="*", metavar="NAME=ID",
-                   help="class names (default: from the patch sets' report.json, else 'type k')")
-    p.add_argument("--border-margin", type=int, default=1,
-                   help="nuclei within this many px of the edge are left out of the morphology (default 1)")
-    p.add_argument("--calibrate", type=int, default=4,
-                   help="rounds of simulation calibrating the placement (packing, contact; default 4; 0: none)")
-    p.add_argument("--calibrate-masks", type=int, default=64, help="masks simulated per round (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration simulations (default 0)")
+    add_classes(p, "class names (none: from the patch sets' report.json, else 'type k')", nargs="*")
+    add_option(p, "--border-margin", key="stats.border_margin", type=int,
+               help="nuclei within this many px of the edge are left out of the morphology")
+    add_option(p, "--calibrate", key="stats.calibrate", type=int,
+               help="rounds of simulation calibrating the placement (packing, contact; 0: none)")
+    add_option(p, "--calibrate-masks", key="stats.calibrate_masks", type=int, help="masks simulated per round")
+    add_seed(p, help="seed of the calibration simulations")
     p.set_defaults(func=_run_fit_stats)
 
 
@@ -42,13 +42,10 @@ def _add_library(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("nuclei-library", help="collect every complete nucleus of typed patch sets (nuclei.npz)")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="typed patch sets (inst + types) followed by the output .npz")
-    p.add_argument("--min-bbox-area", type=float, default=64,
-                   help=f"drop nuclei whose bounding box (rows x cols, patch pixels) is smaller "
-                        f"(default {64}; the seed used 800)")
-    p.add_argument("--frame", type=int, default=64,
-                   help=f"side of the square image each shape is stored in (default {64})")
-    p.add_argument("--classes", nargs="*", metavar="NAME=ID",
-                   help="class names of the type ids (default: from the patch sets' report.json)")
+    add_option(p, "--min-bbox-area", key="library.min_bbox_area", type=float,
+               help="drop nuclei whose bounding box (rows x cols, patch pixels) is smaller (the seed used 800)")
+    add_option(p, "--frame", key="library.frame", type=int, help="side of the square image each shape is stored in")
+    add_classes(p, "class names of the type ids (none: from the patch sets' report.json)", nargs="*")
     p.add_argument("--montage", help="montage PNG (default: montage.png beside the .npz)")
     p.set_defaults(func=_run_library)
 
@@ -66,27 +63,25 @@ def _run_library(args: argparse.Namespace) -> None:
                   montage=args.montage, progress=getattr(args, "progress", False))
 
 
-def _add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--beta", type=float, default=4.0, help="weight of the KL term, > 1 disentangles (default 4)")
-    p.add_argument("--epochs", type=int, default=30, help=f"epochs (default {30})")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    p.add_argument("--conditional", action="store_true", help="condition encoder and decoder on the nucleus type")
-    p.add_argument("--holdout", type=float, default=0.1, help="fraction held out for evaluation (default 0.1)")
-    p.add_argument("--checkpoint-every", type=int, default=1, help="epochs between checkpoints (default 1)")
-    p.add_argument("--checkpoint-steps", type=int, default=0,
-                   help="also checkpoint every this many optimizer steps (default 0: off)")
-    p.add_argument("--no-augment", dest="augment", action="store_false",
-                   help="no random flips / 90-degree rotations of the training shapes")
-    p.add_argument("--enc-widths", type=int, nargs="+", default=[32, 32, 64, 64],
-                   help="encoder channels, one stride-2 block each "
-                        "(default 32 32 64 64)")
-    p.add_argument("--dec-widths", type=int, nargs="+", default=[32, 32, 16],
-                   help="decoder channels (default 32 32 16; "
-                        "strides 2 1 2 for three blocks)")
+def _add_training_flags(p: argparse.ArgumentParser, epochs_key: str) -> None:
+    """The options train-dvae and dvae-sweep share (``epochs_key``: the sweep has its own epochs)."""
+    add_option(p, "--beta", key="dvae.beta", type=float, help="weight of the KL term, > 1 disentangles")
+    add_option(p, "--epochs", key=epochs_key, type=int, help="epochs")
+    add_option(p, "--batch-size", key="dvae.batch_size", type=int, help="batch size")
+    add_option(p, "--lr", key="dvae.lr", type=float, help="Adam learning rate")
+    add_seed(p)
+    add_device(p)
+    add_threads(p, "dvae")
+    add_option(p, "--conditional", key="dvae.conditional", help="condition encoder and decoder on the nucleus type")
+    add_option(p, "--holdout", key="dvae.holdout", type=float, help="fraction held out for evaluation")
+    add_option(p, "--checkpoint-every", key="dvae.checkpoint_every", type=int, help="epochs between checkpoints")
+    add_option(p, "--checkpoint-steps", key="dvae.checkpoint_steps", type=int,
+               help="also checkpoint every this many optimizer steps (0: off)")
+    add_option(p, "--augment", key="dvae.augment", help="random flips / 90-degree rotations of the training shapes")
+    add_option(p, "--enc-widths", key="dvae.enc_widths", type=int, nargs="+",
+               help="encoder channels, one stride-2 block each")
+    add_option(p, "--dec-widths", key="dvae.dec_widths", type=int, nargs="+",
+               help="decoder channels (strides 2 1 2 for three blocks)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint.pt")
 
 
@@ -107,16 +102,15 @@ def _add_dvae(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-dvae", help="train the nucleus-shape beta-VAE on a nuclei library")
     p.add_argument("library", help="nuclei.npz from `histosynth nuclei-library`")
     p.add_argument("out_dir", help="output folder (dvae.pt, log.csv, traversal.png, samples.png, checkpoint.pt)")
-    p.add_argument("--latent-dim", type=int, default=10, help="latent size (default 10)")
-    _add_training_flags(p)
+    add_option(p, "--latent-dim", key="dvae.latent_dim", type=int, help="latent size")
+    _add_training_flags(p, "dvae.epochs")
     p.set_defaults(func=_run_train)
 
     p = sub.add_parser("dvae-sweep", help="train one beta-VAE per latent size (sweep.csv, sweep.png)")
     p.add_argument("library", help="nuclei.npz from `histosynth nuclei-library`")
     p.add_argument("out_dir", help="output folder (latent-K/ per size, sweep.csv, sweep.png)")
-    p.add_argument("--latent-dims", type=int, nargs="+", default=[8, 10, 16, 20, 30],
-                   help="latent sizes (default 8 10 16 20 30)")
-    _add_training_flags(p)
+    add_option(p, "--latent-dims", key="dvae.sweep_latent_dims", type=int, nargs="+", help="latent sizes")
+    _add_training_flags(p, "dvae.sweep_epochs")
     p.set_defaults(func=_run_sweep)
 
 
@@ -137,19 +131,20 @@ def _add_sample_masks(sub: argparse._SubParsersAction) -> None:
     p.add_argument("stats", help="stats.json from fit-stats (or its directory)")
     p.add_argument("dvae", help="β-VAE checkpoint (dvae.pt); the word 'ellipses' uses fitted ellipses instead")
     p.add_argument("out_dir", help="output patch set (inst.npy + types.npy + index.csv)")
-    p.add_argument("--n", type=int, required=True, help="number of masks over all shards")
-    p.add_argument("--size", type=int, default=256, help="mask side in px at the stats' mpp (default 256)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sigma", type=float, default=0.5, help="sd of the latent draws z ~ N(0, sigma^2) (default 0.5)")
-    p.add_argument("--shard", type=int, default=0, help="this shard (0-based, default 0)")
-    p.add_argument("--n-shards", type=int, default=1, help="number of shards (default 1)")
-    p.add_argument("--batch", type=int, default=32, help="masks whose shapes are decoded together (default 32)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for decoding (default 1)")
-    p.add_argument("--eccentricity", choices=("fitted", "model"), default="fitted",
-                   help="fitted: stretch each shape to an eccentricity drawn from its type's fitted distribution "
-                        "(default); model: keep the decoded shape's own")
-    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="decoder arithmetic: auto = bfloat16 on CPUs with native bf16, else float32")
+    add_option(p, "--n", key="sample_masks.n", type=int, help="number of masks over all shards")
+    add_option(p, "--size", key="sample_masks.size", type=int, help="mask side in px at the stats' mpp")
+    add_seed(p)
+    add_option(p, "--sigma", key="sample_masks.sigma", type=float, help="sd of the latent draws z ~ N(0, sigma^2)")
+    p.add_argument("--shard", type=int, default=0, help="this shard, 0-based (default 0)")
+    add_option(p, "--n-shards", key="sample_masks.shards", type=int,
+               help="number of shards (each its own random stream: the masks depend on it)")
+    add_option(p, "--batch", key="sample_masks.batch", type=int, help="masks whose shapes are decoded together")
+    add_threads(p, "sample_masks", help="torch threads for decoding")
+    add_option(p, "--eccentricity", key="sample_masks.eccentricity",
+               help="fitted: stretch each shape to an eccentricity drawn from its type's fitted distribution; "
+                    "model: keep the decoded shape's own")
+    add_option(p, "--precision", key="sample_masks.precision",
+               help="decoder arithmetic: auto = bfloat16 on CPUs with native bf16, else float32")
     p.set_defaults(func=_run_sample_masks)
 
 
@@ -174,8 +169,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="SYNTHETIC REAL OUT_DIR, or SYNTHETIC... OUT_DIR with --real REAL...")
     p.add_argument("--real", nargs="+", help="real patch sets (then PATH is SYNTHETIC... OUT_DIR)")
-    p.add_argument("--border-margin", type=int, default=1,
-                   help="nuclei within this many px of the edge are left out of area/eccentricity (default 1)")
+    add_option(p, "--border-margin", key="stats.border_margin", type=int,
+               help="nuclei within this many px of the edge are left out of area/eccentricity (as in fit-stats)")
     p.set_defaults(func=_run_evaluate)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from histosynth.cli._args import add_classes, add_option, add_seed
 from histosynth.errors import HistosynthError
 
 log = logging.getLogger("histosynth")
@@ -16,11 +17,12 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("annotations", help="annotation file (GeoJSON, ImageScope/ASAP XML, .mat, label image, ...)")
     p.add_argument("tiles_dir", help="the slide's tile patch set (from `histosynth tile`)")
     p.add_argument("out_dir", help="output patch set (images + inst + types)")
-    p.add_argument("--classes", nargs="*", metavar="NAME=ID",
-                   help="class name to type id (1..255); omitted: every nucleus is type 1")
-    p.add_argument("--catch-all", metavar="NAME_OR_ID",
-                   help="class for names not in --classes (otherwise unknown names are an error)")
+    add_classes(p, "class name to type id (1..255); none: every nucleus is type 1", nargs="*")
+    add_option(p, "--catch-all", key="catch_all", metavar="NAME_OR_ID",
+               help="class for names not in --classes (none: unknown names are an error)")
     p.add_argument("--overlay", metavar="PNG", help="also draw outlines on a few patches into this PNG")
+    add_option(p, "--overlay-per-slide", key="rasterize.overlay_per_slide", type=int,
+               help="patches drawn in the --overlay PNG")
     p.set_defaults(func=_run_rasterize)
 
 
@@ -33,7 +35,7 @@ def _run_rasterize(args: argparse.Namespace) -> None:
     rasterize_patchset(args.annotations, args.tiles_dir, args.out_dir, class_map, catch_all)
     if args.overlay:
         names = {v: k for k, v in class_map.items()} if class_map else None
-        overlay(args.out_dir, args.overlay, class_names=names)
+        overlay(args.out_dir, args.overlay, per_slide=args.overlay_per_slide, class_names=names)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -55,8 +57,8 @@ def _add_overlay(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("overlay", help="PNG of nucleus outlines on a few patches per slide")
     p.add_argument("patch_set")
     p.add_argument("out_png")
-    p.add_argument("--per-slide", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
+    add_option(p, "--per-slide", key="rasterize.overlay_per_slide", type=int, help="patches drawn per slide")
+    add_seed(p, help="breaks ties between equally full patches")
     p.set_defaults(func=_run_overlay)
 
 
@@ -70,11 +72,12 @@ def _run_overlay(args: argparse.Namespace) -> None:
 def _add_split(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("split", help="assign whole slides to train / test (split.csv)")
     p.add_argument("out", help="output CSV (slide, split)")
-    p.add_argument("--slides", nargs="+", required=True, help="all slide names of the run")
-    p.add_argument("--test-fraction", type=float, default=0.25, help="fraction of slides for test (default 0.25)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train", nargs="*", help="explicit train slides (with --test: no random split)")
-    p.add_argument("--test", nargs="*", help="explicit test slides")
+    p.add_argument("--slides", nargs="*", required=True,
+                   help="all (annotated) slide names of the run; fewer than two all go to train")
+    add_option(p, "--test-fraction", key="split.test_fraction", type=float, help="fraction of slides for test")
+    add_seed(p, key="split.seed")
+    add_option(p, "--train", key="split.train", nargs="*", help="explicit train slides (with --test: no random split)")
+    add_option(p, "--test", key="split.test", nargs="*", help="explicit test slides")
     p.add_argument("--groups", nargs="*", metavar="SLIDE=GROUP",
                    help="split each group (e.g. stain style) on its own")
     p.set_defaults(func=_run_split)
@@ -92,7 +95,6 @@ def _run_split(args: argparse.Namespace) -> None:
     table = split_slides(args.slides, args.test_fraction, args.seed, train=args.train, test=args.test,
                          groups=groups)
     write_split(table, args.out)
-
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from histosynth.cli._args import add_training_args
+from histosynth.cli._args import add_device, add_option, add_threads, add_training_args, schema_choices
 from histosynth.errors import HistosynthError
 
 
@@ -13,23 +13,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="[REAL_PATCH_SETS...] OUT_DIR (real patch sets with images, inst and types; the output "
                         "folder: model.pt, log.csv, checkpoint.pt)")
-    p.add_argument("--arm", choices=("real", "real+synthetic", "synthetic"), required=True, help="which data to train on")
+    p.add_argument("--arm", choices=schema_choices("segmenter.arms"), required=True, help="which data to train on")
     p.add_argument("--synthetic", nargs="+", default=[], metavar="PATCH_SET",
                    help="synthetic pairs (translate's output), for the synthetic and real+synthetic arms")
-    p.add_argument("--mix", type=float, default=0.5,
-                   help="real+synthetic: the chance that a batch patch is synthetic (default 0.5)")
-    p.add_argument("--mode", choices=("fast", "original"), default="fast",
-                   help="HoVer-Net mode: fast 256 -> 164 px, original 270 -> 80 px (default fast)")
-    p.add_argument("--width", type=int, default=64, help="encoder base width (default 64, the paper's)")
-    p.add_argument("--units", type=int, nargs=4, default=[3, 4, 6, 3], metavar="N",
-                   help="residual units per encoder stage (default 3 4 6 3, ResNet-50)")
-    p.add_argument("--input-size", type=int, default=None, help="network input side (default: the mode's)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000), the same for every arm")
-    p.add_argument("--batch-size", type=int, default=4, help="default 4")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
-    p.add_argument("--lr-drop", type=float, default=0.5,
-                   help="fraction of the steps after which the learning rate is divided by 10 (default 0.5)")
-    add_training_args(p, checkpoint_every=200)
+    add_option(p, "--mix", key="segmenter.mix", type=float,
+               help="real+synthetic: the chance that a batch patch is synthetic")
+    add_option(p, "--mode", key="segmenter.mode", help="HoVer-Net mode: fast 256 -> 164 px, original 270 -> 80 px")
+    add_option(p, "--width", key="segmenter.width", type=int, help="encoder base width (64: the paper's)")
+    add_option(p, "--units", key="segmenter.units", type=int, nargs=4, metavar="N",
+               help="residual units per encoder stage (3 4 6 3: ResNet-50)")
+    add_option(p, "--input-size", key="segmenter.input_size", type=int, help="network input side (none: the mode's)")
+    add_option(p, "--steps", key="segmenter.steps", type=int, help="training steps, the same for every arm")
+    add_option(p, "--batch-size", key="segmenter.batch_size", type=int, help="batch size")
+    add_option(p, "--lr", key="segmenter.lr", type=float, help="Adam learning rate")
+    add_option(p, "--lr-drop", key="segmenter.lr_drop", type=float,
+               help="fraction of the steps after which the learning rate is divided by 10")
+    add_training_args(p, "segmenter")
     p.set_defaults(func=_run_train)
 
 
@@ -50,13 +49,13 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="MODEL PATCH_SETS... OUT_DIR (model.pt of train-segmenter; test patch sets with images, "
                         "inst and types; the output folder: scores.csv, summary.json, overlay.png)")
-    p.add_argument("--overlap", type=int, default=None,
-                   help="overlap of the sliding windows in output pixels (default a quarter of the output)")
-    p.add_argument("--batch", type=int, default=4, help="windows per forward pass (default 4)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default auto")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    p.add_argument("--overlays", type=int, default=4, help="test images drawn in overlay.png (default 4)")
-    p.add_argument("--precision", choices=("float32", "bf16"), default="float32", help="default float32")
+    add_option(p, "--overlap", key="score.overlap", type=int,
+               help="overlap of the sliding windows in output pixels (none: a quarter of the output)")
+    add_option(p, "--batch", key="score.batch", type=int, help="windows per forward pass")
+    add_device(p)
+    add_threads(p, "score")
+    add_option(p, "--overlays", key="score.overlays", type=int, help="test images drawn in overlay.png")
+    add_option(p, "--precision", key="score.precision", help="arithmetic of the forward passes")
     p.set_defaults(func=_run_score)
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from histosynth.cli._args import fraction, positive_float, region
+from histosynth.cli._args import add_option, add_seed, add_threads, fraction, positive_float, region
 from histosynth.errors import HistosynthError
 
 log = logging.getLogger("histosynth")
@@ -16,11 +16,11 @@ log = logging.getLogger("histosynth")
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-slides", help="write synthetic H&E demo slides with nucleus GeoJSON")
     p.add_argument("out_dir", help="output directory (slides.csv, *.tif, *.geojson)")
-    p.add_argument("--n-slides", type=int, default=4, help="number of slides (default 4)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=(4096, 4096),
-                   help="level-0 width and height in pixels (default 4096 4096)")
-    p.add_argument("--mpp", type=positive_float, default=0.25, help="micrometres per pixel (default 0.25, 40x)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_option(p, "--n-slides", key="slides.demo.n_slides", type=int, help="number of slides")
+    add_option(p, "--size", key="slides.demo.size", type=int, nargs=2, metavar=("W", "H"),
+               help="level-0 width and height in pixels")
+    add_option(p, "--mpp", key="slides.demo.mpp", type=positive_float, help="micrometres per pixel (0.25: 40x)")
+    add_seed(p, key="slides.demo.seed")
     p.set_defaults(func=_run_demo)
 
 
@@ -40,23 +40,24 @@ def _add_tile(sub: argparse._SubParsersAction) -> None:
     p.add_argument("slide", help="slide or image file")
     p.add_argument("out_dir", help="output patch-set directory (index.csv + images.npy)")
     p.add_argument("--name", help="slide name recorded in index.csv (default: file name without suffix)")
-    p.add_argument("--size", type=int, default=256, help="tile side in output pixels (default 256)")
-    p.add_argument("--mpp", type=positive_float, dest="target_mpp",
-                   help="tile resolution in um/px (default: the slide's level-0 resolution)")
-    p.add_argument("--stride", type=int, help="step between tiles in output pixels (default: --size)")
-    p.add_argument("--background-threshold", type=int, default=204,
-                   help="grey value above which a pixel is background (default 204)")
-    p.add_argument("--max-background", type=fraction, default=0.85,
-                   help="drop tiles with more background than this fraction (default 0.85; 1 keeps all)")
-    p.add_argument("--edge", choices=("pad", "drop"), default="pad",
-                   help="tiles past the slide edge: pad with background and flag, or drop (default pad)")
+    add_option(p, "--size", key="tile.size", type=int, help="tile side in output pixels")
+    add_option(p, "--mpp", key="tile.target_mpp", type=positive_float, dest="target_mpp",
+               help="tile resolution in um/px", none="the slide's level-0 resolution")
+    add_option(p, "--stride", key="tile.stride", type=int,
+               help="step between tiles in output pixels (none: --size, no overlap)")
+    add_option(p, "--background-threshold", key="tile.background_threshold", type=int,
+               help="grey value above which a pixel is background")
+    add_option(p, "--max-background", key="tile.max_background", type=fraction,
+               help="drop tiles with more background than this fraction (1 keeps all)")
+    add_option(p, "--edge", key="tile.edge",
+               help="tiles past the slide edge: pad with background and flag, or drop")
     p.add_argument("--region", type=region, action="append", default=[], metavar="X,Y,W,H",
                    help="tile only this level-0 region (repeatable)")
     p.add_argument("--regions-from", metavar="ANNOTATIONS",
                    help="tile only the annotated areas of this annotation file")
-    p.add_argument("--mpp-fallback", type=positive_float,
-                   help="um/px to assume when the slide states none (otherwise that is an error)")
-    p.add_argument("--threads", type=int, default=1, help="threads decoding slide tiles and probing them for background (default 1)")
+    add_option(p, "--mpp-fallback", key="mpp_fallback", type=positive_float,
+               help="um/px to assume when the slide states none (none: that is an error)")
+    add_threads(p, "tile", help="threads decoding slide tiles and probing them for background")
     p.set_defaults(func=_run_tile)
 
 
@@ -85,7 +86,8 @@ def _run_tile(args: argparse.Namespace) -> None:
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("slide-info", help="print what the reader sees in a slide (JSON)")
     p.add_argument("slide")
-    p.add_argument("--mpp-fallback", type=positive_float)
+    add_option(p, "--mpp-fallback", key="mpp_fallback", type=positive_float,
+               help="um/px to assume when the slide states none")
     p.set_defaults(func=_run_info)
 
 
@@ -94,7 +96,6 @@ def _run_info(args: argparse.Namespace) -> None:
 
     with open_slide(args.slide, mpp_fallback=args.mpp_fallback) as slide:
         print(json.dumps(slide.describe(), indent=2))
-
 
 
 def register(sub: argparse._SubParsersAction) -> None:

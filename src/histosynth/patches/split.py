@@ -4,6 +4,13 @@ Either explicit lists (every slide named exactly once) or a seeded random
 split by fraction; with ``groups`` (e.g. the stain style of each slide) each
 group is split on its own so both sides see every group when it has at least
 two slides. The result does not depend on the order the slides are given in.
+A run with fewer than two slides has nothing to test on: its slides all go to
+train.
+
+:func:`split_slides` is the one split: the workflow calls it at parse time
+(:func:`split_from_config`, to know which slides fit what) and ``rule split``
+calls it through ``histosynth split`` with the flags :func:`split_inputs`
+gives, so the two agree by construction.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,22 +33,27 @@ SPLITS = ("train", "test")
 
 def split_slides(
     slides: Sequence[str],
-    test_fraction: float = 0.25,
+    test_fraction: float = 0.34,
     seed: int = 0,
     *,
     train: Sequence[str] | None = None,
     test: Sequence[str] | None = None,
     groups: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """A table ``slide, split`` with one row per slide, sorted by slide name."""
+    """A table ``slide, split`` with one row per slide, sorted by slide name.
+
+    Explicit ``train``/``test`` lists are checked and taken as they are. Otherwise fewer than two slides all
+    go to train (there is nothing to test on; a warning says so), and more are split at random.
+    """
     names = sorted(set(slides))
     if len(names) != len(slides):
         dupes = sorted({s for s in slides if list(slides).count(s) > 1})
         raise HistosynthError(f"slide names repeat: {dupes}")
-    if len(names) < 2:
-        raise HistosynthError(f"a train/test split needs at least 2 slides, got {len(names)}")
     if train is not None or test is not None:
         return _explicit(names, list(train or []), list(test or []))
+    if len(names) < 2:
+        log.warning("%d slide(s): nothing to test on, every slide goes to train", len(names))
+        return pd.DataFrame({"slide": names, "split": ["train"] * len(names)}, dtype=object)
     if not 0.0 < test_fraction < 1.0:
         raise HistosynthError(f"test fraction must be between 0 and 1, got {test_fraction}")
     rng = np.random.default_rng(seed)
@@ -77,6 +90,25 @@ def _explicit(names: list[str], train: list[str], test: list[str]) -> pd.DataFra
     if not train or not test:
         raise HistosynthError("both the train and the test list need at least one slide")
     return pd.DataFrame({"slide": names, "split": ["test" if s in set(test) else "train" for s in names]})
+
+
+def split_inputs(config: Mapping[str, Any], slides: pd.DataFrame) -> dict[str, Any]:
+    """The arguments of :func:`split_slides` for a validated config and its slide table
+    (:func:`histosynth.config.slide_table`): the annotated slides, the ``split`` settings and, with
+    ``split.by_stain``, each slide's stain style as its group."""
+    cfg = config["split"]
+    names = [s for s, a in zip(slides["slide"], slides["annotations"]) if a is not None]
+    groups = None
+    if cfg["by_stain"]:
+        groups = {s: g for s, g in zip(slides["slide"], slides["stain"]) if g is not None} or None
+    return {"slides": names, "test_fraction": cfg["test_fraction"], "seed": cfg["seed"], "train": cfg["train"],
+            "test": cfg["test"], "groups": groups}
+
+
+def split_from_config(config: Mapping[str, Any], slides: pd.DataFrame) -> dict[str, str]:
+    """slide -> ``train``/``test`` for the annotated slides of a run: what ``rule split`` writes to split.csv."""
+    table = split_slides(**split_inputs(config, slides))
+    return dict(zip(table["slide"], table["split"]))
 
 
 def write_split(table: pd.DataFrame, path: str | os.PathLike) -> None:
