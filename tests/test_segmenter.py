@@ -232,9 +232,10 @@ def test_cli_train_and_score(sets, tmp_path, capsys):
     out = tmp_path / "cli"
     args = ["train-segmenter", str(sets["synthetic"][0]), str(out), "--arm", "real", "--width", "8", "--units",
             "1", "1", "1", "1", "--input-size", "104", "--steps", "1", "--batch-size", "1", "--device", "cpu",
-            "--precision", "float32"]
+            "--precision", "float32", "--threads", "1"]
     assert main(args) == 0
-    assert main(["score", str(out / "model.pt"), str(sets["test"][0]), str(tmp_path / "s"), "--device", "cpu"]) == 0
+    assert main(["score", str(out / "model.pt"), str(sets["test"][0]), str(tmp_path / "s"), "--device", "cpu",
+                 "--threads", "1"]) == 0
     assert (tmp_path / "s" / "scores.csv").is_file()
     assert main(["train-segmenter", str(tmp_path / "x"), "--arm", "synthetic"]) == 2
     assert "needs synthetic" in capsys.readouterr().err

@@ -46,7 +46,7 @@ def _add_train_gan(sub: argparse._SubParsersAction) -> None:
 
 def _run_train_gan(args: argparse.Namespace) -> None:
     from histosynth.gan.train import train_gan
-    from histosynth.patches.annotate import parse_class_map
+    from histosynth.io.labels import parse_class_map
 
     if len(args.paths) < 2:
         raise HistosynthError("train-gan needs at least one patch set and an output folder")

@@ -25,12 +25,12 @@ def _add_fit_stats(sub: argparse._SubParsersAction) -> None:
 
 def _run_fit_stats(args: argparse.Namespace) -> None:
     from histosynth.masks.stats import fit_stats
-    from histosynth.patches.annotate import parse_class_map
+    from histosynth.io.labels import parse_class_map, read_class_map
 
     if len(args.patch_sets) < 1:
         raise HistosynthError("fit-stats needs at least one patch set and an output directory")
     cmap = parse_class_map(args.classes)
-    names = {v: k for k, v in cmap.items()} if cmap else None
+    names = read_class_map(cmap) if cmap else None
     if args.calibrate < 0 or args.calibrate_masks < 1:
         raise HistosynthError("--calibrate must be >= 0 and --calibrate-masks >= 1")
     fit_stats(args.patch_sets, args.out_dir, class_names=names, border_margin=args.border_margin,
@@ -52,13 +52,13 @@ def _add_library(sub: argparse._SubParsersAction) -> None:
 
 def _run_library(args: argparse.Namespace) -> None:
     from histosynth.masks.library import build_library
-    from histosynth.patches.annotate import parse_class_map
+    from histosynth.io.labels import parse_class_map, read_class_map
 
     if len(args.paths) < 2:
         raise HistosynthError("nuclei-library needs at least one patch set and the output .npz")
     *sets, out = args.paths
     class_map = parse_class_map(args.classes)
-    names = {tid: name for name, tid in class_map.items()} if class_map else None
+    names = read_class_map(class_map) if class_map else None
     build_library(sets, out, min_bbox_area=args.min_bbox_area, frame=args.frame, class_names=names,
                   montage=args.montage, progress=getattr(args, "progress", False))
 

@@ -28,13 +28,14 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
 
 def _run_rasterize(args: argparse.Namespace) -> None:
     from histosynth.patches.export import overlay
-    from histosynth.patches.annotate import parse_class_map, rasterize_patchset
+    from histosynth.io.labels import parse_class_map, read_class_map
+    from histosynth.patches.annotate import rasterize_patchset
 
     class_map = parse_class_map(args.classes)
     catch_all = int(args.catch_all) if args.catch_all and args.catch_all.isdigit() else args.catch_all
     rasterize_patchset(args.annotations, args.tiles_dir, args.out_dir, class_map, catch_all)
     if args.overlay:
-        names = {v: k for k, v in class_map.items()} if class_map else None
+        names = read_class_map(class_map) if class_map else None
         overlay(args.out_dir, args.overlay, per_slide=args.overlay_per_slide, class_names=names)
 
 

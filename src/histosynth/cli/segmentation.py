@@ -33,7 +33,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from histosynth.patches.annotate import parse_class_map
+    from histosynth.io.labels import parse_class_map
     from histosynth.segmentation.segmenter import train_segmenter
 
     train_segmenter(args.paths[:-1], args.paths[-1], arm=args.arm, synthetic=args.synthetic, mix=args.mix,

@@ -32,7 +32,6 @@ import numpy as np
 import pandas as pd
 
 from histosynth.errors import HistosynthError
-from histosynth.io.labels import read_class_map
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +236,6 @@ def read_patchset(path: str | os.PathLike, require: tuple[str, ...] = ()) -> Pat
     if len(shapes) > 1:
         raise HistosynthError(f"arrays of different patch sizes {sorted(shapes)}", path)
     return PatchSet(path=path, index=index, **arrays)
-
-
-def parse_classes(classes: dict[Any, Any]) -> dict[int, str]:
-    """Type id → class name of a class map in any form: :func:`histosynth.io.labels.read_class_map`.
-
-    Kept for callers not yet moved to :mod:`histosynth.io.labels`; use that instead.
-    """
-    return read_class_map(classes)
 
 
 def read_paired_sets(paths: Sequence[str | os.PathLike], what: str = "patch sets") -> list[PatchSet]:

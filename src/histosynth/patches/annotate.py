@@ -23,7 +23,6 @@ import numpy as np
 from histosynth.errors import HistosynthError
 from histosynth.io import annotations
 from histosynth.io.labels import DEFAULT_CLASS, class_columns, class_map_to_json
-from histosynth.io.labels import parse_class_map  # noqa: F401  (the CLI's import until it reads io.labels)
 from histosynth.io.patchset import PatchSetWriter, read_patchset
 from histosynth.patches.rasterize import rasterize_tiles
 
