@@ -61,6 +61,7 @@ from typing import Any
 import numpy as np
 
 from histosynth.errors import HistosynthError
+from histosynth.io.atomic import atomic_write
 from histosynth.io.patchset import PatchSet, read_patchset
 
 log = logging.getLogger(__name__)
@@ -588,9 +589,7 @@ def evaluate_images(
     if figures:
         plot(gen_s, ref_s, baseline_samples(colours, gen_s), table, out_dir / "figure.png",
              None if tr is None else _by_region(tr))
-    tmp = out_dir / f".evaluation.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=False))
-    os.replace(tmp, out_dir / "evaluation.json")
+    atomic_write(out_dir / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2, allow_nan=False)))
     log.info("stain combined: GAN %s, baseline %s; consistency ratio %s", g, b, consistency["ratio"])
     return result
 

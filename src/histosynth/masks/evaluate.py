@@ -50,7 +50,8 @@ from scipy import stats as sps
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.io.labels import class_key, classes_of_patch_sets
+from histosynth.io.atomic import atomic_write
+from histosynth.io.labels import class_key, class_map_to_json, classes_of_patch_sets
 from histosynth.io.patchset import read_patchset
 from histosynth.masks.features import nucleus_features
 from histosynth.masks.spatial import nn_distances
@@ -207,16 +208,14 @@ def evaluate_masks(
         "n_patches": {"synthetic": syn["n_patches"], "real": rl["n_patches"]},
         "patch_size": {"synthetic": list(syn["size"]), "real": list(rl["size"])},
         "mpp": {"synthetic": syn["mpp"], "real": rl["mpp"]},
-        "classes": {str(k): v for k, v in classes.items()},
+        "classes": class_map_to_json(classes),
         "features": feats, "type_fractions": type_feats, "type_mix": type_mix,
         "all_pass": all(feats[k]["pass"] for k in BARS),
         "bars": BARS, "border_margin": int(border_margin),
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".evaluation.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out_dir / "evaluation.json")
+    atomic_write(out_dir / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     if figures:
         plot_histograms(syn, rl, real_count, result, out_dir / "histograms.png")
         plot_montage(syn["examples"], rl["examples"], classes, out_dir / "montage.png")

@@ -150,6 +150,7 @@ from scipy import stats as sps
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
+from histosynth.io.atomic import atomic_write
 from histosynth.io.labels import classes_of_patch_sets, read_class_map
 from histosynth.io.patchset import read_patchset
 from histosynth.masks.calibrate import calibrate_field
@@ -398,9 +399,7 @@ def fit_stats(
         stats["field"] = calibrate_field(stats, iterations=calibrate, n_masks=calibrate_masks, seed=seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".stats.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(stats, indent=1))
-    os.replace(tmp, out_dir / "stats.json")
+    atomic_write(out_dir / "stats.json", lambda tmp: tmp.write_text(json.dumps(stats, indent=1)))
     if figures:
         plot_counts(stats, data, type_ids, out_dir / "counts.png")
         plot_morphology(stats, data, type_ids, out_dir / "morphology.png")
