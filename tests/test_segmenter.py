@@ -14,6 +14,7 @@ from histosynth.cli import main
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import PatchSetWriter
 from histosynth.io.pool import load_pool
+from histosynth.segmentation.augment import Augment
 from histosynth.segmentation.score import score
 
 torch.set_num_threads(1)
@@ -21,7 +22,7 @@ torch.set_num_threads(1)
 COLOURS = {0: (235, 190, 215), 1: (90, 40, 140), 2: (40, 20, 90)}
 # the smallest HoVer-Net: 8 channels, one unit per stage; a 96-px input gives a 4-px output in fast mode
 TINY = dict(width=8, units=(1, 1, 1, 1), input_size=104, batch_size=2, device="cpu", threads=1,
-            precision="float32", log_every=1)
+            precision="float32", log_every=1, augment=Augment(0, 0, 0, 0, 0))
 
 
 def _write_set(path, slide, n=3, size=64, seed=0, classes=None, max_type=2, source="test", background=None):
@@ -55,7 +56,8 @@ def sets(tmp_path_factory):
 
 
 def test_sampler_is_pure_and_pads_small_patches(sets):
-    pools, weights, _ = sg._pools_for("real+synthetic", sets["real"], sets["synthetic"], 0.5)
+    data = sg.arm_data("real+synthetic", sets["real"], sets["synthetic"], mix=0.5)
+    pools, weights = data.pools, data.weights(0)
     a = sg.sample_batch(pools, weights, 3, 96, 0, 4)
     b = sg.sample_batch(pools, weights, 3, 96, 0, 4)
     assert all((x == y).all() for x, y in zip(a, b))
@@ -64,6 +66,18 @@ def test_sampler_is_pure_and_pads_small_patches(sets):
     # a 64-px patch in a 96-px window: exactly 64*64 valid pixels, padding has no nuclei
     assert (valid.reshape(3, -1).sum(1) == 64 * 64).all()
     assert not inst[~valid].any() and not types[~valid].any()
+
+
+def test_augmented_batches_are_pure_and_keep_the_masks(sets):
+    data = sg.arm_data("real", sets["real"], [])
+    plain = sg.sample_batch(data.pools, [1.0], 1, 96, 0, 1)
+    aug = Augment(hed=0.05, color=0.1, scale=0.0, blur=1.0, noise=0.05)
+    a = sg.sample_batch(data.pools, [1.0], 1, 96, 0, 1, augment=aug)
+    b = sg.sample_batch(data.pools, [1.0], 1, 96, 0, 1, augment=aug)
+    assert all((x == y).all() for x, y in zip(a, b))
+    assert not (a[0] == plain[0]).all()  # the images change ...
+    for x, y in zip(a[1:], plain[1:]):  # ... the masks (no zoom here) do not
+        assert (x == y).all()
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +108,52 @@ def test_sample_batch_follows_the_pool_weights(marked_pools):
     n, p = 400, 0.1
     k = int(_pool_of_draws(pools, [0.9, 0.1], n // 4).sum())
     assert abs(k - n * p) <= 4 * np.sqrt(n * p * (1 - p)), k  # binomial(400, 0.1): 40 +- 24; uniform would be ~200
-    _, weights, _ = sg._pools_for("real+synthetic", pools[0].paths, pools[1].paths, 0.25)
-    assert weights == [0.75, 0.25]  # the real pool first, the synthetic share second
+    data = sg.arm_data("real+synthetic", pools[0].paths, pools[1].paths, mix=0.25)
+    assert data.names == ["real", "synthetic"] and data.weights(0) == [0.75, 0.25]
 
 
-@pytest.mark.parametrize("arm, real, synthetic, message", [
-    ("real", False, False, "needs real patch sets"),
-    ("synthetic", False, False, "needs synthetic"),
-    ("real", True, True, "real data only"),
-    ("synthetic", True, True, "synthetic data only"),
-    ("both", True, False, "arm must be one of"),
+def test_every_arm_draws_from_its_pools_and_validates_on_real_tiles(sets):
+    real, synth = sets["real"], sets["synthetic"]
+    expect = {"real": ["real"], "real+synthetic": ["real", "synthetic"], "synthetic": ["synthetic"],
+              "painted-real": ["synthetic"], "synthetic-then-real": ["real", "synthetic"]}
+    for arm, names in expect.items():
+        data = sg.arm_data(arm, real, synth if arm != "real" else [], steps=10)
+        assert data.names == names, arm
+        # three 64-px tiles in a column: the last one validates, the other two train (those that train on real)
+        assert len(data.val) == 1
+        if "real" in names:
+            assert len(data.pools[0]) == 2
+    then = sg.arm_data("synthetic-then-real", real, synth, steps=10, pretrain=0.3)
+    assert [then.weights(s) for s in (0, 2, 3, 9)] == [[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]
+    assert sg.arm_data("real+synthetic", real, synth, mix=1.0).weights(0) == [0.0, 1.0]
+
+
+def test_painted_tiles_of_validation_positions_are_not_trained_on(sets, tmp_path):
+    # the GAN's painting of the real slide's own masks: same slide name and positions as the real tiles
+    painted = _write_set(tmp_path / "painted", "r", seed=1)
+    data = sg.arm_data("painted-real", sets["real"], [painted])
+    assert len(data.pools[0]) == 2 and len(data.val) == 1
+
+
+@pytest.mark.parametrize("arm, real, synthetic, kwargs, message", [
+    ("real", False, False, {}, "needs the real patch sets"),
+    ("synthetic", False, True, {}, "needs the real patch sets"),
+    ("synthetic", True, False, {}, "needs synthetic"),
+    ("painted-real", True, False, {}, "needs synthetic"),
+    ("real", True, True, {}, "real data only"),
+    ("both", True, False, {}, "arm must be one of"),
+    ("real+synthetic", True, True, {"mix": 1.5}, r"must be in \[0, 1\]"),
+    ("synthetic-then-real", True, True, {"pretrain": 1.0}, r"must be in \(0, 1\)"),
 ])
-def test_arms_need_their_data(sets, arm, real, synthetic, message):
+def test_arms_need_their_data(sets, arm, real, synthetic, kwargs, message):
     with pytest.raises(HistosynthError, match=message):
-        sg._pools_for(arm, sets["real"] if real else [], sets["synthetic"] if synthetic else [], 0.5)
+        sg.arm_data(arm, sets["real"] if real else [], sets["synthetic"] if synthetic else [], **kwargs)
+
+
+def test_a_single_tile_per_slide_leaves_no_validation_set(tmp_path):
+    one = _write_set(tmp_path / "one", "o", n=1)
+    with pytest.raises(HistosynthError, match="validation set came out empty"):
+        sg.arm_data("real", [one], [])
 
 
 class Kill(Exception):
@@ -116,27 +162,36 @@ class Kill(Exception):
 
 def test_training_writes_model_log_and_resumes_exactly(sets, tmp_path, monkeypatch):
     full = sg.train_segmenter(sets["real"], tmp_path / "full", arm="real+synthetic", synthetic=sets["synthetic"],
-                              steps=4, checkpoint_every=2, seed=3, **TINY)
-    assert full["step"] == 4 and np.isfinite(full["loss"])
+                              steps=4, checkpoint_every=2, val_every=1, seed=3, **TINY)
+    assert full["steps"] == 4 and np.isfinite(full["loss"])
     log_csv = pd.read_csv(tmp_path / "full" / "log.csv")
     assert list(log_csv["step"]) == [1, 2, 3, 4] and {"np_ce", "hv_mse", "tp_ce", "lr"} <= set(log_csv.columns)
+    val_csv = pd.read_csv(tmp_path / "full" / "validation.csv")
+    assert list(val_csv["step"]) == [1, 2, 3, 4] and val_csv["n_true"].gt(0).all()
+    saved = json.loads((tmp_path / "full" / "train.json").read_text())
+    best = int(val_csv["step"][val_csv["pq"].idxmax()])  # the first of equals
+    assert saved["best_step"] == best and saved["best_pq"] == pytest.approx(val_csv["pq"].max())
+    assert saved["patches"] == {"real": 2, "synthetic": 3, "validation": 1} and isinstance(saved["rising"], bool)
+    assert torch.load(tmp_path / "full" / "model.pt", weights_only=True)["step"] == best
 
     real_sample = sg.sample_batch
 
-    def sample(*args):  # dies before step 3 (0-based), as a kill after the third step would
+    def sample(*args, **kwargs):  # dies before step 3 (0-based), as a kill after the third step would
         if args[-1] == 3:
             raise Kill
-        return real_sample(*args)
+        return real_sample(*args, **kwargs)
 
     with monkeypatch.context() as m:
         m.setattr(sg, "sample_batch", sample)
         with pytest.raises(Kill):
             sg.train_segmenter(sets["real"], tmp_path / "resumed", arm="real+synthetic", synthetic=sets["synthetic"],
-                               steps=4, checkpoint_every=2, seed=3, **TINY)
+                               steps=4, checkpoint_every=2, val_every=1, seed=3, **TINY)
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "resumed" / "model.pt").exists()
     sg.train_segmenter(sets["real"], tmp_path / "resumed", arm="real+synthetic", synthetic=sets["synthetic"],
-                       steps=4, checkpoint_every=2, seed=3, **TINY)
+                       steps=4, checkpoint_every=2, val_every=1, seed=3, **TINY)
+    pd.testing.assert_frame_equal(val_csv.drop(columns="seconds"),
+                                  pd.read_csv(tmp_path / "resumed" / "validation.csv").drop(columns="seconds"))
     a = sg.load_segmenter(tmp_path / "full" / "model.pt")
     b = sg.load_segmenter(tmp_path / "resumed" / "model.pt")
     assert a.arm == "real+synthetic" and a.classes == {1: "Epithelial", 2: "Lymphocyte"} and a.n_types == 2
@@ -230,7 +285,7 @@ def test_score_refuses_sets_without_nuclei_and_foreign_types(model, tmp_path):
 
 def test_cli_train_and_score(sets, tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["train-segmenter", str(sets["synthetic"][0]), str(out), "--arm", "real", "--width", "8", "--units",
+    args = ["train-segmenter", str(sets["synthetic"][0]), str(out), "--arm", "real", "--no-augment", "--width", "8", "--units",
             "1", "1", "1", "1", "--input-size", "104", "--steps", "1", "--batch-size", "1", "--device", "cpu",
             "--precision", "float32", "--threads", "1"]
     assert main(args) == 0
@@ -238,7 +293,11 @@ def test_cli_train_and_score(sets, tmp_path, capsys):
                  "--threads", "1"]) == 0
     assert (tmp_path / "s" / "scores.csv").is_file()
     assert main(["train-segmenter", str(tmp_path / "x"), "--arm", "synthetic"]) == 2
+    assert "needs the real patch sets" in capsys.readouterr().err
+    assert main(["train-segmenter", str(sets["real"][0]), str(tmp_path / "y"), "--arm", "synthetic"]) == 2
     assert "needs synthetic" in capsys.readouterr().err
+    assert main(["train-segmenter", str(sets["real"][0]), str(tmp_path / "y"), "--arm", "real", "--mix", "2"]) == 2
+    assert "mix" in capsys.readouterr().err and not (tmp_path / "y" / "model.pt").exists()
 
 
 def test_score_reads_the_rasterize_class_spelling(model, tmp_path):

@@ -34,6 +34,9 @@ EXCEPTIONS = {
                      "and translate --option per slide",
     "segmenter.arms": "the DAG's grid: one train-segmenter job per arm (--arm {wildcards.arm})",
     "segmenter.seeds": "the DAG's grid: one train-segmenter job per seed (--seed {wildcards.seed})",
+    "evidence.k": "the learning curve's grid: one regime per k (histosynth.segmentation.regimes.plan_regimes)",
+    "evidence.seeds": "the learning curve's grid: one regime per seed, which seeds every fitted stage in it",
+    "evidence.arms": "the learning curve's grid: one train-segmenter job per arm (--arm {wildcards.arm})",
     "stats.threads": "a scheduler resource: fit-stats runs on one thread and takes no --threads",
     "*.mem_mb": "a scheduler resource (Snakemake's resources), not a setting of the stage",
     "*.runtime": "a scheduler resource (minutes, for a cluster), not a setting of the stage",
@@ -56,7 +59,7 @@ REQUIRED = {
     "train-dvae": ["l.npz", "out"], "dvae-sweep": ["l.npz", "out"], "sample-masks": ["s.json", "d.pt", "out"],
     "evaluate-masks": ["syn", "out", "--real", "r"], "train-gan": ["ps", "out"], "translate": ["g.pt", "m", "o"],
     "evaluate-images": ["gen", "out", "--real", "r"], "train-segmenter": ["ps", "out", "--arm", "real"],
-    "score": ["m.pt", "ps", "out"], "report": ["s.csv", "out"], "check-config": ["c.yaml"],
+    "score": ["m.pt", "ps", "out"], "report": ["s.csv", "out"], "evidence-report": ["1=run", "out"], "check-config": ["c.yaml"],
 }
 
 

@@ -22,6 +22,13 @@ from histosynth.cli.flags import config_flags
 from histosynth.config import load_schema, slide_table, validate_config
 from histosynth.gan import options as gan_options
 from histosynth.patches.split import split_from_config, split_inputs
+from histosynth.errors import HistosynthError
+from histosynth.segmentation.regimes import (
+    REGIME_PATTERN,
+    evidence_arms,
+    parse_regime_path,
+    plan_regimes,
+)
 
 
 # Read (and extended) at start-up; declared so that a job on a cluster gets them too.
@@ -87,6 +94,63 @@ TRAIN_SLIDES = [s for s, v in SPLIT_OF.items() if v == "train"]
 TEST_SLIDES = [s for s, v in SPLIT_OF.items() if v == "test"]
 
 
+# -- the regimes: "" is the default run (every train slide, the config's seed); "evidence/k-K/seed-S/" one
+# replicate of the learning curve (K drawn train slides, seed S), checked here, before anything runs
+# (histosynth.segmentation.regimes). Every fitted rule's files lie under {RESULTS}/{fit}.
+EVIDENCE = config["evidence"]
+try:
+    EVIDENCE_ARMS = evidence_arms(EVIDENCE["arms"])
+    REGIMES = plan_regimes(EVIDENCE, TRAIN_SLIDES)
+    EVIDENCE_ERROR = None
+except HistosynthError as err:  # raised when the evidence target is asked for, not on every run
+    EVIDENCE_ARMS, REGIMES, EVIDENCE_ERROR = [], [], err
+REGIME_SLIDES = {r.path: list(r.slides) for r in REGIMES}
+
+
+wildcard_constraints:
+    fit=REGIME_PATTERN,
+
+
+def fit_slides(fit):
+    """The train slides a regime fits on (every train slide for the default run)."""
+    if not fit:
+        return TRAIN_SLIDES
+    if EVIDENCE_ERROR is not None:
+        raise EVIDENCE_ERROR
+    if fit not in REGIME_SLIDES:
+        raise HistosynthError(
+            f"{fit} is not a regime of this config's evidence.k and evidence.seeds"
+        )
+    return REGIME_SLIDES[fit]
+
+
+def fit_seed(fit):
+    """The seed of a regime's fitted stages: the config's for the default run, the regime's otherwise."""
+    regime = parse_regime_path(fit)
+    return config["seed"] if regime is None else regime[1]
+
+
+def fit_flags(stage, *omit):
+    """Like flags(), per regime: the config's settings with the regime's seed (params=lambda of wildcards)."""
+
+    def render(wildcards):
+        if not wildcards.fit:
+            return flags(stage, *omit)
+        return config_flags(stage, {**config, "seed": fit_seed(wildcards.fit)}, omit=omit)
+
+    return render
+
+
+def fitted(pattern, fit=""):
+    """A {fit}-pattern of a fitted rule's output made concrete for one regime (the default run: "")."""
+    return pattern.replace("{fit}", fit)
+
+
+def fitted_all(outputs, fit=""):
+    """fitted() of every output of a rule."""
+    return [fitted(p, fit) for p in outputs]
+
+
 # -- settings and helpers of demo.smk
 DEMO_NAMES = SLIDE_NAMES if config["slides"]["source"] == "demo" else []
 
@@ -117,7 +181,9 @@ GPU = 0 if config["device"] == "cpu" else 1
 
 
 def train_patches(wildcards=None):
-    return expand(f"{RESULTS}/patches/{{slide}}", slide=TRAIN_SLIDES)
+    """The patch sets of the train slides of the regime of ``wildcards.fit`` (all of them without one)."""
+    fit = getattr(wildcards, "fit", "") if wildcards is not None else ""
+    return expand(f"{RESULTS}/patches/{{slide}}", slide=fit_slides(fit))
 
 
 def test_patches(wildcards=None):
@@ -129,7 +195,6 @@ GAN = config["gan"]
 TRANSLATE = config["translate"]
 EVAL_IMAGES = config["evaluate_images"]
 STAINS = dict(zip(SLIDES["slide"], SLIDES["stain"]))
-TRAIN_OPTIONS = gan_options.trained_options(TRAIN_SLIDES, STAINS, GAN["option_by"])
 
 
 def option_pairs(slides):
@@ -138,9 +203,15 @@ def option_pairs(slides):
     return quoted(gan_options.option_pairs(options))
 
 
-def known_option(slide):
-    """The slide's option if the GAN was trained on it, else the first one it knows."""
-    return gan_options.known_option(slide, STAINS, GAN["option_by"], TRAIN_OPTIONS)
+def known_option(slide, fit=""):
+    """The slide's option if the regime's GAN was trained on it, else the first one it knows."""
+    trained = gan_options.trained_options(fit_slides(fit), STAINS, GAN["option_by"])
+    return gan_options.known_option(slide, STAINS, GAN["option_by"], trained)
+
+
+def shard_seed(wildcards):
+    """translate's --seed of a shard in a regime."""
+    return gan_options.translate_seed(fit_seed(wildcards.fit), int(wildcards.shard))
 
 
 # -- settings and helpers of segmentation.smk
@@ -148,36 +219,60 @@ SEG = config["segmenter"]
 SCORE = config["score"]
 ARMS = SEG["arms"]
 SEEDS = SEG["seeds"]
-SEG_DIR = f"{RESULTS}/segmentation/{{arm}}/seed-{{seed}}"
-
-
-def arm_real(wildcards):
-    """The real training patch sets an arm reads (none for the synthetic arm)."""
-    return [] if wildcards.arm == "synthetic" else train_patches()
+SEG_DIR = f"{RESULTS}/{{fit}}segmentation/{{arm}}/seed-{{seed}}"
 
 
 def arm_synthetic(wildcards):
-    """The synthetic pairs an arm reads (none for the real arm)."""
+    """The synthetic pairs an arm reads: none for real, the painted train slides for painted-real."""
     if wildcards.arm == "real":
         return []
-    return expand(f"{RESULTS}/synthetic/pairs/shard-{{shard}}", shard=SHARDS)
+    if wildcards.arm == "painted-real":
+        return expand(
+            f"{RESULTS}/{wildcards.fit}synthetic/painted-train/{{slide}}",
+            slide=fit_slides(wildcards.fit),
+        )
+    return expand(
+        f"{RESULTS}/{wildcards.fit}synthetic/pairs/shard-{{shard}}", shard=SHARDS
+    )
+
+
+def evidence_runs():
+    """K=RUN_DIR of every arm of every regime (evidence-report's arguments)."""
+    if EVIDENCE_ERROR is not None:
+        raise EVIDENCE_ERROR
+    return [
+        (r.k, f"{RESULTS}/{r.path}segmentation/{arm}/seed-{r.seed}")
+        for r in REGIMES
+        for arm in EVIDENCE_ARMS
+    ]
+
+
+def generator_logs():
+    """K:SEED=LOG of the generator trainings (β-VAE, GAN) of every regime that has a synthetic arm."""
+    if EVIDENCE_ARMS == ["real"]:
+        return []
+    return [
+        (r.k, r.seed, f"{RESULTS}/{r.path}models/{model}/log.csv")
+        for r in REGIMES
+        for model in ("dvae", "gan")
+    ]
 
 
 def report_figures():
     """(caption, path) of every per-stage figure the report page shows."""
     figs = [
-        ("Nuclei per tile (train slides)", rules.fit_stats.output.counts),
-        ("Nucleus size and shape (train slides)", rules.fit_stats.output.morphology),
-        ("Spacing of nuclei (train slides)", rules.fit_stats.output.spatial),
-        ("Nucleus shape library", rules.nuclei_library.output.montage),
-        ("β-VAE latent traversal", rules.train_dvae.output.traversal),
-        ("Synthetic masks", rules.evaluate_masks.output.montage),
-        ("Synthetic vs real mask statistics", rules.evaluate_masks.output.histograms),
+        ("Nuclei per tile (train slides)", fitted(rules.fit_stats.output.counts)),
+        ("Nucleus size and shape (train slides)", fitted(rules.fit_stats.output.morphology)),
+        ("Spacing of nuclei (train slides)", fitted(rules.fit_stats.output.spatial)),
+        ("Nucleus shape library", fitted(rules.nuclei_library.output.montage)),
+        ("β-VAE latent traversal", fitted(rules.train_dvae.output.traversal)),
+        ("Synthetic masks", fitted(rules.evaluate_masks.output.montage)),
+        ("Synthetic vs real mask statistics", fitted(rules.evaluate_masks.output.histograms)),
         (
             "GAN samples: conditioning | generated | real",
-            rules.train_gan.output.samples,
+            fitted(rules.train_gan.output.samples),
         ),
-        ("Stain realism of the painted images", rules.evaluate_images.output.figure),
+        ("Stain realism of the painted images", fitted(rules.evaluate_images.output.figure)),
     ]
     figs += [
         (

@@ -5,15 +5,15 @@ rule train_gan:
     input:
         train_patches,
     output:
-        model=f"{RESULTS}/models/gan/gan.pt",
-        log_csv=f"{RESULTS}/models/gan/log.csv",
+        model=f"{RESULTS}/{{fit}}models/gan/gan.pt",
+        log_csv=f"{RESULTS}/{{fit}}models/gan/log.csv",
         samples=report(
-            f"{RESULTS}/models/gan/samples.png",
+            f"{RESULTS}/{{fit}}models/gan/samples.png",
             caption="../report/gan_samples.rst",
             category="5. Synthetic images",
         ),
     log:
-        f"{RESULTS}/logs/train_gan.log",
+        f"{RESULTS}/logs/{{fit}}train_gan.log",
     conda:
         GPU_ENV
     threads: GAN["threads"]
@@ -23,8 +23,8 @@ rule train_gan:
         runtime=GAN["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        options=option_pairs(TRAIN_SLIDES),
-        flags=flags("train-gan", "--threads"),
+        options=lambda wc: option_pairs(fit_slides(wc.fit)),
+        flags=fit_flags("train-gan", "--threads"),
     shell:
         "python -m histosynth train-gan {input:q} {params.out:q} --options {params.options}"
         " {params.flags} --threads {threads} > {log:q} 2>&1"
@@ -32,17 +32,17 @@ rule train_gan:
 
 rule translate:
     input:
-        gan=f"{RESULTS}/models/gan/gan.pt",
-        masks=f"{RESULTS}/synthetic/masks/shard-{{shard}}",
+        gan=f"{RESULTS}/{{fit}}models/gan/gan.pt",
+        masks=f"{RESULTS}/{{fit}}synthetic/masks/shard-{{shard}}",
     output:
-        pairs=directory(f"{RESULTS}/synthetic/pairs/shard-{{shard}}"),
+        pairs=directory(f"{RESULTS}/{{fit}}synthetic/pairs/shard-{{shard}}"),
         montage=report(
-            f"{RESULTS}/synthetic/pairs/shard-{{shard}}.montage.png",
+            f"{RESULTS}/{{fit}}synthetic/pairs/shard-{{shard}}.montage.png",
             caption="../report/pairs_montage.rst",
             category="5. Synthetic images",
         ),
     log:
-        f"{RESULTS}/logs/translate/shard-{{shard}}.log",
+        f"{RESULTS}/logs/{{fit}}translate/shard-{{shard}}.log",
     conda:
         GPU_ENV
     threads: TRANSLATE["threads"]
@@ -51,8 +51,8 @@ rule translate:
         mem_mb=TRANSLATE["mem_mb"],
         runtime=TRANSLATE["runtime"],
     params:
-        flags=flags("translate", "--seed", "--threads"),
-        seed=lambda wc: gan_options.translate_seed(config["seed"], int(wc.shard)),
+        flags=fit_flags("translate", "--seed", "--threads"),
+        seed=shard_seed,
     shell:
         "python -m histosynth translate {input.gan:q} {input.masks:q} {output.pairs:q} {params.flags}"
         " --seed {params.seed} --montage {output.montage:q} --threads {threads} > {log:q} 2>&1"
@@ -60,12 +60,12 @@ rule translate:
 
 rule translate_test_masks:
     input:
-        gan=f"{RESULTS}/models/gan/gan.pt",
+        gan=f"{RESULTS}/{{fit}}models/gan/gan.pt",
         masks=f"{RESULTS}/patches/{{slide}}",
     output:
-        pairs=directory(f"{RESULTS}/synthetic/translated-test/{{slide}}"),
+        pairs=directory(f"{RESULTS}/{{fit}}synthetic/translated-test/{{slide}}"),
     log:
-        f"{RESULTS}/logs/translate_test_masks/{{slide}}.log",
+        f"{RESULTS}/logs/{{fit}}translate_test_masks/{{slide}}.log",
     conda:
         GPU_ENV
     threads: TRANSLATE["threads"]
@@ -74,8 +74,32 @@ rule translate_test_masks:
         mem_mb=TRANSLATE["mem_mb"],
         runtime=TRANSLATE["runtime"],
     params:
-        option=lambda wc: shlex.quote(known_option(wc.slide)),
-        flags=flags("translate", "--option", "--threads"),
+        option=lambda wc: shlex.quote(known_option(wc.slide, wc.fit)),
+        flags=fit_flags("translate", "--option", "--threads"),
+    shell:
+        "python -m histosynth translate {input.gan:q} {input.masks:q} {output.pairs:q} --option {params.option}"
+        " {params.flags} --no-montage --threads {threads} > {log:q} 2>&1"
+
+
+# painted-real: the GAN paints the masks of the slides it was trained on (image realism apart from mask realism)
+rule translate_train_masks:
+    input:
+        gan=f"{RESULTS}/{{fit}}models/gan/gan.pt",
+        masks=f"{RESULTS}/patches/{{slide}}",
+    output:
+        pairs=directory(f"{RESULTS}/{{fit}}synthetic/painted-train/{{slide}}"),
+    log:
+        f"{RESULTS}/logs/{{fit}}translate_train_masks/{{slide}}.log",
+    conda:
+        GPU_ENV
+    threads: TRANSLATE["threads"]
+    resources:
+        gpu=GPU,
+        mem_mb=TRANSLATE["mem_mb"],
+        runtime=TRANSLATE["runtime"],
+    params:
+        option=lambda wc: shlex.quote(known_option(wc.slide, wc.fit)),
+        flags=fit_flags("translate", "--option", "--threads"),
     shell:
         "python -m histosynth translate {input.gan:q} {input.masks:q} {output.pairs:q} --option {params.option}"
         " {params.flags} --no-montage --threads {threads} > {log:q} 2>&1"
@@ -83,20 +107,22 @@ rule translate_test_masks:
 
 rule evaluate_images:
     input:
-        generated=expand(f"{RESULTS}/synthetic/pairs/shard-{{shard}}", shard=SHARDS),
+        generated=expand(f"{RESULTS}/{{fit}}synthetic/pairs/shard-{{shard}}", shard=SHARDS, allow_missing=True),
         real=test_patches,
         translated=expand(
-            f"{RESULTS}/synthetic/translated-test/{{slide}}", slide=TEST_SLIDES
+            f"{RESULTS}/{{fit}}synthetic/translated-test/{{slide}}",
+            slide=TEST_SLIDES,
+            allow_missing=True,
         ),
     output:
-        evaluation=f"{RESULTS}/synthetic/images-evaluation/evaluation.json",
+        evaluation=f"{RESULTS}/{{fit}}synthetic/images-evaluation/evaluation.json",
         figure=report(
-            f"{RESULTS}/synthetic/images-evaluation/figure.png",
+            f"{RESULTS}/{{fit}}synthetic/images-evaluation/figure.png",
             caption="../report/images_evaluation.rst",
             category="5. Synthetic images",
         ),
     log:
-        f"{RESULTS}/logs/evaluate_images.log",
+        f"{RESULTS}/logs/{{fit}}evaluate_images.log",
     conda:
         CPU_ENV
     threads: EVAL_IMAGES["threads"]
@@ -106,7 +132,7 @@ rule evaluate_images:
     params:
         out=lambda w, output: os.path.dirname(output[0]),
         options=option_pairs(TEST_SLIDES),
-        flags=flags("evaluate-images", "--threads"),
+        flags=fit_flags("evaluate-images", "--threads"),
     shell:
         "python -m histosynth evaluate-images {input.generated:q} {params.out:q} --real {input.real:q}"
         " --real-masks-translated {input.translated:q} --real-options {params.options}"
@@ -116,5 +142,5 @@ rule evaluate_images:
 rule synthetic:
     input:
         expand(f"{RESULTS}/synthetic/pairs/shard-{{shard}}", shard=SHARDS),
-        rules.evaluate_images.output,
-        rules.train_gan.output,
+        fitted_all(rules.evaluate_images.output),
+        fitted_all(rules.train_gan.output),

@@ -5,24 +5,24 @@ rule fit_stats:
     input:
         train_patches,
     output:
-        stats=f"{RESULTS}/stats/stats.json",
+        stats=f"{RESULTS}/{{fit}}stats/stats.json",
         counts=report(
-            f"{RESULTS}/stats/counts.png",
+            f"{RESULTS}/{{fit}}stats/counts.png",
             caption="../report/stats_counts.rst",
             category="2. Mask statistics",
         ),
         morphology=report(
-            f"{RESULTS}/stats/morphology.png",
+            f"{RESULTS}/{{fit}}stats/morphology.png",
             caption="../report/stats_morphology.rst",
             category="2. Mask statistics",
         ),
         spatial=report(
-            f"{RESULTS}/stats/spatial.png",
+            f"{RESULTS}/{{fit}}stats/spatial.png",
             caption="../report/stats_spatial.rst",
             category="2. Mask statistics",
         ),
     log:
-        f"{RESULTS}/logs/fit_stats.log",
+        f"{RESULTS}/logs/{{fit}}fit_stats.log",
     conda:
         CPU_ENV
     threads: STATS["threads"]
@@ -31,7 +31,7 @@ rule fit_stats:
         runtime=STATS["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        flags=flags("fit-stats"),
+        flags=fit_flags("fit-stats"),
     shell:
         "python -m histosynth fit-stats {input:q} {params.out:q} {params.flags} > {log:q} 2>&1"
 
@@ -40,14 +40,14 @@ rule nuclei_library:
     input:
         train_patches,
     output:
-        npz=f"{RESULTS}/library/nuclei.npz",
+        npz=f"{RESULTS}/{{fit}}library/nuclei.npz",
         montage=report(
-            f"{RESULTS}/library/montage.png",
+            f"{RESULTS}/{{fit}}library/montage.png",
             caption="../report/library_montage.rst",
             category="3. Nucleus shapes",
         ),
     log:
-        f"{RESULTS}/logs/nuclei_library.log",
+        f"{RESULTS}/logs/{{fit}}nuclei_library.log",
     conda:
         CPU_ENV
     threads: 1
@@ -55,7 +55,7 @@ rule nuclei_library:
         mem_mb=LIBRARY["mem_mb"],
         runtime=LIBRARY["runtime"],
     params:
-        flags=flags("nuclei-library"),
+        flags=fit_flags("nuclei-library"),
     shell:
         "python -m histosynth nuclei-library {input:q} {output.npz:q} --montage {output.montage:q}"
         " {params.flags} > {log:q} 2>&1"
@@ -63,22 +63,22 @@ rule nuclei_library:
 
 rule train_dvae:
     input:
-        f"{RESULTS}/library/nuclei.npz",
+        f"{RESULTS}/{{fit}}library/nuclei.npz",
     output:
-        model=f"{RESULTS}/models/dvae/dvae.pt",
-        log_csv=f"{RESULTS}/models/dvae/log.csv",
+        model=f"{RESULTS}/{{fit}}models/dvae/dvae.pt",
+        log_csv=f"{RESULTS}/{{fit}}models/dvae/log.csv",
         traversal=report(
-            f"{RESULTS}/models/dvae/traversal.png",
+            f"{RESULTS}/{{fit}}models/dvae/traversal.png",
             caption="../report/dvae_traversal.rst",
             category="3. Nucleus shapes",
         ),
         samples=report(
-            f"{RESULTS}/models/dvae/samples.png",
+            f"{RESULTS}/{{fit}}models/dvae/samples.png",
             caption="../report/dvae_samples.rst",
             category="3. Nucleus shapes",
         ),
     log:
-        f"{RESULTS}/logs/train_dvae.log",
+        f"{RESULTS}/logs/{{fit}}train_dvae.log",
     conda:
         GPU_ENV
     threads: DVAE["threads"]
@@ -88,7 +88,7 @@ rule train_dvae:
         runtime=DVAE["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        flags=flags("train-dvae", "--threads"),
+        flags=fit_flags("train-dvae", "--threads"),
     shell:
         "python -m histosynth train-dvae {input:q} {params.out:q} {params.flags} --threads {threads}"
         " > {log:q} 2>&1"
@@ -96,12 +96,12 @@ rule train_dvae:
 
 rule dvae_sweep:
     input:
-        f"{RESULTS}/library/nuclei.npz",
+        f"{RESULTS}/{{fit}}library/nuclei.npz",
     output:
-        table=f"{RESULTS}/models/dvae-sweep/sweep.csv",
-        plot=f"{RESULTS}/models/dvae-sweep/sweep.png",
+        table=f"{RESULTS}/{{fit}}models/dvae-sweep/sweep.csv",
+        plot=f"{RESULTS}/{{fit}}models/dvae-sweep/sweep.png",
     log:
-        f"{RESULTS}/logs/dvae_sweep.log",
+        f"{RESULTS}/logs/{{fit}}dvae_sweep.log",
     conda:
         GPU_ENV
     threads: DVAE["threads"]
@@ -111,7 +111,7 @@ rule dvae_sweep:
         runtime=DVAE["runtime"] * len(DVAE["sweep_latent_dims"]),
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        flags=flags("dvae-sweep", "--threads"),
+        flags=fit_flags("dvae-sweep", "--threads"),
     shell:
         "python -m histosynth dvae-sweep {input:q} {params.out:q} {params.flags} --threads {threads}"
         " > {log:q} 2>&1"
@@ -119,12 +119,12 @@ rule dvae_sweep:
 
 rule sample_masks:
     input:
-        stats=f"{RESULTS}/stats/stats.json",
-        dvae=f"{RESULTS}/models/dvae/dvae.pt",
+        stats=f"{RESULTS}/{{fit}}stats/stats.json",
+        dvae=f"{RESULTS}/{{fit}}models/dvae/dvae.pt",
     output:
-        directory(f"{RESULTS}/synthetic/masks/shard-{{shard}}"),
+        directory(f"{RESULTS}/{{fit}}synthetic/masks/shard-{{shard}}"),
     log:
-        f"{RESULTS}/logs/sample_masks/shard-{{shard}}.log",
+        f"{RESULTS}/logs/{{fit}}sample_masks/shard-{{shard}}.log",
     conda:
         CPU_ENV
     threads: SAMPLE["threads"]
@@ -132,7 +132,7 @@ rule sample_masks:
         mem_mb=SAMPLE["mem_mb"],
         runtime=SAMPLE["runtime"],
     params:
-        flags=flags("sample-masks", "--threads"),
+        flags=fit_flags("sample-masks", "--threads"),
     shell:
         "python -m histosynth sample-masks {input.stats:q} {input.dvae:q} {output:q} {params.flags}"
         " --shard {wildcards.shard} --threads {threads} > {log:q} 2>&1"
@@ -140,22 +140,22 @@ rule sample_masks:
 
 rule evaluate_masks:
     input:
-        synthetic=expand(f"{RESULTS}/synthetic/masks/shard-{{shard}}", shard=SHARDS),
+        synthetic=expand(f"{RESULTS}/{{fit}}synthetic/masks/shard-{{shard}}", shard=SHARDS, allow_missing=True),
         real=test_patches,
     output:
-        evaluation=f"{RESULTS}/synthetic/masks-evaluation/evaluation.json",
+        evaluation=f"{RESULTS}/{{fit}}synthetic/masks-evaluation/evaluation.json",
         histograms=report(
-            f"{RESULTS}/synthetic/masks-evaluation/histograms.png",
+            f"{RESULTS}/{{fit}}synthetic/masks-evaluation/histograms.png",
             caption="../report/masks_histograms.rst",
             category="4. Synthetic masks",
         ),
         montage=report(
-            f"{RESULTS}/synthetic/masks-evaluation/montage.png",
+            f"{RESULTS}/{{fit}}synthetic/masks-evaluation/montage.png",
             caption="../report/masks_montage.rst",
             category="4. Synthetic masks",
         ),
     log:
-        f"{RESULTS}/logs/evaluate_masks.log",
+        f"{RESULTS}/logs/{{fit}}evaluate_masks.log",
     conda:
         CPU_ENV
     threads: 1
@@ -164,7 +164,7 @@ rule evaluate_masks:
         runtime=30,
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        flags=flags("evaluate-masks"),
+        flags=fit_flags("evaluate-masks"),
     shell:
         "python -m histosynth evaluate-masks {input.synthetic:q} {params.out:q} --real {input.real:q}"
         " {params.flags} > {log:q} 2>&1"
@@ -173,7 +173,7 @@ rule evaluate_masks:
 rule masks:
     input:
         expand(f"{RESULTS}/synthetic/masks/shard-{{shard}}", shard=SHARDS),
-        rules.evaluate_masks.output,
-        rules.train_dvae.output,
-        rules.fit_stats.output,
-        rules.nuclei_library.output,
+        fitted_all(rules.evaluate_masks.output),
+        fitted_all(rules.train_dvae.output),
+        fitted_all(rules.fit_stats.output),
+        fitted_all(rules.nuclei_library.output),

@@ -1,20 +1,23 @@
-# Downstream proof: HoVer-Net per arm and seed, scored on the TEST slides, gathered into one report.
+# Downstream proof: HoVer-Net per arm and seed, scored on the TEST slides, gathered into one report; and
+# the learning curve (rule evidence): the same per (k, seed) regime, gathered into the evidence report.
 
 
 wildcard_constraints:
-    arm="|".join(map(re.escape, ARMS)),
+    arm="|".join(map(re.escape, ARMS + EVIDENCE_ARMS)),
     seed=r"\d+",
 
 
 rule train_segmenter:
     input:
-        real=arm_real,
+        real=train_patches,
         synthetic=arm_synthetic,
     output:
         model=f"{SEG_DIR}/model.pt",
         log_csv=f"{SEG_DIR}/log.csv",
+        validation=f"{SEG_DIR}/validation.csv",
+        train=f"{SEG_DIR}/train.json",
     log:
-        f"{RESULTS}/logs/train_segmenter/{{arm}}/seed-{{seed}}.log",
+        f"{RESULTS}/logs/{{fit}}train_segmenter/{{arm}}/seed-{{seed}}.log",
     conda:
         GPU_ENV
     threads: SEG["threads"]
@@ -24,7 +27,7 @@ rule train_segmenter:
         runtime=SEG["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        real=lambda wc: quoted(arm_real(wc)),
+        real=lambda wc: quoted(train_patches(wc)),
         synthetic=lambda wc: (
             f"--synthetic {quoted(arm_synthetic(wc))}" if arm_synthetic(wc) else ""
         ),
@@ -50,7 +53,7 @@ rule score:
             labels={"arm": "{arm}", "seed": "{seed}", "figure": "test overlays"},
         ),
     log:
-        f"{RESULTS}/logs/score/{{arm}}/seed-{{seed}}.log",
+        f"{RESULTS}/logs/{{fit}}score/{{arm}}/seed-{{seed}}.log",
     conda:
         CPU_ENV
     threads: SCORE["threads"]
@@ -67,7 +70,7 @@ rule score:
 
 rule report:
     input:
-        scores=expand(f"{SEG_DIR}/scores.csv", arm=ARMS, seed=SEEDS),
+        scores=expand(fitted(f"{SEG_DIR}/scores.csv"), arm=ARMS, seed=SEEDS),
         figures=[path for _, path in report_figures()],
     output:
         html=f"{RESULTS}/report/index.html",
@@ -94,4 +97,48 @@ rule report:
 
 rule segmentation:
     input:
-        expand(f"{SEG_DIR}/scores.csv", arm=ARMS, seed=SEEDS),
+        expand(fitted(f"{SEG_DIR}/scores.csv"), arm=ARMS, seed=SEEDS),
+
+
+# The learning curve: every arm of every (k, seed) regime, scored on the same TEST slides.
+rule evidence_report:
+    input:
+        scores=lambda wc: [f"{run}/scores.csv" for _, run in evidence_runs()],
+        train=lambda wc: [f"{run}/train.json" for _, run in evidence_runs()],
+        generators=lambda wc: [path for _, _, path in generator_logs()],
+    output:
+        markdown=f"{RESULTS}/evidence/report/evidence.md",
+        curve=report(
+            f"{RESULTS}/evidence/report/learning_curve.png",
+            caption="../report/learning_curve.rst",
+            category="8. Evidence",
+        ),
+        validation=report(
+            f"{RESULTS}/evidence/report/validation.png",
+            caption="../report/validation_curves.rst",
+            category="8. Evidence",
+        ),
+        differences=f"{RESULTS}/evidence/report/differences.csv",
+    log:
+        f"{RESULTS}/logs/evidence_report.log",
+    conda:
+        CPU_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        out=lambda w, output: os.path.dirname(output[0]),
+        runs=lambda wc: quoted(f"{k}={run}" for k, run in evidence_runs()),
+        generators=lambda wc: quoted(
+            f"--generator-log={k}:{s}={p}" for k, s, p in generator_logs()
+        ),
+        flags=flags("evidence-report"),
+    shell:
+        "python -m histosynth evidence-report {params.runs} {params.out:q} {params.generators}"
+        " {params.flags} > {log:q} 2>&1"
+
+
+rule evidence:
+    input:
+        rules.evidence_report.output,

@@ -9,15 +9,19 @@ from histosynth.errors import HistosynthError
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train-segmenter", help="train HoVer-Net for one arm (real, real+synthetic, synthetic)")
+    p = sub.add_parser("train-segmenter", help="train HoVer-Net for one arm (real, real+synthetic, synthetic, synthetic-then-real, painted-real)")
     p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="[REAL_PATCH_SETS...] OUT_DIR (real patch sets with images, inst and types; the output "
-                        "folder: model.pt, log.csv, checkpoint.pt)")
+                   help="REAL_PATCH_SETS... OUT_DIR (the train slides' real patch sets with images, inst and types "
+                        "- every arm validates on their held-out tiles; the output folder: model.pt, log.csv, "
+                        "validation.csv, train.json, checkpoint.pt)")
     p.add_argument("--arm", choices=schema_choices("segmenter.arms"), required=True, help="which data to train on")
     p.add_argument("--synthetic", nargs="+", default=[], metavar="PATCH_SET",
-                   help="synthetic pairs (translate's output), for the synthetic and real+synthetic arms")
+                   help="synthetic pairs (translate's output) for every arm but real; for painted-real, translate's "
+                        "painting of the real patch sets' masks")
     add_option(p, "--mix", key="segmenter.mix", type=float,
                help="real+synthetic: the chance that a batch patch is synthetic")
+    add_option(p, "--pretrain", key="segmenter.pretrain", type=float,
+               help="synthetic-then-real: the fraction of the steps trained on synthetic pairs")
     add_option(p, "--mode", key="segmenter.mode", help="HoVer-Net mode: fast 256 -> 164 px, original 270 -> 80 px")
     add_option(p, "--width", key="segmenter.width", type=int, help="encoder base width (64: the paper's)")
     add_option(p, "--units", key="segmenter.units", type=int, nargs=4, metavar="N",
@@ -28,17 +32,37 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add_option(p, "--lr", key="segmenter.lr", type=float, help="Adam learning rate")
     add_option(p, "--lr-drop", key="segmenter.lr_drop", type=float,
                help="fraction of the steps after which the learning rate is divided by 10")
+    add_option(p, "--val-fraction", key="segmenter.val_fraction", type=float,
+               help="share of each real slide's tiles held out (one spatial block) to select the best checkpoint")
+    add_option(p, "--val-overlap", key="segmenter.val_overlap", type=int,
+               help="training tiles sharing more pixels than this with a validation tile are left out")
+    add_option(p, "--val-every", key="segmenter.val_every", type=int,
+               help="steps between validation scores (at most a quarter of the steps)")
+    add_option(p, "--rising-tolerance", key="segmenter.rising_tolerance", type=float,
+               help="validation PQ gained in the last quarter above which the arm is flagged as still rising")
+    add_option(p, "--augment", key="segmenter.augment", help="augment the training windows")
+    add_option(p, "--hed-jitter", key="segmenter.hed_jitter", type=float, help="HED stain jitter")
+    add_option(p, "--color-jitter", key="segmenter.color_jitter", type=float,
+               help="brightness, contrast and saturation jitter")
+    add_option(p, "--scale-jitter", key="segmenter.scale_jitter", type=float, help="random zoom by 1 +- this")
+    add_option(p, "--blur", key="segmenter.blur", type=float, help="chance of a Gaussian blur")
+    add_option(p, "--noise", key="segmenter.noise", type=float, help="largest standard deviation of added noise")
     add_training_args(p, "segmenter")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
     from histosynth.io.labels import parse_class_map
+    from histosynth.segmentation.augment import augment_from_settings
     from histosynth.segmentation.segmenter import train_segmenter
 
+    augment = augment_from_settings(args.augment, hed=args.hed_jitter, color=args.color_jitter,
+                                    scale=args.scale_jitter, blur=args.blur, noise=args.noise)
     train_segmenter(args.paths[:-1], args.paths[-1], arm=args.arm, synthetic=args.synthetic, mix=args.mix,
-                    mode=args.mode, width=args.width, units=args.units, input_size=args.input_size,
-                    steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_drop=args.lr_drop, seed=args.seed,
+                    pretrain=args.pretrain, mode=args.mode, width=args.width, units=args.units,
+                    input_size=args.input_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                    lr_drop=args.lr_drop, val_fraction=args.val_fraction, val_overlap=args.val_overlap,
+                    val_every=args.val_every, rising_tolerance=args.rising_tolerance, augment=augment, seed=args.seed,
                     device=args.device, threads=args.threads, checkpoint_every=args.checkpoint_every,
                     log_every=args.log_every, precision=args.precision, classes=parse_class_map(args.classes),
                     resume=args.resume, progress=getattr(args, "progress", False) or None)

@@ -12,13 +12,15 @@ flip / 90° rotation every trainer augments with.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import read_paired_sets
@@ -38,14 +40,29 @@ class PatchPool:
     offsets: np.ndarray  # cumulative patch counts, len = sets + 1
     options: list[str]  # sorted option names
     size: tuple[int, int]  # patch (height, width)
+    indexes: list[pd.DataFrame] = field(default_factory=list)  # each set's index.csv
+    members: np.ndarray | None = None  # the global patch numbers in the pool (None: all); see :func:`subset`
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return int(self.offsets[-1]) if self.members is None else len(self.members)
 
     def locate(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(set index, patch index within the set) of pool indices ``k``."""
+        if self.members is not None:
+            k = self.members[k]
         s = np.searchsorted(self.offsets, k, side="right") - 1
         return s, k - self.offsets[s]
+
+
+def subset(pool: PatchPool, keep: Sequence[np.ndarray]) -> PatchPool:
+    """The pool restricted to the patches ``keep[i]`` (row numbers) of each patch set ``i``."""
+    if len(keep) != len(pool.images):
+        raise ValueError(f"subset needs one array of rows per patch set ({len(pool.images)}), got {len(keep)}")
+    members = np.concatenate([pool.offsets[i] + np.asarray(rows, np.int64) for i, rows in enumerate(keep)]
+                             + [np.zeros(0, np.int64)])
+    if pool.members is not None:
+        members = np.intersect1d(members, pool.members)
+    return dataclasses.replace(pool, members=np.sort(members))
 
 
 def load_pool(patch_sets: Sequence[str | os.PathLike], options: dict[str, str] | None = None) -> PatchPool:
@@ -73,7 +90,7 @@ def load_pool(patch_sets: Sequence[str | os.PathLike], options: dict[str, str] |
         images=[ps.images for ps in sets], inst=[ps.inst for ps in sets], types=[ps.types for ps in sets],
         option=[np.array([lookup[o] for o in opts], dtype=np.int64) for opts in per_patch],
         offsets=np.concatenate([[0], np.cumsum([len(ps) for ps in sets])]).astype(np.int64),
-        options=names, size=tuple(int(v) for v in next(iter(sizes))),
+        options=names, size=tuple(int(v) for v in next(iter(sizes))), indexes=[ps.index for ps in sets],
     )
 
 
@@ -86,6 +103,8 @@ def pool_fingerprint(pool: PatchPool) -> str:
         if len(img):
             h.update(np.ascontiguousarray(img[0]).tobytes())
             h.update(np.ascontiguousarray(img[-1]).tobytes())
+    if pool.members is not None:
+        h.update(np.ascontiguousarray(pool.members, np.int64).tobytes())
     return h.hexdigest()
 
 

@@ -1,30 +1,49 @@
-"""Train HoVer-Net on real, real + synthetic or synthetic patches, and run it on images of any size.
+"""Train HoVer-Net on real, synthetic or mixed patches, select it on real validation tiles, run it on any image.
 
 :func:`train_segmenter` is the ``train_segmenter`` stage. Every arm gets the
-same recipe and the same step budget; only where a batch's patches come
-from differs:
+same recipe, the same step budget, the same augmentation and the same
+validation tiles; only where a batch's patches come from differs
+(:data:`ARMS`):
 
-- ``real`` — the TRAIN slides' real patch sets;
+- ``real`` — the TRAIN slides' real patch sets (minus the validation tiles);
 - ``synthetic`` — the translated synthetic pairs only;
 - ``real+synthetic`` — each patch of a batch comes from the synthetic pool
-  with probability ``mix`` (default 0.5), else from the real one.
+  with probability ``mix`` (default 0.5), else from the real one;
+- ``synthetic-then-real`` — synthetic pairs for the first ``pretrain`` of
+  the steps, then real patches (one optimizer, one schedule: the same total
+  steps as every arm);
+- ``painted-real`` — the GAN's painting of the train slides' own masks
+  (``--synthetic`` = translate's output on the real patch sets), alone: it
+  measures image realism apart from mask realism.
+
+The real patch sets are given to every arm: their validation tiles
+(:mod:`histosynth.segmentation.validation`, one spatial block per slide) are
+never trained on; arms without real training data use them only to validate.
 
 **Data.** Each step draws ``batch_size`` patches, a random ``input_size``
 window of each (a patch smaller than the window is reflect-padded and the
-padding is left out of the loss), a random flip / 90° rotation — a pure
-function of (seed, step), read from the memory-mapped arrays. Targets
+padding is left out of the loss), a random flip / 90° rotation and the
+augmentation of :mod:`histosynth.segmentation.augment` — a pure function of
+(seed, step), read from the memory-mapped arrays. Targets
 (:func:`histosynth.models.hovernet.hovernet_targets`) are computed on the
 window and cropped to the network's output, as the official code does.
 
-**Recipe.** Adam (lr 1e-4, betas 0.9, 0.999), the learning rate ×0.1 after
+**Recipe.** Adam (betas 0.9, 0.999), the learning rate ×0.1 after
 ``lr_drop`` of the steps (the official schedule drops it half-way);
-:func:`~histosynth.models.hovernet.hovernet_loss`.
+:func:`~histosynth.models.hovernet.hovernet_loss`. Every ``val_every`` steps
+(and at the last) the model is scored on the validation tiles; the best by
+validation PQ (the earliest of equals) is ``model.pt``.
 
-**Files** (``out_dir``): ``model.pt`` (weights, architecture, classes, arm,
-seed, step; ``torch.load(weights_only=True)``), ``log.csv`` (the mean of each
-loss term every ``log_every`` steps), ``checkpoint.pt`` (model, optimizer,
-RNG, log; training resumes from it — on the CPU a killed and resumed run ends
-with the same weights as an uninterrupted one). The loop is
+**Files** (``out_dir``): ``model.pt`` (the best weights, architecture,
+classes, arm, seed, its step, the validation scores;
+``torch.load(weights_only=True)``), ``log.csv`` (the mean of each loss term
+every ``log_every`` steps), ``validation.csv`` (step, PQ, AJI, Dice, DQ, SQ,
+counts, seconds of each validation), ``train.json`` (what was trained: arm,
+steps, best step and PQ, whether validation PQ was still rising in the last
+quarter, seconds of training and of validation, threads, device, patches),
+``checkpoint.pt`` (model, optimizer, RNG, logs, best weights; training
+resumes from it — on the CPU a killed and resumed run ends with the same
+weights as an uninterrupted one). The loop is
 :class:`histosynth.training.StepLoop`, the patches a
 :class:`histosynth.io.pool.PatchPool` per source; ``classes`` in the files is
 the one class-map form ``{"1": "Epithelial", ...}``.
@@ -35,6 +54,8 @@ windows and returns the stitched NP / HV / TP maps.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -44,21 +65,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from histosynth.errors import HistosynthError
+from histosynth.io.atomic import atomic_csv, atomic_write
 from histosynth.io.labels import class_map_to_json, classes_of_patch_sets, read_class_map
-from histosynth.io.pool import PatchPool, dihedral, load_pool, max_type, pool_fingerprint
+from histosynth.io.pool import PatchPool, dihedral, load_pool, max_type, pool_fingerprint, subset
 from histosynth.models import hovernet as hn
 from histosynth.models.checkpoint import atomic_torch_save, read_torch_checkpoint
+from histosynth.segmentation.augment import Augment, augment_window
+from histosynth.segmentation.validation import (
+    VALIDATION_COLUMNS,
+    effective_val_every,
+    held_out_rows,
+    spatial_holdout,
+    still_rising,
+)
 from histosynth.training import StepLoop, autocast, choose_precision, grad_scaler, precision_name
 
 log = logging.getLogger(__name__)
 
-ARMS = ("real", "real+synthetic", "synthetic")
+ARMS = ("real", "real+synthetic", "synthetic", "synthetic-then-real", "painted-real")
 CHECKPOINT_FORMAT = "histosynth-hovernet"
 CHECKPOINT_VERSION = 1
-_RESUME_KEYS = ("arch", "arm", "mix", "batch_size", "lr", "lr_drop", "seed", "input_size", "steps", "data")
+_RESUME_KEYS = ("arch", "arm", "mix", "pretrain_steps", "batch_size", "lr", "lr_drop", "seed", "input_size", "steps",
+                "val_every", "augment", "data")
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
@@ -118,12 +150,13 @@ def _window(arr: np.ndarray, y: int, x: int, size: int, mode: str) -> np.ndarray
 
 
 def sample_batch(pools: Sequence[PatchPool], weights: Sequence[float], batch_size: int, size: int, seed: int,
-                 step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                 step: int, augment: Augment | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(images (B, S, S, 3) uint8, inst int32, types uint8, valid bool) for ``step``, a pure function of (seed, step).
 
     Each patch comes from pool ``i`` with probability ``weights[i]``. A window
     larger than a patch is centred on it at random offsets; ``valid`` marks
-    the pixels that lie inside the patch.
+    the pixels that lie inside the patch. Each window is flipped / rotated at
+    random, then augmented by ``augment`` (none: no more than that).
     """
     rng = np.random.default_rng([int(seed), 0x5E6, int(step)])
     which = rng.choice(len(pools), size=batch_size, p=np.asarray(weights, float) / sum(weights))
@@ -145,6 +178,8 @@ def sample_batch(pools: Sequence[PatchPool], weights: Sequence[float], batch_siz
         for out, arr, mode in ((imgs, pool.images[s][p], "reflect"), (inst, pool.inst[s][p], "zero"),
                                (types, pool.types[s][p], "zero"), (valid, ones, "zero")):
             out[b] = dihedral(_window(arr, y, x, size, mode), d)
+        if augment is not None and augment.enabled:
+            imgs[b], inst[b], types[b], valid[b] = augment_window(imgs[b], inst[b], types[b], valid[b], augment, rng)
     return imgs, inst, types, valid
 
 
@@ -170,31 +205,98 @@ def learning_rate(step: int, lr: float, steps: int, lr_drop: float) -> float:
 
 
 # -- training ----------------------------------------------------------------------------------------
-def _pools_for(arm: str, real: Sequence[str | os.PathLike], synthetic: Sequence[str | os.PathLike],
-               mix: float) -> tuple[list[PatchPool], list[float], list[str]]:
+@dataclass
+class ArmData:
+    """The pools an arm trains on, its batch mix at each step, and the real validation tiles."""
+
+    pools: list[PatchPool]
+    names: list[str]  # "real" / "synthetic" per pool
+    mix: float
+    pretrain_steps: int  # synthetic-then-real: steps on the synthetic pool before the real one
+    val: PatchPool
+    paths: list[str]  # every patch set read (the class map comes from their reports)
+
+    def weights(self, step: int) -> list[float]:
+        if self.names == ["real", "synthetic"]:
+            return [1.0 - self.mix, self.mix]
+        if self.pretrain_steps:  # synthetic-then-real
+            return [0.0, 1.0] if step < self.pretrain_steps else [1.0, 0.0]
+        return [1.0]
+
+
+def check_arm(arm: str, mix: float = 0.5, pretrain: float = 0.5) -> None:
+    """One clear error for an arm name that does not exist or a mix / pretrain share out of range."""
     if arm not in ARMS:
-        raise HistosynthError(f"arm must be one of {ARMS}, got {arm!r}")
-    if not 0.0 < mix < 1.0:
-        raise HistosynthError(f"mix (the synthetic share of a real+synthetic batch) must be in (0, 1), got {mix}")
-    need_real, need_synth = arm in ("real", "real+synthetic"), arm in ("synthetic", "real+synthetic")
-    if need_real and not real:
-        raise HistosynthError(f"arm {arm!r} needs real patch sets")
-    if need_synth and not synthetic:
+        raise HistosynthError(f"arm must be one of {', '.join(ARMS)}; got {arm!r}")
+    if not 0.0 <= mix <= 1.0:
+        raise HistosynthError(f"mix (the synthetic share of a real+synthetic batch) must be in [0, 1], got {mix}")
+    if not 0.0 < pretrain < 1.0:
+        raise HistosynthError(f"pretrain (the synthetic share of synthetic-then-real's steps) must be in (0, 1), "
+                              f"got {pretrain}")
+
+
+def arm_data(arm: str, real: Sequence[str | os.PathLike], synthetic: Sequence[str | os.PathLike], *,
+             mix: float = 0.5, pretrain: float = 0.5, steps: int = 1, val_fraction: float = 0.2,
+             val_overlap: int = 8) -> ArmData:
+    """Open an arm's patch sets, hold out the validation tiles of the real ones, and check what it needs."""
+    check_arm(arm, mix, pretrain)
+    if not real:
+        raise HistosynthError(f"arm {arm!r} needs the real patch sets of the train slides (its validation tiles "
+                              "come from them)")
+    trains_real = arm in ("real", "real+synthetic", "synthetic-then-real")
+    needs_synth = arm != "real"
+    if needs_synth and not synthetic:
         raise HistosynthError(f"arm {arm!r} needs synthetic patch sets (--synthetic)")
-    if not need_real and real:
-        raise HistosynthError(f"arm {arm!r} trains on synthetic data only; real patch sets were given")
-    if not need_synth and synthetic:
+    if not needs_synth and synthetic:
         raise HistosynthError(f"arm {arm!r} trains on real data only; synthetic patch sets were given")
-    pools, weights, paths = [], [], []
-    if need_real:
-        pools.append(load_pool(real))
-        weights.append(1.0 - mix if need_synth else 1.0)
-        paths += [os.fspath(p) for p in real]
-    if need_synth:
-        pools.append(load_pool(synthetic))
-        weights.append(mix if need_real else 1.0)
-        paths += [os.fspath(p) for p in synthetic]
-    return pools, weights, paths
+    real_pool = load_pool(real)
+    holdout = spatial_holdout(real_pool.indexes, val_fraction, val_overlap, names=[os.fspath(p) for p in real])
+    pools, names = [], []
+    if trains_real:
+        pools.append(subset(real_pool, holdout.train))
+        names.append("real")
+    if needs_synth:
+        synth = load_pool(synthetic)
+        inside = [held_out_rows(index, holdout.keys) for index in synth.indexes]
+        n_out = int(sum(m.sum() for m in inside))
+        if n_out:
+            log.info("%d synthetic patches sit at validation tiles of the train slides (painted from their "
+                     "masks): left out of training", n_out)
+        synth = subset(synth, [np.flatnonzero(~m) for m in inside])
+        if not len(synth):
+            raise HistosynthError("every synthetic patch sits at a validation tile; nothing is left to train on: "
+                                  + ", ".join(map(os.fspath, synthetic)))
+        pools.append(synth)
+        names.append("synthetic")
+    pretrain_steps = int(round(pretrain * steps)) if arm == "synthetic-then-real" else 0
+    return ArmData(pools=pools, names=names, mix=float(mix) if arm == "real+synthetic" else 0.0,
+                   pretrain_steps=pretrain_steps, val=subset(real_pool, holdout.val),
+                   paths=[os.fspath(p) for p in (*real, *synthetic)])
+
+
+def validation_scores(seg: Segmenter, pool: PatchPool, *, batch: int = 4) -> dict[str, float]:
+    """PQ, AJI, Dice, DQ, SQ (means over the tiles) and nucleus counts of ``seg`` on the tiles of ``pool``."""
+    from histosynth.models.hovernet import postprocess
+    from histosynth.segmentation.metrics import MetricAccumulator
+
+    acc = MetricAccumulator()
+    n_true = n_pred = 0
+    was_training = seg.model.training
+    seg.model.eval()
+    try:
+        s_idx, p_idx = pool.locate(np.arange(len(pool)))
+        for s, p in zip(s_idx.tolist(), p_idx.tolist()):
+            maps = predict(seg, np.asarray(pool.images[s][p]), batch=batch)
+            inst, _ = postprocess(maps["np"], maps["hv"])
+            true = np.asarray(pool.inst[s][p])
+            acc.add(inst, true)
+            n_true += len(np.unique(true[true > 0]))
+            n_pred += len(np.unique(inst[inst > 0]))
+    finally:
+        seg.model.train(was_training)
+    summary = acc.summary()
+    return {**{k: float(summary.get(k, float("nan"))) for k in ("pq", "aji", "dice", "dq", "sq")},
+            "n_true": n_true, "n_pred": n_pred}
 
 
 def train_segmenter(
@@ -204,42 +306,55 @@ def train_segmenter(
     arm: str = "real",
     synthetic: Sequence[str | os.PathLike] = (),
     mix: float = 0.5,
+    pretrain: float = 0.5,
     mode: str = "fast",
     width: int = 64,
     units: Sequence[int] = (3, 4, 6, 3),
     input_size: int | None = None,
-    steps: int = 2000,
-    batch_size: int = 4,
+    steps: int = 20000,
+    batch_size: int = 8,
     lr: float = 1e-4,
     lr_drop: float = 0.5,
+    val_fraction: float = 0.2,
+    val_overlap: int = 8,
+    val_every: int = 500,
+    rising_tolerance: float = 0.01,
+    augment: Augment | None = None,
     seed: int = 0,
     device: str = "auto",
-    threads: int | None = 1,
-    checkpoint_every: int = 200,
+    threads: int | None = 4,
+    checkpoint_every: int = 500,
     log_every: int = 10,
     precision: str = "auto",
     classes: dict[str, int] | dict[int, str] | None = None,
     resume: bool = True,
     progress: bool | None = None,
 ) -> dict[str, Any]:
-    """Train one arm's HoVer-Net into ``out_dir`` (see the module docstring); returns a report.
+    """Train one arm's HoVer-Net into ``out_dir`` (see the module docstring); returns what train.json holds.
 
-    ``input_size`` defaults to the mode's (fast 256, original 270). ``classes`` is a class map in any form
-    :func:`histosynth.io.labels.read_class_map` reads; by default it is read from the patch sets' report.json.
+    ``input_size`` defaults to the mode's (fast 256, original 270). ``augment`` defaults to the schema's
+    (:class:`histosynth.segmentation.augment.Augment`); ``Augment(0, 0, 0, 0, 0)`` is none. ``classes`` is a class
+    map in any form :func:`histosynth.io.labels.read_class_map` reads; by default it is read from the patch sets'
+    report.json.
     """
     from histosynth.device import select_device
 
     for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("width", width, 1),
-                             ("checkpoint_every", checkpoint_every, 1), ("log_every", log_every, 1)):
+                             ("checkpoint_every", checkpoint_every, 1), ("log_every", log_every, 1),
+                             ("val_every", val_every, 1)):
         if int(value) < low:
             raise HistosynthError(f"{name} must be at least {low}, got {value}")
     if not lr > 0 or not 0.0 <= lr_drop <= 1.0:
         raise HistosynthError(f"lr must be > 0 and lr_drop in [0, 1], got lr={lr}, lr_drop={lr_drop}")
     if mode not in hn.MODES:
         raise HistosynthError(f"mode must be one of {hn.MODES}, got {mode!r}")
+    augment = Augment() if augment is None else augment
     input_size = int(input_size or hn.INPUT_SIZE[mode])
-    pools, weights, paths = _pools_for(arm, real, synthetic, mix)
-    class_map = read_class_map(classes, "classes") if classes else classes_of_patch_sets(paths)
+    data = arm_data(arm, real, synthetic, mix=mix, pretrain=pretrain, steps=steps, val_fraction=val_fraction,
+                    val_overlap=val_overlap)
+    pools = data.pools
+    val_every = effective_val_every(int(val_every), int(steps))
+    class_map = read_class_map(classes, "classes") if classes else classes_of_patch_sets(data.paths)
     n_types = max([*(max_type(p) for p in pools), *class_map.keys()], default=0)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -252,11 +367,12 @@ def train_segmenter(
         model = hn.HoVerNet(**arch).to(dev)
         out_size = int(model.output_size(input_size))  # a HistosynthError names an input size that cannot work
         settings: dict[str, Any] = {
-            "arch": arch, "arm": arm, "mix": float(mix) if arm == "real+synthetic" else None,
-            "batch_size": int(batch_size), "lr": float(lr), "lr_drop": float(lr_drop), "seed": int(seed),
-            "input_size": input_size, "output_size": out_size, "steps": int(steps),
-            "data": "|".join(pool_fingerprint(pool) for pool in pools),
-            "patch_sets": paths,
+            "arch": arch, "arm": arm, "mix": data.mix if arm == "real+synthetic" else None,
+            "pretrain_steps": data.pretrain_steps, "batch_size": int(batch_size), "lr": float(lr),
+            "lr_drop": float(lr_drop), "seed": int(seed), "input_size": input_size, "output_size": out_size,
+            "steps": int(steps), "val_every": val_every, "augment": dataclasses.asdict(augment),
+            "data": "|".join(pool_fingerprint(pool) for pool in (*pools, data.val)),
+            "patch_sets": data.paths,
         }
         optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999))
 
@@ -276,19 +392,28 @@ def train_segmenter(
         loop = StepLoop(out_dir, total=steps, checkpoint_every=checkpoint_every, log_every=log_every, device=dev,
                         settings=settings, keys=_RESUME_KEYS, reader=read_checkpoint, required="optimizer",
                         resume=resume, scaler=scaler, desc=f"train-segmenter {arm}", progress=progress)
+        val_rows: list[dict[str, Any]] = []
+        best: dict[str, Any] = {"step": 0, "pq": -1.0, "model": None}
         if loop.ckpt is not None:
             model.load_state_dict(loop.ckpt["model"])
             optimizer.load_state_dict(loop.ckpt["optimizer"])
+            val_rows = [dict(r) for r in loop.ckpt.get("validation", [])]
+            best = dict(loop.ckpt.get("best") or best)
+        seg = Segmenter(model=model, arch=arch, classes=class_map, n_types=int(n_types), arm=arm, seed=int(seed),
+                        step=0, input_size=input_size, output_size=out_size, path=os.fspath(out_dir))
 
-        def model_dict(**extra: Any) -> dict[str, Any]:
-            return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                    "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        def weights_now() -> dict[str, torch.Tensor]:
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+        def model_dict(weights: dict[str, torch.Tensor], step: int, **extra: Any) -> dict[str, Any]:
+            return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": weights,
                     "arch": arch, "classes": class_map_to_json(class_map), "n_types": int(n_types), "arm": arm,
-                    "seed": int(seed), "step": loop.step, "input_size": input_size, "output_size": out_size,
-                    "train": settings, **extra}
+                    "seed": int(seed), "step": int(step), "input_size": input_size, "output_size": out_size,
+                    "train": settings, "validation": [dict(r) for r in val_rows], **extra}
 
         def train_step(step: int) -> tuple[dict[str, float], float]:
-            imgs, inst, types, valid = sample_batch(pools, weights, batch_size, input_size, seed, step)
+            imgs, inst, types, valid = sample_batch(pools, data.weights(step), batch_size, input_size, seed, step,
+                                                    augment=augment)
             targets = batch_targets(inst, types, valid, out_size, n_types, dev)
             rate = learning_rate(step, lr, steps, lr_drop)
             for group in optimizer.param_groups:
@@ -305,28 +430,55 @@ def train_segmenter(
             scaler.update()
             return values, rate
 
-        log.info("training HoVer-Net (%s mode, width %d, units %s, %d types) arm %s seed %d on %s patches; "
-                 "%d steps of batch %d at %d px -> %d px on %s (%s)", mode, width, list(units), n_types, arm, seed,
-                 " + ".join(str(len(p)) for p in pools), steps, batch_size, input_size, out_size, dev,
-                 settings["precision"])
+        def validate(step: int) -> None:
+            if step % val_every and step != steps:
+                return
+            t0 = time.perf_counter()
+            scores = validation_scores(seg, data.val)
+            row = {"step": step, **scores, "seconds": time.perf_counter() - t0}
+            val_rows.append(row)
+            atomic_csv(pd.DataFrame(val_rows, columns=VALIDATION_COLUMNS), out_dir / "validation.csv")
+            if row["pq"] > best["pq"]:
+                best.update(step=step, pq=row["pq"], model=weights_now())
+            log.info("step %d: validation PQ %.4f, AJI %.4f, Dice %.4f (%d of %d nuclei predicted); best %.4f at "
+                     "step %d", step, row["pq"], row["aji"], row["dice"], row["n_pred"], row["n_true"],
+                     best["pq"], best["step"])
+
+        log.info("training HoVer-Net (%s mode, width %d, units %s, %d types) arm %s seed %d on %s patches, "
+                 "validated on %d real tiles every %d steps; %d steps of batch %d at %d px -> %d px on %s (%s)%s",
+                 mode, width, list(units), n_types, arm, seed,
+                 " + ".join(f"{len(p)} {n}" for p, n in zip(pools, data.names)), len(data.val), val_every, steps,
+                 batch_size, input_size, out_size, dev, settings["precision"],
+                 "" if augment.enabled else ", no augmentation")
         t_start = time.perf_counter()
         model.train()
-        loop.run(train_step, lambda: model_dict(optimizer=optimizer.state_dict()),
-                 postfix=lambda row: {"loss": f"{row['loss']:.3f}"})
+        loop.run(train_step, lambda: {**model_dict(weights_now(), loop.step, optimizer=optimizer.state_dict()),
+                                      "best": dict(best)},
+                 after_step=validate, postfix=lambda row: {"loss": f"{row['loss']:.3f}"})
         seconds = time.perf_counter() - t_start
-        step = loop.step
-        atomic_torch_save(model_dict(), out_dir / "model.pt")
+        if best["model"] is None:  # resumed at the last step with no validation on record: score it now
+            validate(steps)
+        atomic_torch_save(model_dict(best["model"], best["step"]), out_dir / "model.pt")
         steplog = loop.log
         steplog.write()
+    val_seconds = float(sum(r["seconds"] for r in val_rows))
+    rising = still_rising(val_rows, steps, rising_tolerance)
     final = steplog.rows[-1] if steplog.rows else {}
-    report = {"stage": "train_segmenter", "out_dir": str(out_dir), "arm": arm, "seed": int(seed), "step": step,
-              "patches": {name: len(p) for name, p in zip(("real", "synthetic") if len(pools) == 2 else (arm,),
-                                                           pools)},
+    report = {"stage": "train_segmenter", "out_dir": str(out_dir), "arm": arm, "seed": int(seed),
+              "steps": int(steps), "best_step": int(best["step"]), "best_pq": float(best["pq"]), "rising": rising,
+              "rising_tolerance": float(rising_tolerance),
+              "patches": {n: len(p) for n, p in zip(data.names, pools)} | {"validation": len(data.val)},
               "n_types": int(n_types), "precision": settings["precision"], "device": str(dev),
-              "seconds": seconds, "seconds_per_step": steplog.seconds_per_step(),
-              "loss": final.get("loss", float("nan"))}
-    log.info("HoVer-Net written to %s after %d steps: loss %.4f; %.3f s per step", out_dir / "model.pt", step,
-             report["loss"], report["seconds_per_step"])
+              "threads": int(threads or torch.get_num_threads()),
+              "seconds": max(0.0, float(sum(r["seconds"] for r in steplog.rows)) - val_seconds),
+              "validation_seconds": val_seconds, "wall_seconds": seconds,
+              "seconds_per_step": steplog.seconds_per_step(), "loss": final.get("loss", float("nan")),
+              "augment": dataclasses.asdict(augment)}
+    atomic_write(out_dir / "train.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, default=float)))
+    log.info("HoVer-Net written to %s: the step-%d weights (validation PQ %.4f)%s; final loss %.4f; %.3f s per "
+             "step", out_dir / "model.pt", best["step"], best["pq"],
+             "; VALIDATION PQ STILL RISING in the last quarter: train longer" if rising else "", report["loss"],
+             report["seconds_per_step"])
     return report
 
 
