@@ -1,7 +1,7 @@
 """`histosynth <stage> ...`: every Snakemake rule is one call of this CLI.
 
 One module per stage family (``slides``, ``patches``, ``masks``, ``gan``,
-``segmentation``), each with a ``register(sub)`` that adds its subcommands.
+``segmentation``, ``evidence``), each with a ``register(sub)`` that adds its subcommands.
 The modules only parse arguments: a stage's code is imported when its command
 runs, so ``histosynth tile`` never imports torch.
 
@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from histosynth import __version__
-from histosynth.cli import gan, masks, patches, segmentation, slides
+from histosynth.cli import evidence, gan, masks, patches, segmentation, slides
 from histosynth.errors import HistosynthError
 
 log = logging.getLogger("histosynth")
@@ -26,7 +26,7 @@ log = logging.getLogger("histosynth")
 EXIT_BAD_INPUT = 2
 
 #: the stage families, in the order of the DAG
-FAMILIES = (slides, patches, masks, gan, segmentation)
+FAMILIES = (slides, patches, masks, gan, segmentation, evidence)
 
 
 def _add_check_config(sub: argparse._SubParsersAction) -> None:

@@ -215,6 +215,7 @@ class ArmData:
     pretrain_steps: int  # synthetic-then-real: steps on the synthetic pool before the real one
     val: PatchPool
     paths: list[str]  # every patch set read (the class map comes from their reports)
+    slides: list[str]  # the real (train) slides
 
     def weights(self, step: int) -> list[float]:
         if self.names == ["real", "synthetic"]:
@@ -271,7 +272,8 @@ def arm_data(arm: str, real: Sequence[str | os.PathLike], synthetic: Sequence[st
     pretrain_steps = int(round(pretrain * steps)) if arm == "synthetic-then-real" else 0
     return ArmData(pools=pools, names=names, mix=float(mix) if arm == "real+synthetic" else 0.0,
                    pretrain_steps=pretrain_steps, val=subset(real_pool, holdout.val),
-                   paths=[os.fspath(p) for p in (*real, *synthetic)])
+                   paths=[os.fspath(p) for p in (*real, *synthetic)],
+                   slides=sorted({str(s) for index in real_pool.indexes for s in index["slide"]}))
 
 
 def validation_scores(seg: Segmenter, pool: PatchPool, *, batch: int = 4) -> dict[str, float]:
@@ -468,6 +470,7 @@ def train_segmenter(
               "steps": int(steps), "best_step": int(best["step"]), "best_pq": float(best["pq"]), "rising": rising,
               "rising_tolerance": float(rising_tolerance),
               "patches": {n: len(p) for n, p in zip(data.names, pools)} | {"validation": len(data.val)},
+              "slides": data.slides,
               "n_types": int(n_types), "precision": settings["precision"], "device": str(dev),
               "threads": int(threads or torch.get_num_threads()),
               "seconds": max(0.0, float(sum(r["seconds"] for r in steplog.rows)) - val_seconds),
