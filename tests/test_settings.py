@@ -59,7 +59,8 @@ REQUIRED = {
     "train-dvae": ["l.npz", "out"], "dvae-sweep": ["l.npz", "out"], "sample-masks": ["s.json", "d.pt", "out"],
     "evaluate-masks": ["syn", "out", "--real", "r"], "train-gan": ["ps", "out"], "translate": ["g.pt", "m", "o"],
     "evaluate-images": ["gen", "out", "--real", "r"], "train-segmenter": ["ps", "out", "--arm", "real"],
-    "score": ["m.pt", "ps", "out"], "report": ["s.csv", "out"], "evidence-report": ["1=run", "out"], "check-config": ["c.yaml"],
+    "score": ["m.pt", "ps", "out"], "report": ["s.csv", "out"], "evidence-report": ["1=run", "out"],
+    "check-config": ["c.yaml"],
 }
 
 
@@ -256,16 +257,20 @@ def _check_rules_pass_the_config(commands: list[list[str]], cfg: dict) -> set[st
         stage = words[0]
         args = vars(parser.parse_args(words))
         seen.add(stage)
+        # a job of a learning-curve regime (evidence/k-K/seed-S/) takes the regime's seed for the config's
+        regime = next((re.search(r"/evidence/k-\w+/seed-(\d+)/", w) for w in words if "/evidence/k-" in w), None)
+        job_cfg = {**cfg, "seed": int(regime.group(1))} if regime else cfg
         for setting in settings_of(parsers[stage]).values():
-            want = config_value(cfg, setting.key)
+            want = config_value(job_cfg, setting.key)
             got = args[setting.dest]
             if stage == "translate" and setting.flag == "--seed" and args["no_montage"] is False:
                 shard = int(re.search(r"shard-(\d+)$", words[2]).group(1))
-                want = translate_seed(cfg["seed"], shard)  # each shard its own stream
+                want = translate_seed(job_cfg["seed"], shard)  # each shard its own stream
             elif stage == "translate" and setting.flag == "--option" and args["no_montage"]:
                 continue  # the test slides' masks are painted with the slide's known option (test_gan_options)
             elif stage == "train-segmenter" and setting.flag == "--seed":
-                want = got if got in cfg["segmenter"]["seeds"] else cfg["segmenter"]["seeds"]
+                seeds = [job_cfg["seed"]] if regime else cfg["segmenter"]["seeds"]
+                want = got if got in seeds else seeds
             if want is None and parsers[stage].get_default(setting.dest) is None:
                 assert setting.flag not in words
             else:
@@ -280,7 +285,7 @@ def _check_rules_pass_the_config(commands: list[list[str]], cfg: dict) -> set[st
 def test_every_rule_passes_the_config_values(tmp_path):
     """The shell commands of the DAG for config.yaml: every setting of each stage is a flag with the config's value."""
     cfg = validate_config(yaml.safe_load((REPO / "config.yaml").read_text()))
-    seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep"), cfg)
+    seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence"), cfg)
     assert seen == set(stage_parsers()) - {"slide-info", "export", "overlay", "check-config"}
 
 
@@ -288,7 +293,7 @@ def test_every_rule_passes_changed_values(tmp_path):
     """The same with every setting changed from its default: a value a rule forgot would show here."""
     keys = sorted({s.key for _, _, s in _settings()} - {"split.train", "split.test"})
     cfg = _config_with({k: _different(k, config_value(validate_config({}), k)) for k in keys})
-    _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep"), cfg)
+    _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence"), cfg)
 
 
 # --------------------------------------------------------------------------- by hand = the rule with the defaults

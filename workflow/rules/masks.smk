@@ -96,12 +96,12 @@ rule train_dvae:
 
 rule dvae_sweep:
     input:
-        f"{RESULTS}/{{fit}}library/nuclei.npz",
+        f"{RESULTS}/library/nuclei.npz",
     output:
-        table=f"{RESULTS}/{{fit}}models/dvae-sweep/sweep.csv",
-        plot=f"{RESULTS}/{{fit}}models/dvae-sweep/sweep.png",
+        table=f"{RESULTS}/models/dvae-sweep/sweep.csv",
+        plot=f"{RESULTS}/models/dvae-sweep/sweep.png",
     log:
-        f"{RESULTS}/logs/{{fit}}dvae_sweep.log",
+        f"{RESULTS}/logs/dvae_sweep.log",
     conda:
         GPU_ENV
     threads: DVAE["threads"]
@@ -111,7 +111,7 @@ rule dvae_sweep:
         runtime=DVAE["runtime"] * len(DVAE["sweep_latent_dims"]),
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        flags=fit_flags("dvae-sweep", "--threads"),
+        flags=flags("dvae-sweep", "--threads"),
     shell:
         "python -m histosynth dvae-sweep {input:q} {params.out:q} {params.flags} --threads {threads}"
         " > {log:q} 2>&1"

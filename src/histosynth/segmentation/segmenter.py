@@ -218,10 +218,11 @@ class ArmData:
     slides: list[str]  # the real (train) slides
 
     def weights(self, step: int) -> list[float]:
-        if self.names == ["real", "synthetic"]:
-            return [1.0 - self.mix, self.mix]
+        """The chance of each pool for a batch patch at ``step`` (0-based)."""
         if self.pretrain_steps:  # synthetic-then-real
             return [0.0, 1.0] if step < self.pretrain_steps else [1.0, 0.0]
+        if self.names == ["real", "synthetic"]:
+            return [1.0 - self.mix, self.mix]
         return [1.0]
 
 
