@@ -102,7 +102,9 @@ try:
     EVIDENCE_ARMS = evidence_arms(EVIDENCE["arms"])
     REGIMES = plan_regimes(EVIDENCE, TRAIN_SLIDES)
     EVIDENCE_ERROR = None
-except HistosynthError as err:  # raised when the evidence target is asked for, not on every run
+except (
+    HistosynthError
+) as err:  # raised when the evidence target is asked for, not on every run
     EVIDENCE_ARMS, REGIMES, EVIDENCE_ERROR = [], [], err
 REGIME_SLIDES = {r.path: list(r.slides) for r in REGIMES}
 
@@ -136,7 +138,9 @@ def fit_flags(stage, *omit):
     def render(wildcards):
         if not wildcards.fit:
             return flags(stage, *omit)
-        return config_flags(stage, {**config, "seed": fit_seed(wildcards.fit)}, omit=omit)
+        return config_flags(
+            stage, {**config, "seed": fit_seed(wildcards.fit)}, omit=omit
+        )
 
     return render
 
@@ -262,17 +266,26 @@ def report_figures():
     """(caption, path) of every per-stage figure the report page shows."""
     figs = [
         ("Nuclei per tile (train slides)", fitted(rules.fit_stats.output.counts)),
-        ("Nucleus size and shape (train slides)", fitted(rules.fit_stats.output.morphology)),
+        (
+            "Nucleus size and shape (train slides)",
+            fitted(rules.fit_stats.output.morphology),
+        ),
         ("Spacing of nuclei (train slides)", fitted(rules.fit_stats.output.spatial)),
         ("Nucleus shape library", fitted(rules.nuclei_library.output.montage)),
         ("β-VAE latent traversal", fitted(rules.train_dvae.output.traversal)),
         ("Synthetic masks", fitted(rules.evaluate_masks.output.montage)),
-        ("Synthetic vs real mask statistics", fitted(rules.evaluate_masks.output.histograms)),
+        (
+            "Synthetic vs real mask statistics",
+            fitted(rules.evaluate_masks.output.histograms),
+        ),
         (
             "GAN samples: conditioning | generated | real",
             fitted(rules.train_gan.output.samples),
         ),
-        ("Stain realism of the painted images", fitted(rules.evaluate_images.output.figure)),
+        (
+            "Stain realism of the painted images",
+            fitted(rules.evaluate_images.output.figure),
+        ),
     ]
     figs += [
         (

@@ -107,7 +107,11 @@ rule translate_train_masks:
 
 rule evaluate_images:
     input:
-        generated=expand(f"{RESULTS}/{{fit}}synthetic/pairs/shard-{{shard}}", shard=SHARDS, allow_missing=True),
+        generated=expand(
+            f"{RESULTS}/{{fit}}synthetic/pairs/shard-{{shard}}",
+            shard=SHARDS,
+            allow_missing=True,
+        ),
         real=test_patches,
         translated=expand(
             f"{RESULTS}/{{fit}}synthetic/translated-test/{{slide}}",

@@ -140,7 +140,11 @@ rule sample_masks:
 
 rule evaluate_masks:
     input:
-        synthetic=expand(f"{RESULTS}/{{fit}}synthetic/masks/shard-{{shard}}", shard=SHARDS, allow_missing=True),
+        synthetic=expand(
+            f"{RESULTS}/{{fit}}synthetic/masks/shard-{{shard}}",
+            shard=SHARDS,
+            allow_missing=True,
+        ),
         real=test_patches,
     output:
         evaluation=f"{RESULTS}/{{fit}}synthetic/masks-evaluation/evaluation.json",

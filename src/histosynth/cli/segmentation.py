@@ -26,6 +26,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     add_option(p, "--width", key="segmenter.width", type=int, help="encoder base width (64: the paper's)")
     add_option(p, "--units", key="segmenter.units", type=int, nargs=4, metavar="N",
                help="residual units per encoder stage (3 4 6 3: ResNet-50)")
+    add_option(p, "--padding", key="segmenter.padding",
+               help="decoder padding: valid (the paper's; output = centre of the input) or same (output = input)")
     add_option(p, "--input-size", key="segmenter.input_size", type=int, help="network input side (none: the mode's)")
     add_option(p, "--steps", key="segmenter.steps", type=int, help="training steps, the same for every arm")
     add_option(p, "--batch-size", key="segmenter.batch_size", type=int, help="batch size")
@@ -59,7 +61,7 @@ def _run_train(args: argparse.Namespace) -> None:
     augment = augment_from_settings(args.augment, hed=args.hed_jitter, color=args.color_jitter,
                                     scale=args.scale_jitter, blur=args.blur, noise=args.noise)
     train_segmenter(args.paths[:-1], args.paths[-1], arm=args.arm, synthetic=args.synthetic, mix=args.mix,
-                    pretrain=args.pretrain, mode=args.mode, width=args.width, units=args.units,
+                    pretrain=args.pretrain, mode=args.mode, width=args.width, units=args.units, padding=args.padding,
                     input_size=args.input_size, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                     lr_drop=args.lr_drop, val_fraction=args.val_fraction, val_overlap=args.val_overlap,
                     val_every=args.val_every, rising_tolerance=args.rising_tolerance, augment=augment, seed=args.seed,

@@ -313,6 +313,7 @@ def train_segmenter(
     mode: str = "fast",
     width: int = 64,
     units: Sequence[int] = (3, 4, 6, 3),
+    padding: str = "valid",
     input_size: int | None = None,
     steps: int = 20000,
     batch_size: int = 8,
@@ -363,7 +364,7 @@ def train_segmenter(
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = select_device(device, threads)
     arch = {"n_types": int(n_types) or None, "mode": mode, "width": int(width),
-            "units": [int(u) for u in units]}
+            "units": [int(u) for u in units], "padding": padding}
 
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -501,13 +502,18 @@ def predict(seg: Segmenter, image: np.ndarray, *, overlap: int | None = None, ba
 
     The image is reflect-padded by the network's margin and covered by
     output-sized windows that overlap by ``overlap`` pixels (default a
-    quarter of the output); overlapping predictions are averaged.
+    quarter of the output); overlapping predictions are averaged. A
+    same-padded network (output = input) keeps only the centre of each
+    window, an eighth of the side in from every edge, so that every pixel
+    kept saw context on all sides.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise HistosynthError(f"predict needs an RGB uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
     model = seg.model
     device = next(model.parameters()).device
-    s_in, s_out = seg.input_size, seg.output_size
+    s_in = seg.input_size
+    trim = s_in // 8 if seg.output_size == s_in else 0  # same padding: drop the context-less border
+    s_out = seg.output_size - 2 * trim
     margin = (s_in - s_out) // 2
     overlap = s_out // 4 if overlap is None else int(overlap)
     if not 0 <= overlap < s_out:
@@ -525,6 +531,8 @@ def predict(seg: Segmenter, image: np.ndarray, *, overlap: int | None = None, ba
             x_in = np.stack([padded[y : y + s_in, x : x + s_in] for y, x in chunk])
             with autocast(device, amp_dtype):
                 out = model(to_input(x_in, device))
+            if trim:
+                out = {k: v[..., trim : trim + s_out, trim : trim + s_out] for k, v in out.items()}
             maps = {"np": torch.softmax(out["np"].float(), 1)[:, 1:2], "hv": out["hv"].float()}
             if "tp" in out:
                 maps["tp"] = torch.softmax(out["tp"].float(), 1)

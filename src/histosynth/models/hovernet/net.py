@@ -79,6 +79,8 @@ OUTPUT_SIZE = {"fast": 164, "original": 80}
 #: decoder kernel size per mode (the official "fast" decoder uses 3×3, "original" 5×5)
 DECODER_KSIZE = {"fast": 3, "original": 5}
 DENSE_GROUPS = 4
+#: "valid": the paper's unpadded decoder (output = centre of the input); "same": zero-padded (output = input)
+PADDINGS = ("valid", "same")
 
 
 def _channels(base: int, width: int) -> int:
@@ -178,15 +180,15 @@ class Encoder(nn.Module):
 
 # -- decoder ----------------------------------------------------------------------------------------
 class DenseUnit(nn.Module):
-    """BN → ReLU → 1×1 conv → BN → ReLU → k×k valid conv (4 groups): ``growth`` new channels."""
+    """BN → ReLU → 1×1 conv → BN → ReLU → k×k conv (4 groups; valid, or zero-padded ``pad``): ``growth`` channels."""
 
-    def __init__(self, in_ch: int, bottleneck: int, growth: int, ksize: int):
+    def __init__(self, in_ch: int, bottleneck: int, growth: int, ksize: int, pad: int = 0):
         super().__init__()
         self.block = nn.Sequential(
             bn_relu(in_ch),
             nn.Conv2d(in_ch, bottleneck, 1, bias=False),
             bn_relu(bottleneck),
-            nn.Conv2d(bottleneck, growth, ksize, groups=DENSE_GROUPS, bias=False),
+            nn.Conv2d(bottleneck, growth, ksize, padding=pad, groups=DENSE_GROUPS, bias=False),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,9 +198,10 @@ class DenseUnit(nn.Module):
 class DenseBlock(nn.Module):
     """``count`` dense units, each concatenated to the centre-cropped running features; ends in BN → ReLU."""
 
-    def __init__(self, in_ch: int, bottleneck: int, growth: int, ksize: int, count: int):
+    def __init__(self, in_ch: int, bottleneck: int, growth: int, ksize: int, count: int, pad: int = 0):
         super().__init__()
-        self.units = nn.ModuleList(DenseUnit(in_ch + i * growth, bottleneck, growth, ksize) for i in range(count))
+        self.units = nn.ModuleList(DenseUnit(in_ch + i * growth, bottleneck, growth, ksize, pad)
+                                   for i in range(count))
         self.out_ch = in_ch + count * growth
         self.last = bn_relu(self.out_ch)
 
@@ -210,12 +213,13 @@ class DenseBlock(nn.Module):
 
 
 class DecoderLevel(nn.Module):
-    """conv k×k valid → dense block → conv 1×1: one of the u3 / u2 levels."""
+    """conv k×k (valid, or zero-padded ``pad``) → dense block → conv 1×1: one of the u3 / u2 levels."""
 
-    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, ksize: int, dense_units: int, width: int):
+    def __init__(self, in_ch: int, mid_ch: int, out_ch: int, ksize: int, dense_units: int, width: int,
+                 pad: int = 0):
         super().__init__()
-        self.conva = nn.Conv2d(in_ch, mid_ch, ksize, bias=False)
-        self.dense = DenseBlock(mid_ch, _channels(128, width), _channels(32, width), ksize, dense_units)
+        self.conva = nn.Conv2d(in_ch, mid_ch, ksize, padding=pad, bias=False)
+        self.dense = DenseBlock(mid_ch, _channels(128, width), _channels(32, width), ksize, dense_units, pad)
         self.convf = nn.Conv2d(self.dense.out_ch, out_ch, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -231,10 +235,10 @@ def upsample_add(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
 class DecoderBranch(nn.Module):
     """u3 (dense ×8) → u2 (dense ×4) → u1 (conv same) → BN → ReLU → conv 1×1 with ``out_ch`` outputs."""
 
-    def __init__(self, out_ch: int, width: int, ksize: int, dense_units: Sequence[int]):
+    def __init__(self, out_ch: int, width: int, ksize: int, dense_units: Sequence[int], pad: int = 0):
         super().__init__()
-        self.u3 = DecoderLevel(16 * width, 4 * width, 8 * width, ksize, dense_units[0], width)
-        self.u2 = DecoderLevel(8 * width, 2 * width, 4 * width, ksize, dense_units[1], width)
+        self.u3 = DecoderLevel(16 * width, 4 * width, 8 * width, ksize, dense_units[0], width, pad)
+        self.u2 = DecoderLevel(8 * width, 2 * width, 4 * width, ksize, dense_units[1], width, pad)
         self.u1 = nn.Conv2d(4 * width, width, ksize, padding=ksize // 2, bias=False)
         self.head = nn.Sequential(bn_relu(width), nn.Conv2d(width, out_ch, 1, bias=True))
 
@@ -254,6 +258,11 @@ class HoVerNet(nn.Module):
     3×3 decoder). ``width`` (multiple of 8; 64 = paper), ``units`` (residual
     units per stage; (3, 4, 6, 3) = ResNet-50) and ``dense_units`` (units of
     the u3 / u2 dense blocks; (8, 4) = paper) shrink it for the CPU.
+    ``padding``: "valid" (the paper's: the decoder's k×k convolutions are
+    unpadded, so the output is the centre of the input) or "same" (they are
+    zero-padded, the stem too: the output is the whole input, whose side must
+    be a multiple of 8; the same parameters, and on the CPU several times the
+    output pixels per second — ``benchmarks/segmenter_speed.py``).
 
     ``forward(images)`` takes (B, 3, S, S), uint8 (divided by 255 here) or
     float already in [0, 1], and returns ``{"np": (B, 2, s, s) logits, "hv":
@@ -262,10 +271,13 @@ class HoVerNet(nn.Module):
     """
 
     def __init__(self, n_types: int | None = None, mode: str = "fast", width: int = 64,
-                 units: Sequence[int] = (3, 4, 6, 3), dense_units: Sequence[int] = (8, 4), in_ch: int = 3):
+                 units: Sequence[int] = (3, 4, 6, 3), dense_units: Sequence[int] = (8, 4), in_ch: int = 3,
+                 padding: str = "valid"):
         super().__init__()
         if mode not in MODES:
             raise HistosynthError(f"HoVer-Net mode must be one of {MODES}, got {mode!r}")
+        if padding not in PADDINGS:
+            raise HistosynthError(f"HoVer-Net padding must be one of {PADDINGS}, got {padding!r}")
         if width < 8 or width % 8:
             raise HistosynthError(f"HoVer-Net width must be a positive multiple of 8, got {width}")
         units, dense_units = tuple(int(u) for u in units), tuple(int(u) for u in dense_units)
@@ -277,13 +289,16 @@ class HoVerNet(nn.Module):
             raise HistosynthError(f"n_types must be None or >= 0, got {n_types}")
         n_types = int(n_types) if n_types else 0
         self.config = {"n_types": n_types, "mode": mode, "width": int(width), "units": list(units),
-                       "dense_units": list(dense_units), "in_ch": int(in_ch)}
+                       "dense_units": list(dense_units), "in_ch": int(in_ch), "padding": padding}
         ksize = DECODER_KSIZE[mode]
-        self.encoder = Encoder(width, units, stem_padding=3 if mode == "fast" else 0, in_ch=in_ch)
+        same = padding == "same"
+        self.encoder = Encoder(width, units, stem_padding=3 if mode == "fast" or same else 0, in_ch=in_ch)
         heads = {"np": 2, "hv": 2}
         if n_types:
             heads["tp"] = n_types + 1
-        self.decoders = nn.ModuleDict({k: DecoderBranch(c, width, ksize, dense_units) for k, c in heads.items()})
+        pad = ksize // 2 if same else 0
+        self.decoders = nn.ModuleDict({k: DecoderBranch(c, width, ksize, dense_units, pad)
+                                       for k, c in heads.items()})
         init_weights(self)
 
     @property
@@ -298,6 +313,11 @@ class HoVerNet(nn.Module):
         """The output side(s) for an input side (or (h, w)); HistosynthError if the input cannot work."""
         if not isinstance(input_size, (int, np.integer)):
             return tuple(self.output_size(int(s)) for s in input_size)  # type: ignore[return-value]
+        if self.config["padding"] == "same":
+            if input_size < 8 or input_size % 8:
+                raise HistosynthError(f"HoVer-Net with same padding needs an input side that is a positive "
+                                      f"multiple of 8, got {input_size}")
+            return int(input_size)
         k = DECODER_KSIZE[self.mode]
         n3, n2 = self.config["dense_units"]
         d0 = int(input_size) - (0 if self.mode == "fast" else 6)
