@@ -8,7 +8,7 @@ import torch
 
 from histosynth.errors import HistosynthError
 from histosynth.models.checkpoint import read_torch_checkpoint
-from histosynth.training import StepLoop, grad_scaler, precision_name
+from histosynth.training import StepLoop, choose_precision, cpu_native_bf16, grad_scaler, precision_name
 
 torch.set_num_threads(1)
 
@@ -93,3 +93,19 @@ def test_nan_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
 def test_precision_names():
     assert precision_name(None) == "float32" and precision_name(torch.bfloat16) == "bf16"
     assert not grad_scaler(None).is_enabled()
+
+
+def test_auto_precision_skips_the_probe_without_native_bf16(tmp_path):
+    """A CPU whose flags lack bf16 trains in float32 without timing emulated bf16; one that has it is probed."""
+    plain, native = tmp_path / "plain", tmp_path / "native"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n")
+    native.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert cpu_native_bf16(plain) is False and cpu_native_bf16(native) is True
+    assert cpu_native_bf16(tmp_path / "missing") is None
+    probed = []
+    cpu = torch.device("cpu")
+    assert choose_precision("auto", cpu, probed.append, cpuinfo=plain) is None and probed == []
+    choose_precision("auto", cpu, probed.append, cpuinfo=native)
+    assert probed == [None] * 3 + [torch.bfloat16] * 3  # a warm-up and two timed steps per dtype
+    assert choose_precision("float32", cpu, probed.append, cpuinfo=native) is None
+    assert choose_precision("bf16", cpu, probed.append, cpuinfo=plain) is torch.bfloat16  # asked for: obeyed

@@ -101,13 +101,33 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def choose_precision(precision: str, device: torch.device, probe: Callable[[torch.dtype | None], None]
-                     ) -> torch.dtype | None:
+#: CPU flags (/proc/cpuinfo) of native bf16 arithmetic: x86 AVX512-BF16 / AMX-BF16, Arm BF16
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool | None:
+    """Whether the CPU does bf16 natively (its flags name it), or None where ``cpuinfo`` cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & NATIVE_BF16_FLAGS) if flags else None
+
+
+def choose_precision(precision: str, device: torch.device, probe: Callable[[torch.dtype | None], None],
+                     *, cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> torch.dtype | None:
     """The autocast dtype for ``precision`` (None = float32).
 
-    On CUDA 'auto' is bf16 where supported, else fp16 (use a GradScaler). On the
-    CPU 'auto' times ``probe(dtype)`` — one forward/backward on copies of the
-    networks — in float32 and bf16 and takes bf16 only when it is clearly faster.
+    On CUDA 'auto' is bf16 where supported, else fp16 (use a GradScaler). On a
+    CPU whose flags show no native bf16 'auto' is float32 at once (emulated bf16
+    is many times slower); otherwise it times ``probe(dtype)`` — one
+    forward/backward on copies of the networks — in float32 and bf16 and takes
+    bf16 only when it is clearly faster.
     """
     if precision not in PRECISIONS:
         raise HistosynthError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -119,6 +139,9 @@ def choose_precision(precision: str, device: torch.device, probe: Callable[[torc
         return torch.float16
     if precision == "bf16":
         return torch.bfloat16
+    if cpu_native_bf16(cpuinfo) is False:
+        log.info("precision auto on the CPU: no native bf16 in the CPU flags -> float32")
+        return None
     times = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
