@@ -165,6 +165,44 @@ def test_dvae_sweep_target(run):
     assert (run / "results" / "models" / "dvae-sweep" / "sweep.png").stat().st_size > 1000
 
 
+def test_gpu_preset_script_runs_the_learning_curve_on_the_cpu_at_tiny_size(tmp_path):
+    """scripts/evidence-gpu.sh with config/evidence-gpu.yaml, the tiny sizes laid over it (EXTRA_CONFIG):
+    every regime fits on its own slides, every arm is scored on the same test slides, one report."""
+    import json
+    import os
+
+    tiny = {**TINY, "device": "cpu",
+            "evidence": {"k": [1], "seeds": [0, 1], "arms": ["real", "synthetic-then-real", "painted-real"]}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
+    env = {**os.environ, "EXTRA_CONFIG": str(tmp_path / "tiny.yaml"), "CORES": "2", "GPU_JOBS": "1",
+           "SNAKEMAKE": f"{sys.executable} -m snakemake"}
+    res = subprocess.run(["bash", str(REPO / "scripts" / "evidence-gpu.sh"), "--directory", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    results = tmp_path / "results"
+    tested, drawn = set(), {}
+    for seed in (0, 1):
+        regime = results / "evidence" / "k-1" / f"seed-{seed}"
+        stats = json.loads((regime / "stats" / "stats.json").read_text())
+        for arm in ("real", "synthetic-then-real", "painted-real"):
+            run = regime / "segmentation" / arm / f"seed-{seed}"
+            info = json.loads((run / "train.json").read_text())
+            assert len(info["slides"]) == 1  # k = 1 train slide
+            assert set(info["slides"]) == drawn.setdefault(seed, set(info["slides"]))  # the same for every arm
+            scored = set(pd.read_csv(run / "scores.csv")["slide"])
+            assert scored == (tested or scored) and not scored & set(info["slides"])  # the same test slides
+            tested = scored
+            assert (run / "validation.csv").is_file() and info["best_step"] >= 1
+        (slide,) = drawn[seed]
+        assert stats["n_patches"] == len(read_patchset(results / "patches" / slide))  # fitted on that slide alone
+    report = results / "evidence" / "report"
+    runs = pd.read_csv(report / "runs.csv")
+    assert len(runs) == 2 * 3 and set(runs["arm"]) == {"real", "synthetic-then-real", "painted-real"}
+    differences = pd.read_csv(report / "differences.csv")
+    assert set(differences["arm"]) == {"synthetic-then-real", "painted-real"}
+    assert (report / "learning_curve.png").stat().st_size > 1000 and "real" in (report / "evidence.md").read_text()
+
+
 def test_nothing_to_do_on_rerun(run):
     res = snakemake(run, "-n")
     assert res.returncode == 0
@@ -184,6 +222,22 @@ def test_bad_config_stops_with_the_key(tmp_path):
     res = snakemake(tmp_path, "-n")
     assert res.returncode != 0
     assert "unknown key 'tile.sise'" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"evidence": {"k": [9]}}, r"evidence.k asks for 9 train slides but the split has 2"),
+    ({"evidence": {"arms": ["real", "fake"]}}, r"key 'evidence.arms.1': 'fake' is not one of"),
+    ({"segmenter": {"mix": 1.5}}, r"key 'segmenter.mix': 1.5 is greater than the maximum of 1"),
+    ({"evidence": {"seeds": [0]}}, r"key 'evidence.seeds'"),
+], ids=["k-too-large", "unknown-arm", "mix-out-of-range", "one-seed"])
+def test_bad_learning_curve_settings_stop_before_any_job(tmp_path, extra, message):
+    import re
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**TINY, **extra}))
+    res = snakemake(tmp_path, "evidence", "-n")
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and re.search(message, out), out[-2000:]
+    assert not (tmp_path / "results").exists()  # nothing ran, nothing written
 
 
 def test_monuseg_preset_runs_the_dag_so_far(tmp_path, shared_data):
