@@ -15,7 +15,7 @@ from scipy import stats
 
 from histosynth.cli import main
 from histosynth.errors import HistosynthError
-from histosynth.segmentation.report import METRICS, build_report, mean_ci, read_scores, summarise
+from histosynth.segmentation.report import METRICS, build_report, mean_ci, read_scores, summarise, what_it_can_show
 
 
 def _scores(path, arm, seed, values, mpq=None):
@@ -132,3 +132,25 @@ def test_report_never_imports_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "out" / "index.html").is_file() and (tmp_path / "cli" / "index.html").is_file()
+
+
+def test_the_page_says_plainly_when_the_models_are_too_weak_to_compare(tmp_path):
+    """Counts from summary.json and the rising flag from train.json decide the sentence under the table."""
+    weak = _scores(tmp_path / "real" / "seed-0", "real", 0, [0.2, 0.3])
+    summary = json.loads((weak.parent / "summary.json").read_text())
+    (weak.parent / "summary.json").write_text(json.dumps({**summary, "n_true": 100, "tp": 40}))
+    (weak.parent / "train.json").write_text(json.dumps({"rising": True}))
+    _, runs = read_scores([weak])
+    text = what_it_can_show(runs)
+    assert "under-trained" in text and "40–40 %" in text and "still rising" in text and "real seed 0" in text
+    build_report([weak], tmp_path / "out")
+    assert "under-trained" in (tmp_path / "out" / "index.html").read_text()
+    # trained well, two seeds per arm: nothing to warn of; one seed: the intervals ignore training noise
+    good = []
+    for seed in (0, 1):
+        path = _scores(tmp_path / "good" / f"seed-{seed}", "real", seed, [0.6])
+        (path.parent / "summary.json").write_text(json.dumps({"n_true": 100, "tp": 90}))
+        (path.parent / "train.json").write_text(json.dumps({"rising": False}))
+        good.append(path)
+    assert what_it_can_show(read_scores(good)[1]) == ""
+    assert "One seed per arm" in what_it_can_show(read_scores(good[:1])[1])

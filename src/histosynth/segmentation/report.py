@@ -67,6 +67,11 @@ def read_scores(paths: Sequence[str | os.PathLike]) -> tuple[pd.DataFrame, pd.Da
             for m in DATASET_METRICS:
                 if summary.get(m) is not None:
                     run[m] = float(summary[m])
+            if summary.get("n_true"):
+                run["found"] = float(summary.get("tp", 0)) / float(summary["n_true"])
+        train_path = path.with_name("train.json")
+        if train_path.is_file():
+            run["rising"] = bool(json.loads(train_path.read_text()).get("rising", False))
         per_run.append(run)
     runs = pd.DataFrame(per_run)
     dup = runs.duplicated(["arm", "seed"])
@@ -153,6 +158,27 @@ def _html_table(table: pd.DataFrame) -> str:
     return (f"<table><tr><th>arm</th><th>seeds</th><th>images</th>{head}</tr>{''.join(body)}</table>")
 
 
+def what_it_can_show(runs: pd.DataFrame) -> str:
+    """One plain paragraph: are these models trained enough for the arms' differences to mean anything?"""
+    problems = []
+    if "found" in runs and runs["found"].notna().any():
+        low, high = runs["found"].min(), runs["found"].max()
+        if low < 0.8:
+            problems.append(f"the runs match only {100 * low:.0f}–{100 * high:.0f} % of the true nuclei of the "
+                            "test slides (a segmenter worth comparing finds at least 80 %)")
+    if "rising" in runs and runs["rising"].fillna(False).astype(bool).any():
+        rising = runs.loc[runs["rising"].fillna(False).astype(bool)]
+        problems.append("validation PQ was still rising at the end for "
+                        + ", ".join(f"{a} seed {s}" for a, s in rising[["arm", "seed"]].values))
+    if problems:
+        return ("These models are under-trained: " + "; ".join(problems) + ". The scores show that the pipeline "
+                "runs end to end, not whether the synthetic data helps; the learning curve "
+                "(<code>snakemake evidence</code>, docs/results.md) is the measurement of that.")
+    if runs.groupby("arm")["seed"].nunique().min() < 2:
+        return "One seed per arm: differences between arms cannot be told from training noise."
+    return ""
+
+
 def build_report(score_files: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                  figures: Sequence[tuple[str, str | os.PathLike]] = ()) -> dict[str, Any]:
     """Write the report (see the module docstring); ``figures`` are (caption, path) pairs, all required."""
@@ -185,6 +211,7 @@ figure{{margin:1.5em 0}}</style></head><body>
 {html.escape(" / ".join(over) or "-")} in brackets ({'seeds: Student t over the per-seed means'
 if 'seeds' in over else 'one seed per arm: the interval is over images and ignores training noise'}).</p>
 {_html_table(table)}
+<p><b>{what_it_can_show(runs)}</b></p>
 <figure><img src="comparison.png" alt="comparison"><figcaption>Each metric per arm, 95&nbsp;% CI.</figcaption></figure>
 <h2>Stages</h2>
 {figs}
