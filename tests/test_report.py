@@ -138,7 +138,7 @@ def test_the_page_says_plainly_when_the_models_are_too_weak_to_compare(tmp_path)
     """Counts from summary.json and the rising flag from train.json decide the sentence under the table."""
     weak = _scores(tmp_path / "real" / "seed-0", "real", 0, [0.2, 0.3])
     summary = json.loads((weak.parent / "summary.json").read_text())
-    (weak.parent / "summary.json").write_text(json.dumps({**summary, "n_true": 100, "tp": 40}))
+    (weak.parent / "summary.json").write_text(json.dumps({**summary, "n_true": 100, "n_pred": 40}))
     (weak.parent / "train.json").write_text(json.dumps({"rising": True}))
     _, runs = read_scores([weak])
     text = what_it_can_show(runs)
@@ -149,7 +149,7 @@ def test_the_page_says_plainly_when_the_models_are_too_weak_to_compare(tmp_path)
     good = []
     for seed in (0, 1):
         path = _scores(tmp_path / "good" / f"seed-{seed}", "real", seed, [0.6])
-        (path.parent / "summary.json").write_text(json.dumps({"n_true": 100, "tp": 90}))
+        (path.parent / "summary.json").write_text(json.dumps({"n_true": 100, "n_pred": 90}))
         (path.parent / "train.json").write_text(json.dumps({"rising": False}))
         good.append(path)
     assert what_it_can_show(read_scores(good)[1]) == ""

@@ -68,7 +68,7 @@ def read_scores(paths: Sequence[str | os.PathLike]) -> tuple[pd.DataFrame, pd.Da
                 if summary.get(m) is not None:
                     run[m] = float(summary[m])
             if summary.get("n_true"):
-                run["found"] = float(summary.get("tp", 0)) / float(summary["n_true"])
+                run["found"] = float(summary.get("n_pred", 0)) / float(summary["n_true"])  # as evidence-report
         train_path = path.with_name("train.json")
         if train_path.is_file():
             run["rising"] = bool(json.loads(train_path.read_text()).get("rising", False))
@@ -164,8 +164,8 @@ def what_it_can_show(runs: pd.DataFrame) -> str:
     if "found" in runs and runs["found"].notna().any():
         low, high = runs["found"].min(), runs["found"].max()
         if low < 0.8:
-            problems.append(f"the runs match only {100 * low:.0f}–{100 * high:.0f} % of the true nuclei of the "
-                            "test slides (a segmenter worth comparing finds at least 80 %)")
+            problems.append(f"the runs predict only {100 * low:.0f}–{100 * high:.0f} % as many nuclei as the test "
+                            "slides hold (a segmenter worth comparing finds at least 80 %)")
     if "rising" in runs and runs["rising"].fillna(False).astype(bool).any():
         rising = runs.loc[runs["rising"].fillna(False).astype(bool)]
         problems.append("validation PQ was still rising at the end for "
