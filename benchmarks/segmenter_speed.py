@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from datetime import date
@@ -40,26 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
-CLASSES = {"Epithelial": 1, "Lymphocyte": 2, "Spindle": 3}
-
 
 def _demo_patch_sets(workdir: Path) -> list[Path]:
-    from histosynth.patches.annotate import rasterize_patchset
-    from histosynth.slides.demo import make_demo_slides
-    from histosynth.slides.tiling import TileParams, tile_slide
+    """Two demo slides tiled and rasterized (built as benchmarks/gan.py builds them)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gan import _demo_patch_sets as gan_demo_sets
 
-    demo = workdir / "segmenter-demo"
-    if not (demo / "slides" / "slides.csv").exists():
-        make_demo_slides(demo / "slides", n_slides=2, size=(2048, 2048), seed=0)
-    sets = []
-    for k in range(2):
-        name = f"demo-{k:03d}"
-        tiles, patches = demo / "tiles" / name, demo / "patches" / name
-        if not patches.exists():
-            tile_slide(demo / "slides" / f"{name}.tif", tiles, TileParams(size=256, target_mpp=0.5))
-            rasterize_patchset(demo / "slides" / f"{name}.geojson", tiles, patches, CLASSES)
-        sets.append(patches)
-    return sets
+    return gan_demo_sets(workdir)[0]
 
 
 def _fixed_batch(sets, size: int, batch: int):
