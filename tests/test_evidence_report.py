@@ -106,8 +106,8 @@ def _per_seed_diff(root, k, arm, metric="pq"):
 
 def test_writes_every_file_and_no_temporaries(grid):
     _, _, out, result = grid
-    names = {"runs.csv", "means.csv", "differences.csv", "cost.csv", "learning_curve.png", "validation.png",
-             "evidence.md", "evidence.json"}
+    names = {"runs.csv", "means.csv", "differences.csv", "cost.csv", "generators.csv", "learning_curve.png",
+             "validation.png", "evidence.md", "evidence.json"}
     assert names <= {p.name for p in out.iterdir()}
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
     for png in ("learning_curve.png", "validation.png"):
@@ -274,6 +274,8 @@ def test_helpers():
         ("missing-folder", "run folder not found"),
         ("stray-generator-log", "without any run"),
         ("generator-log-no-seconds", "lacks a seconds column"),
+        ("stray-evaluation", "without any run"),
+        ("not-an-evaluation", "not an evaluate-masks evaluation.json"),
     ],
 )
 def test_bad_input_is_one_error_naming_the_problem(tmp_path, case, message):
@@ -310,11 +312,54 @@ def test_bad_input_is_one_error_naming_the_problem(tmp_path, case, message):
         pd.DataFrame({"step": [1], "loss": [0.1]}).to_csv(named, index=False)
         logs = [("1", "0", named)]
     out = tmp_path / "out"
+    evaluations = []
+    if case == "stray-evaluation":
+        evaluations = [("3", "0", "masks", _mask_evaluation(tmp_path, 3, 0))]
+    elif case == "not-an-evaluation":
+        named = tmp_path / "e.json"
+        named.write_text(json.dumps({"features": {}}))
+        evaluations = [("1", "0", "masks", named)]
     with pytest.raises(HistosynthError, match=message) as err:
-        build_evidence_report(runs, out, generator_logs=logs)
+        build_evidence_report(runs, out, generator_logs=logs, evaluations=evaluations)
     if named is not None:
         assert str(named) in str(err.value)
     assert not out.exists() or not list(out.iterdir())
+
+
+def _mask_evaluation(root, k, seed, ks=0.05):
+    path = root / "eval" / f"masks-k{k}-seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    feats = {n: {"statistic": ks * (i + 1), "pass": True} for i, n in enumerate(
+        ("count", "area", "nn_distance", "eccentricity"))}
+    path.write_text(json.dumps({"features": feats, "all_pass": ks < 0.03}))
+    return path
+
+
+def _image_evaluation(root, k, seed, distance):
+    path = root / "eval" / f"images-k{k}-seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"stain": {"generated": {"combined": distance}, "baseline_ratio": 3.0},
+                                "consistency": {"ratio": 0.9}}))
+    return path
+
+
+def test_generator_evaluations_are_tabled_per_k(tmp_path):
+    runs, evaluations = [], []
+    for seed in (0, 1):
+        for arm in ("real", "synthetic"):
+            runs.append(("1", make_run(tmp_path, 1, seed, arm)))
+        evaluations += [("1", str(seed), "masks", _mask_evaluation(tmp_path, 1, seed, ks=0.02 * (seed + 1))),
+                        ("1", str(seed), "images", _image_evaluation(tmp_path, 1, seed, 0.2 + 0.2 * seed))]
+    result = build_evidence_report(runs, tmp_path / "out", evaluations=evaluations)
+    table = pd.read_csv(tmp_path / "out" / "generators.csv")
+    assert list(table["seed"]) == [0, 1] and table["mask_ks_count"].tolist() == pytest.approx([0.02, 0.04])
+    assert table["masks_pass"].tolist() == [True, False] and table["stain_distance"].tolist() == pytest.approx([0.2, 0.4])
+    assert result["generators"][1]["nuclei_consistency"] == pytest.approx(0.9)
+    text = (tmp_path / "out" / "evidence.md").read_text()
+    assert "## The generators of each regime" in text and "0.300 [0.200, 0.400]" in text  # mean [range] of seeds
+    # no evaluations: no section, an empty table
+    build_evidence_report(runs, tmp_path / "bare")
+    assert "generators of each regime" not in (tmp_path / "bare" / "evidence.md").read_text()
 
 
 def _parser():
@@ -352,6 +397,7 @@ def test_cli_parses_runs_generator_logs_and_delta(tmp_path):
         (["somewhere", "out"], "a run is K=RUN_DIR"),
         (["1=a", "2=b"], "the last PATH is the output folder"),
         (["1=a", "out", "--generator-log", "1=log.csv"], "a generator log is K:SEED=PATH"),
+        (["1=a", "out", "--masks-evaluation", "1=e.json"], "a masks evaluation is K:SEED=PATH"),
     ],
 )
 def test_cli_bad_arguments(argv, message):

@@ -262,6 +262,17 @@ def generator_logs():
     ]
 
 
+def generator_evaluations():
+    """(K, SEED, KIND, PATH) of the mask and image evaluations of every regime that has a synthetic arm."""
+    if EVIDENCE_ARMS == ["real"]:
+        return []
+    return [
+        (r.k, r.seed, kind, f"{RESULTS}/{r.path}synthetic/{kind}-evaluation/evaluation.json")
+        for r in REGIMES
+        for kind in ("masks", "images")
+    ]
+
+
 def report_figures():
     """(caption, path) of every per-stage figure the report page shows."""
     figs = [

@@ -106,6 +106,7 @@ rule evidence_report:
         scores=lambda wc: [f"{run}/scores.csv" for _, run in evidence_runs()],
         train=lambda wc: [f"{run}/train.json" for _, run in evidence_runs()],
         generators=lambda wc: [path for _, _, path in generator_logs()],
+        evaluations=lambda wc: [path for *_, path in generator_evaluations()],
     output:
         markdown=f"{RESULTS}/evidence/report/evidence.md",
         curve=report(
@@ -133,10 +134,13 @@ rule evidence_report:
         generators=lambda wc: quoted(
             f"--generator-log={k}:{s}={p}" for k, s, p in generator_logs()
         ),
+        evaluations=lambda wc: quoted(
+            f"--{kind}-evaluation={k}:{s}={p}" for k, s, kind, p in generator_evaluations()
+        ),
         flags=flags("evidence-report"),
     shell:
         "python -m histosynth evidence-report {params.runs} {params.out:q} {params.generators}"
-        " {params.flags} > {log:q} 2>&1"
+        " {params.evaluations} {params.flags} > {log:q} 2>&1"
 
 
 rule evidence:

@@ -19,12 +19,12 @@ def _run_arg(text: str) -> tuple[str, str]:
     return k, path
 
 
-def _generator_arg(text: str) -> tuple[str, str, str]:
-    """``K:SEED=PATH`` as (k, seed, log.csv): the first ``=`` splits, then the first ``:``."""
+def _generator_arg(text: str, what: str = "a generator log") -> tuple[str, str, str]:
+    """``K:SEED=PATH`` as (k, seed, path): the first ``=`` splits, then the first ``:``."""
     head, sep, path = text.partition("=")
     k, colon, seed = head.partition(":")
     if not sep or not colon or not k or not seed or not path:
-        raise HistosynthError(f"a generator log is K:SEED=PATH, got {text!r}")
+        raise HistosynthError(f"{what} is K:SEED=PATH, got {text!r}")
     return k, seed, path
 
 
@@ -39,6 +39,10 @@ def _add_evidence_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generator-log", action="append", default=[], metavar="K:SEED=PATH",
                    help="log.csv (with a seconds column) of a generator training of that k and seed, counted in "
                         "the cost of every arm but real (repeatable)")
+    for kind in ("masks", "images"):
+        p.add_argument(f"--{kind}-evaluation", action="append", default=[], metavar="K:SEED=PATH",
+                       help=f"evaluation.json of evaluate-{kind} for the synthetic {kind} of that k and seed, "
+                            "reported per k (repeatable)")
     add_option(p, "--delta", key="evidence.delta", type=float,
                help="the PQ difference the seeds should resolve (target 95 %% CI half-width)")
     p.set_defaults(func=_run_evidence_report)
@@ -55,7 +59,10 @@ def _run_evidence_report(args: argparse.Namespace) -> None:
         raise HistosynthError(f"the last PATH is the output folder, got the run {out_dir!r}")
     runs = [_run_arg(text) for text in args.paths[:-1]]
     logs = [_generator_arg(text) for text in args.generator_log]
-    build_evidence_report(runs, out_dir, delta=args.delta, generator_logs=logs)
+    evaluations = [(*_generator_arg(text, f"a {kind} evaluation"), kind)
+                   for kind in ("masks", "images") for text in getattr(args, f"{kind}_evaluation")]
+    build_evidence_report(runs, out_dir, delta=args.delta, generator_logs=logs,
+                          evaluations=[(k, seed, kind, path) for k, seed, path, kind in evaluations])
 
 
 def register(sub: argparse._SubParsersAction) -> None:

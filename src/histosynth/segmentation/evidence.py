@@ -252,6 +252,50 @@ def read_generator_logs(logs: Sequence[tuple[Any, Any, str | os.PathLike]]) -> d
     return minutes
 
 
+#: the numbers of evaluate-masks / evaluate-images that say how realistic a regime's generators are
+MASK_FEATURES = ("count", "area", "nn_distance", "eccentricity")
+#: the columns of generators.csv shown in evidence.md, with their headers
+GENERATOR_COLUMNS = {**{f"mask_ks_{n}": f"mask KS {n.replace('_', ' ')}" for n in MASK_FEATURES},
+                     "masks_pass": "masks pass", "stain_distance": "stain distance",
+                     "stain_vs_baseline": "× closer than baseline", "nuclei_consistency": "nuclei consistency"}
+
+
+def read_evaluations(evaluations: Sequence[tuple[Any, Any, str, str | os.PathLike]]) -> pd.DataFrame:
+    """One row per (k, seed) from evaluation.json files: (k, seed, kind 'masks' | 'images', path).
+
+    masks: the KS statistic of each of :data:`MASK_FEATURES` (synthetic vs real masks) and whether all pass
+    their bars; images: the stain distance of the painted images to real ones (W1 / sd, lower is closer),
+    how many times closer than the flat-colour baseline, and the nucleus consistency ratio (Otsu nuclei of
+    the painted images against their masks, relative to real images).
+    """
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for k, seed, kind, path in evaluations:
+        path = Path(path)
+        k = parse_k(k, path)
+        try:
+            seed = int(seed)
+        except (TypeError, ValueError) as err:
+            raise HistosynthError(f"an evaluation's seed must be an integer, got {seed!r}", path) from err
+        if not path.is_file():
+            raise HistosynthError(f"{kind} evaluation not found", path)
+        data = _read_json(path)
+        row = rows.setdefault((k, seed), {"k": k, "seed": seed})
+        try:
+            if kind == "masks":
+                for name in MASK_FEATURES:
+                    row[f"mask_ks_{name}"] = _number(data["features"][name]["statistic"])
+                row["masks_pass"] = bool(data["all_pass"])
+            elif kind == "images":
+                row["stain_distance"] = _number(data["stain"]["generated"]["combined"])
+                row["stain_vs_baseline"] = _number(data["stain"].get("baseline_ratio"))
+                row["nuclei_consistency"] = _number(data["consistency"].get("ratio"))
+            else:
+                raise HistosynthError(f"an evaluation is 'masks' or 'images', got {kind!r}", path)
+        except (KeyError, TypeError) as err:
+            raise HistosynthError(f"not an evaluate-{kind} evaluation.json (no {err})", path) from err
+    return pd.DataFrame(sorted(rows.values(), key=lambda r: (k_order(r["k"]), r["seed"])))
+
+
 # -- statistics -------------------------------------------------------------------------------------------------
 def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
     """n, mean, sd, CI (Student t); sd and CI NaN with fewer than two values."""
@@ -556,7 +600,7 @@ def _diagnosis(runs: Sequence[Run], delta: float) -> list[dict[str, Any]]:
 
 def _markdown(table: pd.DataFrame, mean_table: pd.DataFrame, diffs: pd.DataFrame, costs: pd.DataFrame,
               runs: Sequence[Run], goal: dict[str, Any], diagnosis: list[dict[str, Any]], delta: float,
-              n_all: int | None, generator_given: bool) -> str:
+              n_all: int | None, generator_given: bool, generators: pd.DataFrame) -> str:
     ks = sorted(set(table["k"]), key=k_order)
     arms = sorted(set(table["arm"]), key=arm_order)
     seeds = sorted(set(table["seed"]))
@@ -604,6 +648,25 @@ def _markdown(table: pd.DataFrame, mean_table: pd.DataFrame, diffs: pd.DataFrame
     else:
         out += ["No run's validation PQ was still rising in the last quarter of training."]
     out += [""]
+
+    if not generators.empty:
+        out += ["## The generators of each regime", "",
+                "Mean over seeds (range in brackets) of each regime's evaluations against the test slides: the KS "
+                "statistic of synthetic vs real masks per feature (0 = the same distribution; masks pass = the "
+                "share of seeds whose every feature is under evaluate-masks' bar), the stain distance of the painted "
+                "images (W1 / sd of real, lower is closer) and how many times closer than a flat-colour baseline, "
+                "and the nucleus consistency of painted images relative to real ones (1 = as findable).", ""]
+        cols = [c for c in GENERATOR_COLUMNS if c in generators.columns]
+        rows = []
+        for k in sorted(set(generators["k"]), key=k_order):
+            sub = generators[generators["k"] == k]
+            cells = []
+            for c in cols:
+                v = pd.to_numeric(sub[c].astype(float) if c == "masks_pass" else sub[c], errors="coerce").dropna()
+                cells.append("—" if v.empty else (_f(v.mean()) if len(v) == 1 or v.min() == v.max()
+                                                   else f"{_f(v.mean())} [{_f(v.min())}, {_f(v.max())}]"))
+            rows.append([_k_label(k, n_all), str(sub["seed"].nunique()), *cells])
+        out += [_md_table(["k", "seeds", *[GENERATOR_COLUMNS[c] for c in cols]], rows), ""]
 
     out += ["## Cost", "",
             "Mean over seeds, in minutes: training wall time, CPU-minutes (× threads) or GPU-minutes, and the "
@@ -658,7 +721,8 @@ def _markdown(table: pd.DataFrame, mean_table: pd.DataFrame, diffs: pd.DataFrame
                    + (f" (comparison void: {d['void_reason']})" if d["void"] else "") + ".")
     out += [("- The scores are on the test slides of this data set only: they say nothing about other "
              "scanners, stains or tissues, and a difference within its CI is not evidence of no difference."), ""]
-    out += ["Files: runs.csv (one row per run), means.csv, differences.csv, cost.csv, evidence.json.", ""]
+    out += ["Files: runs.csv (one row per run), means.csv, differences.csv, cost.csv, generators.csv, "
+            "evidence.json.", ""]
     return "\n".join(out)
 
 
@@ -684,20 +748,25 @@ def build_evidence_report(
     *,
     delta: float = 0.02,
     generator_logs: Sequence[tuple[str, str, str | os.PathLike]] = (),
+    evaluations: Sequence[tuple[str, str, str, str | os.PathLike]] = (),
 ) -> dict[str, Any]:
     """Write the evidence report (see the module docstring) of ``runs``, (k, run folder) pairs, into ``out_dir``.
 
     ``generator_logs`` are (k, seed, log.csv) of the generator trainings whose ``seconds`` count toward the
-    cost of every arm but real at that k and seed. Returns what ``evidence.json`` holds.
+    cost of every arm but real at that k and seed; ``evaluations`` are (k, seed, 'masks' | 'images',
+    evaluation.json) of the regime's synthetic masks and images (:func:`read_evaluations`), reported per k
+    and in ``generators.csv``. Returns what ``evidence.json`` holds.
     """
     if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta > 0):
         raise HistosynthError(f"delta must be a positive number, got {delta!r}")
     all_runs = read_runs(runs)
     generator = read_generator_logs(generator_logs)
     have = {(r.k, r.seed) for r in all_runs}
-    stray = sorted(set(generator) - have, key=lambda x: (k_order(x[0]), x[1]))
+    generators = read_evaluations(evaluations)
+    evaluated = set(zip(generators["k"], generators["seed"])) if len(generators) else set()
+    stray = sorted((set(generator) | evaluated) - have, key=lambda x: (k_order(x[0]), x[1]))
     if stray:
-        raise HistosynthError("generator logs for a k and seed without any run: "
+        raise HistosynthError("generator logs or evaluations for a k and seed without any run: "
                               + ", ".join(f"k {k} seed {s}" for k, s in stray))
     table = pd.DataFrame([r.row for r in all_runs])
     for col in ("steps", "best_step"):
@@ -712,15 +781,17 @@ def build_evidence_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {name: out_dir / name for name in ("runs.csv", "means.csv", "differences.csv", "cost.csv",
-                                                "learning_curve.png", "validation.png", "evidence.md",
-                                                "evidence.json")}
+                                                "generators.csv", "learning_curve.png", "validation.png",
+                                                "evidence.md", "evidence.json")}
     plot_learning_curve(table, files["learning_curve.png"], n_all)
     plot_validation(all_runs, files["validation.png"], n_all)
     atomic_csv(table, files["runs.csv"])
     atomic_csv(mean_table, files["means.csv"])
     atomic_csv(diffs.drop(columns=["per_seed"]), files["differences.csv"])
     atomic_csv(costs, files["cost.csv"])
-    text = _markdown(table, mean_table, diffs, costs, all_runs, goal, diagnosis, delta, n_all, bool(generator))
+    atomic_csv(generators, files["generators.csv"])
+    text = _markdown(table, mean_table, diffs, costs, all_runs, goal, diagnosis, delta, n_all, bool(generator),
+                     generators)
     atomic_write(files["evidence.md"], lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     result = _jsonable({
@@ -731,6 +802,7 @@ def build_evidence_report(
                                          if r.train["rising"]],
         "means": mean_table.to_dict("records"), "differences": diffs.to_dict("records"),
         "cost": costs.to_dict("records"), "goal": goal, "diagnosis": diagnosis,
+        "generators": generators.to_dict("records"),
     })
     atomic_write(files["evidence.json"],
                  lambda tmp: tmp.write_text(json.dumps(result, indent=2, allow_nan=False), encoding="utf-8"))
