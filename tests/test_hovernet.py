@@ -434,3 +434,31 @@ def test_center_crop():
     assert center_crop(torch.zeros(2, 3, 9, 9), (5, 3)).shape == (2, 3, 5, 3)
     with pytest.raises(HistosynthError):
         center_crop(x, 11)
+
+
+def test_postprocess_sizes_scale_with_the_resolution():
+    """The official sizes at 0.25 um/px; at 0.5 um/px kernels halve (odd, >= 3) and areas quarter."""
+    from histosynth.models.hovernet import sizes_at
+    from histosynth.models.hovernet.postprocess import OFFICIAL_SIZES
+
+    assert sizes_at(None) == sizes_at(0.25) == OFFICIAL_SIZES
+    assert sizes_at(0.5) == {"sobel_size": 11, "open_size": 3, "min_size": 3, "min_marker_size": 3}
+    assert sizes_at(0.125)["sobel_size"] == 31 and sizes_at(0.125)["min_size"] == 40  # cv2's largest Sobel
+    assert sizes_at(2.0) == {"sobel_size": 3, "open_size": 3, "min_size": 1, "min_marker_size": 1}
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(HistosynthError, match="mpp"):
+            sizes_at(bad)
+
+
+def test_small_touching_nuclei_at_20x_need_the_scaled_sizes():
+    """Two touching 5-px-radius discs (20x nuclei) with perfect maps: the 40x sizes erase their markers."""
+    inst = np.zeros((48, 48), np.int32)
+    yy, xx = np.mgrid[:48, :48]
+    inst[(yy - 24) ** 2 + (xx - 19) ** 2 <= 25] = 1
+    inst[((yy - 24) ** 2 + (xx - 28) ** 2 <= 25) & (inst == 0)] = 2
+    t = hn.hovernet_targets(inst)
+    prob = (t["np"] > 0).astype(np.float32)
+    scaled, _ = hn.postprocess(prob, t["hv"].astype(np.float32), **hn.sizes_at(0.5))
+    assert len(np.unique(scaled[scaled > 0])) == 2
+    official, _ = hn.postprocess(prob, t["hv"].astype(np.float32))
+    assert len(np.unique(official[official > 0])) < 2

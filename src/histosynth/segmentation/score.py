@@ -34,7 +34,7 @@ from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
 from histosynth.io.atomic import atomic_csv, atomic_write
 from histosynth.io.labels import class_key, report_class_map
-from histosynth.io.patchset import PatchSet, read_paired_sets
+from histosynth.io.patchset import PatchSet, patch_mpp, read_paired_sets
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def score(
 
     from histosynth.device import select_device
     from histosynth.segmentation.metrics import MetricAccumulator
-    from histosynth.models.hovernet import postprocess, type_map
+    from histosynth.models.hovernet import postprocess, sizes_at, type_map
     from histosynth.segmentation.segmenter import load_segmenter, predict
 
     dev = select_device(device, threads)
@@ -105,7 +105,7 @@ def score(
         for i in range(len(ps)):
             image = np.asarray(ps.images[i])
             maps = predict(seg, image, overlap=overlap, batch=batch, amp_dtype=amp)
-            inst, inst_types = postprocess(maps["np"], maps["hv"], maps.get("tp"))
+            inst, inst_types = postprocess(maps["np"], maps["hv"], maps.get("tp"), **sizes_at(patch_mpp(ps.index, i)))
             true_inst = np.asarray(ps.inst[i])
             metrics = acc.add(inst, true_inst, pred_types=type_map(inst, inst_types or {}) if typed else None,
                               true_types=np.asarray(ps.types[i]) if typed else None)

@@ -71,6 +71,7 @@ import torch
 from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_csv, atomic_write
 from histosynth.io.labels import class_map_to_json, classes_of_patch_sets, read_class_map
+from histosynth.io.patchset import patch_mpp
 from histosynth.io.pool import PatchPool, dihedral, load_pool, max_type, pool_fingerprint, subset
 from histosynth.models import hovernet as hn
 from histosynth.models.checkpoint import atomic_torch_save, read_torch_checkpoint
@@ -279,7 +280,7 @@ def arm_data(arm: str, real: Sequence[str | os.PathLike], synthetic: Sequence[st
 
 def validation_scores(seg: Segmenter, pool: PatchPool, *, batch: int = 4) -> dict[str, float]:
     """PQ, AJI, Dice, DQ, SQ (means over the tiles) and nucleus counts of ``seg`` on the tiles of ``pool``."""
-    from histosynth.models.hovernet import postprocess
+    from histosynth.models.hovernet import postprocess, sizes_at
     from histosynth.segmentation.metrics import MetricAccumulator
 
     acc = MetricAccumulator()
@@ -290,7 +291,7 @@ def validation_scores(seg: Segmenter, pool: PatchPool, *, batch: int = 4) -> dic
         s_idx, p_idx = pool.locate(np.arange(len(pool)))
         for s, p in zip(s_idx.tolist(), p_idx.tolist()):
             maps = predict(seg, np.asarray(pool.images[s][p]), batch=batch)
-            inst, _ = postprocess(maps["np"], maps["hv"])
+            inst, _ = postprocess(maps["np"], maps["hv"], **sizes_at(patch_mpp(pool.indexes[s], p)))
             true = np.asarray(pool.inst[s][p])
             acc.add(inst, true)
             n_true += len(np.unique(true[true > 0]))

@@ -40,7 +40,7 @@ from histosynth.models.hovernet.net import (
     init_weights,
     upsample_add,
 )
-from histosynth.models.hovernet.postprocess import postprocess, type_map
+from histosynth.models.hovernet.postprocess import postprocess, sizes_at, type_map
 from histosynth.models.hovernet.targets import hovernet_targets, hv_map
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "init_weights",
     "msge_loss",
     "postprocess",
+    "sizes_at",
     "sobel_kernels",
     "soft_dice_loss",
     "type_map",
