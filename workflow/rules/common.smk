@@ -267,7 +267,12 @@ def generator_evaluations():
     if EVIDENCE_ARMS == ["real"]:
         return []
     return [
-        (r.k, r.seed, kind, f"{RESULTS}/{r.path}synthetic/{kind}-evaluation/evaluation.json")
+        (
+            r.k,
+            r.seed,
+            kind,
+            f"{RESULTS}/{r.path}synthetic/{kind}-evaluation/evaluation.json",
+        )
         for r in REGIMES
         for kind in ("masks", "images")
     ]

@@ -135,7 +135,8 @@ rule evidence_report:
             f"--generator-log={k}:{s}={p}" for k, s, p in generator_logs()
         ),
         evaluations=lambda wc: quoted(
-            f"--{kind}-evaluation={k}:{s}={p}" for k, s, kind, p in generator_evaluations()
+            f"--{kind}-evaluation={k}:{s}={p}"
+            for k, s, kind, p in generator_evaluations()
         ),
         flags=flags("evidence-report"),
     shell:
