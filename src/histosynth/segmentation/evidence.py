@@ -230,18 +230,24 @@ def read_runs(runs: Sequence[tuple[Any, str | os.PathLike]]) -> list[Run]:
     return sorted(out, key=lambda r: (k_order(r.k), r.seed, arm_order(r.arm)))
 
 
+def _regime_file(k: Any, seed: Any, path: str | os.PathLike, what: str) -> tuple[str, int, Path]:
+    """(k, seed, path) of a file that belongs to one regime, checked: k parsed, seed an integer, file there."""
+    path = Path(path)
+    k = parse_k(k, path)
+    try:
+        seed = int(seed)
+    except (TypeError, ValueError) as err:
+        raise HistosynthError(f"a {what}'s seed must be an integer, got {seed!r}", path) from err
+    if not path.is_file():
+        raise HistosynthError(f"{what} not found", path)
+    return k, seed, path
+
+
 def read_generator_logs(logs: Sequence[tuple[Any, Any, str | os.PathLike]]) -> dict[tuple[str, int], float]:
     """Generator minutes per (k, seed): the sum of the ``seconds`` column of each log.csv, over the logs."""
     minutes: dict[tuple[str, int], float] = {}
     for k, seed, path in logs:
-        path = Path(path)
-        k = parse_k(k, path)
-        try:
-            seed = int(seed)
-        except (TypeError, ValueError) as err:
-            raise HistosynthError(f"a generator log's seed must be an integer, got {seed!r}", path) from err
-        if not path.is_file():
-            raise HistosynthError("generator log not found", path)
+        k, seed, path = _regime_file(k, seed, path, "generator log")
         frame = _read_csv(path, "generator log")
         if "seconds" not in frame.columns:
             raise HistosynthError("generator log lacks a seconds column", path)
@@ -270,14 +276,7 @@ def read_evaluations(evaluations: Sequence[tuple[Any, Any, str, str | os.PathLik
     """
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for k, seed, kind, path in evaluations:
-        path = Path(path)
-        k = parse_k(k, path)
-        try:
-            seed = int(seed)
-        except (TypeError, ValueError) as err:
-            raise HistosynthError(f"an evaluation's seed must be an integer, got {seed!r}", path) from err
-        if not path.is_file():
-            raise HistosynthError(f"{kind} evaluation not found", path)
+        k, seed, path = _regime_file(k, seed, path, f"{kind} evaluation")
         data = _read_json(path)
         row = rows.setdefault((k, seed), {"k": k, "seed": seed})
         try:
