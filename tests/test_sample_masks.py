@@ -341,3 +341,22 @@ def test_gauss_field_matches_the_grid_for_narrow_kernels():
     rng = np.random.default_rng(0)
     for sd in (0.5, 1.0, 2.9, 3.0, 7.5):
         assert sampler._gauss_field(rng, np.ones((1, 1)), sd).shape == (1, 36, 36)
+
+
+def test_empty_decoded_shapes_are_counted_and_warned_of(clustered, caplog):
+    """A shape model that decodes nothing still yields masks (disks), but the report counts them and warns."""
+    import logging
+
+    _, stats = clustered
+    src = ellipse_source(stats)
+
+    def empty_source(n, types, rng):
+        shapes = src(n, types, rng)
+        shapes[::2] = False  # every other shape decodes empty
+        return shapes
+
+    with caplog.at_level(logging.WARNING, logger="histosynth.masks.sampling"):
+        report = sample_masks(stats, empty_source, 10, 128, seed=1)
+    assert report["nuclei"] > 0 and 0.3 * report["nuclei"] <= report["disks"] <= 0.7 * report["nuclei"]
+    assert "under-trained" in caplog.text
+    assert sample_masks(stats, src, 10, 128, seed=1)["disks"] == 0

@@ -145,6 +145,7 @@ class MaskSampler:
     eccentricity: str = "fitted"
     timings: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in STEPS})
     dropped: int = 0
+    disks: int = 0  # decoded shapes that came out empty and were replaced by disks of the target area
 
     def __post_init__(self) -> None:
         st = self.stats
@@ -505,6 +506,7 @@ class MaskSampler:
             if shapes.shape != (len(all_types), shapes.shape[1], shapes.shape[2]) or shapes.ndim != 3:
                 raise HistosynthError(f"shape source returned {shapes.shape}, expected ({len(all_types)}, H, W)")
             shapes = clean_shapes(shapes)
+            self.disks += int((~shapes.any(axis=(1, 2))).sum())
             target_ecc = self.draw_eccentricities(all_types, rng)
             if not getattr(self.shape_source, "type_aware", True):
                 shapes = self.match_eccentricity(shapes, target_ecc)
@@ -646,13 +648,19 @@ def sample_masks(
         report["types"] = np.stack(typs) if typs else np.zeros((0, size, size), np.uint8)
         report["rows"] = rows
     bar.close()
-    log.info("sampled %d masks (%d nuclei, %d dropped) in %.1f s%s", len(rows), report["nuclei"],
-             report["dropped"], report["seconds"], f" → {out_dir}" if out_dir else "")
+    log.info("sampled %d masks (%d nuclei, %d dropped, %d empty shapes made disks) in %.1f s%s", len(rows),
+             report["nuclei"], report["dropped"], report["disks"], report["seconds"],
+             f" → {out_dir}" if out_dir else "")
+    if report["nuclei"] and report["disks"] > 0.1 * report["nuclei"]:
+        log.warning("%d of %d nuclei (%.0f %%) have a disk in place of an empty decoded shape: the shape model is "
+                    "under-trained (see its hold-out Dice in train_dvae's log)", report["disks"], report["nuclei"],
+                    100 * report["disks"] / report["nuclei"])
     return report
 
 
 def _summary(sampler: MaskSampler, rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     nuclei = int(sum(r["n_nuclei"] for r in rows))
-    return {"nuclei": nuclei, "dropped": int(sampler.dropped), "seconds": round(seconds, 3),
+    return {"nuclei": nuclei, "dropped": int(sampler.dropped), "disks": int(sampler.disks),
+            "seconds": round(seconds, 3),
             "masks_per_second": round(len(rows) / seconds, 2) if seconds > 0 else None,
             "timings": {k: round(v, 4) for k, v in sampler.timings.items()}}
