@@ -253,6 +253,10 @@ class StepLog:
         self.write()
         return row
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` just spent on something else (e.g. a validation pass) out of the next row's time."""
+        self.mark += seconds
+
     def pause(self) -> None:
         now = time.perf_counter()
         self.partial["seconds"] = self.partial.get("seconds", 0.0) + now - self.mark

@@ -204,8 +204,11 @@ def patch_mpp(index: pd.DataFrame, row: int) -> float | None:
     """The µm/px of patch ``row`` of an index.csv (its ``mpp`` column), or None where it has none."""
     if "mpp" not in index.columns:
         return None
-    value = pd.to_numeric(pd.Series([index["mpp"].iloc[row]]), errors="coerce").iloc[0]
-    return float(value) if np.isfinite(value) and value > 0 else None
+    try:
+        value = float(index["mpp"].iloc[row])
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
 
 
 def read_patchset(path: str | os.PathLike, require: tuple[str, ...] = ()) -> PatchSet:
