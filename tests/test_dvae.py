@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 import torch
 from skimage.draw import ellipse
 
@@ -26,12 +28,12 @@ from histosynth.models.dvae import (
     vae_loss,
 )
 from histosynth.cli.masks import register as add_cli
-from histosynth.masks.dvae import dvae_sweep, epoch_order, split_holdout, train_dvae
+from histosynth.masks.dvae import dvae_sweep, epoch_order, epochs_for, split_holdout, train_dvae
 
 torch.set_num_threads(1)
 
 TINY = dict(enc_widths=(4, 4, 8, 8), dec_widths=(8, 4, 4), hidden=16, dec_channels=4)
-TRAIN = dict(device="cpu", threads=1, batch_size=8, **TINY)
+TRAIN = dict(device="cpu", threads=1, batch_size=8, min_steps=0, **TINY)
 
 
 def _write_library(path, n=40, seed=0):
@@ -328,6 +330,24 @@ def test_checkpoint_with_other_settings_is_not_resumed(library, tmp_path, caplog
     assert report["step"] == 5  # trained afresh, not resumed past the end
 
 
+@given(epochs=st.integers(1, 50), per_epoch=st.integers(1, 40), min_steps=st.integers(0, 2000))
+def test_epochs_for_reaches_min_steps_and_never_lowers_epochs(epochs, per_epoch, min_steps):
+    raised = epochs_for(epochs, per_epoch, min_steps)
+    assert raised >= epochs and raised * per_epoch >= min_steps
+    assert raised == epochs or (raised - 1) * per_epoch < min_steps  # no more epochs than needed
+
+
+def test_small_library_trains_at_least_min_steps(library, tmp_path, caplog):
+    # 36 training shapes in batches of 8: 5 steps per epoch; 1 epoch asked, 12 steps at least -> 3 epochs
+    with caplog.at_level("INFO"):
+        report = train_dvae(library, tmp_path, latent_dim=2, epochs=1, **{**TRAIN, "min_steps": 12})
+    assert (report["epochs"], report["epochs_requested"], report["step"]) == (3, 1, 15)
+    assert len(pd.read_csv(tmp_path / "log.csv")) == 3
+    assert "3 epochs instead of 1" in caplog.text and "min_steps = 12" in caplog.text
+    with pytest.raises(HistosynthError, match="min_steps"):
+        train_dvae(library, tmp_path / "bad", latent_dim=2, epochs=1, **{**TRAIN, "min_steps": -1})
+
+
 # -- sweep and CLI --------------------------------------------------------------------------------------
 def test_sweep_writes_one_model_per_latent_size(library, tmp_path):
     result = dvae_sweep(library, tmp_path, latent_dims=(2, 3), epochs=1, **TRAIN)
@@ -344,8 +364,9 @@ def test_cli_flags():
     add_cli(sub)
     args = parser.parse_args(["train-dvae", "lib.npz", "out", "--latent-dim", "12", "--beta", "2", "--epochs", "5",
                               "--batch-size", "64", "--lr", "0.01", "--seed", "3", "--device", "cpu",
-                              "--threads", "2", "--conditional", "--checkpoint-every", "2"])
+                              "--threads", "2", "--conditional", "--checkpoint-every", "2", "--min-steps", "40"])
     assert (args.latent_dim, args.beta, args.epochs, args.batch_size, args.lr, args.seed, args.device,
-            args.threads, args.conditional, args.checkpoint_every) == (12, 2.0, 5, 64, 0.01, 3, "cpu", 2, True, 2)
+            args.threads, args.conditional, args.checkpoint_every, args.min_steps) == (12, 2.0, 5, 64, 0.01, 3, "cpu",
+                                                                                        2, True, 2, 40)
     args = parser.parse_args(["dvae-sweep", "lib.npz", "out", "--latent-dims", "8", "10"])
     assert args.latent_dims == [8, 10] and args.func.__name__ == "_run_sweep"

@@ -32,7 +32,8 @@ STOP = REPO / "tests" / "slurm" / "stop-local-slurm.sh"
 
 # The rules that declare `resources: gpu=...` (DESIGN.md's [gpu] stages). The test also reads the rule
 # files, so a GPU rule added later is checked without editing this list.
-KNOWN_GPU_RULES = {"train_dvae", "dvae_sweep", "train_gan", "translate", "translate_test_masks", "train_segmenter"}
+KNOWN_GPU_RULES = {"train_dvae", "dvae_sweep", "train_gan", "translate", "translate_test_masks", "translate_train_masks",
+                   "train_segmenter"}
 
 # tests/test_workflow.py's TINY, plus: device auto (device: cpu would make the GPU rules ask for no GPU;
 # the fake GPU has no CUDA behind it, so the code runs on the CPU anyway), one-latent sweep, and a
@@ -44,12 +45,12 @@ SMOKE = {
     "tile": {"size": 128, "target_mpp": 0.5},
     "classes": {"Epithelial": 1, "Lymphocyte": 2, "Spindle": 3},
     "stats": {"calibrate": 1, "calibrate_masks": 8},
-    "dvae": {"epochs": 2, "threads": 1, "batch_size": 64, "sweep_latent_dims": [2], "sweep_epochs": 1,
-             "mem_mb": 1100},
+    "dvae": {"epochs": 2, "min_steps": 0, "threads": 1, "batch_size": 64, "sweep_latent_dims": [2],
+             "sweep_epochs": 1, "mem_mb": 1100},
     "sample_masks": {"n": 8, "shards": 2, "size": 128},
     "gan": {"crop": 64, "depth": 4, "width": 8, "steps": 3, "decay_steps": 2, "batch_size": 2,
             "sample_every": 5, "checkpoint_every": 5, "threads": 1, "mem_mb": 1300},
-    "segmenter": {"arms": ["real+synthetic"], "seeds": [0], "width": 8, "units": [1, 1, 1, 1],
+    "segmenter": {"arms": ["real+synthetic", "painted-real"], "seeds": [0], "width": 8, "units": [1, 1, 1, 1],
                   "input_size": 128, "steps": 2, "batch_size": 2, "checkpoint_every": 2, "threads": 1,
                   "mem_mb": 1400, "runtime": 30},
     "score": {"batch": 2, "overlays": 1, "threads": 1, "mem_mb": 2000},

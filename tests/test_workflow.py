@@ -22,7 +22,7 @@ TINY = {
     "tile": {"size": 128, "target_mpp": 0.5},
     "classes": {"Epithelial": 1, "Lymphocyte": 2, "Spindle": 3},
     "stats": {"calibrate": 1, "calibrate_masks": 8},
-    "dvae": {"epochs": 2, "threads": 1, "batch_size": 64},
+    "dvae": {"epochs": 2, "min_steps": 0, "threads": 1, "batch_size": 64},
     "sample_masks": {"n": 8, "shards": 2, "size": 128},
     "gan": {"crop": 64, "depth": 4, "width": 8, "steps": 3, "decay_steps": 2, "batch_size": 2,
             "sample_every": 5, "checkpoint_every": 5, "threads": 1},

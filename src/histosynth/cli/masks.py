@@ -67,6 +67,8 @@ def _add_training_flags(p: argparse.ArgumentParser, epochs_key: str) -> None:
     """The options train-dvae and dvae-sweep share (``epochs_key``: the sweep has its own epochs)."""
     add_option(p, "--beta", key="dvae.beta", type=float, help="weight of the KL term, > 1 disentangles")
     add_option(p, "--epochs", key=epochs_key, type=int, help="epochs")
+    add_option(p, "--min-steps", key="dvae.min_steps", type=int,
+               help="train at least this many optimizer steps (epochs are raised on a small library)")
     add_option(p, "--batch-size", key="dvae.batch_size", type=int, help="batch size")
     add_option(p, "--lr", key="dvae.lr", type=float, help="Adam learning rate")
     add_seed(p)
@@ -86,7 +88,7 @@ def _add_training_flags(p: argparse.ArgumentParser, epochs_key: str) -> None:
 
 
 def _training_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = dict(beta=args.beta, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    kwargs = dict(beta=args.beta, epochs=args.epochs, min_steps=args.min_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                   device=args.device, threads=args.threads, conditional=args.conditional, holdout=args.holdout,
                   checkpoint_every=args.checkpoint_every, checkpoint_steps=args.checkpoint_steps,
                   augment=args.augment, enc_widths=tuple(args.enc_widths), dec_widths=tuple(args.dec_widths),
