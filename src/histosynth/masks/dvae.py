@@ -82,7 +82,7 @@ log = logging.getLogger(__name__)
 #: default number of epochs: a few minutes on the CPU for the demo library
 DEFAULT_EPOCHS = 30
 #: default least number of optimizer steps (epochs are raised to reach it on a small library)
-DEFAULT_MIN_STEPS = 300
+DEFAULT_MIN_STEPS = 100
 LOG_COLUMNS = ["epoch", "step", "train_loss", "recon", "kl", "holdout_bce", "holdout_dice", "holdout_iou", "seconds"]
 #: training settings that must match for a checkpoint to be resumed
 _RESUME_KEYS = ("model", "beta", "batch_size", "lr", "seed", "holdout", "augment", "library_sha1", "conditional")
