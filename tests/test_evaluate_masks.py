@@ -11,6 +11,7 @@ import pytest
 from histosynth.errors import HistosynthError
 from histosynth.cli.masks import register as add_cli
 from histosynth.masks.evaluate import BARS, evaluate_masks, measure
+from histosynth.io.labels import class_key
 from histosynth.io.patchset import PatchSetWriter
 from tests.test_stats import write_toy
 
@@ -131,3 +132,31 @@ def test_cli(sets, tmp_path):
     args = parser.parse_args(["evaluate-masks", str(real2), str(tmp_path / "c")])
     with pytest.raises(HistosynthError, match="SYNTHETIC REAL OUT_DIR"):
         args.func(args)
+
+
+def test_masks_sampled_on_request_are_reported_with_the_request(sets, tmp_path):
+    from histosynth.masks.sampling import sample_masks
+    from histosynth.masks.shapes import ellipse_source
+    from histosynth.masks.stats import fit_stats
+
+    _, real, real2, _ = sets
+    stats = fit_stats([real], tmp_path / "stats", class_names={1: "Epithelial", 2: "Lymphocyte"}, calibrate=1,
+                      calibrate_masks=8, figures=False)
+    size = int(np.load(real / "inst.npy", mmap_mode="r").shape[1])
+    for name, mix in (("asked", {"Lymphocyte": 0.7}), ("other", {"Lymphocyte": 0.2})):
+        sample_masks(stats, ellipse_source(stats), 30, size, seed=1, out_dir=tmp_path / name, type_mix=mix,
+                     density=1.5)
+    ev = evaluate_masks([tmp_path / "asked"], [real], tmp_path / "ev", figures=False)
+    request = ev["request"]
+    assert (request["type_mix"], request["density"]) == ({"Lymphocyte": 0.7}, 1.5)
+    def lymphocytes(fractions):  # the evaluation names classes as the real sets do (here n_lymphocyte)
+        return next(v for k, v in fractions.items() if class_key(k) == "lymphocyte")
+
+    assert lymphocytes(request["achieved"]["type_fractions"]) == pytest.approx(0.7, abs=0.03)
+    assert lymphocytes(request["real"]["type_fractions"]) < 0.5
+    assert request["achieved"]["nuclei_per_patch"] > request["real"]["nuclei_per_patch"]
+    assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["request"] == request
+    assert evaluate_masks([real2], [real], tmp_path / "plain", figures=False)["request"] is None
+    with pytest.raises(HistosynthError, match="different requests"):
+        evaluate_masks([tmp_path / "asked", tmp_path / "other"], [real], tmp_path / "mixed", figures=False)
+    assert not (tmp_path / "mixed").exists()

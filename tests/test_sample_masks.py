@@ -7,13 +7,15 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy import ndimage
 
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import read_patchset
 from histosynth.masks.calibrate import simulate_spatial
 from histosynth.masks.features import nucleus_features
-from histosynth.masks.sampling import MaskSampler, sample_masks, shard_range
+from histosynth.masks.sampling import MaskSampler, sample_masks, shard_range, systematic_round
 from histosynth.masks.shapes import clean_shapes, ellipse_source, warp_shapes
 from histosynth.masks.stats import fit_stats
 from histosynth.masks.statsfile import load_stats
@@ -360,3 +362,82 @@ def test_empty_decoded_shapes_are_counted_and_warned_of(clustered, caplog):
     assert report["nuclei"] > 0 and 0.3 * report["nuclei"] <= report["disks"] <= 0.7 * report["nuclei"]
     assert "under-trained" in caplog.text
     assert sample_masks(stats, src, 10, 128, seed=1)["disks"] == 0
+
+
+# --------------------------------------------------------------------------- synthesis on request
+@given(shares=st.lists(st.floats(0, 50, allow_nan=False), min_size=1, max_size=6), seed=st.integers(0, 2**16))
+def test_systematic_round_keeps_the_total_and_rounds_each_share_down_or_up(shares, seed):
+    counts = systematic_round(np.array(shares), np.random.default_rng(seed))
+    assert counts.sum() in (np.floor(sum(shares)), np.ceil(sum(shares)))
+    assert all(np.floor(s) - 1e-9 <= c <= np.ceil(s) + 1e-9 for s, c in zip(shares, counts))
+
+
+def _fractions(result) -> dict[str, float]:
+    rows = result["rows"]
+    n = sum(r["n_nuclei"] for r in rows)
+    return {name: sum(r[f"n_{name.lower()}"] for r in rows) / n for name in ("Epithelial", "Lymphocyte")}
+
+
+@pytest.mark.parametrize("key", ["Lymphocyte", "lymphocyte", "2"])
+def test_a_requested_type_mix_is_honoured_over_the_sample(clustered, key):
+    _, stats = clustered
+    src = ellipse_source(stats)
+    fitted = sample_masks(stats, src, 60, 128, seed=5)
+    asked = sample_masks(stats, src, 60, 128, seed=5, type_mix={key: 0.6})
+    assert _fractions(fitted)["Lymphocyte"] < 0.4  # the toy's fitted mix is about a third lymphocytes
+    assert _fractions(asked)["Lymphocyte"] == pytest.approx(0.6, abs=0.02)
+    assert asked["achieved"]["type_fractions"]["Lymphocyte"] == pytest.approx(_fractions(asked)["Lymphocyte"], abs=1e-5)
+    assert asked["request"] == {"type_mix": {"Lymphocyte": 0.6}, "density": 1.0}
+    # the rest stays fitted: the number of nuclei per mask
+    n_fit = np.mean([r["n_nuclei"] for r in fitted["rows"]])
+    assert np.mean([r["n_nuclei"] for r in asked["rows"]]) == pytest.approx(n_fit, rel=0.1)
+    assert fitted["request"] == {"type_mix": None, "density": 1.0}
+
+
+def test_density_scales_the_number_of_nuclei_and_keeps_the_mix(clustered):
+    _, stats = clustered
+    src = ellipse_source(stats)
+    fitted = sample_masks(stats, src, 40, 128, seed=6)
+    dense = sample_masks(stats, src, 40, 128, seed=6, density=1.5)
+    assert dense["achieved"]["nuclei_per_mask"] == pytest.approx(1.5 * fitted["achieved"]["nuclei_per_mask"],
+                                                                 rel=0.1)
+    assert _fractions(dense)["Lymphocyte"] == pytest.approx(_fractions(fitted)["Lymphocyte"], abs=0.05)
+    sparse = sample_masks(stats, src, 40, 128, seed=6, density=0.5, type_mix={"Epithelial": 1.0})
+    assert _fractions(sparse)["Epithelial"] == 1.0
+    assert sparse["achieved"]["nuclei_per_mask"] == pytest.approx(0.5 * fitted["achieved"]["nuclei_per_mask"],
+                                                                  rel=0.15)
+
+
+@pytest.mark.parametrize("type_mix, density, msg", [
+    ({"Macrophage": 0.2}, 1.0, "not a class of the statistics"),
+    ({"Lymphocyte": 1.5}, 1.0, r"in \[0, 1\]"),
+    ({"Lymphocyte": 0.7, "Epithelial": 0.6}, 1.0, "sum to 1.3"),
+    ({"Lymphocyte": 0.3, "Epithelial": 0.3}, 1.0, "names every type"),
+    ({"Spindle": 0.2}, 1.0, "hold none"),
+    (None, 0.0, "density must be positive"),
+    (None, -1.0, "density must be positive"),
+])
+def test_bad_requests_stop_before_anything_is_sampled(clustered, tmp_path, type_mix, density, msg):
+    _, stats = clustered
+    with pytest.raises(HistosynthError, match=msg):
+        sample_masks(stats, ellipse_source(stats), 4, 64, seed=0, out_dir=tmp_path / "o", type_mix=type_mix,
+                     density=density)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_type_mix_and_density(clustered, tmp_path):
+    _, stats = clustered
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    base = ["sample-masks", str(tmp_path / "stats.json"), "ellipses"]
+    args = _parser().parse_args([*base, str(tmp_path / "m"), "--n", "8", "--size", "96",
+                                 "--type-mix", "Lymphocyte=0.5", "--density", "1.2"])
+    args.func(args)
+    rep = read_patchset(tmp_path / "m", require=("inst", "types")).report
+    assert rep["request"] == {"type_mix": {"Lymphocyte": 0.5}, "density": 1.2}
+    assert set(rep["achieved"]["type_fractions"]) == {"Epithelial", "Lymphocyte", "Spindle"}
+    for bad, msg in (("Lymphocyte", "CLASS=FRACTION"), ("Lymphocyte=half", "must be a number"),
+                     ("Macrophage=0.1", "not a class")):
+        args = _parser().parse_args([*base, str(tmp_path / "bad"), "--n", "2", "--type-mix", bad])
+        with pytest.raises(HistosynthError, match=msg):
+            args.func(args)
+        assert not (tmp_path / "bad").exists()

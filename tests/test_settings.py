@@ -117,7 +117,8 @@ def _different(key: str, default):
     """A valid value of ``key`` other than its default."""
     node = schema_node(key)
     special = {"classes": {"Tumour": 1, "Immune": 5}, "catch_all": "Immune", "split.train": ["a"],
-               "split.test": ["b"], "translate.options": ["pale", "dark", "pale"]}
+               "split.test": ["b"], "translate.options": ["pale", "dark", "pale"],
+               "sample_masks.type_mix": {"Lymphocyte": 0.5}}
     if key in special:
         return special[key]
     if "enum" in node:

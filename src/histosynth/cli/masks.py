@@ -147,7 +147,29 @@ def _add_sample_masks(sub: argparse._SubParsersAction) -> None:
                     "model: keep the decoded shape's own")
     add_option(p, "--precision", key="sample_masks.precision",
                help="decoder arithmetic: auto = bfloat16 on CPUs with native bf16, else float32")
+    add_option(p, "--type-mix", key="sample_masks.type_mix", nargs="+", metavar="CLASS=FRACTION",
+               help="ask for this fraction of the nuclei of a class (name or type id); the others share the rest "
+                    "as fitted")
+    add_option(p, "--density", key="sample_masks.density", type=float,
+               help="factor on the fitted number of nuclei per mask")
     p.set_defaults(func=_run_sample_masks)
+
+
+def parse_type_mix(items: list[str] | None) -> dict[str, float] | None:
+    """``CLASS=FRACTION`` items -> {class: fraction} (None or empty: None)."""
+    if not items:
+        return None
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = str(item).rpartition("=")
+        if not sep or not name.strip():
+            raise HistosynthError(f"--type-mix takes CLASS=FRACTION items, got {item!r}")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise HistosynthError(f"--type-mix: the fraction of {name.strip()!r} must be a number, "
+                                  f"got {value!r}") from None
+    return out
 
 
 def _run_sample_masks(args: argparse.Namespace) -> None:
@@ -156,6 +178,7 @@ def _run_sample_masks(args: argparse.Namespace) -> None:
     from histosynth.masks.statsfile import load_stats
 
     stats = load_stats(args.stats)
+    type_mix = parse_type_mix(args.type_mix)  # malformed items fail before the β-VAE is loaded
     if args.sigma <= 0:
         raise HistosynthError(f"--sigma must be positive, got {args.sigma}")
     if args.threads < 1:
@@ -163,6 +186,7 @@ def _run_sample_masks(args: argparse.Namespace) -> None:
     source, name, info = build_shape_source(args.dvae, stats, args.sigma, args.threads, args.precision)
     sample_masks(stats, source, args.n, args.size, args.seed, out_dir=args.out_dir, shard=args.shard,
                  n_shards=args.n_shards, batch=args.batch, source_name=name, eccentricity=args.eccentricity,
+                 type_mix=type_mix, density=args.density,
                  progress=getattr(args, "progress", False), extra_report={"stats": str(args.stats), **info})
 
 

@@ -30,6 +30,11 @@ Features (the same code measures both sides; see :mod:`histosynth.masks.stats`):
 ``pass``: KS <= 0.1 for count, area and nn_distance, KS <= 0.15 for
 eccentricity (the issue's bar); ``all_pass`` is their conjunction.
 
+Masks sampled on request (``sample-masks --type-mix / --density``) are meant
+to differ from the real ones: ``request`` in the JSON sets what was asked
+beside what came out (pooled type fractions, nuclei per patch) and the fitted
+real values, and the log says so next to the KS figures.
+
 Bad input - a side without patch sets, a patch set without inst/types or
 without nuclei, resolutions more than 5 % apart, class maps that give one id
 different names or synthetic types the real class map lacks - is a
@@ -135,6 +140,7 @@ def evaluate_masks(
 ) -> dict[str, Any]:
     """Compare synthetic with real masks; write ``evaluation.json`` (+ figures); return the evaluation."""
     syn = measure(synthetic, border_margin, side="synthetic")
+    request = _request_of(synthetic)
     # real side: count in synthetic-sized windows when the real patches are larger
     probe = read_patchset(real[0], require=("inst", "types")) if real else None
     s_h, s_w = syn["size"]
@@ -203,6 +209,12 @@ def evaluate_masks(
         chi = {"statistic": float(c.statistic), "pvalue": float(c.pvalue), "dof": int(c.dof)}
     type_mix = {"types": all_types, "synthetic": ps_.round(5).tolist(), "real": pr_.round(5).tolist(),
                 "total_variation": float(0.5 * np.abs(ps_ - pr_).sum()), "chi2": chi, "bar": None}
+    if request is not None:
+        request = {**request, "achieved": {
+            "type_fractions": {classes[t]: round(float(f), 5) for t, f in zip(all_types, ps_)},
+            "nuclei_per_patch": round(float(syn["count"].mean()), 3)},
+            "real": {"type_fractions": {classes[t]: round(float(f), 5) for t, f in zip(all_types, pr_)},
+                     "nuclei_per_patch": round(float(np.mean(real_count)), 3)}}
     result = {
         "synthetic": syn["paths"], "real": rl["paths"],
         "n_patches": {"synthetic": syn["n_patches"], "real": rl["n_patches"]},
@@ -211,7 +223,7 @@ def evaluate_masks(
         "classes": class_map_to_json(classes),
         "features": feats, "type_fractions": type_feats, "type_mix": type_mix,
         "all_pass": all(feats[k]["pass"] for k in BARS),
-        "bars": BARS, "border_margin": int(border_margin),
+        "bars": BARS, "border_margin": int(border_margin), "request": request,
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +233,29 @@ def evaluate_masks(
         plot_montage(syn["examples"], rl["examples"], classes, out_dir / "montage.png")
     log.info("evaluate-masks: " + ", ".join(f"{k} KS {v['statistic']:.3f}" for k, v in feats.items()
                                             if v["statistic"] is not None) + f" → all_pass {result['all_pass']}")
+    if request is not None:
+        log.info("evaluate-masks: these masks were sampled on request (type mix %s, density %g): they are meant "
+                 "to differ from the real ones; asked vs got: %s", request["type_mix"] or "as fitted",
+                 request["density"], request["achieved"])
     return result
+
+
+def _request_of(patch_sets: Sequence[str | os.PathLike]) -> dict[str, Any] | None:
+    """The sample-masks request the synthetic sets were drawn under (None: the fitted statistics).
+
+    Sets drawn under different requests cannot be judged as one sample: an error naming the set.
+    """
+    found: dict[str, Any] | None = None
+    for path in patch_sets:
+        asked = (read_patchset(path).report or {}).get("request") or {}
+        request = {"type_mix": asked.get("type_mix") or None, "density": float(asked.get("density", 1.0))}
+        if found is not None and request != found:
+            raise HistosynthError(f"the synthetic sets were sampled under different requests ({found} and "
+                                  f"{request}): evaluate them apart", path)
+        found = request
+    if found is None or (found["type_mix"] is None and found["density"] == 1.0):
+        return None
+    return found
 
 
 # --------------------------------------------------------------------------- figures

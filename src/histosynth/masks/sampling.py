@@ -99,6 +99,22 @@ One mask, step by step
    The residual mismatch (g(r) of all nuclei at 20-80 px about 1.1 vs 1.25
    on the demo) is drawn in fit-stats' spatial.png.
 
+Synthesis on request
+--------------------
+``type_mix`` (class name or type id -> fraction, e.g. ``{"Lymphocyte": 0.5}``)
+and ``density`` (a factor on the number of nuclei) override step 1 and
+leave every other fitted statistic as it is. The total T is drawn from its
+fit and multiplied by ``density`` (rounded at random, up or down, so the mean
+is exact); each requested type gets the fraction asked of T, and the types
+not named share the rest in the proportions of the copula draw, as before.
+The counts are rounded by systematic sampling (one uniform offset per mask,
+each count the floor or the ceiling of its share, the total kept), which is
+unbiased: over the sample the requested fractions are met up to the rare
+nucleus the placement cannot fit (counted as ``dropped``). A requested type
+needs fitted shape statistics (it must occur in the training masks); naming
+every type means the fractions must sum to 1. ``report.json`` holds the
+request beside what came out (``request``, ``achieved``).
+
 Determinism: shard k of seed K uses ``numpy.random.SeedSequence(K,
 spawn_key=(k,))`` - independent streams per shard, reproducible on the CPU
 for the same inputs, K, k and number of masks of the shard (mask i of N goes
@@ -111,7 +127,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,7 +136,7 @@ import numpy as np
 from scipy.special import ndtr
 
 from histosynth.errors import HistosynthError
-from histosynth.io.labels import class_columns, class_map_to_json, read_class_map
+from histosynth.io.labels import class_columns, class_key, class_map_to_json, read_class_map
 from histosynth.io.patchset import PatchSetWriter
 from histosynth.masks.counts import count_cdf_table, count_ppf, scale_counts
 from histosynth.masks.features import shape_moments
@@ -130,6 +146,58 @@ from histosynth.masks.statsfile import load_stats, sample_quantiles
 log = logging.getLogger(__name__)
 
 STEPS = ("counts", "decode", "resize_rotate", "field", "placement", "write")
+
+
+def resolve_type_mix(type_mix: Mapping[str | int, float] | None, classes: Mapping[int, str],
+                     placeable: Sequence[int], all_types: Sequence[int]) -> dict[int, float]:
+    """type id -> requested fraction, checked (``classes``: the stats' class map; names compared loosely).
+
+    A key is a class name or a type id. Errors: an unknown class, a fraction outside [0, 1], fractions
+    summing over 1, every type named with a sum under 1, a positive fraction for a type the stats hold no
+    shapes of (it never occurred in the training masks).
+    """
+    if not type_mix:
+        return {}
+    by_name = {class_key(name): int(tid) for tid, name in classes.items()}
+    out: dict[int, float] = {}
+    for key, value in type_mix.items():
+        text = str(key).strip()
+        tid = int(text) if text.isdigit() and int(text) in all_types else by_name.get(class_key(text))
+        if tid is None or tid not in all_types:
+            known = ", ".join(classes.get(t, str(t)) for t in all_types)
+            raise HistosynthError(f"sample_masks.type_mix names {key!r}, which is not a class of the statistics "
+                                  f"(known: {known})")
+        if tid in out:
+            raise HistosynthError(f"sample_masks.type_mix names type {tid} twice ({key!r})")
+        try:
+            fraction = float(value)
+        except (TypeError, ValueError):
+            raise HistosynthError(f"sample_masks.type_mix: the fraction of {key!r} must be a number, "
+                                  f"got {value!r}") from None
+        if not 0.0 <= fraction <= 1.0:
+            raise HistosynthError(f"sample_masks.type_mix: the fraction of {key!r} must be in [0, 1], got {value}")
+        if fraction > 0 and tid not in placeable:
+            raise HistosynthError(f"sample_masks.type_mix asks for {key!r}, but the training masks hold none: "
+                                  "there are no shape and size statistics to draw it from")
+        out[tid] = fraction
+    total = sum(out.values())
+    if total > 1.0 + 1e-6:
+        raise HistosynthError(f"sample_masks.type_mix: the fractions sum to {total:.4g}, over 1")
+    rest = [t for t in placeable if t not in out]
+    if not rest and total < 1.0 - 1e-6:
+        raise HistosynthError(f"sample_masks.type_mix names every type but its fractions sum to {total:.4g}, "
+                              "not 1: nothing is left to make up the rest")
+    return out
+
+
+def systematic_round(shares: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Integers summing to ``round(shares.sum())``, each the floor or ceiling of its share, unbiased.
+
+    One uniform offset u: count_i = floor(C_i + u) - floor(C_{i-1} + u) over the cumulative sums C.
+    """
+    shares = np.maximum(np.asarray(shares, dtype=np.float64), 0.0)
+    edges = np.floor(np.concatenate([[0.0], np.cumsum(shares)]) + rng.random())
+    return np.diff(edges).astype(np.int64)
 
 
 @dataclass
@@ -143,6 +211,8 @@ class MaskSampler:
     max_tries: int = 40
     contact_tries: int = 6
     eccentricity: str = "fitted"
+    type_mix: Mapping[str | int, float] | None = None
+    density: float = 1.0
     timings: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in STEPS})
     dropped: int = 0
     disks: int = 0  # decoded shapes that came out empty and were replaced by disks of the target area
@@ -177,6 +247,11 @@ class MaskSampler:
         self.mean_props = means / means.sum() if means.sum() > 0 else np.isin(self.cop_types, placeable) / len(
             placeable)
         self.can_place = np.isin(self.cop_types, placeable)
+        if not (math.isfinite(float(self.density)) and float(self.density) > 0):
+            raise HistosynthError(f"sample_masks.density must be positive, got {self.density}")
+        self.requested = resolve_type_mix(self.type_mix, self.classes, placeable, self.cop_types)
+        self.request_share = np.array([self.requested.get(t, 0.0) for t in self.cop_types])
+        self.request_named = np.isin(self.cop_types, list(self.requested))
         # radius margin for centres outside the patch: 75th percentile of the equivalent radius
         r75 = [math.sqrt(sample_quantiles(self.morph[t]["area"], np.array([0.75]))[0] / math.pi)
                for t in placeable]
@@ -226,6 +301,8 @@ class MaskSampler:
         per = np.array([count_ppf(f, u[j:j + 1], tab)[0] for j, (f, tab) in
                         enumerate(zip(self.type_fits, self.type_tables))], dtype=np.float64)
         per[~self.can_place] = 0
+        if self.requested or self.density != 1.0:
+            return self._requested_counts(total, per, rng)
         props = per / per.sum() if per.sum() > 0 else self.mean_props
         raw = total * props
         out = np.floor(raw).astype(np.int64)
@@ -234,6 +311,21 @@ class MaskSampler:
             order = np.argsort(-(raw - out), kind="stable")
             out[order[:rest]] += 1
         return out
+
+    def _requested_counts(self, total: int, per: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Counts under a request: the total times ``density``, the named types their fractions of it, the
+        others the rest in the proportions of the copula draw ``per`` (see the module docstring)."""
+        total = int(np.floor(total * float(self.density) + rng.random()))
+        rest = ~self.request_named & self.can_place
+        others = np.where(rest, per, 0.0)
+        if others.sum() <= 0:
+            others = np.where(rest, self.mean_props, 0.0)
+        free = max(0.0, 1.0 - float(self.request_share.sum()))
+        props = self.request_share.copy()
+        if others.sum() > 0:
+            props += free * others / others.sum()
+        props = props / props.sum() if props.sum() > 0 else self.mean_props
+        return systematic_round(total * props, rng)
 
     # -- the field ---------------------------------------------------------------
     def _smooth(self, noise: np.ndarray, sd: float) -> np.ndarray:
@@ -567,8 +659,13 @@ def sample_masks(
     progress: bool = False,
     extra_report: Mapping[str, Any] | None = None,
     eccentricity: str = "fitted",
+    type_mix: Mapping[str | int, float] | None = None,
+    density: float = 1.0,
 ) -> dict[str, Any]:
     """Sample this shard's masks of ``n`` in all; write them to ``out_dir`` (a patch set) if given.
+
+    ``type_mix`` and ``density`` ask for another mix of types or more (fewer) nuclei than fitted
+    (module docstring, "Synthesis on request").
 
     ``shape_source(n, types, rng) -> bool (n, H, W)`` is any callable (the CLI
     builds one from the β-VAE: :func:`~histosynth.masks.shapes.dvae_source`;
@@ -589,7 +686,8 @@ def sample_masks(
         raise HistosynthError(f"--shard must be in 0..{n_shards - 1} (--n-shards {n_shards}), got {shard}")
     start, stop = shard_range(n, shard, n_shards)
     rng = shard_rng(seed, shard)
-    sampler = MaskSampler(stats, shape_source, size, eccentricity=eccentricity)
+    sampler = MaskSampler(stats, shape_source, size, eccentricity=eccentricity, type_mix=type_mix,
+                          density=density)
     classes = read_class_map(stats["classes"], "stats.json")
     cols = class_columns({name: tid for tid, name in classes.items()})
     type_ids = sorted(cols)
@@ -606,6 +704,8 @@ def sample_masks(
         "classes": class_map_to_json(classes),
         "placement": "hard-core thresholded-Gaussian-field Cox process (see histosynth.masks.sampling)",
         "eccentricity": eccentricity,
+        "request": {"type_mix": {classes.get(t, str(t)): f for t, f in sampler.requested.items()} or None,
+                    "density": float(density)},
         **(dict(extra_report) if extra_report else {}),
     }
 
@@ -635,7 +735,7 @@ def sample_masks(
                 rows.append(row)
                 sampler.timings["write"] += time.perf_counter() - t0
                 bar.update()
-            report.update(_summary(sampler, rows, time.perf_counter() - t_start))
+            report.update(_summary(sampler, rows, time.perf_counter() - t_start, cols))
             w.report = report
     else:
         for inst, typ in it:
@@ -643,7 +743,7 @@ def sample_masks(
             insts.append(inst)
             typs.append(typ)
             bar.update()
-        report.update(_summary(sampler, rows, time.perf_counter() - t_start))
+        report.update(_summary(sampler, rows, time.perf_counter() - t_start, cols))
         report["inst"] = np.stack(insts) if insts else np.zeros((0, size, size), np.int32)
         report["types"] = np.stack(typs) if typs else np.zeros((0, size, size), np.uint8)
         report["rows"] = rows
@@ -651,6 +751,11 @@ def sample_masks(
     log.info("sampled %d masks (%d nuclei, %d dropped, %d empty shapes made disks) in %.1f s%s", len(rows),
              report["nuclei"], report["dropped"], report["disks"], report["seconds"],
              f" → {out_dir}" if out_dir else "")
+    if sampler.requested or density != 1.0:
+        fractions = report["achieved"]["type_fractions"]
+        log.info("requested %s at density %g; got %s, %.1f nuclei per mask", report["request"]["type_mix"] or
+                 "the fitted mix", density, ", ".join(f"{k} {v:.3f}" for k, v in fractions.items()),
+                 report["achieved"]["nuclei_per_mask"])
     if report["nuclei"] and report["disks"] > 0.1 * report["nuclei"]:
         log.warning("%d of %d nuclei (%.0f %%) have a disk in place of an empty decoded shape: the shape model is "
                     "under-trained (see its hold-out Dice in train_dvae's log)", report["disks"], report["nuclei"],
@@ -658,9 +763,13 @@ def sample_masks(
     return report
 
 
-def _summary(sampler: MaskSampler, rows: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+def _summary(sampler: MaskSampler, rows: list[dict[str, Any]], seconds: float,
+             cols: Mapping[int, str]) -> dict[str, Any]:
     nuclei = int(sum(r["n_nuclei"] for r in rows))
-    return {"nuclei": nuclei, "dropped": int(sampler.dropped), "disks": int(sampler.disks),
+    per_type = {sampler.classes.get(t, str(t)): int(sum(r[col] for r in rows)) for t, col in cols.items()}
+    achieved = {"type_fractions": {k: round(v / nuclei, 5) if nuclei else None for k, v in per_type.items()},
+                "nuclei_per_mask": round(nuclei / len(rows), 3) if rows else None}
+    return {"nuclei": nuclei, "dropped": int(sampler.dropped), "disks": int(sampler.disks), "achieved": achieved,
             "seconds": round(seconds, 3),
             "masks_per_second": round(len(rows) / seconds, 2) if seconds > 0 else None,
             "timings": {k: round(v, 4) for k, v in sampler.timings.items()}}
