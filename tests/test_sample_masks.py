@@ -441,3 +441,38 @@ def test_cli_type_mix_and_density(clustered, tmp_path):
         with pytest.raises(HistosynthError, match=msg):
             args.func(args)
         assert not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------- the uniform baseline
+def test_uniform_method_places_decoded_shapes_uniformly_without_overlap(clustered):
+    _, stats = clustered
+    # type-aware ellipses of a fixed size: the uniform method must keep them as they are
+    src = ellipse_source(None, size=32, ecc_range=(0.6, 0.6))
+    uni = sample_masks(stats, src, 40, 128, seed=3, method="uniform")
+    fitted = sample_masks(stats, ellipse_source(stats), 40, 128, seed=3)
+    assert uni["method"] == "uniform" and "uniform" in uni["placement"] and uni["eccentricity"] == "model"
+    n = np.array([r["n_nuclei"] for r in uni["rows"]])
+    assert n.mean() == pytest.approx(np.mean([r["n_nuclei"] for r in fitted["rows"]]), rel=0.15)  # fitted counts
+    areas, eccs = [], []
+    for inst in uni["inst"]:
+        f = nucleus_features(inst, border_margin=1)
+        areas += f["area"][~f["border"]].tolist()
+        eccs += f["eccentricity"][~f["border"]].tolist()
+        assert len(np.unique(inst)) - 1 == inst.max()  # ids 1..n, each nucleus one piece (no overlap)
+    ellipse_area = np.pi * (0.35 * 32) * (0.35 * 32) * np.sqrt(1 - 0.6 ** 2)
+    assert np.median(areas) == pytest.approx(ellipse_area, rel=0.1)  # the decoded size, not the fitted one
+    assert np.median(eccs) == pytest.approx(0.6, abs=0.08)
+    # no territories: the nuclei spread over the patch more evenly than the clustered fit places them
+    def spread(result):
+        return np.mean([np.std([(inst == i).nonzero()[0].mean() for i in range(1, inst.max() + 1)])
+                        for inst in result["inst"] if inst.max() > 3])
+    assert spread(uni) > spread(fitted)
+
+
+def test_unknown_method_is_an_error(clustered, tmp_path):
+    _, stats = clustered
+    with pytest.raises(HistosynthError, match="method must be one of"):
+        sample_masks(stats, ellipse_source(stats), 2, 64, seed=0, out_dir=tmp_path / "o", method="daff")
+    assert not (tmp_path / "o").exists()
+    args = _parser().parse_args(["sample-masks", "s.json", "ellipses", "o", "--method", "uniform"])
+    assert args.method == "uniform"

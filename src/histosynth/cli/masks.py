@@ -88,8 +88,8 @@ def _add_training_flags(p: argparse.ArgumentParser, epochs_key: str) -> None:
 
 
 def _training_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = dict(beta=args.beta, epochs=args.epochs, min_steps=args.min_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                  device=args.device, threads=args.threads, conditional=args.conditional, holdout=args.holdout,
+    kwargs = dict(beta=args.beta, epochs=args.epochs, min_steps=args.min_steps, batch_size=args.batch_size,
+                  lr=args.lr, seed=args.seed, device=args.device, threads=args.threads, conditional=args.conditional, holdout=args.holdout,
                   checkpoint_every=args.checkpoint_every, checkpoint_steps=args.checkpoint_steps,
                   augment=args.augment, enc_widths=tuple(args.enc_widths), dec_widths=tuple(args.dec_widths),
                   resume=args.resume, progress=getattr(args, "progress", False) or None)
@@ -147,6 +147,9 @@ def _add_sample_masks(sub: argparse._SubParsersAction) -> None:
                     "model: keep the decoded shape's own")
     add_option(p, "--precision", key="sample_masks.precision",
                help="decoder arithmetic: auto = bfloat16 on CPUs with native bf16, else float32")
+    add_option(p, "--method", key="sample_masks.method",
+               help="statistical: the fitted layout; uniform: seed 000's baseline (shapes as decoded, placed "
+                    "uniformly without overlap)")
     add_option(p, "--type-mix", key="sample_masks.type_mix", nargs="+", metavar="CLASS=FRACTION",
                help="ask for this fraction of the nuclei of a class (name or type id); the others share the rest "
                     "as fitted")
@@ -186,7 +189,7 @@ def _run_sample_masks(args: argparse.Namespace) -> None:
     source, name, info = build_shape_source(args.dvae, stats, args.sigma, args.threads, args.precision)
     sample_masks(stats, source, args.n, args.size, args.seed, out_dir=args.out_dir, shard=args.shard,
                  n_shards=args.n_shards, batch=args.batch, source_name=name, eccentricity=args.eccentricity,
-                 type_mix=type_mix, density=args.density,
+                 type_mix=type_mix, density=args.density, method=args.method,
                  progress=getattr(args, "progress", False), extra_report={"stats": str(args.stats), **info})
 
 

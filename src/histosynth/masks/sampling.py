@@ -99,6 +99,15 @@ One mask, step by step
    The residual mismatch (g(r) of all nuclei at 20-80 px about 1.1 vs 1.25
    on the demo) is drawn in fit-stats' spatial.png.
 
+The ``uniform`` method (``--method uniform``)
+-------------------------------------------
+Seed "Histological Image Synthesis Using Deep Learning"'s own layout, kept as
+the baseline the statistical sampler must beat: counts as in step 1, each
+nucleus the β-VAE's shape at the size and elongation it is decoded with (no
+fitted size, eccentricity or orientation; an empty decode becomes a disk of
+its type's mean area), placed uniformly at random without overlap (step 4's
+hard core and edge rule, no field, no territories, no contacts).
+
 Synthesis on request
 --------------------
 ``type_mix`` (class name or type id -> fraction, e.g. ``{"Lymphocyte": 0.5}``)
@@ -146,6 +155,10 @@ from histosynth.masks.statsfile import load_stats, sample_quantiles
 log = logging.getLogger(__name__)
 
 STEPS = ("counts", "decode", "resize_rotate", "field", "placement", "write")
+#: the values of sample_masks.method
+METHODS = ("statistical", "uniform")
+PLACEMENT = {"statistical": "hard-core thresholded-Gaussian-field Cox process (see histosynth.masks.sampling)",
+             "uniform": "uniform at random without overlap, shapes as decoded (seed 000's method)"}
 
 
 def resolve_type_mix(type_mix: Mapping[str | int, float] | None, classes: Mapping[int, str],
@@ -213,6 +226,7 @@ class MaskSampler:
     eccentricity: str = "fitted"
     type_mix: Mapping[str | int, float] | None = None
     density: float = 1.0
+    method: str = "statistical"
     timings: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in STEPS})
     dropped: int = 0
     disks: int = 0  # decoded shapes that came out empty and were replaced by disks of the target area
@@ -220,6 +234,8 @@ class MaskSampler:
     def __post_init__(self) -> None:
         st = self.stats
         self.size = int(self.size)
+        if self.method not in METHODS:
+            raise HistosynthError(f"sample_masks.method must be one of {METHODS}, got {self.method!r}")
         if self.eccentricity not in ("fitted", "model"):
             raise HistosynthError(f"--eccentricity must be fitted or model, got {self.eccentricity!r}")
         if self.size < 8:
@@ -276,7 +292,7 @@ class MaskSampler:
             self.components.append((root, sd_cells))
         self.packing = {int(k): float(v) for k, v in fl.get("packing", {}).items()}
         self.leak = float(fl.get("leak", 0.05))
-        self.contact = {int(k): float(v) for k, v in fl.get("contact", {}).items()}
+        self.contact = {int(k): float(v) for k, v in fl.get("contact", {}).items()} if self.method != "uniform" else {}
         tissue = st["spatial"].get("tissue") if fl.get("tissue", True) else None
         if tissue and tissue.get("count_fraction"):
             cf = np.asarray(tissue["count_fraction"], dtype=np.float64).reshape(-1, 2)
@@ -580,6 +596,21 @@ class MaskSampler:
         out[np.argsort(target, kind="stable")] = shapes[np.argsort(have, kind="stable")]
         return out
 
+    def as_decoded(self, shapes: np.ndarray, types: np.ndarray) -> list[np.ndarray]:
+        """Each shape cut to its bounding box, as decoded (the ``uniform`` method); an empty one a disk of its
+        type's mean area."""
+        crops = []
+        for shape, t in zip(shapes, types):
+            rows, cols = np.flatnonzero(shape.any(axis=1)), np.flatnonzero(shape.any(axis=0))
+            if rows.size:
+                crops.append(np.ascontiguousarray(shape[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]))
+                continue
+            r = math.sqrt(self.mean_area.get(int(t), 1.0) / math.pi)
+            side = 2 * int(math.ceil(r)) + 1
+            yy, xx = np.ogrid[0:side, 0:side]
+            crops.append((yy - side // 2) ** 2 + (xx - side // 2) ** 2 <= r * r)
+        return crops
+
     def sample(self, n: int, rng: np.random.Generator, batch: int = 32):
         """Yield (inst, types, per-type counts) for ``n`` masks, decoding shapes ``batch`` masks at a time."""
         tm = self.timings
@@ -591,7 +622,9 @@ class MaskSampler:
             types_per = [np.repeat(np.array(self.cop_types, np.int64), cnt) for cnt in counts]
             all_types = np.concatenate(types_per) if types_per else np.zeros(0, np.int64)
             mask_of = np.repeat(np.arange(b), [len(tp) for tp in types_per])
-            areas, orients = self.draw_sizes(all_types, mask_of, rng)
+            uniform = self.method == "uniform"
+            if not uniform:
+                areas, orients = self.draw_sizes(all_types, mask_of, rng)
             t1 = time.perf_counter()
             tm["counts"] += t1 - t0
             shapes = np.asarray(self.shape_source(len(all_types), all_types, rng), dtype=bool)
@@ -599,19 +632,23 @@ class MaskSampler:
                 raise HistosynthError(f"shape source returned {shapes.shape}, expected ({len(all_types)}, H, W)")
             shapes = clean_shapes(shapes)
             self.disks += int((~shapes.any(axis=(1, 2))).sum())
-            target_ecc = self.draw_eccentricities(all_types, rng)
-            if not getattr(self.shape_source, "type_aware", True):
-                shapes = self.match_eccentricity(shapes, target_ecc)
+            if not uniform:
+                target_ecc = self.draw_eccentricities(all_types, rng)
+                if not getattr(self.shape_source, "type_aware", True):
+                    shapes = self.match_eccentricity(shapes, target_ecc)
             t2 = time.perf_counter()
             tm["decode"] += t2 - t1
-            crops = warp_shapes(shapes, areas, orients, target_ecc if self.eccentricity == "fitted" else None)
+            if uniform:
+                crops = self.as_decoded(shapes, all_types)
+            else:
+                crops = warp_shapes(shapes, areas, orients, target_ecc if self.eccentricity == "fitted" else None)
             t3 = time.perf_counter()
             tm["resize_rotate"] += t3 - t2
             start = 0
             for k in range(b):
                 nk = len(types_per[k])
                 t4 = time.perf_counter()
-                cdfs = self.draw_field(rng, dict(zip(self.cop_types, counts[k].tolist())))
+                cdfs = {} if uniform else self.draw_field(rng, dict(zip(self.cop_types, counts[k].tolist())))
                 t5 = time.perf_counter()
                 tm["field"] += t5 - t4
                 inst, typ = self.place(crops[start:start + nk], types_per[k], cdfs, rng)
@@ -661,9 +698,11 @@ def sample_masks(
     eccentricity: str = "fitted",
     type_mix: Mapping[str | int, float] | None = None,
     density: float = 1.0,
+    method: str = "statistical",
 ) -> dict[str, Any]:
     """Sample this shard's masks of ``n`` in all; write them to ``out_dir`` (a patch set) if given.
 
+    ``method``: ``statistical`` (the fitted layout) or ``uniform`` (seed 000's baseline; module docstring).
     ``type_mix`` and ``density`` ask for another mix of types or more (fewer) nuclei than fitted
     (module docstring, "Synthesis on request").
 
@@ -687,7 +726,7 @@ def sample_masks(
     start, stop = shard_range(n, shard, n_shards)
     rng = shard_rng(seed, shard)
     sampler = MaskSampler(stats, shape_source, size, eccentricity=eccentricity, type_mix=type_mix,
-                          density=density)
+                          density=density, method=method)
     classes = read_class_map(stats["classes"], "stats.json")
     cols = class_columns({name: tid for tid, name in classes.items()})
     type_ids = sorted(cols)
@@ -702,8 +741,8 @@ def sample_masks(
         "masks": int(stop - start), "first_mask": int(start), "size": int(size), "mpp": float(stats["mpp"]),
         "shape_source": source_name, "area_ratio": sampler.area_ratio,
         "classes": class_map_to_json(classes),
-        "placement": "hard-core thresholded-Gaussian-field Cox process (see histosynth.masks.sampling)",
-        "eccentricity": eccentricity,
+        "method": method, "placement": PLACEMENT[method],
+        "eccentricity": eccentricity if method == "statistical" else "model",
         "request": {"type_mix": {classes.get(t, str(t)): f for t, f in sampler.requested.items()} or None,
                     "density": float(density)},
         **(dict(extra_report) if extra_report else {}),
