@@ -107,6 +107,40 @@ def test_loss_is_bce_sum_plus_beta_kl():
     assert loss.item() == pytest.approx(recon.item() + 6.0, rel=1e-6)
 
 
+def test_mse_loss_is_the_seeds_squared_error_plus_beta_kl():
+    logits = torch.zeros(2, 1, 64, 64)  # sigmoid 0.5 everywhere
+    x = torch.ones(2, 1, 64, 64)
+    loss, recon, kl = vae_loss(logits, x, torch.ones(2, 3), torch.zeros(2, 3), beta=2.0, reconstruction="mse")
+    assert recon.item() == pytest.approx(64 * 64 * 0.25) and loss.item() == pytest.approx(recon.item() + 3.0)
+    with pytest.raises(ValueError, match="reconstruction must be one of"):
+        vae_loss(logits, x, torch.ones(2, 3), torch.zeros(2, 3), beta=2.0, reconstruction="l1")
+
+
+def test_reconstruction_metrics_measure_the_seeds_mse_per_shape(library):
+    from histosynth.masks.dvae import reconstruction_metrics
+
+    model = DVAE(DVAEConfig(latent_dim=2, **TINY))
+    shapes = np.zeros((3, 64, 64), np.uint8)
+    shapes[:, 20:30, 20:30] = 1
+    with torch.no_grad():  # a decoder that outputs sigmoid 0.5 everywhere: squared error 0.25 per pixel
+        for m in model.decoder.modules():
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Linear)):
+                m.weight.zero_()
+                if m.bias is not None:
+                    m.bias.zero_()
+    metrics = reconstruction_metrics(model, shapes, None)
+    assert metrics["mse"] == pytest.approx(64 * 64 * 0.25, rel=1e-4)
+    assert metrics["mse_kl"] == pytest.approx(metrics["mse"] + sum(metrics["kl_per_dim"]), rel=1e-6)
+
+
+def test_training_with_the_seeds_mse_loss(library, tmp_path):
+    report = train_dvae(library, tmp_path, latent_dim=2, epochs=2, loss="mse", **TRAIN)
+    assert report["epochs"] == 2 and np.isfinite(report["holdout_mse"])
+    assert torch.load(tmp_path / "dvae.pt", weights_only=True)["train"]["loss"] == "mse"
+    with pytest.raises(HistosynthError, match="dvae.loss must be one of"):
+        train_dvae(library, tmp_path / "bad", latent_dim=2, epochs=1, loss="l1", **TRAIN)
+
+
 def test_loss_decreases_over_a_few_steps(library):
     shapes = np.load(library)["shapes"][:16]
     x = torch.from_numpy(shapes.astype(np.float32)).unsqueeze(1)
@@ -139,7 +173,8 @@ def test_training_writes_model_log_and_pictures(trained):
     assert ckpt["config"]["enc_widths"] == [4, 4, 8, 8]
     table = pd.read_csv(out / "log.csv")
     assert list(table.columns) == ["epoch", "step", "train_loss", "recon", "kl", "holdout_bce", "holdout_dice",
-                                   "holdout_iou", "seconds"]
+                                   "holdout_iou", "holdout_mse", "holdout_mse_kl", "seconds"]
+    assert (table["holdout_mse_kl"] > table["holdout_mse"]).all() and (table["holdout_mse"] > 0).all()
     assert list(table["epoch"]) == [1, 2, 3] and list(table["step"]) == [5, 10, 15]  # 36 train shapes / 8
     assert table["train_loss"].iloc[-1] < table["train_loss"].iloc[0]
     assert np.isfinite(table[["holdout_bce", "holdout_dice"]].to_numpy()).all()
@@ -353,7 +388,8 @@ def test_sweep_writes_one_model_per_latent_size(library, tmp_path):
     result = dvae_sweep(library, tmp_path, latent_dims=(2, 3), epochs=1, **TRAIN)
     table = pd.read_csv(tmp_path / "sweep.csv")
     assert list(table["latent_dim"]) == [2, 3]
-    assert {"final_train_loss", "holdout_bce", "holdout_dice", "seconds"} <= set(table.columns)
+    assert {"final_train_loss", "holdout_bce", "holdout_dice", "holdout_mse", "holdout_mse_kl",
+            "seconds"} <= set(table.columns)
     assert (tmp_path / "sweep.png").stat().st_size > 0 and len(result["rows"]) == 2
     assert load_dvae(tmp_path / "latent-3" / "dvae.pt").latent_dim == 3
 
@@ -364,7 +400,9 @@ def test_cli_flags():
     add_cli(sub)
     args = parser.parse_args(["train-dvae", "lib.npz", "out", "--latent-dim", "12", "--beta", "2", "--epochs", "5",
                               "--batch-size", "64", "--lr", "0.01", "--seed", "3", "--device", "cpu",
-                              "--threads", "2", "--conditional", "--checkpoint-every", "2", "--min-steps", "40"])
+                              "--threads", "2", "--conditional", "--checkpoint-every", "2", "--min-steps", "40",
+                              "--loss", "mse"])
+    assert args.loss == "mse"
     assert (args.latent_dim, args.beta, args.epochs, args.batch_size, args.lr, args.seed, args.device,
             args.threads, args.conditional, args.checkpoint_every, args.min_steps) == (12, 2.0, 5, 64, 0.01, 3, "cpu",
                                                                                         2, True, 2, 40)

@@ -75,6 +75,7 @@ def _add_training_flags(p: argparse.ArgumentParser, epochs_key: str) -> None:
     add_device(p)
     add_threads(p, "dvae")
     add_option(p, "--conditional", key="dvae.conditional", help="condition encoder and decoder on the nucleus type")
+    add_option(p, "--loss", key="dvae.loss", help="reconstruction term: bce, or seed 000's mse (MSE + beta KL)")
     add_option(p, "--holdout", key="dvae.holdout", type=float, help="fraction held out for evaluation")
     add_option(p, "--checkpoint-every", key="dvae.checkpoint_every", type=int, help="epochs between checkpoints")
     add_option(p, "--checkpoint-steps", key="dvae.checkpoint_steps", type=int,
@@ -89,7 +90,8 @@ def _add_training_flags(p: argparse.ArgumentParser, epochs_key: str) -> None:
 
 def _training_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = dict(beta=args.beta, epochs=args.epochs, min_steps=args.min_steps, batch_size=args.batch_size,
-                  lr=args.lr, seed=args.seed, device=args.device, threads=args.threads, conditional=args.conditional, holdout=args.holdout,
+                  lr=args.lr, seed=args.seed, device=args.device, threads=args.threads, conditional=args.conditional,
+                  loss=args.loss, holdout=args.holdout,
                   checkpoint_every=args.checkpoint_every, checkpoint_steps=args.checkpoint_steps,
                   augment=args.augment, enc_widths=tuple(args.enc_widths), dec_widths=tuple(args.dec_widths),
                   resume=args.resume, progress=getattr(args, "progress", False) or None)

@@ -12,7 +12,9 @@ a seeded, type-stratified ``holdout`` fraction, trains
 - ``log.csv`` — one row per epoch: epoch, step, train_loss, recon, kl
   (epoch means), holdout_bce (per pixel), holdout_dice, holdout_iou (of the
   reconstruction from the posterior mean, thresholded at 0.5, mean over
-  shapes), seconds (wall time of the epoch);
+  shapes), holdout_mse and holdout_mse_kl (seed 000's measures: squared
+  error summed over a 64 × 64 shape, and that plus the KL, mean over shapes),
+  seconds (wall time of the epoch);
 - ``traversal.png`` — each latent dimension a row, swept −3…3 in 9 steps with
   the others at 0 (one block per type for a conditional model), labelled with
   the dimension's mean KL on the hold-out set (near 0 = unused dimension);
@@ -25,6 +27,11 @@ a seeded, type-stratified ``holdout`` fraction, trains
   the optimizer, the position (epoch, batch, step), the partial-epoch sums, the
   log so far and the RNG states (torch generator of the reparameterisation
   noise, numpy bit generator of the augmentation).
+
+**Loss.** ``loss="bce"`` (default): binary cross-entropy of the logits,
+summed over pixels, + β·KL — the right likelihood for binary shapes.
+``loss="mse"``: the seed's MSE + β·KL (squared error of the sigmoid output),
+so its Tables 4 / 5 can be set beside ours (``config/seed000-dvae.yaml``).
 
 **Few shapes.** ``epochs`` is raised so that training takes at least
 ``min_steps`` optimizer steps: a library from one or two slides holds a few
@@ -83,9 +90,11 @@ log = logging.getLogger(__name__)
 DEFAULT_EPOCHS = 30
 #: default least number of optimizer steps (epochs are raised to reach it on a small library)
 DEFAULT_MIN_STEPS = 100
-LOG_COLUMNS = ["epoch", "step", "train_loss", "recon", "kl", "holdout_bce", "holdout_dice", "holdout_iou", "seconds"]
+LOG_COLUMNS = ["epoch", "step", "train_loss", "recon", "kl", "holdout_bce", "holdout_dice", "holdout_iou",
+               "holdout_mse", "holdout_mse_kl", "seconds"]
 #: training settings that must match for a checkpoint to be resumed
-_RESUME_KEYS = ("model", "beta", "batch_size", "lr", "seed", "holdout", "augment", "library_sha1", "conditional")
+_RESUME_KEYS = ("model", "beta", "batch_size", "lr", "seed", "holdout", "augment", "library_sha1", "conditional",
+                "loss")
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -128,12 +137,15 @@ def _sha1(*arrays: np.ndarray) -> str:
 # -- evaluation ------------------------------------------------------------------------------
 def reconstruction_metrics(model: DVAE, shapes: np.ndarray, types: np.ndarray | None,
                            batch: int = 512) -> dict[str, float]:
-    """Per-pixel BCE of the reconstruction from the posterior mean, and mean Dice / IoU at 0.5."""
+    """Of the reconstruction from the posterior mean: per-pixel BCE, mean Dice / IoU at 0.5, and seed 000's
+    measures: ``mse`` (squared error of the sigmoid output summed over a shape's pixels, mean over shapes) and
+    ``mse_kl`` (that plus the KL summed over the latent dimensions, mean over shapes)."""
     if len(shapes) == 0:
-        return {"bce": float("nan"), "dice": float("nan"), "iou": float("nan"), "kl_per_dim": []}
+        return {"bce": float("nan"), "dice": float("nan"), "iou": float("nan"), "mse": float("nan"),
+                "mse_kl": float("nan"), "kl_per_dim": []}
     mu, logvar = encode(model, shapes, types if model.conditional else None, batch=batch)
     device = next(model.parameters()).device
-    bce_sum, dice, iou = 0.0, [], []
+    bce_sum, se_sum, dice, iou = 0.0, 0.0, [], []
     c_all = model.one_hot(types, len(shapes))
     was_training = model.training
     model.eval()
@@ -144,6 +156,7 @@ def reconstruction_metrics(model: DVAE, shapes: np.ndarray, types: np.ndarray | 
             c = None if c_all is None else c_all[start : start + batch]
             logits = model.decode(z, c)
             bce_sum += float(torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum"))
+            se_sum += float(torch.nn.functional.mse_loss(torch.sigmoid(logits), x, reduction="sum"))
             pred = (logits > 0).flatten(1)
             true = x.flatten(1) > 0.5
             inter = (pred & true).sum(1).float()
@@ -153,10 +166,13 @@ def reconstruction_metrics(model: DVAE, shapes: np.ndarray, types: np.ndarray | 
             iou.append(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(p)).cpu())
     model.train(was_training)
     kl = kl_divergence(torch.from_numpy(mu), torch.from_numpy(logvar)).mean(0)
+    mse = se_sum / len(shapes)
     return {
         "bce": bce_sum / shapes[0].size / len(shapes),
         "dice": float(torch.cat(dice).mean()),
         "iou": float(torch.cat(iou).mean()),
+        "mse": mse,
+        "mse_kl": mse + float(kl.sum()),
         "kl_per_dim": [float(v) for v in kl],
     }
 
@@ -255,6 +271,7 @@ def train_dvae(
     device: str = "auto",
     threads: int | None = 1,
     conditional: bool = False,
+    loss: str = "bce",
     holdout: float = 0.1,
     checkpoint_every: int = 1,
     checkpoint_steps: int = 0,
@@ -279,6 +296,8 @@ def train_dvae(
                              ("checkpoint_every", checkpoint_every, 1), ("checkpoint_steps", checkpoint_steps, 0)):
         if int(value) < low:
             raise HistosynthError(f"{name} must be at least {low}, got {value}")
+    if loss not in dvae_mod.RECONSTRUCTION_LOSSES:
+        raise HistosynthError(f"dvae.loss must be one of {dvae_mod.RECONSTRUCTION_LOSSES}, got {loss!r}")
     if not beta >= 0 or not lr > 0:
         raise HistosynthError(f"beta must be >= 0 and lr > 0, got beta={beta}, lr={lr}")
     lib = load_library(library_npz)
@@ -301,6 +320,7 @@ def train_dvae(
     settings: dict[str, Any] = {
         "model": cfg.to_dict(), "beta": float(beta), "batch_size": int(batch_size), "lr": float(lr),
         "seed": int(seed), "holdout": float(holdout), "augment": bool(augment), "conditional": bool(conditional),
+        "loss": loss,
         "epochs": int(epochs), "min_steps": int(min_steps), "library": str(library_npz), "library_n": len(lib),
         "library_sha1": _sha1(lib.shapes, lib.types), "mpp": lib.mpp,
     }
@@ -365,11 +385,11 @@ def train_dvae(
                     x = x.contiguous(memory_format=torch.channels_last)
                 c = model.one_hot(train_types[idx], len(idx)) if conditional else None
                 logits, mu, logvar = model(x, c, generator=noise)
-                loss, recon, kl = dvae_mod.vae_loss(logits, x, mu, logvar, beta)
-                value = file.check_finite({"loss": loss}, step, at=f"epoch {epoch + 1}, step {step + 1}",
+                total, recon, kl = dvae_mod.vae_loss(logits, x, mu, logvar, beta, loss)
+                value = file.check_finite({"loss": total}, step, at=f"epoch {epoch + 1}, step {step + 1}",
                                           hint="try a lower --lr or beta")["loss"]
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                total.backward()
                 optimizer.step()
                 step += 1
                 partial["loss"] += value * len(idx)
@@ -387,7 +407,8 @@ def train_dvae(
             rows.append({
                 "epoch": epoch + 1, "step": step, "train_loss": partial["loss"] / n, "recon": partial["recon"] / n,
                 "kl": partial["kl"] / n, "holdout_bce": metrics["bce"], "holdout_dice": metrics["dice"],
-                "holdout_iou": metrics["iou"], "seconds": partial["seconds"] + time.perf_counter() - t0,
+                "holdout_iou": metrics["iou"], "holdout_mse": metrics["mse"], "holdout_mse_kl": metrics["mse_kl"],
+                "seconds": partial["seconds"] + time.perf_counter() - t0,
             })
             r = rows[-1]
             log.info("epoch %d/%d step %d: loss %.2f (recon %.2f, kl %.2f); hold-out BCE %.4f/px, Dice %.3f, "
@@ -414,6 +435,8 @@ def train_dvae(
         "holdout_bce": metrics["bce"],
         "holdout_dice": metrics["dice"],
         "holdout_iou": metrics["iou"],
+        "holdout_mse": metrics["mse"],
+        "holdout_mse_kl": metrics["mse_kl"],
         "kl_per_dim": metrics["kl_per_dim"],
         "seconds": time.perf_counter() - t_start,
         "seconds_per_epoch": float(np.mean([r["seconds"] for r in rows])) if rows else float("nan"),
@@ -458,12 +481,14 @@ def dvae_sweep(
         rep = train_dvae(library_npz, out_dir / f"latent-{int(k)}", latent_dim=int(k), **train_kwargs)
         rows.append({"latent_dim": int(k), "final_train_loss": rep["final_train_loss"],
                      "holdout_bce": rep["holdout_bce"], "holdout_dice": rep["holdout_dice"],
-                     "holdout_iou": rep["holdout_iou"], "seconds": rep["seconds"]})
+                     "holdout_iou": rep["holdout_iou"], "holdout_mse": rep["holdout_mse"],
+                     "holdout_mse_kl": rep["holdout_mse_kl"], "seconds": rep["seconds"]})
     table = pd.DataFrame(rows)
     atomic_csv(table, out_dir / "sweep.csv")
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for ax, col, label in zip(axes, ("final_train_loss", "holdout_bce", "holdout_dice"),
-                              ("final train loss (BCE + beta KL)", "hold-out BCE per pixel", "hold-out Dice")):
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, col, label in zip(axes, ("final_train_loss", "holdout_bce", "holdout_dice", "holdout_mse"),
+                              ("final train loss (reconstruction + beta KL)", "hold-out BCE per pixel",
+                               "hold-out Dice", "hold-out MSE per 64 x 64 shape (seed 000)")):
         ax.plot(table["latent_dim"], table[col], "o-")
         ax.set_xlabel("latent size")
         ax.set_title(label, fontsize=10)

@@ -275,12 +275,26 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
 
 
+#: the reconstruction terms of :func:`vae_loss`
+RECONSTRUCTION_LOSSES = ("bce", "mse")
+
+
 def vae_loss(
-    logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float
+    logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float,
+    reconstruction: str = "bce",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, recon, kl): BCE-with-logits summed over pixels, KL summed over dims, both batch means."""
+    """(loss, recon, kl): the reconstruction term summed over pixels, KL summed over dims, both batch means.
+
+    ``reconstruction``: ``bce`` (binary cross-entropy with logits, for binary shapes) or ``mse`` (squared
+    error of the sigmoid output, seed "Histological Image Synthesis Using Deep Learning"'s MSE + KL).
+    """
     batch = x.shape[0]
-    recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / batch
+    if reconstruction == "bce":
+        recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / batch
+    elif reconstruction == "mse":
+        recon = F.mse_loss(torch.sigmoid(logits), x, reduction="sum") / batch
+    else:
+        raise ValueError(f"reconstruction must be one of {RECONSTRUCTION_LOSSES}, got {reconstruction!r}")
     kl = kl_divergence(mu, logvar).sum() / batch
     return recon + beta * kl, recon, kl
 
