@@ -160,3 +160,34 @@ def test_masks_sampled_on_request_are_reported_with_the_request(sets, tmp_path):
     with pytest.raises(HistosynthError, match="different requests"):
         evaluate_masks([tmp_path / "asked", tmp_path / "other"], [real], tmp_path / "mixed", figures=False)
     assert not (tmp_path / "mixed").exists()
+
+
+def test_ripley_l_is_r_for_complete_randomness_and_above_it_for_clusters():
+    from histosynth.masks.spatial import default_r_edges, pair_terms, ripley_l
+
+    rng = np.random.default_rng(0)
+    edges = default_r_edges((256, 256))
+    poisson = [pair_terms(rng.random((80, 2)) * 256, (256, 256), edges) for _ in range(40)]
+    l_poisson = ripley_l(sum(p[0] for p in poisson), sum(p[1] for p in poisson), edges)
+    r = edges[1:]
+    assert np.abs(l_poisson - r)[r >= 10].max() < 0.06 * r.max()
+    parents = [rng.random((6, 2)) * 256 for _ in range(40)]
+    clusters = [pair_terms((p[rng.integers(0, 6, 80)] + rng.normal(0, 6, (80, 2))) % 256, (256, 256), edges)
+                for p in parents]
+    l_clustered = ripley_l(sum(c[0] for c in clusters), sum(c[1] for c in clusters), edges)
+    assert (l_clustered - r)[(r >= 5) & (r <= 30)].min() > 5  # clustered: many more neighbours at short range
+    assert np.isnan(ripley_l(np.zeros(len(r)), 0.0, edges)).all()
+
+
+def test_wasserstein_and_ripley_envelope_in_the_evaluation(sets, tmp_path):
+    _, real, real2, big = sets
+    same = evaluate_masks([real], [real], tmp_path / "same", figures=False)
+    assert all(v["distance"] == 0.0 for v in same["wasserstein"].values())
+    rip = same["ripley"]
+    assert rip["synthetic"] == rip["real"] and rip["inside"] >= 0.9 and rip["max_abs_difference"] == 0.0
+    assert len(rip["r"]) == len(rip["envelope_low"]) == len(rip["envelope_high"]) and rip["resamples"] == 199
+    other = evaluate_masks([real2], [real], tmp_path / "other", figures=False)  # the same process, other draw
+    diff = evaluate_masks([big], [real], tmp_path / "diff")
+    assert diff["wasserstein"]["area"]["per_sd"] > 2 * other["wasserstein"]["area"]["per_sd"]
+    assert diff["ripley"]["inside"] < other["ripley"]["inside"]
+    assert (tmp_path / "diff" / "histograms.png").stat().st_size > 5000

@@ -43,6 +43,30 @@ def default_r_edges(patch_size: tuple[int, int]) -> np.ndarray:
     return np.arange(0, r_max + 1e-9, dr, dtype=np.float64)
 
 
+def pair_terms(points: np.ndarray, shape: tuple[int, int], r_edges: np.ndarray) -> tuple[np.ndarray, float]:
+    """One patch's share of the pooled, translation-corrected g(r) of all nuclei (:class:`PairCorrelation`'s
+    all-all estimator): the ring histogram of ordered pairs weighted by 1/|W ∩ W_x|, and n(n-1)/|W|²."""
+    h, w = float(shape[0]), float(shape[1])
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    n = len(points)
+    if n < 2:
+        return np.zeros(len(r_edges) - 1), 0.0
+    pairs = cKDTree(points).query_pairs(float(r_edges[-1]), output_type="ndarray")
+    dy = np.abs(points[pairs[:, 0], 0] - points[pairs[:, 1], 0])
+    dx = np.abs(points[pairs[:, 0], 1] - points[pairs[:, 1], 1])
+    hist, _ = np.histogram(np.hypot(dx, dy), bins=r_edges, weights=1.0 / np.maximum((h - dy) * (w - dx), 1e-9))
+    return 2.0 * hist, n * (n - 1) / (h * w) ** 2
+
+
+def ripley_l(num: np.ndarray, den: float, r_edges: np.ndarray) -> np.ndarray:
+    """Ripley's L at the outer ring edges from pooled :func:`pair_terms` (L(r) = r for complete randomness):
+    K(r) = sum over the rings up to r of g x ring area, L = sqrt(K / pi)."""
+    if den <= 0:
+        return np.full(len(r_edges) - 1, np.nan)
+    k = np.cumsum(np.asarray(num, dtype=np.float64) / den)
+    return np.sqrt(k / np.pi)
+
+
 class PairCorrelation:
     """Accumulates the translation-corrected pair-correlation g_ab(r) over patches.
 
