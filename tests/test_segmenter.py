@@ -201,6 +201,16 @@ def test_training_writes_model_log_and_resumes_exactly(sets, tmp_path, monkeypat
                                   pd.read_csv(tmp_path / "resumed" / "log.csv").drop(columns="seconds"))
     assert torch.load(tmp_path / "full" / "model.pt", weights_only=True)["classes"] == {"1": "Epithelial",
                                                                                           "2": "Lymphocyte"}
+    # a finished run rerun with its outputs deleted (Snakemake after an input's date changed) resumes at the end
+    # from checkpoint.pt: it trains nothing and writes every output again
+    for name in ("model.pt", "log.csv", "validation.csv", "train.json"):
+        (tmp_path / "full" / name).unlink()
+    again = sg.train_segmenter(sets["real"], tmp_path / "full", arm="real+synthetic", synthetic=sets["synthetic"],
+                               steps=4, checkpoint_every=2, val_every=1, seed=3, **TINY)
+    pd.testing.assert_frame_equal(val_csv, pd.read_csv(tmp_path / "full" / "validation.csv"))
+    assert again["best_step"] == best and (tmp_path / "full" / "log.csv").is_file()
+    assert torch.equal(next(iter(sg.load_segmenter(tmp_path / "full" / "model.pt").model.state_dict().values())),
+                       next(iter(a.model.state_dict().values())))
 
 
 def test_checkpoint_of_another_kind_or_corrupt_is_named(tmp_path):

@@ -464,6 +464,9 @@ def train_segmenter(
         seconds = time.perf_counter() - t_start
         if best["model"] is None:  # resumed at the last step with no validation on record: score it now
             validate(steps)
+        # written again at the end: a run resumed from the checkpoint of a finished one (Snakemake reruns it and
+        # deletes its outputs when an input's date changes) validates nothing, and must still leave the file
+        atomic_csv(pd.DataFrame(val_rows, columns=VALIDATION_COLUMNS), out_dir / "validation.csv")
         atomic_torch_save(model_dict(best["model"], best["step"]), out_dir / "model.pt")
         steplog = loop.log
         steplog.write()
