@@ -10,8 +10,8 @@ against a PatchGAN (default), a global or a multi-scale discriminator with
 λ·L1 (+ feature matching for the multi-scale one). It writes into ``out_dir``:
 
 - ``gan.pt`` — generator state, ``config`` (generator architecture with its
-  ``kind``, and the training settings), ``options`` (sorted option names; index = option
-  layer value), ``classes``, ``n_types``, ``noise``, ``step``; readable with
+  ``kind``, and the training settings), ``options`` (sorted option names;
+  index = option layer value), ``classes``, ``n_types``, ``noise``, ``step``; readable with
   ``torch.load(weights_only=True)`` and :func:`histosynth.models.pix2pix.load_gan`;
 - ``log.csv`` — every ``log_every`` steps the mean of each loss over those
   steps: step, G_gan, G_l1, G_fm, D_real, D_fake, lr, seconds;
@@ -30,8 +30,8 @@ decay to 0 over ``decay_steps``.
 **Resume.** The step loop is :class:`histosynth.training.StepLoop`; this
 module supplies the step and the checkpoint contents. Rerunning with the
 same data and settings continues from ``checkpoint.pt`` (``steps`` /
-``decay_steps`` may change; the generator's kind and architecture may not). The batches
-depend only on (seed, step); dropout and the noise channel draw from the
+``decay_steps`` may change; the generator's kind and architecture may not).
+The batches depend only on (seed, step); dropout and the noise channel draw from the
 checkpointed torch RNG states, so on the CPU a killed-and-resumed run ends with
 weights equal (``torch.equal``) to an uninterrupted one. A checkpoint written
 with other settings is set aside with a warning.
@@ -283,6 +283,7 @@ def train_gan(
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise HistosynthError(f"crop {crop} is too small for the {generator} generator ({first}); use a larger "
                                   "--crop or a shallower generator") from err
+        G.train()
         D.eval()
         try:
             with torch.no_grad():
@@ -369,10 +370,9 @@ def train_gan(
             if step % sample_every == 0:
                 sample("")
 
-        log.info("training pix2pix (%s, %s D, %s, lambda_L1 %g%s) on %d patches of %s, "
-                 "options %s, %d types; %d steps on %s (%s)",
-                 " ".join(f"{k} {v}" for k, v in G.config.items() if k not in ("in_ch", "out_ch")), disc, gan_mode,
-                 lambda_l1,
+        architecture = " ".join(f"{k} {v}" for k, v in G.config.items() if k not in ("kind", "in_ch", "out_ch"))
+        log.info("training pix2pix (%s generator: %s; %s D, %s, lambda_L1 %g%s) on %d patches of %s, "
+                 "options %s, %d types; %d steps on %s (%s)", generator, architecture, disc, gan_mode, lambda_l1,
                  ", noise" if noise else "", len(data), "x".join(map(str, data.size)), data.options, n_types,
                  total, dev, settings["precision"])
         t_start = time.perf_counter()
