@@ -22,9 +22,15 @@ def _add_train_gan(sub: argparse._SubParsersAction) -> None:
                    "inst and types; the output folder: gan.pt, log.csv, samples.png, checkpoint.pt)")
     p.add_argument("--options", nargs="+", default=None, metavar="SLIDE=NAME",
                    help="the option (stain style / domain) of each slide; others get 'default'")
-    add_option(p, "--crop", key="gan.crop", type=int, help="training crop side, divisible by 2**depth")
+    add_option(p, "--crop", key="gan.crop", type=int,
+               help="training crop side, divisible by the generator's multiple (unet: 2**depth)")
+    add_option(p, "--generator", key="gan.generator", help="the generator: pix2pix U-Net, pix2pixHD or SPADE")
     add_option(p, "--depth", key="gan.depth", type=int, help="U-Net levels (the paper's is 8 at 256 px)")
-    add_option(p, "--width", key="gan.width", type=int, help="U-Net first-level channels (paper 64)")
+    add_option(p, "--width", key="gan.width", type=int, help="generator first-level channels (paper 64)")
+    add_option(p, "--n-down", key="gan.n_down", type=int, help="pix2pixhd / spade: times the input is halved")
+    add_option(p, "--n-blocks", key="gan.n_blocks", type=int, help="pix2pixhd: residual blocks (paper 9)")
+    add_option(p, "--local-enhancer", key="gan.local_enhancer",
+               help="pix2pixhd: add the local enhancer (the global generator runs at half resolution)")
     add_option(p, "--norm", key="gan.norm", help="normalisation layers")
     add_option(p, "--disc", key="gan.disc", help="discriminator")
     add_option(p, "--num-d", key="gan.num_d", type=int, help="scales of the multiscale discriminator")
@@ -51,10 +57,11 @@ def _run_train_gan(args: argparse.Namespace) -> None:
     if len(args.paths) < 2:
         raise HistosynthError("train-gan needs at least one patch set and an output folder")
     train_gan(args.paths[:-1], args.paths[-1], options=parse_pairs(args.options, "an option") or None,
-              crop=args.crop, depth=args.depth, width=args.width, norm=args.norm, disc=args.disc, num_d=args.num_d,
-              ndf=args.ndf, gan_mode=args.gan_mode, lambda_l1=args.lambda_l1, lambda_fm=args.lambda_fm,
-              noise=args.noise, dropout_at_inference=args.dropout_at_inference, steps=args.steps,
-              decay_steps=args.decay_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+              crop=args.crop, generator=args.generator, depth=args.depth, width=args.width, n_down=args.n_down,
+              n_blocks=args.n_blocks, local_enhancer=args.local_enhancer, norm=args.norm, disc=args.disc,
+              num_d=args.num_d, ndf=args.ndf, gan_mode=args.gan_mode, lambda_l1=args.lambda_l1,
+              lambda_fm=args.lambda_fm, noise=args.noise, dropout_at_inference=args.dropout_at_inference,
+              steps=args.steps, decay_steps=args.decay_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
               device=args.device, threads=args.threads, sample_every=args.sample_every,
               checkpoint_every=args.checkpoint_every, log_every=args.log_every, precision=args.precision,
               classes=parse_class_map(args.classes), resume=args.resume,

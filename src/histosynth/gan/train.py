@@ -1,16 +1,17 @@
 """Train Optional pix2pix: masks (+ option layer) → H&E patches.
 
 :func:`train_gan` reads the real (image, inst, types) patches of the given
-patch sets, conditions the U-Net generator on
+patch sets, conditions the generator (``generator``: the pix2pix U-Net by default,
+pix2pixHD or SPADE; :mod:`histosynth.models.generators`) on
 :func:`histosynth.gan.conditioning.build_conditioning` of the masks with the
 option of each patch's slide (``options``: slide → option name, e.g. the
 stain style; slides without an entry get ``"default"``), and trains it
 against a PatchGAN (default), a global or a multi-scale discriminator with
 λ·L1 (+ feature matching for the multi-scale one). It writes into ``out_dir``:
 
-- ``gan.pt`` — generator state, ``config`` (generator architecture and the
-  training settings), ``options`` (sorted option names; index = option
-  layer value), ``classes``, ``n_types``, ``noise``, ``step``; readable with
+- ``gan.pt`` — generator state, ``config`` (generator architecture with its
+  ``kind``, and the training settings), ``options`` (sorted option names;
+  index = option layer value), ``classes``, ``n_types``, ``noise``, ``step``; readable with
   ``torch.load(weights_only=True)`` and :func:`histosynth.models.pix2pix.load_gan`;
 - ``log.csv`` — every ``log_every`` steps the mean of each loss over those
   steps: step, G_gan, G_l1, G_fm, D_real, D_fake, lr, seconds;
@@ -29,8 +30,8 @@ decay to 0 over ``decay_steps``.
 **Resume.** The step loop is :class:`histosynth.training.StepLoop`; this
 module supplies the step and the checkpoint contents. Rerunning with the
 same data and settings continues from ``checkpoint.pt`` (``steps`` /
-``decay_steps`` may change). The batches
-depend only on (seed, step); dropout and the noise channel draw from the
+``decay_steps`` may change; the generator's kind and architecture may not).
+The batches depend only on (seed, step); dropout and the noise channel draw from the
 checkpointed torch RNG states, so on the CPU a killed-and-resumed run ends with
 weights equal (``torch.equal``) to an uninterrupted one. A checkpoint written
 with other settings is set aside with a warning.
@@ -62,8 +63,10 @@ from histosynth.figures import save_figure
 from histosynth.gan.conditioning import build_conditioning, conditioning_channels, render_conditioning
 from histosynth.io.labels import classes_of_patch_sets, read_class_map
 from histosynth.io.pool import PatchPool, dihedral, load_pool, max_type, pool_fingerprint
+from histosynth.models import generators
 from histosynth.models import pix2pix as p2p
 from histosynth.models.checkpoint import atomic_torch_save
+from histosynth.models.gan_layers import Generator
 from histosynth.training import StepLoop, choose_precision, grad_scaler, precision_name
 from histosynth.training import autocast as _autocast
 
@@ -135,7 +138,7 @@ def _choose_precision(precision: str, device: torch.device, G: torch.nn.Module, 
 
 
 # -- figures ---------------------------------------------------------------------------------------
-def plot_samples(G: p2p.UnetGenerator, data: PatchPool, out_png: Path, *, n_types: int, noise: bool, crop: int,
+def plot_samples(G: Generator, data: PatchPool, out_png: Path, *, n_types: int, noise: bool, crop: int,
                  seed: int, n: int = 4, title: str = "") -> Path:
     """Rows of conditioning | generated | real for a fixed batch (a pure function of seed); RNG untouched."""
     import matplotlib
@@ -180,9 +183,13 @@ def train_gan(
     *,
     options: dict[str, str] | None = None,
     crop: int = 128,
+    generator: str = "unet",
     depth: int = 7,
     width: int = 32,
     max_width: int = 512,
+    n_down: int = 3,
+    n_blocks: int = 3,
+    local_enhancer: bool = False,
     norm: str = "batch",
     disc: str = "patch",
     num_d: int = 2,
@@ -209,6 +216,10 @@ def train_gan(
 ) -> dict[str, Any]:
     """Train Optional pix2pix on ``patch_sets`` into ``out_dir`` (see the module docstring); returns a report.
 
+    ``generator`` picks the generator (:data:`histosynth.models.generators.GENERATORS`): ``unet`` takes
+    ``depth``, ``width``, ``max_width``, ``dropout_at_inference``; ``pix2pixhd`` takes ``width``, ``n_down``,
+    ``n_blocks``, ``local_enhancer``; ``spade`` takes ``width``, ``n_down``; all take ``norm``. Each ignores
+    the others' settings. ``crop`` must be divisible by the generator's ``multiple``.
     ``ndf`` (discriminator width) defaults to ``width`` (pix2pix: ngf = ndf = 64). ``classes`` is a class
     map in any form :func:`histosynth.io.labels.read_class_map` reads (NAME→ID as on the CLI, or ID→NAME);
     by default it is read from the patch sets' report.json.
@@ -218,16 +229,17 @@ def train_gan(
     for name, value, low in (("crop", crop, 1), ("depth", depth, 2), ("width", width, 1), ("steps", steps, 0),
                              ("decay_steps", decay_steps, 0), ("batch_size", batch_size, 1),
                              ("sample_every", sample_every, 1), ("checkpoint_every", checkpoint_every, 1),
-                             ("log_every", log_every, 1), ("num_d", num_d, 1)):
+                             ("log_every", log_every, 1), ("num_d", num_d, 1), ("n_down", n_down, 1),
+                             ("n_blocks", n_blocks, 1)):
         if int(value) < low:
             raise HistosynthError(f"{name} must be at least {low}, got {value}")
     if steps + decay_steps < 1:
         raise HistosynthError("steps + decay_steps must be at least 1")
     if not lr > 0 or not lambda_l1 >= 0 or not lambda_fm >= 0:
         raise HistosynthError(f"lr must be > 0 and the lambdas >= 0, got lr={lr}, lambda_l1={lambda_l1}")
-    if crop % 2**depth:
-        raise HistosynthError(f"crop {crop} is not divisible by 2**depth = {2**depth} (the U-Net halves it "
-                              f"{depth} times); use a crop that is a multiple of {2**depth} or a smaller depth")
+    generators.generator_class(generator)  # an unknown name is an error before anything is read
+    if local_enhancer and generator != "pix2pixhd":
+        raise HistosynthError(f"local_enhancer is part of the pix2pixhd generator, not of {generator!r}")
     if disc not in p2p.DISCRIMINATORS:
         raise HistosynthError(f"disc must be one of {p2p.DISCRIMINATORS}, got {disc!r}")
     if gan_mode not in p2p.GAN_MODES:
@@ -238,7 +250,6 @@ def train_gan(
     class_map = read_class_map(classes, "classes") if classes else classes_of_patch_sets(patch_sets)
     n_types = max([max_type(data), *class_map.keys()], default=0)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     dev = select_device(device, threads)
     n_options = len(data.options)
     in_ch = len(conditioning_channels(n_types, noise))
@@ -247,7 +258,12 @@ def train_gan(
 
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
-        G = p2p.define_G(in_ch, 3, depth, width, max_width, 3, norm, dropout_at_inference).to(dev)
+        G = generators.define_G(generator, in_ch, 3, depth=depth, width=width, max_width=max_width,
+                                dropout_innermost=3, norm=norm, dropout_at_inference=dropout_at_inference,
+                                n_down=n_down, n_blocks=n_blocks, local_enhancer=local_enhancer).to(dev)
+        if crop % G.multiple:
+            raise HistosynthError(f"crop {crop} is not divisible by {G.multiple} ({G.why_multiple}); use a crop "
+                                  f"that is a multiple of {G.multiple} or a shallower {generator} generator")
         D = p2p.define_D(disc, d_in, ndf, None, num_d, norm).to(dev)
         settings: dict[str, Any] = {
             "generator": dict(G.config), "disc": disc, "num_d": int(num_d) if disc == "multiscale" else 1,
@@ -259,6 +275,15 @@ def train_gan(
             "slide_options": dict(options or {}), "steps": int(steps), "decay_steps": int(decay_steps),
             "channels": conditioning_channels(n_types, noise), "patch_size": list(data.size),
         }
+        G.eval()
+        try:
+            with torch.no_grad():
+                G(torch.zeros(1, in_ch, crop, crop, device=dev))
+        except (RuntimeError, ValueError) as err:  # a padding or a norm over a 1x1 feature map
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise HistosynthError(f"crop {crop} is too small for the {generator} generator ({first}); use a larger "
+                                  "--crop or a shallower generator") from err
+        G.train()
         D.eval()
         try:
             with torch.no_grad():
@@ -277,6 +302,7 @@ def train_gan(
         noise_gen = torch.Generator().manual_seed(int(seed) + 0x6E01)
 
         total = int(steps) + int(decay_steps)
+        out_dir.mkdir(parents=True, exist_ok=True)  # after every check: a refused run leaves nothing behind
         loop = StepLoop(out_dir, total=total, checkpoint_every=checkpoint_every, log_every=log_every, device=dev,
                         settings=settings, keys=_RESUME_KEYS, reader=p2p.read_gan_checkpoint, required="optimizer_G",
                         resume=resume, columns=LOG_COLUMNS, scaler=scaler, generators={"noise": noise_gen},
@@ -344,8 +370,9 @@ def train_gan(
             if step % sample_every == 0:
                 sample("")
 
-        log.info("training pix2pix (U-Net depth %d width %d, %s D, %s, lambda_L1 %g%s) on %d patches of %s, "
-                 "options %s, %d types; %d steps on %s (%s)", depth, width, disc, gan_mode, lambda_l1,
+        architecture = " ".join(f"{k} {v}" for k, v in G.config.items() if k not in ("kind", "in_ch", "out_ch"))
+        log.info("training pix2pix (%s generator: %s; %s D, %s, lambda_L1 %g%s) on %d patches of %s, "
+                 "options %s, %d types; %d steps on %s (%s)", generator, architecture, disc, gan_mode, lambda_l1,
                  ", noise" if noise else "", len(data), "x".join(map(str, data.size)), data.options, n_types,
                  total, dev, settings["precision"])
         t_start = time.perf_counter()

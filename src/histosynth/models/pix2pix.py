@@ -1,15 +1,16 @@
-"""Optional pix2pix: U-Net generator, PatchGAN / global / multi-scale discriminators, losses, checkpoints.
+"""Optional pix2pix: PatchGAN / global / multi-scale discriminators, losses, GAN checkpoints.
 
 The layout follows pytorch-CycleGAN-and-pix2pix's ``networks.py``: one class
 per block, small builders (:func:`define_G`, :func:`define_D`), the
 architecture readable top to bottom.
 
-Generator (pix2pix, Isola et al. 2017, as the Optional-pix2pix seed uses it):
-encoder C64-C128-C256-C512-C512-C512-C512-C512 (conv 4×4 stride 2, LeakyReLU
-0.2, no norm on the first and the innermost layer), decoder
-CD512-CD512-CD512-C512-C256-C128-C64 (ReLU, transposed conv 4×4 stride 2,
-norm, dropout 0.5 in the ``dropout_innermost`` innermost up blocks) with skip
-connections, then Tanh. ``depth`` and ``width`` shrink it for the CPU.
+Generators live in their own modules and are built by name
+(:mod:`histosynth.models.generators`, ``gan.generator``): the pix2pix U-Net
+(:mod:`histosynth.models.unet`, the default; :func:`define_G` builds it),
+pix2pixHD (:mod:`histosynth.models.pix2pixhd`) and SPADE
+(:mod:`histosynth.models.spade`). A GAN checkpoint records the generator's
+``kind`` in ``config["generator"]``; :func:`load_gan` rebuilds that class
+(a checkpoint without one is a U-Net).
 
 Discriminators see the image concatenated with the conditioning (mask
 channels + option, never the noise channel). All of them answer
@@ -17,9 +18,10 @@ channels + option, never the noise channel). All of them answer
 activations whose last element is the logit map; :class:`GANLoss` and
 :func:`feature_matching_loss` take that.
 
-Dropout at inference: pix2pix keeps dropout on at test time as its only
-source of randomness; this is ``config["dropout_at_inference"]`` (default
-True). :func:`generate` honours it, and BatchNorm uses its running statistics.
+Inference: :func:`generate` puts the generator in its inference mode
+(BatchNorm uses its running statistics; the U-Net keeps dropout on when
+``config["generator"]["dropout_at_inference"]``, pix2pix's only source of
+randomness at test time).
 """
 
 from __future__ import annotations
@@ -35,131 +37,15 @@ from torch import nn
 from histosynth.errors import HistosynthError
 from histosynth.io.labels import class_map_to_json, read_class_map
 from histosynth.models.checkpoint import read_torch_checkpoint
+from histosynth.models.gan_layers import Generator, init_weights, norm_layer
+from histosynth.models.generators import DEFAULT_KIND, build_generator
+from histosynth.models.generators import define_G as define_generator
+from histosynth.models.unet import UnetGenerator
 
 CHECKPOINT_FORMAT = "histosynth-gan"
 CHECKPOINT_VERSION = 1
-NORMS = ("batch", "instance")
 DISCRIMINATORS = ("patch", "global", "multiscale")
 GAN_MODES = ("vanilla", "lsgan", "hinge")
-
-
-def norm_layer(norm: str, channels: int) -> nn.Module:
-    """BatchNorm (learned affine) or InstanceNorm (no affine, no running stats), as pix2pix."""
-    if norm == "batch":
-        return nn.BatchNorm2d(channels)
-    if norm == "instance":
-        return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
-    raise HistosynthError(f"norm must be one of {NORMS}, got {norm!r}")
-
-
-def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:
-    """pix2pix init: conv / linear weights N(0, gain), BatchNorm weights N(1, gain), biases 0."""
-    for m in net.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.normal_(m.weight, 0.0, gain)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.normal_(m.weight, 1.0, gain)
-            nn.init.zeros_(m.bias)
-    return net
-
-
-# -- generator -----------------------------------------------------------------------------------
-class DownBlock(nn.Module):
-    """[LeakyReLU 0.2] → conv 4×4 stride 2 → [norm]: one encoder level."""
-
-    def __init__(self, in_ch: int, out_ch: int, norm: str, outermost: bool = False, innermost: bool = False):
-        super().__init__()
-        use_norm = not (outermost or innermost)
-        layers: list[nn.Module] = [] if outermost else [nn.LeakyReLU(0.2, inplace=False)]
-        layers.append(nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1, bias=not (use_norm and norm == "batch")))
-        if use_norm:
-            layers.append(norm_layer(norm, out_ch))
-        self.block = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
-
-
-class UpBlock(nn.Module):
-    """ReLU → transposed conv 4×4 stride 2 → norm [→ dropout 0.5]; the outermost ends in Tanh instead."""
-
-    def __init__(self, in_ch: int, out_ch: int, norm: str, outermost: bool = False, dropout: bool = False):
-        super().__init__()
-        layers: list[nn.Module] = [nn.ReLU(inplace=False),
-                                   nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1,
-                                                      bias=outermost or norm != "batch")]
-        if outermost:
-            layers.append(nn.Tanh())
-        else:
-            layers.append(norm_layer(norm, out_ch))
-            if dropout:
-                layers.append(nn.Dropout(0.5))
-        self.block = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
-
-
-class UnetGenerator(nn.Module):
-    """The pix2pix U-Net: ``depth`` down blocks, ``depth`` up blocks, skips by concatenation.
-
-    Level i has ``min(width * 2**i, max_width)`` channels; the input side must
-    be divisible by ``2**depth`` (256 px for the paper's depth 8).
-    """
-
-    def __init__(self, in_ch: int, out_ch: int = 3, depth: int = 8, width: int = 64, max_width: int = 512,
-                 dropout_innermost: int = 3, norm: str = "batch", dropout_at_inference: bool = True):
-        super().__init__()
-        if depth < 2:
-            raise HistosynthError(f"U-Net depth must be at least 2, got {depth}")
-        if in_ch < 1 or out_ch < 1 or width < 1 or max_width < 1:
-            raise HistosynthError("U-Net channel counts must be positive")
-        norm_layer(norm, 1)  # validates
-        self.config = {"in_ch": int(in_ch), "out_ch": int(out_ch), "depth": int(depth), "width": int(width),
-                       "max_width": int(max_width), "dropout_innermost": int(dropout_innermost), "norm": norm,
-                       "dropout_at_inference": bool(dropout_at_inference)}
-        ch = [min(width * 2**i, max_width) for i in range(depth)]
-        self.downs = nn.ModuleList(
-            DownBlock(in_ch if i == 0 else ch[i - 1], ch[i], norm, outermost=i == 0, innermost=i == depth - 1)
-            for i in range(depth)
-        )
-        # ups[0] is the innermost (reads the bottleneck), ups[-1] the outermost (writes the image)
-        ups = []
-        for j in range(depth):
-            level = depth - 1 - j
-            in_c = ch[level] if j == 0 else 2 * ch[level]
-            out_c = out_ch if level == 0 else ch[level - 1]
-            ups.append(UpBlock(in_c, out_c, norm, outermost=level == 0,
-                               dropout=j < dropout_innermost and level != 0))
-        self.ups = nn.ModuleList(ups)
-
-    @property
-    def multiple(self) -> int:
-        return 2 ** self.config["depth"]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        if h % self.multiple or w % self.multiple:
-            raise HistosynthError(f"the U-Net of depth {self.config['depth']} needs sides divisible by "
-                                  f"{self.multiple}, got {h}x{w}")
-        skips = []
-        for down in self.downs:
-            x = down(x)
-            skips.append(x)
-        x = self.ups[0](skips.pop())
-        for up in self.ups[1:]:
-            x = up(torch.cat([x, skips.pop()], dim=1))
-        return x
-
-    def set_inference_mode(self) -> None:
-        """eval(), then dropout back on if ``dropout_at_inference``."""
-        self.eval()
-        if self.config["dropout_at_inference"]:
-            for m in self.modules():
-                if isinstance(m, nn.Dropout):
-                    m.train()
 
 
 # -- discriminators ---------------------------------------------------------------------------------
@@ -263,9 +149,11 @@ def receptive_field(net: nn.Module) -> int:
 def define_G(in_ch: int, out_ch: int = 3, depth: int = 8, width: int = 64, max_width: int = 512,
              dropout_innermost: int = 3, norm: str = "batch", dropout_at_inference: bool = True,
              init_gain: float = 0.02) -> UnetGenerator:
-    """A freshly initialised U-Net generator (see :class:`UnetGenerator`)."""
-    return init_weights(UnetGenerator(in_ch, out_ch, depth, width, max_width, dropout_innermost, norm,
-                                      dropout_at_inference), init_gain)
+    """A freshly initialised U-Net generator (see :class:`UnetGenerator`; any kind:
+    :func:`histosynth.models.generators.define_G`)."""
+    return define_generator("unet", in_ch, out_ch, init_gain=init_gain, depth=depth, width=width,
+                            max_width=max_width, dropout_innermost=dropout_innermost, norm=norm,
+                            dropout_at_inference=dropout_at_inference)
 
 
 def define_D(kind: str = "patch", in_ch: int = 4, ndf: int = 64, n_layers: int | None = None, num_D: int = 2,
@@ -358,7 +246,7 @@ class GanBundle:
         return self.options.index(name)
 
 
-def gan_checkpoint_dict(generator: UnetGenerator, *, options: list[str], classes: dict[int, str], n_types: int,
+def gan_checkpoint_dict(generator: Generator, *, options: list[str], classes: dict[int, str], n_types: int,
                         noise: bool, step: int, config: dict | None = None, **extra: Any) -> dict[str, Any]:
     """What every GAN file holds (CPU tensors, plain types; loadable with weights_only=True), plus ``extra``."""
     return {
@@ -376,18 +264,33 @@ def gan_checkpoint_dict(generator: UnetGenerator, *, options: list[str], classes
 
 
 def read_gan_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with one clear error for a missing, corrupt or foreign file."""
-    return read_torch_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "GAN")
+    """``torch.load(weights_only=True)`` with one clear error for a missing, corrupt or foreign file.
+
+    A checkpoint written before generators had names gets ``kind: "unet"`` in each generator config it holds
+    (``config``, and ``train`` of a training checkpoint), so it loads and resumes as the U-Net it is.
+    """
+    ckpt = read_torch_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "GAN")
+    config = ckpt.get("config")
+    for holder in (config, ckpt.get("train"), config.get("train") if isinstance(config, dict) else None):
+        if isinstance(holder, dict) and isinstance(holder.get("generator"), dict):
+            holder["generator"].setdefault("kind", DEFAULT_KIND)
+    return ckpt
 
 
 def load_gan(path: str | os.PathLike, device: str | torch.device = "cpu") -> GanBundle:
-    """The generator of ``gan.pt`` (or a training ``checkpoint.pt``) on ``device``, in inference mode."""
+    """The generator of ``gan.pt`` (or a training ``checkpoint.pt``) on ``device``, in inference mode.
+
+    The generator's class is the checkpoint's ``config["generator"]["kind"]``; a config or state that does
+    not fit that class is one error naming the file.
+    """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     ckpt = read_gan_checkpoint(path)
+    what = "generator"
     try:
         config = dict(ckpt["config"])
-        gen = UnetGenerator(**dict(config["generator"]))
+        what = f"a {config['generator']['kind']} generator"
+        gen = build_generator(config["generator"])
         gen.load_state_dict(ckpt["generator"], strict=True)
         bundle = GanBundle(generator=gen, config=config, options=[str(o) for o in ckpt["options"]],
                            classes=read_class_map(ckpt["classes"], path),
@@ -395,7 +298,7 @@ def load_gan(path: str | os.PathLike, device: str | torch.device = "cpu") -> Gan
                            path=os.fspath(path))
     except (KeyError, TypeError, ValueError, RuntimeError, HistosynthError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise HistosynthError(f"checkpoint does not fit the GAN architecture: {first}", path) from err
+        raise HistosynthError(f"checkpoint does not fit the GAN architecture ({what}): {first}", path) from err
     gen.to(device).set_inference_mode()
     return bundle
 
