@@ -58,7 +58,7 @@ REQUIRED = {
     "overlay": ["ps", "o.png"], "fit-stats": ["ps", "out"], "nuclei-library": ["ps", "o.npz"],
     "train-dvae": ["l.npz", "out"], "dvae-sweep": ["l.npz", "out"], "sample-masks": ["s.json", "d.pt", "out"],
     "evaluate-masks": ["syn", "out", "--real", "r"], "train-gan": ["ps", "out"], "translate": ["g.pt", "m", "o"],
-    "evaluate-images": ["gen", "out", "--real", "r"], "train-segmenter": ["ps", "out", "--arm", "real"],
+    "evaluate-images": ["gen", "out", "--real", "r"], "stain-styles": ["t", "o.json"], "train-segmenter": ["ps", "out", "--arm", "real"],
     "score": ["m.pt", "ps", "out"], "report": ["s.csv", "out"], "evidence-report": ["1=run", "out"],
     "check-config": ["c.yaml"],
 }
@@ -287,14 +287,18 @@ def test_every_rule_passes_the_config_values(tmp_path):
     """The shell commands of the DAG for config.yaml: every setting of each stage is a flag with the config's value."""
     cfg = validate_config(yaml.safe_load((REPO / "config.yaml").read_text()))
     seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence"), cfg)
-    assert seen == set(stage_parsers()) - {"slide-info", "export", "overlay", "check-config"}
+    assert seen == set(stage_parsers()) - {"slide-info", "export", "overlay", "check-config", "stain-styles"}
 
 
 def test_every_rule_passes_changed_values(tmp_path):
     """The same with every setting changed from its default: a value a rule forgot would show here."""
     keys = sorted({s.key for _, _, s in _settings()} - {"split.train", "split.test"})
-    cfg = _config_with({k: _different(k, config_value(validate_config({}), k)) for k in keys})
-    _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence"), cfg)
+    # with the option layer's styles found by k-means (gan.option_by is no flag), so stain-styles runs too; one
+    # style, as the learning curve's k = 1 regimes have one train slide (more styles than slides is an error)
+    cfg = _config_with({**{k: _different(k, config_value(validate_config({}), k)) for k in keys},
+                        "gan.option_by": "cluster", "gan.clusters": 1})
+    seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence"), cfg)
+    assert "stain-styles" in seen
 
 
 # --------------------------------------------------------------------------- by hand = the rule with the defaults

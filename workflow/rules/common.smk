@@ -213,6 +213,46 @@ def known_option(slide, fit=""):
     return gan_options.known_option(slide, STAINS, GAN["option_by"], trained)
 
 
+CLUSTERED = GAN["option_by"] == "cluster"
+
+
+def styles_json(wildcards):
+    """The regime's styles.json (stain_styles) where the styles are found by k-means; else no input.
+
+    More styles than the regime has train slides is an error here, while the DAG is built.
+    """
+    if not CLUSTERED:
+        return []
+    slides = fit_slides(wildcards.fit)
+    if len(slides) < GAN["clusters"]:
+        raise HistosynthError(
+            f"gan.option_by cluster asks for gan.clusters = {GAN['clusters']} stain styles, but "
+            f"{wildcards.fit or 'the default run'} has {len(slides)} train slide(s): lower gan.clusters"
+        )
+    return [f"{RESULTS}/{wildcards.fit}stain/styles.json"]
+
+
+def train_options_flags(wildcards):
+    """train-gan's options: each train slide's style from styles.json, or SLIDE=OPTION pairs."""
+    if CLUSTERED:
+        return "--options-file " + quoted(styles_json(wildcards))
+    return "--options " + option_pairs(fit_slides(wildcards.fit))
+
+
+def paint_option_flags(wildcards):
+    """translate's option for the masks of one slide: its style in styles.json, or its known option."""
+    if CLUSTERED:
+        return "--styles " + quoted(styles_json(wildcards))
+    return "--option " + shlex.quote(known_option(wildcards.slide, wildcards.fit))
+
+
+def real_options_flags(wildcards):
+    """evaluate-images' domains of the test slides: from styles.json, or SLIDE=OPTION pairs."""
+    if CLUSTERED:
+        return "--real-options-file " + quoted(styles_json(wildcards))
+    return "--real-options " + option_pairs(TEST_SLIDES)
+
+
 def shard_seed(wildcards):
     """translate's --seed of a shard in a regime."""
     return gan_options.translate_seed(fit_seed(wildcards.fit), int(wildcards.shard))

@@ -1,9 +1,31 @@
 # Mask -> H&E translation: a conditional GAN trained on the TRAIN slides' real pairs paints the synthetic masks.
 
 
+# gan.option_by cluster: the stain styles of the regime's train slides (k-means), the test slides assigned
+rule stain_styles:
+    input:
+        train=train_patches,
+        test=test_patches,
+    output:
+        f"{RESULTS}/{{fit}}stain/styles.json",
+    log:
+        f"{RESULTS}/logs/{{fit}}stain_styles.log",
+    conda:
+        CPU_ENV
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    params:
+        flags=fit_flags("stain-styles"),
+    shell:
+        "python -m histosynth stain-styles {input.train:q} {output:q} --assign {input.test:q} {params.flags}"
+        " > {log:q} 2>&1"
+
+
 rule train_gan:
     input:
-        train_patches,
+        patches=train_patches,
+        styles=styles_json,
     output:
         model=f"{RESULTS}/{{fit}}models/gan/gan.pt",
         log_csv=f"{RESULTS}/{{fit}}models/gan/log.csv",
@@ -23,10 +45,10 @@ rule train_gan:
         runtime=GAN["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        options=lambda wc: option_pairs(fit_slides(wc.fit)),
+        options=train_options_flags,
         flags=fit_flags("train-gan", "--threads"),
     shell:
-        "python -m histosynth train-gan {input:q} {params.out:q} --options {params.options}"
+        "python -m histosynth train-gan {input.patches:q} {params.out:q} {params.options}"
         " {params.flags} --threads {threads} > {log:q} 2>&1"
 
 
@@ -62,6 +84,7 @@ rule translate_test_masks:
     input:
         gan=f"{RESULTS}/{{fit}}models/gan/gan.pt",
         masks=f"{RESULTS}/patches/{{slide}}",
+        styles=styles_json,
     output:
         pairs=directory(f"{RESULTS}/{{fit}}synthetic/translated-test/{{slide}}"),
     log:
@@ -74,10 +97,10 @@ rule translate_test_masks:
         mem_mb=TRANSLATE["mem_mb"],
         runtime=TRANSLATE["runtime"],
     params:
-        option=lambda wc: shlex.quote(known_option(wc.slide, wc.fit)),
+        option=paint_option_flags,
         flags=fit_flags("translate", "--option", "--threads"),
     shell:
-        "python -m histosynth translate {input.gan:q} {input.masks:q} {output.pairs:q} --option {params.option}"
+        "python -m histosynth translate {input.gan:q} {input.masks:q} {output.pairs:q} {params.option}"
         " {params.flags} --no-montage --threads {threads} > {log:q} 2>&1"
 
 
@@ -86,6 +109,7 @@ rule translate_train_masks:
     input:
         gan=f"{RESULTS}/{{fit}}models/gan/gan.pt",
         masks=f"{RESULTS}/patches/{{slide}}",
+        styles=styles_json,
     output:
         pairs=directory(f"{RESULTS}/{{fit}}synthetic/painted-train/{{slide}}"),
     log:
@@ -98,10 +122,10 @@ rule translate_train_masks:
         mem_mb=TRANSLATE["mem_mb"],
         runtime=TRANSLATE["runtime"],
     params:
-        option=lambda wc: shlex.quote(known_option(wc.slide, wc.fit)),
+        option=paint_option_flags,
         flags=fit_flags("translate", "--option", "--threads"),
     shell:
-        "python -m histosynth translate {input.gan:q} {input.masks:q} {output.pairs:q} --option {params.option}"
+        "python -m histosynth translate {input.gan:q} {input.masks:q} {output.pairs:q} {params.option}"
         " {params.flags} --no-montage --threads {threads} > {log:q} 2>&1"
 
 
@@ -118,6 +142,7 @@ rule evaluate_images:
             slide=TEST_SLIDES,
             allow_missing=True,
         ),
+        styles=styles_json,
     output:
         evaluation=f"{RESULTS}/{{fit}}synthetic/images-evaluation/evaluation.json",
         figure=report(
@@ -135,11 +160,11 @@ rule evaluate_images:
         runtime=EVAL_IMAGES["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        options=option_pairs(TEST_SLIDES),
+        options=real_options_flags,
         flags=fit_flags("evaluate-images", "--threads"),
     shell:
         "python -m histosynth evaluate-images {input.generated:q} {params.out:q} --real {input.real:q}"
-        " --real-masks-translated {input.translated:q} --real-options {params.options}"
+        " --real-masks-translated {input.translated:q} {params.options}"
         " {params.flags} --threads {threads} > {log:q} 2>&1"
 
 

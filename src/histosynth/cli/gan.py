@@ -20,8 +20,11 @@ def _add_train_gan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-gan", help="train Optional pix2pix (masks + option layer -> H&E patches)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="PATCH_SETS... OUT_DIR (patch sets with images, "
                    "inst and types; the output folder: gan.pt, log.csv, samples.png, checkpoint.pt)")
-    p.add_argument("--options", nargs="+", default=None, metavar="SLIDE=NAME",
-                   help="the option (stain style / domain) of each slide; others get 'default'")
+    options = p.add_mutually_exclusive_group()
+    options.add_argument("--options", nargs="+", default=None, metavar="SLIDE=NAME",
+                         help="the option (stain style / domain) of each slide; others get 'default'")
+    options.add_argument("--options-file", metavar="STYLES_JSON",
+                         help="the options from a stain-styles file (gan.option_by: cluster)")
     add_option(p, "--crop", key="gan.crop", type=int,
                help="training crop side, divisible by the generator's multiple (unet: 2**depth)")
     add_option(p, "--generator", key="gan.generator", help="the generator: pix2pix U-Net, pix2pixHD or SPADE")
@@ -56,7 +59,13 @@ def _run_train_gan(args: argparse.Namespace) -> None:
 
     if len(args.paths) < 2:
         raise HistosynthError("train-gan needs at least one patch set and an output folder")
-    train_gan(args.paths[:-1], args.paths[-1], options=parse_pairs(args.options, "an option") or None,
+    if args.options_file:
+        from histosynth.gan.styles import read_styles
+
+        options = read_styles(args.options_file)
+    else:
+        options = parse_pairs(args.options, "an option")
+    train_gan(args.paths[:-1], args.paths[-1], options=options or None,
               crop=args.crop, generator=args.generator, depth=args.depth, width=args.width, n_down=args.n_down,
               n_blocks=args.n_blocks, local_enhancer=args.local_enhancer, norm=args.norm, disc=args.disc,
               num_d=args.num_d, ndf=args.ndf, gan_mode=args.gan_mode, lambda_l1=args.lambda_l1,
@@ -77,6 +86,9 @@ def _add_translate(sub: argparse._SubParsersAction) -> None:
                help="stain/domain option; repeat for a balanced seeded mix (a name twice = twice the share); "
                     "'all' = every option of the model")
     p.add_argument("--mix", action="store_true", help="same as --option all")
+    p.add_argument("--styles", metavar="STYLES_JSON",
+                   help="paint with the stain style the masks' slide has in this stain-styles file (instead of "
+                        "--option; gan.option_by: cluster)")
     add_option(p, "--batch", key="translate.batch", type=int, help="masks per generator call")
     add_seed(p, help="seed for the option mix, noise and dropout (the DAG's shard k: seed * 1000 + k)")
     add_device(p)
@@ -90,7 +102,15 @@ def _run_translate(args: argparse.Namespace) -> None:
     from histosynth.gan.translate import translate
 
     options = list(args.options or [])
-    if args.mix:
+    if args.styles:
+        from histosynth.gan.styles import read_styles, style_of
+        from histosynth.io.patchset import read_patchset
+
+        if args.mix:
+            raise HistosynthError("--styles cannot be combined with --mix")
+        slides = sorted(set(read_patchset(args.masks).index["slide"].astype(str)))
+        options = [style_of(read_styles(args.styles), slides, args.styles)]
+    elif args.mix:
         if options and options != ["all"]:
             raise HistosynthError("--mix cannot be combined with --option names (it means --option all)")
         options = ["all"]
@@ -106,8 +126,11 @@ def _add_evaluate_images(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--real", nargs="+", required=True, help="real patch sets (images + inst)")
     p.add_argument("--real-masks-translated", nargs="+", dest="translated",
                    help="the real masks painted by the GAN (paired with --real by slide, x, y)")
-    p.add_argument("--real-options", nargs="+", type=slide_option, default=[], metavar="SLIDE=OPTION",
-                   help="real slide → stain domain, for the option × domain table")
+    real = p.add_mutually_exclusive_group()
+    real.add_argument("--real-options", nargs="+", type=slide_option, default=[], metavar="SLIDE=OPTION",
+                      help="real slide → stain domain, for the option × domain table")
+    real.add_argument("--real-options-file", metavar="STYLES_JSON",
+                      help="the real slides' domains from a stain-styles file (gan.option_by: cluster)")
     add_option(p, "--max-samples", key="evaluate_images.max_samples", type=int,
                help="pixels pooled per collection and region")
     add_seed(p, help="seed of the pixel and image draws")
@@ -125,12 +148,36 @@ def _run_evaluate_images(args: argparse.Namespace) -> None:
 
     if len(args.paths) < 2:
         raise HistosynthError("evaluate-images takes GENERATED... OUT_DIR (with --real REAL...)")
-    evaluate_images(args.paths[:-1], args.real, args.paths[-1], real_options=dict(args.real_options),
+    real_options = dict(args.real_options)
+    if args.real_options_file:
+        from histosynth.gan.styles import read_styles
+
+        real_options = read_styles(args.real_options_file)
+    evaluate_images(args.paths[:-1], args.real, args.paths[-1], real_options=real_options,
                     translated=args.translated, max_samples=args.max_samples, seed=args.seed, fid=args.fid,
                     fid_max_images=args.fid_max_images, device=args.device, threads=args.threads)
 
 
+def _add_stain_styles(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stain-styles", help="stain styles of the train slides by k-means (gan.option_by: cluster)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="TRAIN_PATCH_SETS... OUT_JSON (styles.json)")
+    p.add_argument("--assign", nargs="+", default=[], metavar="PATCH_SET",
+                   help="patch sets of other slides (e.g. the test slides) to assign to the nearest style")
+    add_option(p, "--k", key="gan.clusters", type=int, help="number of styles")
+    add_seed(p, help="seed of the k-means starts")
+    p.set_defaults(func=_run_stain_styles)
+
+
+def _run_stain_styles(args: argparse.Namespace) -> None:
+    from histosynth.gan.styles import stain_styles
+
+    if len(args.paths) < 2:
+        raise HistosynthError("stain-styles takes TRAIN_PATCH_SETS... OUT_JSON")
+    stain_styles(args.paths[:-1], args.paths[-1], k=args.k, seed=args.seed, assign=args.assign)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     _add_train_gan(sub)
+    _add_stain_styles(sub)
     _add_translate(sub)
     _add_evaluate_images(sub)

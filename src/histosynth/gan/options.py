@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 
 from histosynth.errors import HistosynthError
 
-#: the values of gan.option_by
-OPTION_BY = ("stain", "slide", "none")
+#: the values of gan.option_by (cluster: the styles come from the stain-styles stage, histosynth.gan.styles)
+OPTION_BY = ("stain", "slide", "cluster", "none")
 
 #: the option of a slide without a stain style, and of every slide when option_by is none
 DEFAULT_OPTION = "default"
@@ -29,6 +29,9 @@ def slide_option(slide: str, stain: str | None, option_by: str) -> str:
     """The option of one slide: its stain style, its name, or the one shared option."""
     if option_by not in OPTION_BY:
         raise HistosynthError(f"gan.option_by must be one of {OPTION_BY}, got {option_by!r}")
+    if option_by == "cluster":
+        raise HistosynthError("with gan.option_by cluster a slide's option is read from its styles.json "
+                              "(histosynth.gan.styles), not known before the stain-styles stage has run")
     if option_by == "slide":
         return slide
     if option_by == "stain" and stain is not None:
