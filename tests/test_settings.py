@@ -32,6 +32,7 @@ EXCEPTIONS = {
     "tile.restrict_to_annotations": "rule tile passes --regions-from with the slide's annotation file",
     "gan.option_by": "histosynth.gan.options turns it into train-gan --options, evaluate-images --real-options "
                      "and translate --option per slide",
+    "gate.enabled": "whether the DAG has gate_pairs jobs, whose kept pairs the synthetic arms then read",
     "segmenter.arms": "the DAG's grid: one train-segmenter job per arm (--arm {wildcards.arm})",
     "segmenter.seeds": "the DAG's grid: one train-segmenter job per seed (--seed {wildcards.seed})",
     "evidence.k": "the learning curve's grid: one regime per k (histosynth.segmentation.regimes.plan_regimes)",
@@ -58,7 +59,7 @@ REQUIRED = {
     "overlay": ["ps", "o.png"], "fit-stats": ["ps", "out"], "nuclei-library": ["ps", "o.npz"],
     "train-dvae": ["l.npz", "out"], "dvae-sweep": ["l.npz", "out"], "sample-masks": ["s.json", "d.pt", "out"],
     "evaluate-masks": ["syn", "out", "--real", "r"], "train-gan": ["ps", "out"], "translate": ["g.pt", "m", "o"],
-    "evaluate-images": ["gen", "out", "--real", "r"], "stain-styles": ["t", "o.json"], "train-segmenter": ["ps", "out", "--arm", "real"],
+    "evaluate-images": ["gen", "out", "--real", "r"], "stain-styles": ["t", "o.json"], "gate-pairs": ["m.pt", "p", "o"], "train-segmenter": ["ps", "out", "--arm", "real"],
     "score": ["m.pt", "ps", "out"], "report": ["s.csv", "out"], "evidence-report": ["1=run", "out"],
     "check-config": ["c.yaml"],
 }

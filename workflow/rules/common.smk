@@ -276,8 +276,20 @@ def arm_synthetic(wildcards):
             slide=fit_slides(wildcards.fit),
         )
     return expand(
-        f"{RESULTS}/{wildcards.fit}synthetic/pairs/shard-{{shard}}", shard=SHARDS
+        f"{RESULTS}/{wildcards.fit}synthetic/{PAIRS}/shard-{{shard}}", shard=SHARDS
     )
+
+
+# the quality gate: the synthetic arms read the kept pairs (gate_pairs), judged by the real arm's first seed
+GATE = config["gate"]
+PAIRS = "gated" if GATE["enabled"] else "pairs"
+
+
+def gate_model(wildcards):
+    """model.pt of the real arm that gates a regime's pairs: the regime's seed, or the first of segmenter.seeds."""
+    regime = parse_regime_path(wildcards.fit)
+    seed = SEEDS[0] if regime is None else regime[1]
+    return f"{RESULTS}/{wildcards.fit}segmentation/real/seed-{seed}/model.pt"
 
 
 def evidence_runs():

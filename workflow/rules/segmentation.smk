@@ -3,7 +3,7 @@
 
 
 wildcard_constraints:
-    arm="|".join(map(re.escape, ARMS + EVIDENCE_ARMS)),
+    arm="|".join(map(re.escape, ARMS + EVIDENCE_ARMS + ["real"])),  # real: the gate's segmenter
     seed=r"\d+",
 
 
@@ -35,6 +35,28 @@ rule train_segmenter:
     shell:
         "python -m histosynth train-segmenter {params.real} {params.out:q} --arm {wildcards.arm:q}"
         " --seed {wildcards.seed} {params.synthetic} {params.flags} --threads {threads} > {log:q} 2>&1"
+
+
+# The quality gate (gate.enabled): a painted pair is kept when the real arm's segmenter finds its nuclei.
+rule gate_pairs:
+    input:
+        model=gate_model,
+        pairs=f"{RESULTS}/{{fit}}synthetic/pairs/shard-{{shard}}",
+    output:
+        pairs=directory(f"{RESULTS}/{{fit}}synthetic/gated/shard-{{shard}}"),
+    log:
+        f"{RESULTS}/logs/{{fit}}gate_pairs/shard-{{shard}}.log",
+    conda:
+        CPU_ENV
+    threads: GATE["threads"]
+    resources:
+        mem_mb=GATE["mem_mb"],
+        runtime=GATE["runtime"],
+    params:
+        flags=flags("gate-pairs", "--threads"),
+    shell:
+        "python -m histosynth gate-pairs {input.model:q} {input.pairs:q} {output.pairs:q} {params.flags}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 # The only rule that reads the TEST slides' patch sets for segmentation.

@@ -1,4 +1,4 @@
-"""CLI of the segmentation family: train-segmenter, score, report."""
+"""CLI of the segmentation family: train-segmenter, score, gate-pairs, report."""
 
 from __future__ import annotations
 
@@ -94,6 +94,25 @@ def _run_score(args: argparse.Namespace) -> None:
           device=args.device, threads=args.threads, n_overlays=args.overlays, precision=args.precision)
 
 
+def _add_gate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gate-pairs", help="keep the painted pairs whose nuclei a real-trained segmenter finds")
+    p.add_argument("model", help="model.pt of the real arm (train-segmenter)")
+    p.add_argument("pairs", help="painted pairs (a translate shard: images + inst + types)")
+    p.add_argument("out_dir", help="output patch set of the kept pairs (report.json counts the dropped ones)")
+    add_option(p, "--min-pq", key="gate.min_pq", type=float, help="least PQ of a kept pair against its mask")
+    add_option(p, "--batch", key="gate.batch", type=int, help="windows per forward pass")
+    add_device(p)
+    add_threads(p, "gate")
+    p.set_defaults(func=_run_gate)
+
+
+def _run_gate(args: argparse.Namespace) -> None:
+    from histosynth.segmentation.gate import gate_pairs
+
+    gate_pairs(args.model, args.pairs, args.out_dir, min_pq=args.min_pq, batch=args.batch, device=args.device,
+               threads=args.threads)
+
+
 def _figure_arg(text: str) -> tuple[str, str]:
     caption, sep, path = text.rpartition("=")
     if not sep or not caption or not path:
@@ -121,4 +140,5 @@ def _run_report(args: argparse.Namespace) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     _add_train(sub)
     _add_score(sub)
+    _add_gate(sub)
     _add_report(sub)
