@@ -6,12 +6,14 @@ pix2pixHD or SPADE; :mod:`histosynth.models.generators`) on
 :func:`histosynth.gan.conditioning.build_conditioning` of the masks with the
 option of each patch's slide (``options``: slide → option name, e.g. the
 stain style; slides without an entry get ``"default"``), and trains it
-against a PatchGAN (default), a global (seed 001's) or a multi-scale discriminator with
-λ·L1 (+ feature matching for the multi-scale one). It writes into ``out_dir``:
+against a PatchGAN (default), a global (seed 001's) or a multi-scale
+discriminator with λ·L1 (+ feature matching for the multi-scale one). It
+writes into ``out_dir``:
 
-- ``gan.pt`` — generator state (the EMA generator's when ``ema`` is on), ``config`` (generator
-  architecture with its ``kind``, the training settings, and ``ema``: the decay, when on), ``options`` (sorted option names;
-  index = option layer value), ``classes``, ``n_types``, ``noise``, ``step``; readable with
+- ``gan.pt`` — generator state (the EMA generator's when ``ema`` is on),
+  ``config`` (generator architecture with its ``kind``, the training settings,
+  and ``ema``: the decay, when on), ``options`` (sorted option names; index =
+  option layer value), ``classes``, ``n_types``, ``noise``, ``step``; readable with
   ``torch.load(weights_only=True)`` and :func:`histosynth.models.pix2pix.load_gan`;
 - ``log.csv`` — every ``log_every`` steps the mean of each loss over those
   steps: step, G_gan, G_l1, G_fm, D_real, D_fake (+ D_gp with wgan-gp), lr, seconds;

@@ -13,10 +13,14 @@ pix2pixHD (:mod:`histosynth.models.pix2pixhd`) and SPADE
 (a checkpoint without one is a U-Net).
 
 Discriminators see the image concatenated with the conditioning (mask
-channels + option, never the noise channel). All of them answer
+channels + option, never the noise channel): the PatchGAN (70 × 70), seed
+001's global one (Table 3: five stride-2 convs, flatten, dense; built for one
+input side) and pix2pixHD's multi-scale one. All of them answer
 :meth:`features`, a list (one entry per scale) of lists of intermediate
-activations whose last element is the logit map; :class:`GANLoss` and
-:func:`feature_matching_loss` take that.
+activations whose last element is the logit map; :class:`GANLoss`,
+:func:`gradient_penalty` (WGAN-GP) and :func:`feature_matching_loss` take
+that. :func:`define_D` builds them with or without norm layers and with
+spectral normalisation on request.
 
 Inference: :func:`generate` puts the generator in its inference mode
 (BatchNorm uses its running statistics; the U-Net keeps dropout on when
@@ -50,7 +54,7 @@ GAN_MODES = ("vanilla", "lsgan", "hinge", "wgan-gp")
 
 # -- discriminators ---------------------------------------------------------------------------------
 class ConvBlock(nn.Module):
-    """conv 4×4 → [norm] → LeakyReLU 0.2: one discriminator layer (``norm`` None: none, and the conv has a bias)."""
+    """conv 4×4 → [norm] → LeakyReLU 0.2: one discriminator layer (``norm`` None: no norm, the conv has a bias)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, norm: str | None):
         super().__init__()
