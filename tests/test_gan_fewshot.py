@@ -106,6 +106,7 @@ def test_unknown_or_repeated_policies_are_errors():
         da.check_policies(["colour"])
     with pytest.raises(HistosynthError, match="twice"):
         da.check_policies(["cutout", "cutout"])
+    assert da.check_policies("cutout") == ["cutout"]
 
 
 # -- WGAN-GP -------------------------------------------------------------------------------------------------

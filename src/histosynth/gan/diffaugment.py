@@ -41,9 +41,12 @@ TRANSLATION_RATIO = 0.125
 CUTOUT_RATIO = 0.5
 
 
-def check_policies(policies: Iterable[str]) -> list[str]:
-    """The policies in the order they are applied; an unknown or repeated name is a :class:`HistosynthError`."""
-    policies = list(policies)
+def check_policies(policies: str | Iterable[str]) -> list[str]:
+    """The policies in the order they are applied; an unknown or repeated name is a :class:`HistosynthError`.
+
+    A string is one policy.
+    """
+    policies = [policies] if isinstance(policies, str) else list(policies)
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
         raise HistosynthError(f"diffaugment policies must be among {POLICIES}, got {unknown}")
@@ -91,7 +94,7 @@ def cutout(x: torch.Tensor, generator: torch.Generator | None = None, ratio: flo
     return x * keep[:, None].to(x.device, x.dtype)
 
 
-def diff_augment(image: torch.Tensor, cond: torch.Tensor, policies: Iterable[str],
+def diff_augment(image: torch.Tensor, cond: torch.Tensor, policies: str | Iterable[str],
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(image, conditioning) as D should see them: ``policies`` applied with one draw per sample for the pair.
 

@@ -37,25 +37,30 @@ interpolates x̂ of the real and the fake image (the conditioning shared;
 penalty is per sample, which BatchNorm in D breaks (the paper, section 4): with
 ``norm: batch`` the discriminator of a wgan-gp run has no normalisation at all
 (the generator keeps its BatchNorm); ``norm: instance`` is per sample and kept.
-``spectral_norm`` spectrally normalises every conv / linear layer of D.
+With the multi-scale D the penalty is the mean of the scales' penalties, as the
+loss is the mean of their terms. ``spectral_norm`` spectrally normalises every
+conv / linear layer of D.
 
 **Few images.** ``diffaugment`` (:mod:`histosynth.gan.diffaugment`, Zhao et al.
 2020) transforms every (conditioning, image) pair on its way into D, real and
-fake, in D's step, in G's step and at the gradient penalty's interpolates
-(feature matching then compares the features of two differently augmented
-pairs, as the paper's D sees them). ``ema`` > 0 keeps an exponential moving
-average of G's weights, updated after every G step (p ← ema·p + (1 − ema)·p_G);
-its buffers (BatchNorm running statistics) are copied from G, not averaged.
-The EMA needs many more steps than 1 / (1 − ema) to leave its initial weights.
+fake, in D's step, in G's step and at the gradient penalty's interpolates,
+each time with a fresh draw — except that feature matching (multi-scale D)
+compares the fake's features with those of the real pair under the same draw
+(one more no-grad pass of D over the reals), so that the maps it compares stay
+aligned. ``ema`` > 0 keeps an exponential moving average of G's weights,
+updated after every G step (p ← ema·p + (1 − ema)·p_G); its buffers (BatchNorm
+running statistics) are copied from G, not averaged. The EMA needs many more
+steps than 1 / (1 − ema) to leave its initial weights.
 
 **Resume.** The step loop is :class:`histosynth.training.StepLoop`; this
 module supplies the step and the checkpoint contents. Rerunning with the
 same data and settings continues from ``checkpoint.pt`` (``steps`` /
 ``decay_steps`` may change; the generator's kind and architecture may not).
-The batches depend only on (seed, step); dropout, the noise channel, DiffAugment and
-wgan-gp's interpolates draw from checkpointed torch RNG states, so on the CPU a killed-and-resumed run ends with
-weights equal (``torch.equal``) to an uninterrupted one. A checkpoint written
-with other settings is set aside with a warning.
+The batches depend only on (seed, step); dropout, the noise channel, DiffAugment
+and wgan-gp's interpolates draw from checkpointed torch RNG states, so on the
+CPU a killed-and-resumed run ends with weights equal (``torch.equal``) to an
+uninterrupted one. A checkpoint written with other settings is set aside with
+a warning.
 
 **Precision.** ``"auto"``: on CUDA bf16 autocast where supported, else fp16
 with a GradScaler; on the CPU bf16 autocast only if a timing of a few steps at
