@@ -68,8 +68,10 @@ def test_patchgan_receptive_field_is_70():
 
 
 def test_global_discriminator_one_logit_per_image():
-    d = define_D("global", in_ch=7, ndf=4)
+    d = define_D("global", in_ch=7, ndf=4, size=64)
     assert d(torch.randn(3, 7, 64, 64)).shape == (3, 1)
+    with pytest.raises(HistosynthError, match="built for a 2x2 last map"):
+        d(torch.randn(3, 7, 128, 128))
     feats = d.features(torch.randn(3, 7, 64, 64))
     assert len(feats) == 1 and feats[0][-1].shape == (3, 1)
 

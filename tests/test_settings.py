@@ -119,7 +119,8 @@ def _different(key: str, default):
     node = schema_node(key)
     special = {"classes": {"Tumour": 1, "Immune": 5}, "catch_all": "Immune", "split.train": ["a"],
                "split.test": ["b"], "translate.options": ["pale", "dark", "pale"],
-               "sample_masks.type_mix": {"Lymphocyte": 0.5}}
+               "sample_masks.type_mix": {"Lymphocyte": 0.5}, "gan.diffaugment": ["color", "translation", "cutout"],
+               "gan.ema": 0.999}
     if key in special:
         return special[key]
     if "enum" in node:

@@ -110,7 +110,7 @@ def test_other_discriminators_train(sets, tmp_path, disc, gan_mode, noise):
 
 def _params(path):
     ckpt = torch.load(path, weights_only=True)
-    return ckpt["generator"], ckpt["discriminator"]
+    return ckpt["generator"], ckpt["discriminator"], ckpt.get("generator_ema", {})
 
 
 class Kill(Exception):
@@ -133,9 +133,14 @@ def _kill_before(monkeypatch, module, kill_step):
     return drawn
 
 
-def test_resume_is_exact(sets, tmp_path, monkeypatch):
-    """A run killed after step 3 (checkpoint at 2) and restarted ends with an uninterrupted run's weights and log."""
-    kw = dict(TINY, options={"slide-a": "pale"}, steps=4, decay_steps=2, checkpoint_every=2, noise=True)
+@pytest.mark.parametrize("few_image", [{}, dict(diffaugment=["color", "translation", "cutout"], ema=0.9,
+                                                 gan_mode="wgan-gp", spectral_norm=True)], ids=["plain", "few-image"])
+def test_resume_is_exact(sets, tmp_path, monkeypatch, few_image):
+    """A run killed after step 3 (checkpoint at 2) and restarted ends with an uninterrupted run's weights and log.
+
+    The few-image variant: DiffAugment and wgan-gp's interpolates draw from a checkpointed generator, the EMA
+    generator and D's spectral-norm vectors are in the checkpoint."""
+    kw = dict(TINY, options={"slide-a": "pale"}, steps=4, decay_steps=2, checkpoint_every=2, noise=True, **few_image)
     train_gan(sets, tmp_path / "whole", **kw)
 
     with monkeypatch.context() as m:
@@ -153,6 +158,7 @@ def test_resume_is_exact(sets, tmp_path, monkeypatch):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), k
+    assert bool(_params(tmp_path / "cut" / "checkpoint.pt")[2]) is bool(few_image)  # the EMA generator, when on
     ga = torch.load(tmp_path / "whole" / "gan.pt", weights_only=True)["generator"]
     gb = torch.load(tmp_path / "cut" / "gan.pt", weights_only=True)["generator"]
     assert all(torch.equal(ga[k], gb[k]) for k in ga)

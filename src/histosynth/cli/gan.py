@@ -11,6 +11,7 @@ from histosynth.cli._args import (
     add_threads,
     add_training_args,
     parse_pairs,
+    schema_choices,
     slide_option,
 )
 from histosynth.errors import HistosynthError
@@ -38,9 +39,17 @@ def _add_train_gan(sub: argparse._SubParsersAction) -> None:
     add_option(p, "--disc", key="gan.disc", help="discriminator")
     add_option(p, "--num-d", key="gan.num_d", type=int, help="scales of the multiscale discriminator")
     add_option(p, "--ndf", key="gan.ndf", type=int, help="discriminator width (none: --width)")
+    add_option(p, "--spectral-norm", key="gan.spectral_norm",
+               help="spectral normalisation of every conv and linear layer of the discriminator")
     add_option(p, "--gan-mode", key="gan.gan_mode", help="adversarial loss")
     add_option(p, "--lambda-l1", key="gan.lambda_l1", type=float, help="weight of the L1 term")
     add_option(p, "--lambda-fm", key="gan.lambda_fm", type=float, help="weight of feature matching, multiscale only")
+    add_option(p, "--lambda-gp", key="gan.lambda_gp", type=float, help="weight of the gradient penalty, wgan-gp only")
+    add_option(p, "--diffaugment", key="gan.diffaugment", nargs="*", choices=schema_choices("gan.diffaugment"),
+               metavar="POLICY", help="DiffAugment policies on everything the discriminator sees (color, "
+                                      "translation, cutout; none given: off)")
+    add_option(p, "--ema", key="gan.ema", type=float,
+               help="decay of the generator's moving average written to gan.pt (0: off; e.g. 0.999)")
     add_option(p, "--noise", key="gan.noise", help="add a noise channel to the generator input")
     add_option(p, "--dropout-at-inference", key="gan.dropout_at_inference", dest="dropout_at_inference",
                help="keep dropout on when generating, as pix2pix does")
@@ -69,7 +78,9 @@ def _run_train_gan(args: argparse.Namespace) -> None:
               crop=args.crop, generator=args.generator, depth=args.depth, width=args.width, n_down=args.n_down,
               n_blocks=args.n_blocks, local_enhancer=args.local_enhancer, norm=args.norm, disc=args.disc,
               num_d=args.num_d, ndf=args.ndf, gan_mode=args.gan_mode, lambda_l1=args.lambda_l1,
-              lambda_fm=args.lambda_fm, noise=args.noise, dropout_at_inference=args.dropout_at_inference,
+              lambda_fm=args.lambda_fm, lambda_gp=args.lambda_gp, spectral_norm=args.spectral_norm,
+              diffaugment=args.diffaugment, ema=args.ema, noise=args.noise,
+              dropout_at_inference=args.dropout_at_inference,
               steps=args.steps, decay_steps=args.decay_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
               device=args.device, threads=args.threads, sample_every=args.sample_every,
               checkpoint_every=args.checkpoint_every, log_every=args.log_every, precision=args.precision,

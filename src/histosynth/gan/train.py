@@ -6,19 +6,21 @@ pix2pixHD or SPADE; :mod:`histosynth.models.generators`) on
 :func:`histosynth.gan.conditioning.build_conditioning` of the masks with the
 option of each patch's slide (``options``: slide → option name, e.g. the
 stain style; slides without an entry get ``"default"``), and trains it
-against a PatchGAN (default), a global or a multi-scale discriminator with
-λ·L1 (+ feature matching for the multi-scale one). It writes into ``out_dir``:
+against a PatchGAN (default), a global (seed 001's) or a multi-scale
+discriminator with λ·L1 (+ feature matching for the multi-scale one). It
+writes into ``out_dir``:
 
-- ``gan.pt`` — generator state, ``config`` (generator architecture with its
-  ``kind``, and the training settings), ``options`` (sorted option names;
-  index = option layer value), ``classes``, ``n_types``, ``noise``, ``step``; readable with
+- ``gan.pt`` — generator state (the EMA generator's when ``ema`` is on),
+  ``config`` (generator architecture with its ``kind``, the training settings,
+  and ``ema``: the decay, when on), ``options`` (sorted option names; index =
+  option layer value), ``classes``, ``n_types``, ``noise``, ``step``; readable with
   ``torch.load(weights_only=True)`` and :func:`histosynth.models.pix2pix.load_gan`;
 - ``log.csv`` — every ``log_every`` steps the mean of each loss over those
-  steps: step, G_gan, G_l1, G_fm, D_real, D_fake, lr, seconds;
+  steps: step, G_gan, G_l1, G_fm, D_real, D_fake (+ D_gp with wgan-gp), lr, seconds;
 - ``samples.png`` — conditioning | generated | real for a fixed batch, every
-  ``sample_every`` steps and at the end;
-- ``checkpoint.pt`` — atomically every ``checkpoint_every`` steps: G, D,
-  both optimizers, the AMP scaler, the step, the log so far, the RNG states.
+  ``sample_every`` steps and at the end (the EMA generator when ``ema`` is on);
+- ``checkpoint.pt`` — atomically every ``checkpoint_every`` steps: G (and its
+  EMA copy), D, both optimizers, the AMP scaler, the step, the log so far, the RNG states.
 
 **Data.** Each step draws ``batch_size`` patches uniformly over all patches,
 a random ``crop``, a random flip / 90° rotation — a pure function of
@@ -27,14 +29,38 @@ a random ``crop``, a random flip / 90° rotation — a pure function of
 **Schedule.** Adam (β 0.5, 0.999); lr constant for ``steps``, then linear
 decay to 0 over ``decay_steps``.
 
+**Losses.** ``gan_mode`` vanilla / lsgan / hinge: D's loss is the mean of its
+real and fake terms. ``wgan-gp`` (Gulrajani et al. 2017): D's loss is
+E[D(fake)] − E[D(real)] + ``lambda_gp``·E[(‖∇D(x̂)‖₂ − 1)²] at random
+interpolates x̂ of the real and the fake image (the conditioning shared;
+:func:`histosynth.models.pix2pix.gradient_penalty`), G's is −E[D(fake)]. The
+penalty is per sample, which BatchNorm in D breaks (the paper, section 4): with
+``norm: batch`` the discriminator of a wgan-gp run has no normalisation at all
+(the generator keeps its BatchNorm); ``norm: instance`` is per sample and kept.
+With the multi-scale D the penalty is the mean of the scales' penalties, as the
+loss is the mean of their terms. ``spectral_norm`` spectrally normalises every
+conv / linear layer of D.
+
+**Few images.** ``diffaugment`` (:mod:`histosynth.gan.diffaugment`, Zhao et al.
+2020) transforms every (conditioning, image) pair on its way into D, real and
+fake, in D's step, in G's step and at the gradient penalty's interpolates,
+each time with a fresh draw — except that feature matching (multi-scale D)
+compares the fake's features with those of the real pair under the same draw
+(one more no-grad pass of D over the reals), so that the maps it compares stay
+aligned. ``ema`` > 0 keeps an exponential moving average of G's weights,
+updated after every G step (p ← ema·p + (1 − ema)·p_G); its buffers (BatchNorm
+running statistics) are copied from G, not averaged. The EMA needs many more
+steps than 1 / (1 − ema) to leave its initial weights.
+
 **Resume.** The step loop is :class:`histosynth.training.StepLoop`; this
 module supplies the step and the checkpoint contents. Rerunning with the
 same data and settings continues from ``checkpoint.pt`` (``steps`` /
 ``decay_steps`` may change; the generator's kind and architecture may not).
-The batches depend only on (seed, step); dropout and the noise channel draw from the
-checkpointed torch RNG states, so on the CPU a killed-and-resumed run ends with
-weights equal (``torch.equal``) to an uninterrupted one. A checkpoint written
-with other settings is set aside with a warning.
+The batches depend only on (seed, step); dropout, the noise channel, DiffAugment
+and wgan-gp's interpolates draw from checkpointed torch RNG states, so on the
+CPU a killed-and-resumed run ends with weights equal (``torch.equal``) to an
+uninterrupted one. A checkpoint written with other settings is set aside with
+a warning.
 
 **Precision.** ``"auto"``: on CUDA bf16 autocast where supported, else fp16
 with a GradScaler; on the CPU bf16 autocast only if a timing of a few steps at
@@ -61,6 +87,7 @@ import torch
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
 from histosynth.gan.conditioning import build_conditioning, conditioning_channels, render_conditioning
+from histosynth.gan.diffaugment import check_policies, diff_augment
 from histosynth.io.labels import classes_of_patch_sets, read_class_map
 from histosynth.io.pool import PatchPool, dihedral, load_pool, max_type, pool_fingerprint
 from histosynth.models import generators
@@ -76,8 +103,8 @@ LOG_COLUMNS = ["step", "G_gan", "G_l1", "G_fm", "D_real", "D_fake", "lr", "secon
 DEFAULT_STEPS = 2000
 DEFAULT_DECAY_STEPS = 2000
 #: training settings that must match for a checkpoint to be resumed
-_RESUME_KEYS = ("generator", "disc", "num_d", "ndf", "gan_mode", "lambda_l1", "lambda_fm", "noise", "batch_size",
-                "lr", "seed", "crop", "options", "n_types", "data")
+_RESUME_KEYS = ("generator", "disc", "num_d", "ndf", "gan_mode", "lambda_l1", "lambda_fm", "lambda_gp", "noise",
+                "diffaugment", "ema", "spectral_norm", "batch_size", "lr", "seed", "crop", "options", "n_types", "data")
 _l1 = p2p.l1_loss  # module-level so a test can make it fail
 
 
@@ -111,6 +138,15 @@ def learning_rate(step: int, lr: float, steps: int, decay_steps: int) -> float:
     if step < steps or decay_steps <= 0:
         return lr
     return lr * max(0.0, 1.0 - (step - steps) / decay_steps)
+
+
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """One EMA step: each parameter p_ema ← decay·p_ema + (1 − decay)·p; buffers (BatchNorm statistics) copied."""
+    with torch.no_grad():
+        for p_ema, p in zip(ema.parameters(), model.parameters()):
+            p_ema.lerp_(p, 1.0 - decay)
+        for b_ema, b in zip(ema.buffers(), model.buffers()):
+            b_ema.copy_(b)
 
 
 def _to_tensor_images(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -197,6 +233,10 @@ def train_gan(
     gan_mode: str = "lsgan",
     lambda_l1: float = 100.0,
     lambda_fm: float = 10.0,
+    lambda_gp: float = 10.0,
+    spectral_norm: bool = False,
+    diffaugment: Sequence[str] = (),
+    ema: float = 0.0,
     noise: bool = False,
     dropout_at_inference: bool = True,
     steps: int = DEFAULT_STEPS,
@@ -220,7 +260,10 @@ def train_gan(
     ``depth``, ``width``, ``max_width``, ``dropout_at_inference``; ``pix2pixhd`` takes ``width``, ``n_down``,
     ``n_blocks``, ``local_enhancer``; ``spade`` takes ``width``, ``n_down``; all take ``norm``. Each ignores
     the others' settings. ``crop`` must be divisible by the generator's ``multiple``.
-    ``ndf`` (discriminator width) defaults to ``width`` (pix2pix: ngf = ndf = 64). ``classes`` is a class
+    ``ndf`` (discriminator width) defaults to ``width`` (pix2pix: ngf = ndf = 64). ``lambda_gp`` weighs
+    wgan-gp's gradient penalty (ignored by the other modes); ``spectral_norm``, ``diffaugment`` (policies of
+    :data:`histosynth.gan.diffaugment.POLICIES`; empty: off) and ``ema`` (decay in [0, 1); 0: off) are
+    described in the module docstring. ``classes`` is a class
     map in any form :func:`histosynth.io.labels.read_class_map` reads (NAME→ID as on the CLI, or ID→NAME);
     by default it is read from the patch sets' report.json.
     """
@@ -235,8 +278,12 @@ def train_gan(
             raise HistosynthError(f"{name} must be at least {low}, got {value}")
     if steps + decay_steps < 1:
         raise HistosynthError("steps + decay_steps must be at least 1")
-    if not lr > 0 or not lambda_l1 >= 0 or not lambda_fm >= 0:
-        raise HistosynthError(f"lr must be > 0 and the lambdas >= 0, got lr={lr}, lambda_l1={lambda_l1}")
+    if not lr > 0 or not lambda_l1 >= 0 or not lambda_fm >= 0 or not lambda_gp >= 0:
+        raise HistosynthError(f"lr must be > 0 and the lambdas >= 0, got lr={lr}, lambda_l1={lambda_l1}, "
+                              f"lambda_fm={lambda_fm}, lambda_gp={lambda_gp}")
+    if not 0 <= ema < 1:
+        raise HistosynthError(f"ema (the decay of the generator's moving average) must be in [0, 1), got {ema}")
+    policies = check_policies(diffaugment)
     generators.generator_class(generator)  # an unknown name is an error before anything is read
     if local_enhancer and generator != "pix2pixhd":
         raise HistosynthError(f"local_enhancer is part of the pix2pixhd generator, not of {generator!r}")
@@ -255,6 +302,8 @@ def train_gan(
     in_ch = len(conditioning_channels(n_types, noise))
     d_in = in_ch - int(noise) + 3  # the discriminator sees the conditioning without the noise, and the image
     ndf = int(ndf) if ndf else int(width)
+    # WGAN-GP penalises each sample's gradient: BatchNorm, which mixes the samples of a batch, has no place in D
+    d_norm = None if gan_mode == "wgan-gp" and norm == "batch" else norm
 
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -264,11 +313,16 @@ def train_gan(
         if crop % G.multiple:
             raise HistosynthError(f"crop {crop} is not divisible by {G.multiple} ({G.why_multiple}); use a crop "
                                   f"that is a multiple of {G.multiple} or a shallower {generator} generator")
-        D = p2p.define_D(disc, d_in, ndf, None, num_d, norm).to(dev)
+        D = p2p.define_D(disc, d_in, ndf, None, num_d, d_norm, size=crop, spectral_norm=spectral_norm).to(dev)
+        if disc == "global" and d_norm == "batch" and batch_size == 1 and D.side == 1:
+            raise HistosynthError(f"at crop {crop} the global discriminator's last map is 1x1, where BatchNorm needs "
+                                  "batch_size > 1; use a larger --batch-size or --crop")
         settings: dict[str, Any] = {
             "generator": dict(G.config), "disc": disc, "num_d": int(num_d) if disc == "multiscale" else 1,
             "ndf": ndf, "gan_mode": gan_mode, "lambda_l1": float(lambda_l1),
-            "lambda_fm": float(lambda_fm) if disc == "multiscale" else 0.0, "noise": bool(noise),
+            "lambda_fm": float(lambda_fm) if disc == "multiscale" else 0.0,
+            "lambda_gp": float(lambda_gp) if gan_mode == "wgan-gp" else 0.0, "d_norm": d_norm or "none",
+            "spectral_norm": bool(spectral_norm), "diffaugment": policies, "ema": float(ema), "noise": bool(noise),
             "batch_size": int(batch_size), "lr": float(lr), "seed": int(seed), "crop": int(crop),
             "options": list(data.options), "n_types": int(n_types),
             "data": pool_fingerprint(data), "patch_sets": [str(p) for p in patch_sets],
@@ -288,10 +342,11 @@ def train_gan(
         try:
             with torch.no_grad():
                 D(torch.zeros(1, d_in, crop, crop, device=dev))
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:  # a map below the 4x4 kernel, or a norm over a 1x1 map
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise HistosynthError(f"crop {crop} is too small for the {disc} discriminator"
                                   f"{f' with {num_d} scales' if disc == 'multiscale' else ''} (its deepest layers "
-                                  "shrink it below the 4x4 kernel); use a larger --crop") from err
+                                  f"shrink it too far: {first}); use a larger --crop") from err
         D.train()
         opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
         opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
@@ -300,28 +355,50 @@ def train_gan(
         settings["precision"] = precision_name(amp_dtype)
         criterion = p2p.GANLoss(gan_mode)
         noise_gen = torch.Generator().manual_seed(int(seed) + 0x6E01)
+        rngs = {"noise": noise_gen}
+        draws = None  # DiffAugment's transforms and wgan-gp's interpolation weights
+        if policies or gan_mode == "wgan-gp":
+            draws = rngs["draws"] = torch.Generator().manual_seed(int(seed) + 0xDA01)
+        G_ema = None
+        if ema:
+            G_ema = copy.deepcopy(G).requires_grad_(False)
+        columns = [*LOG_COLUMNS[:6], "D_gp", *LOG_COLUMNS[6:]] if gan_mode == "wgan-gp" else LOG_COLUMNS
 
         total = int(steps) + int(decay_steps)
         out_dir.mkdir(parents=True, exist_ok=True)  # after every check: a refused run leaves nothing behind
         loop = StepLoop(out_dir, total=total, checkpoint_every=checkpoint_every, log_every=log_every, device=dev,
                         settings=settings, keys=_RESUME_KEYS, reader=p2p.read_gan_checkpoint, required="optimizer_G",
-                        resume=resume, columns=LOG_COLUMNS, scaler=scaler, generators={"noise": noise_gen},
+                        resume=resume, columns=columns, scaler=scaler, generators=rngs,
                         desc="train-gan", progress=progress)
         if loop.ckpt is not None:
             G.load_state_dict(loop.ckpt["generator"])
             D.load_state_dict(loop.ckpt["discriminator"])
             opt_G.load_state_dict(loop.ckpt["optimizer_G"])
             opt_D.load_state_dict(loop.ckpt["optimizer_D"])
+            if G_ema is not None:
+                G_ema.load_state_dict(loop.ckpt["generator_ema"])
+        painter = G_ema if G_ema is not None else G  # the generator of samples.png and gan.pt
+        gan_config: dict[str, Any] = {"train": settings, **({"ema": float(ema)} if ema else {})}
 
         def contents() -> dict[str, Any]:
+            ema_state = {} if G_ema is None else {
+                "generator_ema": {k: v.detach().cpu().clone() for k, v in G_ema.state_dict().items()}}
             return p2p.gan_checkpoint_dict(
                 G, options=data.options, classes=class_map, n_types=n_types, noise=noise, step=loop.step,
                 config={"train": settings}, train=settings,
                 discriminator={k: v.detach().cpu().clone() for k, v in D.state_dict().items()},
-                optimizer_G=opt_G.state_dict(), optimizer_D=opt_D.state_dict())
+                optimizer_G=opt_G.state_dict(), optimizer_D=opt_D.state_dict(), **ema_state)
+
+        def augment(image: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(image, conditioning) as D sees them: DiffAugment'ed when on (a fresh draw per call)."""
+            return diff_augment(image, cond, policies, draws) if policies else (image, cond)
+
+        def d_input(image: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+            image, cond = augment(image, cond)
+            return torch.cat([cond, image], 1)
 
         def sample(tag: str) -> None:
-            plot_samples(G, data, out_dir / "samples.png", n_types=n_types, noise=noise, crop=crop, seed=seed,
+            plot_samples(painter, data, out_dir / "samples.png", n_types=n_types, noise=noise, crop=crop, seed=seed,
                          n=min(4, max(1, len(data))), title=f"step {loop.step} {tag}".strip())
 
         def train_step(step: int) -> tuple[dict[str, float], float]:
@@ -339,31 +416,44 @@ def train_gan(
                 fake = G(cond)
             # discriminator: real vs. the detached fake
             with _autocast(dev, amp_dtype):
-                pred_fake = D.features(torch.cat([d_cond, fake.detach()], 1))
-                pred_real = D.features(torch.cat([d_cond, real], 1))
+                pred_fake = D.features(d_input(fake.detach(), d_cond))
+                pred_real = D.features(d_input(real, d_cond))
                 d_fake = criterion(pred_fake, False)
                 d_real = criterion(pred_real, True)
+            penalty = {}
+            if gan_mode == "wgan-gp":  # the critic: E[D(fake)] - E[D(real)] + lambda_gp * penalty (in float32)
+                x_hat, x_cond = augment(p2p.interpolate(real, fake, draws), d_cond)
+                penalty["D_gp"] = p2p.gradient_penalty(D, x_cond, x_hat)
+                loss_D = d_fake + d_real + lambda_gp * penalty["D_gp"]
+            else:
                 loss_D = 0.5 * (d_fake + d_real)
-            loop.check_finite({"D_real": d_real, "D_fake": d_fake})
+            loop.check_finite({"D_real": d_real, "D_fake": d_fake, **penalty})
             opt_D.zero_grad(set_to_none=True)
             scaler.scale(loss_D).backward()
             scaler.step(opt_D)
             # generator: fool the updated D, stay close to the real image (L1), match D's features
             D.requires_grad_(False)
             with _autocast(dev, amp_dtype):
-                pred = D.features(torch.cat([d_cond, fake], 1))
+                replay = draws.get_state() if policies and disc == "multiscale" else None
+                pred = D.features(d_input(fake, d_cond))
+                if replay is not None:  # feature matching needs the real pair under the fake's draw (aligned maps)
+                    draws.set_state(replay)
+                    with torch.no_grad():
+                        pred_real = D.features(d_input(real, d_cond))
                 g_gan = criterion(pred, True, for_discriminator=False)
                 g_l1 = _l1(fake, real, lambda_l1)
                 g_fm = (lambda_fm * p2p.feature_matching_loss(pred, pred_real) if disc == "multiscale"
                         else torch.zeros((), device=dev))
                 loss_G = g_gan + g_l1 + g_fm
             values = loop.check_finite({"G_gan": g_gan, "G_l1": g_l1, "G_fm": g_fm, "D_real": d_real,
-                                        "D_fake": d_fake})
+                                        "D_fake": d_fake, **penalty})
             opt_G.zero_grad(set_to_none=True)
             scaler.scale(loss_G).backward()
             scaler.step(opt_G)
             scaler.update()
             D.requires_grad_(True)
+            if G_ema is not None:
+                update_ema(G_ema, G, ema)
             return values, rate
 
         def after_step(step: int) -> None:
@@ -371,9 +461,12 @@ def train_gan(
                 sample("")
 
         architecture = " ".join(f"{k} {v}" for k, v in G.config.items() if k not in ("kind", "in_ch", "out_ch"))
-        log.info("training pix2pix (%s generator: %s; %s D, %s, lambda_L1 %g%s) on %d patches of %s, "
+        few = "".join((f", DiffAugment {','.join(policies)}" if policies else "", f", EMA {ema:g}" if ema else "",
+                       ", spectral norm" if spectral_norm else "",
+                       f", lambda_GP {lambda_gp:g}, D norm {settings['d_norm']}" if gan_mode == "wgan-gp" else ""))
+        log.info("training pix2pix (%s generator: %s; %s D, %s, lambda_L1 %g%s%s) on %d patches of %s, "
                  "options %s, %d types; %d steps on %s (%s)", generator, architecture, disc, gan_mode, lambda_l1,
-                 ", noise" if noise else "", len(data), "x".join(map(str, data.size)), data.options, n_types,
+                 ", noise" if noise else "", few, len(data), "x".join(map(str, data.size)), data.options, n_types,
                  total, dev, settings["precision"])
         t_start = time.perf_counter()
         G.train()
@@ -384,8 +477,8 @@ def train_gan(
         step = loop.step
         sample("(final)")
         atomic_torch_save(p2p.gan_checkpoint_dict(
-            G, options=data.options, classes=class_map, n_types=n_types, noise=noise, step=step,
-            config={"train": settings}), out_dir / "gan.pt")
+            painter, options=data.options, classes=class_map, n_types=n_types, noise=noise, step=step,
+            config=gan_config), out_dir / "gan.pt")
         steplog = loop.log
         steplog.write()
     final = steplog.rows[-1] if steplog.rows else {}
@@ -395,6 +488,7 @@ def train_gan(
         "device": str(dev), "seconds": seconds,
         "seconds_per_step": steplog.seconds_per_step(),
         **{k: final.get(k, float("nan")) for k in ("G_gan", "G_l1", "G_fm", "D_real", "D_fake")},
+        **({"D_gp": final.get("D_gp", float("nan"))} if gan_mode == "wgan-gp" else {}),
     }
     log.info("GAN written to %s after %d steps: G_l1 %.3f, G_gan %.3f, D real %.3f / fake %.3f; %.3f s per step",
              out_dir / "gan.pt", step, report["G_l1"], report["G_gan"], report["D_real"], report["D_fake"],

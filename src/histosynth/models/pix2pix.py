@@ -13,10 +13,14 @@ pix2pixHD (:mod:`histosynth.models.pix2pixhd`) and SPADE
 (a checkpoint without one is a U-Net).
 
 Discriminators see the image concatenated with the conditioning (mask
-channels + option, never the noise channel). All of them answer
+channels + option, never the noise channel): the PatchGAN (70 × 70), seed
+001's global one (Table 3: five stride-2 convs, flatten, dense; built for one
+input side) and pix2pixHD's multi-scale one. All of them answer
 :meth:`features`, a list (one entry per scale) of lists of intermediate
-activations whose last element is the logit map; :class:`GANLoss` and
-:func:`feature_matching_loss` take that.
+activations whose last element is the logit map; :class:`GANLoss`,
+:func:`gradient_penalty` (WGAN-GP) and :func:`feature_matching_loss` take
+that. :func:`define_D` builds them with or without norm layers and with
+spectral normalisation on request.
 
 Inference: :func:`generate` puts the generator in its inference mode
 (BatchNorm uses its running statistics; the U-Net keeps dropout on when
@@ -45,12 +49,12 @@ from histosynth.models.unet import UnetGenerator
 CHECKPOINT_FORMAT = "histosynth-gan"
 CHECKPOINT_VERSION = 1
 DISCRIMINATORS = ("patch", "global", "multiscale")
-GAN_MODES = ("vanilla", "lsgan", "hinge")
+GAN_MODES = ("vanilla", "lsgan", "hinge", "wgan-gp")
 
 
 # -- discriminators ---------------------------------------------------------------------------------
 class ConvBlock(nn.Module):
-    """conv 4×4 → [norm] → LeakyReLU 0.2: one discriminator layer."""
+    """conv 4×4 → [norm] → LeakyReLU 0.2: one discriminator layer (``norm`` None: no norm, the conv has a bias)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, norm: str | None):
         super().__init__()
@@ -68,7 +72,7 @@ class ConvBlock(nn.Module):
 class PatchDiscriminator(nn.Module):
     """PatchGAN: C64-C128-C256 (stride 2) - C512 (stride 1) - conv → a logit per patch (70×70 at n_layers 3)."""
 
-    def __init__(self, in_ch: int, ndf: int = 64, n_layers: int = 3, norm: str = "batch"):
+    def __init__(self, in_ch: int, ndf: int = 64, n_layers: int = 3, norm: str | None = "batch"):
         super().__init__()
         blocks = [ConvBlock(in_ch, ndf, 2, None)]
         mult = 1
@@ -91,24 +95,38 @@ class PatchDiscriminator(nn.Module):
 
 
 class GlobalDiscriminator(nn.Module):
-    """One real/fake logit per image: stride-2 conv blocks, global average pool, linear (seed 001's variant)."""
+    """Seed 001's "original / vanilla" discriminator (its Table 3): one real/fake logit per image.
 
-    def __init__(self, in_ch: int, ndf: int = 64, n_layers: int = 5, norm: str = "batch"):
+    ``n_layers`` (5) conv blocks 4×4 stride 2 of ndf × (1, 2, 4, 4, 4) channels (64-128-256-256-256 at
+    ndf 64; the first without norm), then flatten and one dense layer to a logit. Each block halves the
+    side (s → ⌊s/2⌋), so at 256 px the last map is 8 × 8 × 256 and the dense layer takes 8·8·256 inputs;
+    at another input side ``size`` it takes ⌊size/32⌋² · 4·ndf (the flatten follows the crop, as a dense
+    layer must). ``size`` is therefore fixed when the network is built; at least 2**n_layers px.
+    """
+
+    def __init__(self, in_ch: int, ndf: int = 64, n_layers: int = 5, norm: str | None = "batch", size: int = 256):
         super().__init__()
+        self.side = int(size) // 2**n_layers
+        if self.side < 1:
+            raise HistosynthError(f"crop {size} is too small for the global discriminator (its {n_layers} stride-2 "
+                                  f"convs need at least {2**n_layers} px); use a larger --crop")
         blocks, c = [], in_ch
         for n in range(n_layers):
-            out = ndf * min(2**n, 8)
+            out = ndf * min(2**n, 4)
             blocks.append(ConvBlock(c, out, 2, None if n == 0 else norm))
             c = out
         self.blocks = nn.ModuleList(blocks)
-        self.head = nn.Linear(c, 1)
+        self.head = nn.Linear(c * self.side * self.side, 1)
 
     def features(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
         feats = []
         for block in self.blocks:
             x = block(x)
             feats.append(x)
-        feats.append(self.head(x.mean(dim=(2, 3))))
+        if x.shape[-2:] != (self.side, self.side):
+            raise HistosynthError(f"the global discriminator was built for a {self.side}x{self.side} last map "
+                                  f"(its input side), got {x.shape[-2]}x{x.shape[-1]}")
+        feats.append(self.head(x.flatten(1)))
         return [feats]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +136,7 @@ class GlobalDiscriminator(nn.Module):
 class MultiscaleDiscriminator(nn.Module):
     """pix2pixHD: ``num_D`` PatchGANs on the input downsampled 1×, 2×, 4× (avg-pool 3, stride 2)."""
 
-    def __init__(self, in_ch: int, ndf: int = 64, n_layers: int = 3, num_D: int = 2, norm: str = "batch"):
+    def __init__(self, in_ch: int, ndf: int = 64, n_layers: int = 3, num_D: int = 2, norm: str | None = "batch"):
         super().__init__()
         if num_D < 1:
             raise HistosynthError(f"num_D must be at least 1, got {num_D}")
@@ -157,17 +175,33 @@ def define_G(in_ch: int, out_ch: int = 3, depth: int = 8, width: int = 64, max_w
 
 
 def define_D(kind: str = "patch", in_ch: int = 4, ndf: int = 64, n_layers: int | None = None, num_D: int = 2,
-             norm: str = "batch", init_gain: float = 0.02) -> nn.Module:
-    """A freshly initialised discriminator: 'patch' (PatchGAN, n_layers 3 = 70×70), 'global' or 'multiscale'."""
+             norm: str | None = "batch", init_gain: float = 0.02, *, size: int = 256,
+             spectral_norm: bool = False) -> nn.Module:
+    """A freshly initialised discriminator: 'patch' (PatchGAN, n_layers 3 = 70×70), 'global' or 'multiscale'.
+
+    ``norm`` None: no normalisation layers (what WGAN-GP needs instead of BatchNorm). ``size`` is the input
+    side, which the global discriminator's dense layer depends on. ``spectral_norm``: every conv and linear
+    layer is spectrally normalised (Miyato et al. 2018) after the N(0, ``init_gain``) init.
+    """
     if kind == "patch":
         net: nn.Module = PatchDiscriminator(in_ch, ndf, 3 if n_layers is None else n_layers, norm)
     elif kind == "global":
-        net = GlobalDiscriminator(in_ch, ndf, 5 if n_layers is None else n_layers, norm)
+        net = GlobalDiscriminator(in_ch, ndf, 5 if n_layers is None else n_layers, norm, size)
     elif kind == "multiscale":
         net = MultiscaleDiscriminator(in_ch, ndf, 3 if n_layers is None else n_layers, num_D, norm)
     else:
         raise HistosynthError(f"discriminator must be one of {DISCRIMINATORS}, got {kind!r}")
-    return init_weights(net, init_gain)
+    init_weights(net, init_gain)
+    return add_spectral_norm(net) if spectral_norm else net
+
+
+def add_spectral_norm(net: nn.Module) -> nn.Module:
+    """``net`` with every Conv2d and Linear weight spectrally normalised (one power iteration per training
+    forward; torch.nn.utils.parametrizations.spectral_norm: the state holds the raw weight and u, v)."""
+    for module in list(net.modules()):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            torch.nn.utils.parametrizations.spectral_norm(module)
+    return net
 
 
 # -- losses -------------------------------------------------------------------------------------------------
@@ -181,7 +215,9 @@ class GANLoss(nn.Module):
     """Adversarial loss on logits (a tensor, or :meth:`features` output: mean over scales).
 
     vanilla: BCE with logits; lsgan: MSE to 1 / 0; hinge: D gets relu(1 ∓ x),
-    G gets −x (call with ``for_discriminator=False``).
+    G gets −x (call with ``for_discriminator=False``); wgan-gp (Gulrajani et al.
+    2017): the critic gets E[x] for fakes and −E[x] for reals (their sum is its
+    loss, with :func:`gradient_penalty` added), G gets −E[x].
     """
 
     def __init__(self, mode: str = "lsgan"):
@@ -198,12 +234,42 @@ class GANLoss(nn.Module):
             return F.mse_loss(x, torch.full_like(x, float(real)))
         if not for_discriminator:
             return -x.mean()
+        if self.mode == "wgan-gp":
+            return -x.mean() if real else x.mean()
         return F.relu(1 - x).mean() if real else F.relu(1 + x).mean()
 
     def forward(self, pred: torch.Tensor | list, target_is_real: bool,
                 for_discriminator: bool = True) -> torch.Tensor:
         logits = _logits(pred)
         return sum(self._one(x, target_is_real, for_discriminator) for x in logits) / len(logits)
+
+
+def interpolate(real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """WGAN-GP's random points between real and fake images: ε·real + (1 − ε)·fake, ε ~ U(0, 1) per sample.
+
+    ``fake`` is detached (the penalty trains the critic only); ε comes from ``generator`` (CPU) when given.
+    """
+    eps = torch.rand(real.shape[0], 1, 1, 1, generator=generator).to(real.device, torch.float32)
+    return eps * real.float() + (1 - eps) * fake.detach().float()
+
+
+def gradient_penalty(D: nn.Module, cond: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP's penalty E[(‖∇ₓ D(cond, x)‖₂ − 1)²] at the images ``image`` (N, 3, H, W), in float32.
+
+    The gradient is taken with respect to the image channels of D's input (the conditioning ``cond`` is the
+    pair's, shared by the real and the fake image, and is not interpolated), per sample; D's value for a
+    sample is the mean of its logit map (a PatchGAN's E over patches, as in :class:`GANLoss`). A
+    multi-scale D is one critic per scale: the penalty is the mean of the scales' penalties, as GANLoss
+    takes the mean of their Wasserstein terms, so each scale's critic gets the paper's loss up to the
+    common factor 1/num_D. Call it outside autocast: the penalty's double backward stays in float32.
+    """
+    image = image.detach().float().requires_grad_(True)
+    logits = _logits(D.features(torch.cat([cond.detach().float(), image], 1)))
+    total = torch.zeros((), device=image.device)
+    for x in logits:
+        (grad,) = torch.autograd.grad(x.float().flatten(1).mean(1).sum(), image, create_graph=True)
+        total = total + ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+    return total / len(logits)
 
 
 def feature_matching_loss(fake: list[list[torch.Tensor]], real: list[list[torch.Tensor]]) -> torch.Tensor:
@@ -263,17 +329,31 @@ def gan_checkpoint_dict(generator: Generator, *, options: list[str], classes: di
     }
 
 
+#: training settings added with few-image training (#15), as a checkpoint written before them trained
+SETTINGS_BEFORE_FEW_IMAGE = {"diffaugment": [], "ema": 0.0, "lambda_gp": 0.0, "spectral_norm": False}
+#: what a checkpoint written before then calls its ``disc: global`` (a global-average-pool D of another layout)
+OLD_GLOBAL_DISC = "global (before seed 001's layout)"
+
+
 def read_gan_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with one clear error for a missing, corrupt or foreign file.
 
     A checkpoint written before generators had names gets ``kind: "unet"`` in each generator config it holds
-    (``config``, and ``train`` of a training checkpoint), so it loads and resumes as the U-Net it is.
+    (``config``, and ``train`` of a training checkpoint), so it loads and resumes as the U-Net it is. One
+    written before few-image training gets those settings off (:data:`SETTINGS_BEFORE_FEW_IMAGE`) in its
+    training settings, so it resumes as what it is; its ``disc: global`` becomes :data:`OLD_GLOBAL_DISC`,
+    so it is never resumed into the global discriminator of seed 001's layout, whose weights differ.
     """
     ckpt = read_torch_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "GAN")
     config = ckpt.get("config")
     for holder in (config, ckpt.get("train"), config.get("train") if isinstance(config, dict) else None):
         if isinstance(holder, dict) and isinstance(holder.get("generator"), dict):
             holder["generator"].setdefault("kind", DEFAULT_KIND)
+    for train in (ckpt.get("train"), config.get("train") if isinstance(config, dict) else None):
+        if isinstance(train, dict) and "spectral_norm" not in train:
+            train.update({k: v for k, v in SETTINGS_BEFORE_FEW_IMAGE.items() if k not in train})
+            if train.get("disc") == "global":
+                train["disc"] = OLD_GLOBAL_DISC
     return ckpt
 
 
