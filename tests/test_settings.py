@@ -289,18 +289,20 @@ def test_every_rule_passes_the_config_values(tmp_path):
     """The shell commands of the DAG for config.yaml: every setting of each stage is a flag with the config's value."""
     cfg = validate_config(yaml.safe_load((REPO / "config.yaml").read_text()))
     seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence"), cfg)
-    assert seen == set(stage_parsers()) - {"slide-info", "export", "overlay", "check-config", "stain-styles"}
+    assert seen == set(stage_parsers()) - {"slide-info", "export", "overlay", "check-config", "stain-styles",
+                                           "gate-pairs"}
 
 
 def test_every_rule_passes_changed_values(tmp_path):
     """The same with every setting changed from its default: a value a rule forgot would show here."""
     keys = sorted({s.key for _, _, s in _settings()} - {"split.train", "split.test"})
-    # with the option layer's styles found by k-means (gan.option_by is no flag), so stain-styles runs too; one
-    # style, as the learning curve's k = 1 regimes have one train slide (more styles than slides is an error)
+    # with the option layer's styles found by k-means and the quality gate on (neither is a flag), so
+    # stain-styles and gate-pairs run too; one style, as the learning curve's k = 1 regimes have one train
+    # slide (more styles than slides is an error)
     cfg = _config_with({**{k: _different(k, config_value(validate_config({}), k)) for k in keys},
-                        "gan.option_by": "cluster", "gan.clusters": 1})
+                        "gan.option_by": "cluster", "gan.clusters": 1, "gate.enabled": True})
     seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence"), cfg)
-    assert "stain-styles" in seen
+    assert {"stain-styles", "gate-pairs"} <= seen
 
 
 # --------------------------------------------------------------------------- by hand = the rule with the defaults
