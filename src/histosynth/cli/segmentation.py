@@ -76,7 +76,7 @@ def _add_score(sub: argparse._SubParsersAction) -> None:
                    help="MODEL PATCH_SETS... OUT_DIR (model.pt of train-segmenter; test patch sets with images, "
                         "inst and types; the output folder: scores.csv, summary.json, overlay.png)")
     add_option(p, "--overlap", key="score.overlap", type=int,
-               help="overlap of the sliding windows in output pixels (none: a quarter of the output)")
+               help="overlap of the sliding windows in output pixels (0: they tile the image)")
     add_option(p, "--batch", key="score.batch", type=int, help="windows per forward pass")
     add_device(p)
     add_threads(p, "score")

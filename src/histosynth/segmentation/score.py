@@ -71,7 +71,7 @@ def score(
     patch_sets: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
     *,
-    overlap: int | None = None,
+    overlap: int = 0,
     batch: int = 4,
     device: str = "auto",
     threads: int | None = 1,

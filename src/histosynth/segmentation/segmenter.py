@@ -501,13 +501,15 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
     return starts + [length - window]
 
 
-def predict(seg: Segmenter, image: np.ndarray, *, overlap: int | None = None, batch: int = 4,
+def predict(seg: Segmenter, image: np.ndarray, *, overlap: int = 0, batch: int = 4,
             amp_dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
     """NP probability (H, W), HV (2, H, W) and TP probabilities (T+1, H, W) for an RGB image of any size.
 
     The image is reflect-padded by the network's margin and covered by
-    output-sized windows that overlap by ``overlap`` pixels (default a
-    quarter of the output); overlapping predictions are averaged. A
+    output-sized windows that overlap by ``overlap`` pixels (default 0: the
+    windows tile the image, each with its input context, as HoVer-Net's own
+    inference does; the last one of a row or column is flush with the edge);
+    overlapping predictions are averaged. A
     same-padded network (output = input) keeps only the centre of each
     window, an eighth of the side in from every edge, so that every pixel
     kept saw context on all sides.
@@ -520,7 +522,7 @@ def predict(seg: Segmenter, image: np.ndarray, *, overlap: int | None = None, ba
     trim = s_in // 8 if seg.arch.get("padding") == "same" else 0  # drop the border that saw zero padding
     s_out = seg.output_size - 2 * trim
     margin = (s_in - s_out) // 2
-    overlap = s_out // 4 if overlap is None else int(overlap)
+    overlap = int(overlap)
     if not 0 <= overlap < s_out:
         raise HistosynthError(f"overlap must be in [0, {s_out}) for a {s_out}-px output, got {overlap}")
     h, w = image.shape[:2]
