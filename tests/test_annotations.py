@@ -1141,3 +1141,118 @@ def test_geojson_write_read_roundtrip(tmp_path, items):
         assert b.polygon.equals_exact(a.polygon, tolerance=0)
         assert b.class_name == a.class_name
         assert b.id == a.id
+
+
+# --------------------------------------------------------------------------- #
+# Hostile JSON: nesting, size, numbers as strings (issue #17)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    "head, tail",
+    [
+        (b'{"type":"FeatureCollection","features":[{"type":"Feature","geometry":{"type":"Polygon","coordinates":',
+         b"}}]}"),
+        (b'{"images":[],"categories":[],"annotations":[{"id":1,"segmentation":', b"}]}"),
+        (b"", b""),
+    ],
+    ids=["geojson", "coco", "bare"],
+)
+def test_deeply_nested_json_is_refused_naming_the_limit(tmp_path, head, tail):
+    p = write(tmp_path, "deep.json", head + b"[" * 10_000 + b"]" * 10_000 + tail)
+    with pytest.raises(HistosynthError, match=r"deep\.json.*nested more than 64 levels"):
+        read(p)
+
+
+def test_nesting_inside_strings_does_not_count(tmp_path):
+    # brackets and escaped quotes and backslashes in a class name: 2 + 20 x 8 brackets deep if they counted
+    name = "[[[[{{{{" * 20 + '"\\' + "]]]]}}}}" * 30 + '\\"'
+    s = read(write(tmp_path, "s.geojson", geojson([feature(square(0, 0), name)])))
+    assert len(s) == 1 and s.nuclei[0].class_name == name.casefold()
+
+
+def test_annotation_file_size_limit(tmp_path, monkeypatch):
+    from histosynth.io.annotations import _detect
+
+    p = write(tmp_path, "big.geojson", geojson([feature(square(0, 0), "a")]))
+    monkeypatch.setattr(_detect, "MAX_ANNOTATION_BYTES", 100)
+    with pytest.raises(HistosynthError, match=r"big\.geojson.*over the limit of 100 bytes"):
+        read(p)
+
+
+@pytest.mark.parametrize(
+    "content, item",
+    [
+        (geojson([feature(square(0, 0), "a"), feature([[[0, 0], [4, "0"], [4, 4], [0, 0]]], "a")]), "feature 1"),
+        (geojson([feature([[[[0, 0], [4, 0], [4, "4.5"], [0, 0]]]], "a", gtype="MultiPolygon")]), "feature 0"),
+        (geojson([feature([[[0, 0], [4, 0], [4, True], [0, 4]]], "a")]), "feature 0"),
+        (orjson.dumps({"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}], "annotations": [
+            {"id": 5, "image_id": 1, "category_id": 1, "segmentation": [[0, 0, "12.5", 0, 12, 12]]}]}),
+         "annotation id 5"),
+        (orjson.dumps({"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}], "annotations": [
+            {"id": 6, "image_id": 1, "category_id": 1, "segmentation": {"size": ["10", 12], "counts": [120]}}]}),
+         "annotation id 6"),
+        (orjson.dumps({"images": [{"id": 1}], "categories": [{"id": 1, "name": "a"}], "annotations": [
+            {"id": 7, "image_id": 1, "category_id": 1, "segmentation": {"size": [10, 12], "counts": ["120"]}}]}),
+         "annotation id 7"),
+        (orjson.dumps({"images": [{"id": 1, "width": "100", "height": 100}], "categories": [{"id": 1, "name": "a"}],
+                       "annotations": [{"id": 8, "image_id": 1, "category_id": 1,
+                                        "segmentation": [[0, 0, 12, 0, 12, 12]]}]}),
+         "image 1"),
+        (orjson.dumps({"nuclei": [{"x": [0, 5, "5"], "y": [0, 0, 5]}]}), "nucleus 0"),
+        (orjson.dumps([[[0, 0], [5, 0], [5, 5]], [[0, 0], [5, "0"], [5, 5]]]), "nucleus 1"),
+        (orjson.dumps([{"points": [{"x": 0, "y": 0}, {"x": "5", "y": 0}, {"x": 5, "y": 5}]}]), "nucleus 0"),
+    ],
+    ids=["geojson", "geojson-multipolygon", "geojson-bool", "coco-polygon", "coco-rle-size", "coco-rle-counts",
+         "coco-image-size", "points-xy", "points-pairs", "points-dicts"],
+)
+def test_numbers_as_strings_are_refused(tmp_path, content, item):
+    p = write(tmp_path, "q.json", content)
+    with pytest.raises(HistosynthError, match="not a number") as e:
+        read(p)
+    assert "q.json" in str(e.value) and item in str(e.value), str(e.value)
+
+
+def _mutations():
+    """Random truncations and byte flips of a file: (kind, position fraction, byte)."""
+    return st.tuples(st.sampled_from(["truncate", "flip"]), st.floats(0, 1), st.integers(0, 255))
+
+
+def _mutate(data: bytes, mutation) -> bytes:
+    kind, where, byte = mutation
+    i = min(int(where * len(data)), len(data) - 1)
+    return data[:i] if kind == "truncate" else data[:i] + bytes([byte]) + data[i + 1 :]
+
+
+def _read_or_refuse(path: Path) -> None:
+    try:
+        s = read(path, slide_size=(64, 64))
+    except HistosynthError as err:
+        assert str(path) in str(err)
+        return
+    assert all(n.polygon.is_valid and n.polygon.area > 0 for n in s.nuclei)
+
+
+_VALID_FILES = {
+    "geojson": geojson([feature(square(2, 3, 9), "a", id="n1"), feature(
+        [[[[10, 10], [20, 10], [20, 20], [10, 20], [10, 10]]], [[[30, 30], [31, 30], [31, 31], [30, 30]]]], "b",
+        gtype="MultiPolygon"), feature([1, 2], "c", gtype="Point")]),
+    "coco": orjson.dumps({"images": [{"id": 1, "width": 64, "height": 64, "file_name": "t.png"}],
+                          "categories": [{"id": 1, "name": "a"}],
+                          "annotations": [{"id": 1, "image_id": 1, "category_id": 1,
+                                           "segmentation": [[1, 1, 9, 1, 9, 9, 1, 9]]},
+                                          {"id": 2, "image_id": 1, "category_id": 1,
+                                           "segmentation": {"size": [4, 3], "counts": [2, 6, 4]}}]}),
+    "points": orjson.dumps({"nuclei": [{"class": "a", "points": [[1, 1], [6, 1], [6, 6], [1, 6]]},
+                                       {"x": [20, 30, 30], "y": [20, 20, 30]}]}),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(_VALID_FILES))
+@settings(max_examples=50, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutation=_mutations())
+def test_damaged_json_reads_or_is_refused(tmp_path, fmt, mutation):
+    """A truncated or byte-flipped file gives a valid result or one HistosynthError, never another exception."""
+    path = tmp_path / f"damaged-{fmt}.json"
+    path.write_bytes(_mutate(_VALID_FILES[fmt], mutation))
+    _read_or_refuse(path)

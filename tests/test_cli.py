@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +101,34 @@ def test_slide_info(slide, capsys):
 def test_console_script_and_module():
     res = subprocess.run([sys.executable, "-m", "histosynth", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "tile" in res.stdout and "demo-slides" in res.stdout
+
+
+def test_decompression_bomb_is_one_line_exit_2_no_output(tmp_path, capsys):
+    from tests.test_slides import _png_claiming
+
+    path = _png_claiming(tmp_path / "bomb.png", 200_000, 200_000)
+    out = tmp_path / "tiles"
+    assert main(["tile", str(path), str(out), "--mpp-fallback", "0.5"]) == 2
+    line = _error_line(capsys)
+    assert "bomb.png" in line and "200000 x 200000" in line and "--max-pixels" in line, line
+    assert not out.exists()
+
+
+def test_internal_error_is_one_line_naming_the_bug_and_the_traceback(tmp_path, capsys, monkeypatch):
+    from histosynth.cli import patches
+
+    def broken(args):
+        raise RuntimeError("something inside broke\nsecond line")
+
+    monkeypatch.setattr(patches, "_run_split", broken)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    code = main(["split", str(tmp_path / "split.csv"), "--slides", "a", "b"])
+    err = capsys.readouterr().err
+    assert code not in (0, 2)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    line = lines[0]
+    assert line.startswith("error: ") and "bug" in line and "RuntimeError: something inside broke" in line, line
+    saved = line.rsplit(" ", 1)[-1]
+    assert saved.startswith(str(tmp_path)) and "raise RuntimeError" in Path(saved).read_text()
+    assert not (tmp_path / "split.csv").exists()

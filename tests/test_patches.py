@@ -133,3 +133,71 @@ def test_monuseg_instances_equal_the_valid_regions():
         assert info["n_nuclei"] == len(np.unique(inst)) - 1
         assert info["n_nuclei"] + info["n_hidden"] >= len(polys) - 2  # at most 2 slivers with no pixel centre
         assert info["n_nuclei"] >= 0.99 * aset.report["kept"]
+
+
+# -- annotation files that yield little are errors, never an empty patch set (issue #17) -------------------------
+def _imagescope(path, squares):
+    regions = "".join(
+        f'<Region Id="{i}" Type="0"><Vertices>'
+        + "".join(f'<Vertex X="{x}" Y="{y}" Z="0"/>' for x, y in square[:-1])
+        + "</Vertices></Region>"
+        for i, square in enumerate(squares, 1)
+    )
+    path.write_text(f'<Annotations><Annotation Id="1" Name=""><Regions>{regions}</Regions></Annotation></Annotations>')
+    return path
+
+
+def _point(x, y):
+    return {"type": "Feature", "geometry": {"type": "Point", "coordinates": [x, y]}, "properties": {}}
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        # the slide is 400 x 200: outlines drawn at 40x on a slide read at 10x
+        (lambda d: _geojson(d / "a.geojson", [_feature(_square(4 * x, 4 * y, 40), "t")
+                                              for x, y in [(150, 80), (300, 120), (390, 190)]]),
+         (r"all 3 items .*3 wholly outside the slide.*span x 600\.\.1600, y 320\.\.800 but the slide is 400 x 200"
+          r".*another level or magnification")),
+        (lambda d: _imagescope(d / "a.xml", [_square(1000, 1000, 10), _square(2000, 500, 10)]),
+         r"all 2 items .*2 wholly outside the slide.*another level or magnification"),
+        (lambda d: _geojson(d / "a.geojson", [_point(10, 10), _point(50, 60)]),
+         r"all 2 items .*2 not polygons.*point annotations \(2 points\), not outlines"),
+        (lambda d: _geojson(d / "a.geojson", []), r"holds no annotations"),
+        (lambda d: _geojson(d / "a.geojson", [_feature(_square(10, 10, 20), "t"), _feature(_square(900, 10, 20), "t"),
+                                              _feature(_square(10, 900, 20), "t")]),
+         r"2 of 3 items \(67%, more than rasterize.max_dropped_fraction 0.5\).*2 wholly outside the slide"),
+    ],
+    ids=["geojson-outside", "imagescope-outside", "only-points", "no-features", "mostly-outside"],
+)
+def test_a_file_that_yields_little_is_an_error(tiles, tmp_path, make, message):
+    ann = make(tmp_path)
+    with pytest.raises(HistosynthError, match=message) as err:
+        rasterize_patchset(ann, tiles, tmp_path / "p")
+    assert str(ann) in str(err.value)
+    assert not (tmp_path / "p").exists()
+
+
+def test_max_dropped_fraction_and_the_cli(tiles, tmp_path, capsys):
+    ann = _geojson(tmp_path / "a.geojson", [_feature(_square(10, 10, 20), "t"), _feature(_square(900, 10, 20), "t"),
+                                            _feature(_square(10, 900, 20), "t")])
+    out = tmp_path / "p"
+    assert main(["rasterize", str(ann), str(tiles), str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([line for line in err if line.startswith("error: ")]) == 1 and "a.geojson" in err[-1], err
+    assert not out.exists()
+    assert main(["rasterize", str(ann), str(tiles), str(out), "--max-dropped-fraction", "0.7"]) == 0
+    assert read_patchset(out).report["parse"]["outside_slide"] == 2
+    with pytest.raises(HistosynthError, match="all 3 items"):
+        far = _geojson(tmp_path / "far.geojson", [_feature(_square(900, 10 + 30 * i, 20), "t") for i in range(3)])
+        rasterize_patchset(far, tiles, tmp_path / "q", max_dropped_fraction=1.0)
+
+
+def test_max_dropped_fraction_default_is_the_schemas():
+    import inspect
+
+    from histosynth.config import schema_node
+    from histosynth.patches import annotate
+
+    default = inspect.signature(rasterize_patchset).parameters["max_dropped_fraction"].default
+    assert default == annotate.MAX_DROPPED_FRACTION == schema_node("rasterize.max_dropped_fraction")["default"]

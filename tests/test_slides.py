@@ -297,3 +297,66 @@ def test_bad_level_and_size(tmp_path):
             slide.read_region(0, 0, 3, 10, 10)
         with pytest.raises(ValueError):
             slide.read_region(0, 0, 0, 0, 10)
+
+
+# -- decompression bombs: the header's size is checked before anything is decoded ----------------------
+def _png_claiming(path, width, height):
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels, with one tiny compressed row of data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def _tiff_claiming(path, width, height):
+    """A stripped (not tiled) 8 x 8 TIFF whose ImageWidth / ImageLength tags are patched to claim more."""
+    import struct
+
+    tifffile.imwrite(path, np.zeros((8, 8, 3), np.uint8))
+    with tifffile.TiffFile(path) as tf:
+        tags = tf.pages[0].tags
+        offsets = tags["ImageWidth"].valueoffset, tags["ImageLength"].valueoffset
+    data = bytearray(path.read_bytes())
+    for offset, value in zip(offsets, (width, height)):
+        data[offset : offset + 4] = struct.pack("<I", value)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("make", [_png_claiming, _tiff_claiming], ids=["png", "tiff"])
+def test_decompression_bomb_is_refused_from_the_header(tmp_path, make):
+    path = make(tmp_path / f"bomb.{'png' if make is _png_claiming else 'tif'}", 200_000, 200_000)
+    with pytest.raises(HistosynthError) as err:
+        open_slide(path, mpp_fallback=0.5)
+    message = str(err.value)
+    assert path.name in message and "200000 x 200000" in message, message
+    assert "max_pixels" in message and "--max-pixels" in message, message
+
+
+def test_image_within_a_raised_limit_still_fails_cleanly_in_the_decoder(tmp_path):
+    # the header passes a raised limit; OpenCV's own decoder then refuses it: one error naming the file
+    path = _png_claiming(tmp_path / "big.png", 200_000, 200_000)
+    with pytest.raises(HistosynthError, match=r"big\.png.*(OpenCV|decode)"):
+        open_slide(path, mpp_fallback=0.5, max_pixels=10**12)
+
+
+def test_max_pixels_is_checked_exactly(tmp_path):
+    path = tmp_path / "small.png"
+    cv2.imwrite(str(path), np.full((30, 40, 3), 200, np.uint8))
+    with open_slide(path, mpp_fallback=0.5, max_pixels=1200) as slide:
+        assert slide.dimensions == (40, 30)
+    with pytest.raises(HistosynthError, match=r"small\.png.*40 x 30 pixels .*limit of 1,199"):
+        open_slide(path, mpp_fallback=0.5, max_pixels=1199)
+
+
+def test_max_pixels_default_is_the_schemas():
+    from histosynth.config import schema_node
+    from histosynth.io.slides import MAX_PIXELS
+
+    assert MAX_PIXELS == schema_node("tile.max_pixels")["default"] == 2**31

@@ -7,7 +7,9 @@ runs, so ``histosynth tile`` never imports torch.
 
 Errors from bad input print one line, ``error: <file>: <problem>``, and exit
 with status 2; nothing half-written is left behind (stages write through
-temporary names).
+temporary names). Any other exception is a bug: one line names it and the file
+that holds its full traceback (also logged at DEBUG, shown with ``-v``), and the
+exit status is 1.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
+import traceback
 from collections.abc import Sequence
 
 from histosynth import __version__
@@ -24,6 +28,7 @@ from histosynth.errors import HistosynthError
 log = logging.getLogger("histosynth")
 
 EXIT_BAD_INPUT = 2
+EXIT_BUG = 1
 
 #: the stage families, in the order of the DAG
 FAMILIES = (slides, patches, masks, gan, segmentation, evidence)
@@ -73,7 +78,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - anything else is a bug in histosynth, not bad input
+        print(f"error: {_report_bug(err)}", file=sys.stderr)
+        return EXIT_BUG
     return 0
+
+
+def _report_bug(err: Exception) -> str:
+    """One line naming an unexpected exception and where its full traceback went (a file, and the DEBUG log)."""
+    text = traceback.format_exc()
+    log.debug("internal error:\n%s", text)
+    lines = str(err).strip().splitlines()
+    what = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+    try:
+        with tempfile.NamedTemporaryFile("w", prefix="histosynth-bug-", suffix=".txt", delete=False) as f:
+            f.write(text)
+        where = f"full traceback in {f.name}"
+    except OSError as exc:
+        where = f"the traceback could not be saved ({exc}); run again with -v to log it"
+    return f"internal error (a bug in histosynth, please report it): {what}; {where}"
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from histosynth.cli._args import add_classes, add_option, add_seed
+from histosynth.cli._args import add_classes, add_option, add_seed, fraction
 from histosynth.errors import HistosynthError
 
 log = logging.getLogger("histosynth")
@@ -20,6 +20,8 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
     add_classes(p, "class name to type id (1..255); none: every nucleus is type 1", nargs="*")
     add_option(p, "--catch-all", key="catch_all", metavar="NAME_OR_ID",
                help="class for names not in --classes (none: unknown names are an error)")
+    add_option(p, "--max-dropped-fraction", key="rasterize.max_dropped_fraction", type=fraction,
+               help="stop when the reader drops more than this fraction of the file's items (all: always)")
     p.add_argument("--overlay", metavar="PNG", help="also draw outlines on a few patches into this PNG")
     add_option(p, "--overlay-per-slide", key="rasterize.overlay_per_slide", type=int,
                help="patches drawn in the --overlay PNG")
@@ -33,7 +35,8 @@ def _run_rasterize(args: argparse.Namespace) -> None:
 
     class_map = parse_class_map(args.classes)
     catch_all = int(args.catch_all) if args.catch_all and args.catch_all.isdigit() else args.catch_all
-    rasterize_patchset(args.annotations, args.tiles_dir, args.out_dir, class_map, catch_all)
+    rasterize_patchset(args.annotations, args.tiles_dir, args.out_dir, class_map, catch_all,
+                       max_dropped_fraction=args.max_dropped_fraction)
     if args.overlay:
         names = read_class_map(class_map) if class_map else None
         overlay(args.out_dir, args.overlay, per_slide=args.overlay_per_slide, class_names=names)

@@ -35,6 +35,12 @@ def _run_demo(args: argparse.Namespace) -> None:
 
 
 # -- tile ------------------------------------------------------------------------
+def add_max_pixels(p: argparse.ArgumentParser) -> None:
+    """``--max-pixels`` (tile.max_pixels): the largest image read whole, checked from its header."""
+    add_option(p, "--max-pixels", key="tile.max_pixels", type=int,
+               help="refuse an image read whole (not through OpenSlide) whose header claims more pixels")
+
+
 def _add_tile(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tile", help="cut a slide into tiles at a target resolution (a patch set)")
     p.add_argument("slide", help="slide or image file")
@@ -57,6 +63,7 @@ def _add_tile(sub: argparse._SubParsersAction) -> None:
                    help="tile only the annotated areas of this annotation file")
     add_option(p, "--mpp-fallback", key="mpp_fallback", type=positive_float,
                help="um/px to assume when the slide states none (none: that is an error)")
+    add_max_pixels(p)
     add_threads(p, "tile", help="threads decoding slide tiles and probing them for background")
     p.set_defaults(func=_run_tile)
 
@@ -78,8 +85,8 @@ def _run_tile(args: argparse.Namespace) -> None:
     )
     if args.threads < 1:
         raise HistosynthError(f"--threads must be at least 1, got {args.threads}")
-    tile_slide(args.slide, args.out_dir, params, mpp_fallback=args.mpp_fallback, slide_name=args.name,
-               progress=args.progress, threads=args.threads)
+    tile_slide(args.slide, args.out_dir, params, mpp_fallback=args.mpp_fallback, max_pixels=args.max_pixels,
+               slide_name=args.name, progress=args.progress, threads=args.threads)
 
 
 # -- slide-info --------------------------------------------------
@@ -88,13 +95,14 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p.add_argument("slide")
     add_option(p, "--mpp-fallback", key="mpp_fallback", type=positive_float,
                help="um/px to assume when the slide states none")
+    add_max_pixels(p)
     p.set_defaults(func=_run_info)
 
 
 def _run_info(args: argparse.Namespace) -> None:
     from histosynth.io.slides import open_slide
 
-    with open_slide(args.slide, mpp_fallback=args.mpp_fallback) as slide:
+    with open_slide(args.slide, mpp_fallback=args.mpp_fallback, max_pixels=args.max_pixels) as slide:
         print(json.dumps(slide.describe(), indent=2))
 
 

@@ -14,7 +14,16 @@
   with the levels and downsamples OpenSlide would list: opening with OpenSlide
   hashes the smallest level, which for a single-level slide is the whole file;
 - images OpenSlide cannot open (stripped TIFF such as MoNuSeg's, PNG, JPEG)
-  are read whole with tifffile or OpenCV; they are single-level.
+  are read whole with tifffile or OpenCV; they are single-level. Their size
+  is read from the header first (TIFF tags; the PNG, JPEG or BMP header) and
+  an image of more than ``max_pixels`` pixels is refused before anything is
+  decoded, so a file whose header claims a huge size (a decompression bomb)
+  costs nothing. The default, :data:`MAX_PIXELS` (2**31, the schema's
+  ``tile.max_pixels``: a 46,000-pixel square, 6 GiB as RGB), is over 2,000
+  times the plain images the project reads (MoNuSeg and CoNSeP: 1000 x 1000)
+  and over 200 times a demo slide (3072 x 3072). OpenCV's own decoders stop
+  at 2**30 pixels, so a larger PNG or JPEG fails there, with
+  an error naming the file (convert them to TIFF).
 
 Coordinates are level-0 pixels, as in OpenSlide. Pixels outside the slide are
 returned as white background (255), never as transparent black.
@@ -34,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -56,6 +66,10 @@ PLAUSIBLE_MPP = (0.05, 20.0)
 # OpenSlide (JPEG 2000 in Aperio files needs OpenSlide's colour handling).
 _FAST_COMPRESSIONS = {1, 5, 7, 8, 32946, 50000}
 _PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+#: default limit on the pixels of an image read whole (not through OpenSlide); the schema's tile.max_pixels
+MAX_PIXELS = 2**31
+# JPEG start-of-frame markers (baseline, progressive, lossless, ...; not DHT C4, JPG C8, DAC CC)
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 @dataclass(frozen=True)
@@ -648,25 +662,75 @@ def _open_tiff_direct(path: Path, vendor: str, mpp_fallback: float | None, cache
     return Slide(path, "tifffile", levels, mpp, mpp_source, fast_levels=fast, vendor=vendor)
 
 
-def _open_plain(path: Path, mpp_fallback: float | None) -> Slide:
+def _check_pixels(path: Path, width: int, height: int, max_pixels: int) -> None:
+    """Refuse an image whose header claims more than ``max_pixels`` pixels, before it is decoded."""
+    if width * height > max_pixels:
+        raise HistosynthError(
+            f"the image header claims {width} x {height} pixels ({width * height:,}), more than the limit of "
+            f"{max_pixels:,} for an image read whole (not through OpenSlide): a corrupt or hostile file? "
+            "If it is genuine, raise tile.max_pixels in config.yaml (--max-pixels)",
+            path,
+        )
+
+
+def _header_size(buf: memoryview) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG or BMP header, without decoding; None for other or unreadable content."""
+    try:
+        if bytes(buf[:8]) == b"\x89PNG\r\n\x1a\n" and bytes(buf[12:16]) == b"IHDR":
+            return struct.unpack_from(">II", buf, 16)
+        if bytes(buf[:2]) == b"BM":
+            if struct.unpack_from("<I", buf, 14)[0] == 12:  # BITMAPCOREHEADER
+                return struct.unpack_from("<HH", buf, 18)
+            w, h = struct.unpack_from("<ii", buf, 18)
+            return abs(w), abs(h)  # a negative height means top-down rows
+        if bytes(buf[:2]) == b"\xff\xd8":
+            i = 2
+            while i + 9 <= len(buf) and buf[i] == 0xFF:
+                marker = buf[i + 1]
+                if marker == 0xFF:  # fill byte
+                    i += 1
+                elif marker in _JPEG_SOF:
+                    h, w = struct.unpack_from(">HH", buf, i + 5)
+                    return w, h
+                elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+                    i += 2
+                else:
+                    i += 2 + struct.unpack_from(">H", buf, i + 2)[0]
+    except struct.error:  # a header cut short: the decoder reports the file
+        return None
+    return None
+
+
+def _open_plain(path: Path, mpp_fallback: float | None, max_pixels: int) -> Slide:
     suffix = path.suffix.lower()
     found = None
     if suffix in (".tif", ".tiff"):
         try:
             with tifffile.TiffFile(path) as tf:
                 page = tf.pages[0]
+                _check_pixels(path, int(page.imagewidth), int(page.imagelength), max_pixels)
                 found = _mpp_from_tiff_tags(page)
                 image = page.asarray()
+        except HistosynthError:
+            raise
         except Exception as err:  # tifffile and its codecs raise many types for bad files
             raise HistosynthError(f"not a readable TIFF image (corrupt or truncated?): {err}", path) from err
     else:
         data = np.fromfile(path, dtype=np.uint8)
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+        size = _header_size(data.data)
+        if size is not None:
+            _check_pixels(path, size[0], size[1], max_pixels)
+        try:
+            image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+            if image is not None and image.ndim == 3:
+                code = cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB
+                image = cv2.cvtColor(image, code)
+        except cv2.error as err:  # OpenCV's decoders refuse what they cannot read with an assertion
+            detail = " ".join(str(err).split())
+            raise HistosynthError(f"OpenCV cannot decode the image (corrupt, or too large for it?): {detail}",
+                                  path) from err
         if image is None:
             raise HistosynthError("not an image that OpenSlide, tifffile or OpenCV can read", path)
-        if image.ndim == 3:
-            code = cv2.COLOR_BGRA2RGBA if image.shape[2] == 4 else cv2.COLOR_BGR2RGB
-            image = cv2.cvtColor(image, code)
     image = np.ascontiguousarray(_to_rgb(image, path))
     mpp, source = _resolve_mpp(path, found, "tiff-resolution", mpp_fallback)
     h, w = image.shape[:2]
@@ -677,11 +741,14 @@ def open_slide(
     path: str | os.PathLike,
     mpp_fallback: float | None = None,
     cache_bytes: int = 64 << 20,
+    max_pixels: int = MAX_PIXELS,
 ) -> Slide:
     """Open a whole-slide image or plain image; errors name the file and the problem.
 
     ``mpp_fallback`` is used only when the file states no resolution.
     ``cache_bytes`` bounds the decoded-tile cache of the fast TIFF path, per level.
+    ``max_pixels`` bounds the size of an image read whole (one OpenSlide cannot
+    open), checked from its header before it is decoded.
     """
     path = Path(path)
     if not path.exists():
@@ -706,4 +773,4 @@ def open_slide(
             f"({', '.join(sorted(_PLAIN_SUFFIXES))})",
             path,
         )
-    return _open_plain(path, mpp_fallback)
+    return _open_plain(path, mpp_fallback, max_pixels)

@@ -10,6 +10,16 @@ and one ``n_<class>`` column per class. Every skipped, repaired, clipped or
 overlapping item is counted in ``report.json`` and in the log; its
 ``classes`` is the class map in the one form, ``{"1": "Epithelial", ...}``
 (:mod:`histosynth.io.labels`; without a class map ``{"1": "nucleus"}``).
+
+A file that yields little is an error, not an empty or thin patch set that the
+DAG would train on (:func:`check_dropped`): a file with no items at all, one
+whose every item was dropped (wholly outside the slide, not a polygon - e.g.
+point annotations -, degenerate, ...), or one of whose items more than
+``max_dropped_fraction`` (the schema's ``rasterize.max_dropped_fraction``,
+0.5) were dropped. The error counts what was dropped and names the most likely
+cause: outlines outside the slide are compared with the slide's size
+(coordinates at another level or magnification?). Unknown class names are
+already an error of the reader (unless a catch-all class takes them).
 """
 
 from __future__ import annotations
@@ -28,6 +38,25 @@ from histosynth.patches.rasterize import rasterize_tiles
 
 log = logging.getLogger(__name__)
 
+#: default of ``max_dropped_fraction`` (the schema's rasterize.max_dropped_fraction)
+MAX_DROPPED_FRACTION = 0.5
+#: the reader's counts of dropped items (``read`` = ``kept`` + these), in words
+DROPPED = {
+    "outside_slide": "wholly outside the slide",
+    "skipped_not_polygon": "not polygons",
+    "skipped_degenerate": "degenerate (fewer than 3 distinct points, or no area)",
+    "skipped_no_geometry": "without a geometry",
+    "skipped_negative": "negative (excluded) regions",
+    "skipped_crowd": "COCO crowd regions",
+}
+# the most likely cause when most dropped items are of one kind (outside_slide and skipped_not_polygon: computed)
+_CAUSES = {
+    "skipped_degenerate": "the outlines have no area: a broken export, or points exported as polygons?",
+    "skipped_no_geometry": "the features carry no geometry: a measurements-only export?",
+    "skipped_negative": "negative regions mark areas to exclude, not nuclei",
+    "skipped_crowd": "COCO crowd regions cover groups of objects, not single nuclei",
+}
+
 
 def rasterize_patchset(
     annotation_path: str | os.PathLike,
@@ -36,13 +65,21 @@ def rasterize_patchset(
     class_map: Mapping[str, int] | None = None,
     catch_all: str | int | None = None,
     mpp_tolerance: float = 0.05,
+    max_dropped_fraction: float = MAX_DROPPED_FRACTION,
 ) -> dict:
-    """Write the typed patch set of one slide; returns its report."""
+    """Write the typed patch set of one slide; returns its report.
+
+    Raises :class:`HistosynthError`, writing nothing, when the annotation file
+    yields too little (see :func:`check_dropped`).
+    """
+    if not 0.0 <= max_dropped_fraction <= 1.0:
+        raise HistosynthError(f"max_dropped_fraction must be between 0 and 1, got {max_dropped_fraction}")
     tiles = read_patchset(tiles_dir, require=("images",))
     slide_info = tiles.report.get("slide", {})
     dims = slide_info.get("dimensions")
     slide_size = (int(dims[0]), int(dims[1])) if dims else None
     aset = annotations.read(annotation_path, class_map, catch_all=catch_all, slide_size=slide_size)
+    check_dropped(aset, slide_size, max_dropped_fraction)
     slide_mpp = slide_info.get("mpp")
     if aset.mpp and slide_mpp:
         ratio = aset.mpp / float(np.mean(slide_mpp))
@@ -101,3 +138,63 @@ def rasterize_patchset(
         totals["instances"], len(index), totals["overlap_pixels"], totals["hidden_nuclei"],
     )
     return report
+
+
+def check_dropped(
+    aset: annotations.AnnotationSet,
+    slide_size: tuple[int, int] | None,
+    max_dropped_fraction: float = MAX_DROPPED_FRACTION,
+) -> None:
+    """Refuse an annotation file that held nothing, or whose items were all or mostly dropped by the reader.
+
+    Dropped items are the reader's counts in :data:`DROPPED`; more than
+    ``max_dropped_fraction`` of the items read (or all of them, whatever the
+    fraction) is an error that lists the counts and the most likely cause.
+    """
+    rep = aset.report
+    read, kept = rep["read"], rep["kept"]
+    if read == 0:
+        raise HistosynthError(
+            f"the annotation file holds no annotations ({aset.format}, 0 items): nothing to rasterise", aset.path
+        )
+    dropped = {key: rep[key] for key in DROPPED if rep.get(key, 0)}
+    n_dropped = sum(dropped.values())
+    if kept and n_dropped <= max_dropped_fraction * read:
+        return
+    how_many = (
+        f"all {read} items" if not kept else
+        f"{n_dropped} of {read} items ({n_dropped / read:.0%}, more than rasterize.max_dropped_fraction "
+        f"{max_dropped_fraction:g})"
+    )
+    counts = ", ".join(f"{n} {DROPPED[key]}" for key, n in dropped.items())
+    main = max(dropped, key=dropped.get)
+    raise HistosynthError(
+        f"{how_many} of the annotation file were dropped ({counts}): {_likely_cause(aset, main, slide_size)}",
+        aset.path,
+    )
+
+
+def _likely_cause(aset: annotations.AnnotationSet, reason: str, slide_size: tuple[int, int] | None) -> str:
+    """What most likely made the reader drop the items of ``reason`` (a key of :data:`DROPPED`)."""
+    rep = aset.report
+    size = slide_size or aset.image_size
+    if reason == "outside_slide" and aset.extent is not None and size is not None:
+        x0, y0, x1, y1 = aset.extent
+        w, h = size
+        return (
+            f"the outlines span x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f} but the slide is {w} x {h} level-0 "
+            f"pixels ({max(x1 / w, y1 / h):.2g} times as far): coordinates at another level or magnification, "
+            "or the annotations of another slide?"
+        )
+    if reason == "skipped_not_polygon":
+        points = rep.get("not_polygon_points", 0)
+        if points == rep["skipped_not_polygon"]:
+            return (
+                f"the file holds point annotations ({points} points), not outlines; this stage needs nucleus "
+                "outlines (polygons)"
+            )
+        return (
+            f"the file holds items that are not outlines ({points} of them points; others lines, arrows or rulers); "
+            "this stage needs nucleus outlines (polygons)"
+        )
+    return _CAUSES.get(reason, "check how the file was exported")

@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import PatchSetWriter
-from histosynth.io.slides import Slide, open_slide
+from histosynth.io.slides import MAX_PIXELS, Slide, open_slide
 
 log = logging.getLogger(__name__)
 
@@ -366,15 +366,19 @@ def tile_slide(
     params: TileParams,
     *,
     mpp_fallback: float | None = None,
+    max_pixels: int = MAX_PIXELS,
     slide_name: str | None = None,
     progress: bool = False,
     threads: int = 1,
 ) -> TileStats:
-    """Tile one slide into a patch set at ``out_dir`` (written atomically)."""
+    """Tile one slide into a patch set at ``out_dir`` (written atomically).
+
+    ``mpp_fallback`` and ``max_pixels`` are passed to :func:`histosynth.io.slides.open_slide`.
+    """
     start = time.perf_counter()
     stats = TileStats()
     params.check()
-    with open_slide(slide_path, mpp_fallback=mpp_fallback) as slide:
+    with open_slide(slide_path, mpp_fallback=mpp_fallback, max_pixels=max_pixels) as slide:
         if slide_name:
             slide.name = slide_name
         with PatchSetWriter(out_dir, arrays=("images",), patch_size=(params.size, params.size),

@@ -113,7 +113,11 @@ Bad input
 One ``HistosynthError`` naming the file, the item and the reason for: a missing
 or empty file, an unknown format, malformed JSON/XML, XML with a DTD or entity
 declarations (refused as defusedxml refuses them, so entity-expansion bombs cost nothing),
-NaN/infinite coordinates (the file is corrupt), unknown class names, a label
+a file larger than 2 GiB (``_detect.MAX_ANNOTATION_BYTES``), JSON nested more
+than 64 levels deep (``_detect.MAX_JSON_DEPTH``) (checked on the bytes before parsing; GeoJSON
+needs 8), NaN/infinite coordinates (the file is corrupt), a JSON coordinate (or
+COCO RLE size or count, or image width/height) given as a string or a boolean
+(``"12.5"`` is not converted: a number is a number), unknown class names, a label
 image whose size differs from ``slide_size``. Repairable geometry is repaired
 and counted (one summary line on this package's logger): outlines with fewer
 than 3 distinct points or no area are skipped (``skipped_degenerate``);
@@ -128,13 +132,19 @@ slide (or touching only its edge) are skipped (``outside_slide``) and those
 partly outside are clipped to it (``clipped``). ``skipped_nonfinite`` is
 always 0 (non-finite coordinates are an error); it is kept so the report has a
 fixed set of keys. ``read`` = ``kept`` + every ``skipped_*`` + ``outside_slide``.
+Of the ``skipped_not_polygon`` items, those that are points (GeoJSON
+``Point``/``MultiPoint``, ASAP ``Dot``/``PointSet``, ImageJ point ROIs) are
+also counted as ``not_polygon_points``. ``AnnotationSet.extent`` is the
+bounding box of every outline read, before clipping (how far a file misses
+the slide). A file whose items were all or mostly dropped is refused by the
+rasterize stage (``histosynth.patches.annotate.check_dropped``), not here.
 
 Performance: cyclic garbage collection is paused while a file is read (it
 would otherwise traverse the millions of lists a large JSON file parses into).
 GeoJSON is walked once; the coordinates of every ring go into one float64
 array and all polygons are made by one ``shapely.from_ragged_array`` call
-(files with anything unusual - errors, 3-D points, numbers as strings - are
-read feature by feature, with the same result). ImageScope XML is streamed
+(files with anything unusual - errors such as numbers as strings, 3-D points - are
+read feature by feature, with the same result or the error naming the feature). ImageScope XML is streamed
 through expat handlers that keep only two attribute strings per vertex until
 they are converted to floats in chunks through orjson; each chunk of regions
 becomes polygons at once. Polygons are validated and clipped with vectorised

@@ -446,8 +446,35 @@ def instance_polygons(inst: np.ndarray) -> tuple[np.ndarray, list[Polygon], Coun
 # --------------------------------------------------------------------------- #
 
 
+def not_a_number(values: Any) -> str | bool | None:
+    """The first string or boolean among JSON coordinates (a flat list, or a list of points), or None.
+
+    numpy would convert a quoted ``"12.5"`` (and ``true``) to a float without a
+    word; the readers refuse them instead (a number is a number). Values of
+    other types are left to the numeric conversion, which reports them.
+    """
+    if isinstance(values, (str, bool)):
+        return values
+    if not isinstance(values, list):
+        return None
+    for item in values:
+        for v in item if isinstance(item, list) else (item,):
+            if isinstance(v, (str, bool)):
+                return v
+    return None
+
+
+def not_a_number_error(path: Path, ref: str, what: str, value: str | bool) -> HistosynthError:
+    """The error for a string or boolean where the file must hold a number."""
+    kind = "a string" if isinstance(value, str) else "a boolean"
+    return HistosynthError(f"{ref}: {what}: {value!r} is {kind}, not a number (numbers must not be quoted)", path)
+
+
 def as_xy(value: Any, path: Path, ref: str) -> np.ndarray:
     """A list of points ([x, y] or [x, y, z]) as an (n, 2) float array, or an error."""
+    bad = not_a_number(value)
+    if bad is not None:
+        raise not_a_number_error(path, ref, "coordinates are not a list of numeric points", bad)
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as exc:

@@ -39,6 +39,7 @@ class AnnotationSet:
     class_counts: dict[str, int]
     source_class_counts: dict[str, int] = field(default_factory=dict)  # normalised names before mapping
     image_size: tuple[int, int] | None = None  # (width, height) when the file states it
+    extent: tuple[float, float, float, float] | None = None  # (xmin, ymin, xmax, ymax) of every outline read
 
     def __len__(self) -> int:
         return len(self.nuclei)

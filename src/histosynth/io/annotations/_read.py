@@ -209,6 +209,8 @@ def _finish(
     rep["skipped_degenerate"] += int((~present).sum())
     if (dx or dy) and present.any():
         g[present] = shapely.transform(g[present], lambda c: c + [dx, dy])
+    # the extent of everything read, before clipping: the clue when outlines miss the slide
+    extent = tuple(float(v) for v in shapely.total_bounds(g[present])) if present.any() else None
     invalid = present & ~shapely.is_valid(g)
     if invalid.any():
         # "structure" repair: the union of the rings' interiors (a small loop
@@ -253,6 +255,7 @@ def _finish(
         class_counts=dict(Counter(names)),
         source_class_counts=dict(Counter(srcs)),
         image_size=parsed.size,
+        extent=extent,
     )
     _log_summary(path if item is None else f"{path} [{item}]", fmt, report)
     return result

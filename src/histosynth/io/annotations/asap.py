@@ -12,6 +12,7 @@ from histosynth.io.annotations._model import Parsed
 from histosynth.io.annotations._xml import Coords, xml_events
 
 _ASAP_POLYGONAL = {"polygon", "spline", "rectangle"}
+_ASAP_POINTS = {"dot", "pointset"}
 
 
 def parse_asap(path: Path, spline_samples: int = 8) -> Parsed:
@@ -32,6 +33,8 @@ def parse_asap(path: Path, spline_samples: int = 8) -> Parsed:
             ref = f"Annotation {i - 1} ({el.get('Name', '')!s})"
             if atype.casefold() not in _ASAP_POLYGONAL:
                 out.report["skipped_not_polygon"] += 1
+                if atype.casefold() in _ASAP_POINTS:
+                    out.report["not_polygon_points"] += 1
                 el.clear()
                 continue
             cel = el.find("Coordinates")

@@ -10,19 +10,33 @@ import numpy as np
 import shapely
 
 from histosynth.errors import HistosynthError
-from histosynth.io.annotations._geometry import instance_polygons, linearrings, nonfinite_error, shoelace
+from histosynth.io.annotations._geometry import (
+    instance_polygons,
+    linearrings,
+    nonfinite_error,
+    not_a_number,
+    not_a_number_error,
+    shoelace,
+)
 from histosynth.io.annotations._model import Parsed
 
 
 def rle_decode(seg: dict, ref: str, path: Path) -> np.ndarray:
     """COCO RLE (uncompressed list or compressed string counts) -> (h, w) bool mask."""
     try:
-        h, w = (int(v) for v in seg["size"])
-        counts = seg["counts"]
+        size, counts = seg["size"], seg["counts"]
+        bad = not_a_number(size)
+        if bad is not None:
+            raise not_a_number_error(path, ref, "RLE size", bad)
+        h, w = (int(v) for v in size)
     except (KeyError, TypeError, ValueError):
         raise HistosynthError(f"{ref}: malformed RLE segmentation", path) from None
     if isinstance(counts, str):
         counts = _rle_string_counts(counts, ref, path)
+    else:
+        bad = not_a_number(counts)
+        if bad is not None:
+            raise not_a_number_error(path, ref, "RLE counts", bad)
     counts = np.asarray(counts, dtype=np.int64)
     if counts.size and (counts.min() < 0 or counts.sum() != h * w):
         raise HistosynthError(f"{ref}: RLE counts do not add up to {h}x{w}", path)
@@ -98,6 +112,9 @@ def select_coco_image(images: dict, by_image: dict, image: Any, path: Path) -> A
 def parse_coco_image(anns: list[dict], cats: dict, image_info: dict | None, path: Path) -> Parsed:
     out = Parsed()
     if image_info and "width" in image_info and "height" in image_info:
+        bad = not_a_number([image_info["width"], image_info["height"]])
+        if bad is not None:
+            raise not_a_number_error(path, f"image {image_info.get('id', '?')}", "width/height", bad)
         try:
             out.size = (int(image_info["width"]), int(image_info["height"]))
         except (TypeError, ValueError):
@@ -131,6 +148,9 @@ def parse_coco_image(anns: list[dict], cats: dict, image_info: dict | None, path
             continue
         rings = []
         for part in seg:
+            bad = not_a_number(part)
+            if bad is not None:
+                raise not_a_number_error(path, ref, "segmentation is not a list of numbers", bad)
             try:
                 flat = np.asarray(part, dtype=np.float64).reshape(-1)
             except (TypeError, ValueError):

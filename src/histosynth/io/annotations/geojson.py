@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from array import array
 from collections.abc import Iterable
 from itertools import chain
 from pathlib import Path
@@ -17,11 +18,15 @@ from histosynth.errors import HistosynthError
 from histosynth.io.annotations._geometry import (
     as_xy,
     nonfinite_error,
+    not_a_number,
     polygons_from_flat,
     polygons_from_rings,
     shoelace,
 )
 from histosynth.io.annotations._model import AnnotationSet, Nucleus, Parsed
+
+# geometries skipped as not polygons that are counted as points too (not_polygon_points)
+_POINT_TYPES = ("Point", "MultiPoint")
 
 
 def _qupath_name(feature: dict) -> str:
@@ -72,7 +77,8 @@ def parse_geojson(data: Any, path: Path) -> Parsed:
     an [x, y] pair) take the fast path; anything else (errors, 3-D points,
     numbers as strings, ...) is read by :func:`_parse_geojson_reference`, the
     per-feature reader, which names the offending item. Both give the same
-    result.
+    result. A coordinate given as a string (``"12.5"``) or a boolean is an
+    error, never converted.
     """
     features = _geojson_features(data, path)
     try:
@@ -112,6 +118,8 @@ def _parse_geojson_fast(features: list) -> Parsed:
                 report["multipolygon_parts_dropped"] += dropped
         else:
             report["skipped_not_polygon"] += 1
+            if gtype in _POINT_TYPES:
+                report["not_polygon_points"] += 1
             continue
         fid = get("id")
         refs.append(f"feature {i}" if fid is None else f"feature {i} (id {fid})")
@@ -124,20 +132,20 @@ def _parse_geojson_fast(features: list) -> Parsed:
         add_rings(coords)
     # Every ring a list of points, every point a list of two values, and the
     # values all finite numbers: list.__len__ refuses anything but a list, so a
-    # string or an object in place of a point cannot pass. The values are
-    # converted as np.asarray(ring, dtype=float64) converts them.
+    # string or an object in place of a point cannot pass, and array("d")
+    # refuses a string in place of a number (np.fromiter would parse it).
     try:
         ring_len = np.fromiter(map(list.__len__, rings), dtype=np.int64, count=len(rings))
         n_points = int(ring_len.sum())
         if n_points and max(map(list.__len__, chain.from_iterable(rings))) != 2:
             raise _NotSimple
-        # exactly 2 * n_points values, or fromiter raises (no point has more than 2)
-        xy = np.fromiter(
-            chain.from_iterable(chain.from_iterable(rings)), dtype=np.float64, count=2 * n_points
-        ).reshape(-1, 2)
+        values = array("d", chain.from_iterable(chain.from_iterable(rings)))
     except (TypeError, ValueError, OverflowError):
         raise _NotSimple from None
-    if not np.isfinite(xy).all():
+    if len(values) != 2 * n_points:  # a point with fewer than 2 values
+        raise _NotSimple
+    xy = np.frombuffer(values, dtype=np.float64).reshape(-1, 2)
+    if not np.isfinite(xy).all() or _has_boolean(rings, ring_len, xy):
         raise _NotSimple
     nr = np.asarray(nrings, dtype=np.int64)
     is_shell = np.zeros(len(rings), dtype=bool)
@@ -151,6 +159,24 @@ def _parse_geojson_fast(features: list) -> Parsed:
     return out
 
 
+def _has_boolean(rings: list, ring_len: np.ndarray, xy: np.ndarray) -> bool:
+    """Whether a JSON ``true``/``false`` stands for a coordinate (array("d") reads them as 1 and 0).
+
+    Only the values equal to 0 or 1 are looked up in the parsed rings, which
+    are few in real coordinates.
+    """
+    flat = np.flatnonzero((xy == 0) | (xy == 1))
+    if not flat.size:
+        return False
+    ends = np.cumsum(ring_len)
+    point = flat // 2
+    ring = np.searchsorted(ends, point, side="right")
+    first = ends - ring_len
+    return any(
+        type(rings[r][p - first[r]][c]) is bool for r, p, c in zip(ring.tolist(), point.tolist(), (flat % 2).tolist())
+    )
+
+
 def _largest_part(parts: Any) -> tuple[list, int]:
     """The rings of a MultiPolygon's part with the largest shell, and the number of other parts."""
     if type(parts) is not list:
@@ -161,6 +187,8 @@ def _largest_part(parts: Any) -> tuple[list, int]:
             raise _NotSimple
         rings = []
         for r in part:
+            if not_a_number(r) is not None:
+                raise _NotSimple
             try:
                 a = np.asarray(r, dtype=np.float64)
             except (TypeError, ValueError):
@@ -205,6 +233,8 @@ def _parse_geojson_reference(features: list, path: Path) -> Parsed:
             parts = coords
         else:
             out.report["skipped_not_polygon"] += 1
+            if gtype in _POINT_TYPES:
+                out.report["not_polygon_points"] += 1
             continue
         if not isinstance(parts, list) or not all(isinstance(p, list) for p in parts):
             raise HistosynthError(f"{ref}: malformed {gtype} coordinates", path)

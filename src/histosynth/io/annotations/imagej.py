@@ -88,6 +88,8 @@ def decode_roi(b: bytes, ref: str, path: Path, report: Counter) -> tuple[np.ndar
             report["splines_sampled"] += 1
         return ring, False
     if rtype in _ROI_TYPE_NAMES:
+        if _ROI_TYPE_NAMES[rtype] == "point":
+            report["not_polygon_points"] += 1
         return None, False
     raise HistosynthError(f"{ref}: unknown ROI type {rtype}", path)
 

@@ -11,7 +11,13 @@ import shapely
 from shapely.geometry import Polygon
 
 from histosynth.errors import HistosynthError
-from histosynth.io.annotations._geometry import as_xy, largest_polygon, nonfinite_error
+from histosynth.io.annotations._geometry import (
+    as_xy,
+    largest_polygon,
+    nonfinite_error,
+    not_a_number,
+    not_a_number_error,
+)
 from histosynth.io.annotations._model import Parsed
 
 _POINT_LIST_KEYS = ("points", "boundary", "boundary_points", "coordinates", "contour", "vertices", "outline")
@@ -73,6 +79,9 @@ def _entry_points(v: Any, ref: str, path: Path) -> tuple[np.ndarray, str]:
                 break
         if ("x" in v and "y" in v) or ("X" in v and "Y" in v):
             xs, ys = v.get("x", v.get("X")), v.get("y", v.get("Y"))
+            bad = not_a_number([xs, ys])
+            if bad is not None:
+                raise not_a_number_error(path, ref, "x/y are not numeric lists", bad)
             try:
                 xs = np.asarray(xs, dtype=np.float64).reshape(-1)
                 ys = np.asarray(ys, dtype=np.float64).reshape(-1)
