@@ -14,6 +14,7 @@ from histosynth.gan.conditioning import build_conditioning
 from histosynth.gan.train import sample_batch, train_gan
 from histosynth.io.pool import load_pool
 from histosynth.models import generators
+from histosynth.models.daff import DaffGenerator
 from histosynth.models.generators import GENERATORS, build_generator, define_G
 from histosynth.models.pix2pix import gan_checkpoint_dict, generate, load_gan
 from histosynth.models.pix2pixhd import Pix2PixHDGenerator
@@ -39,7 +40,8 @@ def sets(tmp_path_factory):
 
 
 def test_the_registry_names_every_kind():
-    assert GENERATORS == {"unet": UnetGenerator, "pix2pixhd": Pix2PixHDGenerator, "spade": SpadeGenerator}
+    assert GENERATORS == {"unet": UnetGenerator, "pix2pixhd": Pix2PixHDGenerator, "daff": DaffGenerator,
+                          "spade": SpadeGenerator}
     with pytest.raises(HistosynthError, match="generator must be one of.*'vae'"):
         define_G("vae", 5)
 
@@ -67,11 +69,13 @@ def test_each_kind_maps_the_conditioning_to_an_image_and_trains_every_parameter(
 
 def test_define_g_takes_each_kinds_own_settings():
     all_settings = dict(depth=3, width=4, max_width=16, dropout_innermost=3, dropout_at_inference=True, n_down=2,
-                        n_blocks=1, local_enhancer=False, norm="instance")
+                        n_blocks=1, local_enhancer=False, norm="instance", attention_recurrence=1)
     assert set(define_G("unet", 5, **all_settings).config) == {
         "kind", "in_ch", "out_ch", "depth", "width", "max_width", "dropout_innermost", "norm", "dropout_at_inference"}
     assert set(define_G("pix2pixhd", 5, **all_settings).config) == {
         "kind", "in_ch", "out_ch", "width", "n_down", "n_blocks", "norm", "local_enhancer"}
+    assert set(define_G("daff", 5, **all_settings).config) == {
+        "kind", "in_ch", "out_ch", "width", "n_down", "n_blocks", "norm", "local_enhancer", "attention_recurrence"}
     assert set(define_G("spade", 5, **all_settings).config) == {"kind", "in_ch", "out_ch", "width", "n_down", "norm"}
 
 

@@ -28,13 +28,16 @@ def _add_train_gan(sub: argparse._SubParsersAction) -> None:
                          help="the options from a stain-styles file (gan.option_by: cluster)")
     add_option(p, "--crop", key="gan.crop", type=int,
                help="training crop side, divisible by the generator's multiple (unet: 2**depth)")
-    add_option(p, "--generator", key="gan.generator", help="the generator: pix2pix U-Net, pix2pixHD or SPADE")
+    add_option(p, "--generator", key="gan.generator",
+               help="the generator: pix2pix U-Net, pix2pixHD, DAFF-GAN or SPADE")
     add_option(p, "--depth", key="gan.depth", type=int, help="U-Net levels (the paper's is 8 at 256 px)")
     add_option(p, "--width", key="gan.width", type=int, help="generator first-level channels (paper 64)")
-    add_option(p, "--n-down", key="gan.n_down", type=int, help="pix2pixhd / spade: times the input is halved")
-    add_option(p, "--n-blocks", key="gan.n_blocks", type=int, help="pix2pixhd: residual blocks (paper 9)")
+    add_option(p, "--n-down", key="gan.n_down", type=int, help="pix2pixhd / daff / spade: times the input is halved")
+    add_option(p, "--n-blocks", key="gan.n_blocks", type=int, help="pix2pixhd / daff: residual blocks (paper 9)")
     add_option(p, "--local-enhancer", key="gan.local_enhancer",
-               help="pix2pixhd: add the local enhancer (the global generator runs at half resolution)")
+               help="pix2pixhd / daff: add the local enhancer (the global generator runs at half resolution)")
+    add_option(p, "--attention-recurrence", key="gan.attention_recurrence", type=int,
+               help="daff: passes of each criss-cross attention module (CCNet's 2)")
     add_option(p, "--norm", key="gan.norm", help="normalisation layers")
     add_option(p, "--disc", key="gan.disc", help="discriminator")
     add_option(p, "--num-d", key="gan.num_d", type=int, help="scales of the multiscale discriminator")
@@ -76,7 +79,8 @@ def _run_train_gan(args: argparse.Namespace) -> None:
         options = parse_pairs(args.options, "an option")
     train_gan(args.paths[:-1], args.paths[-1], options=options or None,
               crop=args.crop, generator=args.generator, depth=args.depth, width=args.width, n_down=args.n_down,
-              n_blocks=args.n_blocks, local_enhancer=args.local_enhancer, norm=args.norm, disc=args.disc,
+              n_blocks=args.n_blocks, local_enhancer=args.local_enhancer,
+              attention_recurrence=args.attention_recurrence, norm=args.norm, disc=args.disc,
               num_d=args.num_d, ndf=args.ndf, gan_mode=args.gan_mode, lambda_l1=args.lambda_l1,
               lambda_fm=args.lambda_fm, lambda_gp=args.lambda_gp, spectral_norm=args.spectral_norm,
               diffaugment=args.diffaugment, ema=args.ema, noise=args.noise,

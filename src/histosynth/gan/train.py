@@ -2,7 +2,7 @@
 
 :func:`train_gan` reads the real (image, inst, types) patches of the given
 patch sets, conditions the generator (``generator``: the pix2pix U-Net by default,
-pix2pixHD or SPADE; :mod:`histosynth.models.generators`) on
+pix2pixHD, DAFF-GAN or SPADE; :mod:`histosynth.models.generators`) on
 :func:`histosynth.gan.conditioning.build_conditioning` of the masks with the
 option of each patch's slide (``options``: slide → option name, e.g. the
 stain style; slides without an entry get ``"default"``), and trains it
@@ -226,6 +226,7 @@ def train_gan(
     n_down: int = 3,
     n_blocks: int = 3,
     local_enhancer: bool = False,
+    attention_recurrence: int = 2,
     norm: str = "batch",
     disc: str = "patch",
     num_d: int = 2,
@@ -258,7 +259,8 @@ def train_gan(
 
     ``generator`` picks the generator (:data:`histosynth.models.generators.GENERATORS`): ``unet`` takes
     ``depth``, ``width``, ``max_width``, ``dropout_at_inference``; ``pix2pixhd`` takes ``width``, ``n_down``,
-    ``n_blocks``, ``local_enhancer``; ``spade`` takes ``width``, ``n_down``; all take ``norm``. Each ignores
+    ``n_blocks``, ``local_enhancer``; ``daff`` takes those and ``attention_recurrence``; ``spade`` takes
+    ``width``, ``n_down``; all take ``norm``. Each ignores
     the others' settings. ``crop`` must be divisible by the generator's ``multiple``.
     ``ndf`` (discriminator width) defaults to ``width`` (pix2pix: ngf = ndf = 64). ``lambda_gp`` weighs
     wgan-gp's gradient penalty (ignored by the other modes); ``spectral_norm``, ``diffaugment`` (policies of
@@ -273,7 +275,7 @@ def train_gan(
                              ("decay_steps", decay_steps, 0), ("batch_size", batch_size, 1),
                              ("sample_every", sample_every, 1), ("checkpoint_every", checkpoint_every, 1),
                              ("log_every", log_every, 1), ("num_d", num_d, 1), ("n_down", n_down, 1),
-                             ("n_blocks", n_blocks, 1)):
+                             ("n_blocks", n_blocks, 1), ("attention_recurrence", attention_recurrence, 1)):
         if int(value) < low:
             raise HistosynthError(f"{name} must be at least {low}, got {value}")
     if steps + decay_steps < 1:
@@ -285,8 +287,9 @@ def train_gan(
         raise HistosynthError(f"ema (the decay of the generator's moving average) must be in [0, 1), got {ema}")
     policies = check_policies(diffaugment)
     generators.generator_class(generator)  # an unknown name is an error before anything is read
-    if local_enhancer and generator != "pix2pixhd":
-        raise HistosynthError(f"local_enhancer is part of the pix2pixhd generator, not of {generator!r}")
+    if local_enhancer and generator not in ("pix2pixhd", "daff"):
+        raise HistosynthError(f"local_enhancer is part of the pix2pixhd generator (and of daff, built on it), "
+                              f"not of {generator!r}")
     if disc not in p2p.DISCRIMINATORS:
         raise HistosynthError(f"disc must be one of {p2p.DISCRIMINATORS}, got {disc!r}")
     if gan_mode not in p2p.GAN_MODES:
@@ -309,7 +312,8 @@ def train_gan(
         torch.manual_seed(seed)
         G = generators.define_G(generator, in_ch, 3, depth=depth, width=width, max_width=max_width,
                                 dropout_innermost=3, norm=norm, dropout_at_inference=dropout_at_inference,
-                                n_down=n_down, n_blocks=n_blocks, local_enhancer=local_enhancer).to(dev)
+                                n_down=n_down, n_blocks=n_blocks, local_enhancer=local_enhancer,
+                                attention_recurrence=attention_recurrence).to(dev)
         if crop % G.multiple:
             raise HistosynthError(f"crop {crop} is not divisible by {G.multiple} ({G.why_multiple}); use a crop "
                                   f"that is a multiple of {G.multiple} or a shallower {generator} generator")

@@ -1,11 +1,12 @@
 """What the mask → H&E GAN networks share: the norm layers, the pix2pix init, the generator base class.
 
 Every generator (:mod:`histosynth.models.unet`, :mod:`histosynth.models.pix2pixhd`,
-:mod:`histosynth.models.spade`; built by :mod:`histosynth.models.generators`) is a :class:`Generator`: it
-maps the conditioning (N, in_ch, H, W) of :func:`histosynth.gan.conditioning.build_conditioning` to images
-(N, out_ch, H, W) in [−1, 1], and exposes what training and translation use of it — ``config`` (its
-``kind`` and the keyword arguments that rebuild it; saved in every GAN checkpoint), ``multiple`` (the side
-H and W must be divisible by) and :meth:`Generator.set_inference_mode`.
+:mod:`histosynth.models.daff`, :mod:`histosynth.models.spade`; built by :mod:`histosynth.models.generators`)
+is a :class:`Generator`: it maps the conditioning (N, in_ch, H, W) of
+:func:`histosynth.gan.conditioning.build_conditioning` to images (N, out_ch, H, W) in [−1, 1], and exposes
+what training and translation use of it — ``config`` (its ``kind`` and the keyword arguments that rebuild
+it; saved in every GAN checkpoint), ``multiple`` (the side H and W must be divisible by) and
+:meth:`Generator.set_inference_mode`.
 """
 
 from __future__ import annotations

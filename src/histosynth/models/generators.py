@@ -3,6 +3,8 @@
 - ``unet`` — the pix2pix U-Net (:mod:`histosynth.models.unet`), the default;
 - ``pix2pixhd`` — the pix2pixHD global generator, optionally with its local enhancer
   (:mod:`histosynth.models.pix2pixhd`);
+- ``daff`` — the DAFF-GAN generator: pix2pixHD with criss-cross attention and remote skips
+  (:mod:`histosynth.models.daff`);
 - ``spade`` — the SPADE generator (:mod:`histosynth.models.spade`).
 
 All take the same conditioning (N, in_ch, H, W) and return (N, 3, H, W) in [−1, 1]; they are
@@ -16,13 +18,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from histosynth.errors import HistosynthError
+from histosynth.models.daff import DaffGenerator
 from histosynth.models.gan_layers import Generator, init_weights
 from histosynth.models.pix2pixhd import Pix2PixHDGenerator
 from histosynth.models.spade import SpadeGenerator
 from histosynth.models.unet import UnetGenerator
 
 GENERATORS: dict[str, type[Generator]] = {
-    cls.kind: cls for cls in (UnetGenerator, Pix2PixHDGenerator, SpadeGenerator)
+    cls.kind: cls for cls in (UnetGenerator, Pix2PixHDGenerator, DaffGenerator, SpadeGenerator)
 }
 #: the kind of a checkpoint written before generators had names
 DEFAULT_KIND = "unet"
@@ -43,7 +46,8 @@ def define_G(kind: str, in_ch: int, out_ch: int = 3, *, init_gain: float = 0.02,
     """A freshly initialised generator of ``kind`` (N(0, ``init_gain``) weights, as pix2pix).
 
     ``settings`` may hold the settings of every kind (train-gan passes them all): each generator takes those
-    its constructor names and leaves the others (``depth`` is the U-Net's, ``n_blocks`` pix2pixHD's).
+    its constructor names and leaves the others (``depth`` is the U-Net's, ``n_blocks`` pix2pixHD's and DAFF-GAN's,
+    ``attention_recurrence`` DAFF-GAN's).
     """
     cls = generator_class(kind)
     own = _arguments(cls)

@@ -30,6 +30,8 @@ from histosynth.models.gan_layers import Generator, norm_layer
 
 #: residual blocks of the local enhancer (the paper's ``n_blocks_local``)
 LOCAL_BLOCKS = 3
+#: layers of the 7×7 input conv (reflection pad, conv, norm, ReLU) that open G1's ``model`` and G2's ``front``
+STEM_LAYERS = 4
 
 
 def _conv_norm_relu(conv: nn.Module, norm: str, channels: int) -> list[nn.Module]:
@@ -54,7 +56,11 @@ class ResnetBlock(nn.Module):
 
 
 class GlobalGenerator(nn.Module):
-    """G1 without its output layer: (N, in_ch, H, W) → features (N, width, H, W)."""
+    """G1 without its output layer: (N, in_ch, H, W) → features (N, width, H, W).
+
+    ``model[:STEM_LAYERS]`` is the 7×7 input conv, ``model[:blocks_start]`` the whole encoder and
+    ``model[blocks_start:]`` the residual blocks and the decoder (the hooks DAFF-GAN's generator uses).
+    """
 
     def __init__(self, in_ch: int, width: int, n_down: int, n_blocks: int, norm: str):
         super().__init__()
@@ -62,6 +68,7 @@ class GlobalGenerator(nn.Module):
         for i in range(n_down):
             c = width * 2**i
             layers += _conv_norm_relu(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), norm, 2 * c)
+        self.blocks_start = len(layers)
         layers += [ResnetBlock(width * 2**n_down, norm) for _ in range(n_blocks)]
         for i in range(n_down, 0, -1):
             c = width * 2**i
@@ -77,7 +84,8 @@ class LocalEnhancer(nn.Module):
     """G2 without its output layer: front end on the full-resolution input, + G1's features, back end.
 
     ``forward(x, global_features)`` takes the input (N, in_ch, H, W) and G1's last feature map
-    (N, 2·width, H/2, W/2) and returns features (N, width, H, W).
+    (N, 2·width, H/2, W/2) and returns features (N, width, H, W). ``front[:STEM_LAYERS]`` is its 7×7 input
+    conv; ``back`` starts with the residual blocks.
     """
 
     def __init__(self, in_ch: int, width: int, norm: str):
