@@ -40,8 +40,7 @@ import torch
 from torch import nn
 
 from histosynth.errors import HistosynthError
-from histosynth.models.gan_layers import Generator, norm_layer
-from histosynth.models.pix2pixhd import STEM_LAYERS, GlobalGenerator, LocalEnhancer
+from histosynth.models.pix2pixhd import STEM_LAYERS, GlobalGenerator, LocalEnhancer, Pix2PixHDGenerator
 
 
 def criss_cross_weights(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -117,7 +116,7 @@ class AttentionLocalEnhancer(LocalEnhancer):
         return self.back(self.attention(fused)) + stem
 
 
-class DaffGenerator(Generator):
+class DaffGenerator(Pix2PixHDGenerator):
     """pix2pixHD's G1 (optionally inside G2) with criss-cross attention and remote skips; see the module
     docstring."""
 
@@ -125,30 +124,14 @@ class DaffGenerator(Generator):
 
     def __init__(self, in_ch: int, out_ch: int = 3, width: int = 32, n_down: int = 3, n_blocks: int = 3,
                  norm: str = "batch", local_enhancer: bool = False, attention_recurrence: int = 2):
-        if in_ch < 1 or out_ch < 1 or width < 1:
-            raise HistosynthError("DAFF-GAN channel counts must be positive")
-        if n_down < 1 or n_blocks < 1:
-            raise HistosynthError(f"DAFF-GAN needs n_down >= 1 and n_blocks >= 1, got {n_down} and {n_blocks}")
         if attention_recurrence < 1:
             raise HistosynthError(f"attention_recurrence must be at least 1, got {attention_recurrence}")
-        norm_layer(norm, 1)  # validates
-        why = f"the global generator halves it {n_down} times"
-        super().__init__({"in_ch": int(in_ch), "out_ch": int(out_ch), "width": int(width), "n_down": int(n_down),
-                          "n_blocks": int(n_blocks), "norm": norm, "local_enhancer": bool(local_enhancer),
-                          "attention_recurrence": int(attention_recurrence)},
-                         2 ** (n_down + bool(local_enhancer)),
-                         why + (", after the local enhancer's 2x downsampling" if local_enhancer else ""))
-        recurrence = int(attention_recurrence)
-        if local_enhancer:
-            self.downsample = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
-            self.global_net = AttentionGlobalGenerator(in_ch, 2 * width, n_down, n_blocks, norm, recurrence)
-            self.local_net = AttentionLocalEnhancer(in_ch, width, norm, recurrence)
-        else:
-            self.global_net = AttentionGlobalGenerator(in_ch, width, n_down, n_blocks, norm, recurrence)
-        self.head = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(width, out_ch, 7), nn.Tanh())
+        super().__init__(in_ch, out_ch, width, n_down, n_blocks, norm, local_enhancer,
+                         extra={"attention_recurrence": int(attention_recurrence)})
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_side(*x.shape[-2:])
-        if not self.config["local_enhancer"]:
-            return self.head(self.global_net(x))
-        return self.head(self.local_net(x, self.global_net(self.downsample(x))))
+    def global_generator(self, in_ch: int, width: int, n_down: int, n_blocks: int,
+                         norm: str) -> AttentionGlobalGenerator:
+        return AttentionGlobalGenerator(in_ch, width, n_down, n_blocks, norm, self.config["attention_recurrence"])
+
+    def local_generator(self, in_ch: int, width: int, norm: str) -> AttentionLocalEnhancer:
+        return AttentionLocalEnhancer(in_ch, width, norm, self.config["attention_recurrence"])

@@ -39,7 +39,7 @@ def generator_class(kind: str) -> type[Generator]:
 
 
 def _arguments(cls: type[Generator]) -> set[str]:
-    return set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "extra"}  # extra: a subclass's settings
 
 
 def define_G(kind: str, in_ch: int, out_ch: int = 3, *, init_gain: float = 0.02, **settings: Any) -> Generator:

@@ -106,29 +106,43 @@ class LocalEnhancer(nn.Module):
 
 
 class Pix2PixHDGenerator(Generator):
-    """G1 alone, or G1 at half resolution inside the local enhancer G2; see the module docstring."""
+    """G1 alone, or G1 at half resolution inside the local enhancer G2; see the module docstring.
+
+    A subclass (DAFF-GAN's, :mod:`histosynth.models.daff`) swaps G1 and G2 for its own through
+    :meth:`global_generator` and :meth:`local_generator`, and adds its settings to ``extra`` (its config).
+    """
 
     kind = "pix2pixhd"
 
     def __init__(self, in_ch: int, out_ch: int = 3, width: int = 32, n_down: int = 3, n_blocks: int = 3,
-                 norm: str = "batch", local_enhancer: bool = False):
+                 norm: str = "batch", local_enhancer: bool = False, *, extra: dict | None = None):
         if in_ch < 1 or out_ch < 1 or width < 1:
-            raise HistosynthError("pix2pixHD channel counts must be positive")
+            raise HistosynthError(f"the {self.kind} generator's channel counts must be positive")
         if n_down < 1 or n_blocks < 1:
-            raise HistosynthError(f"pix2pixHD needs n_down >= 1 and n_blocks >= 1, got {n_down} and {n_blocks}")
+            raise HistosynthError(f"the {self.kind} generator needs n_down >= 1 and n_blocks >= 1, got {n_down} "
+                                  f"and {n_blocks}")
         norm_layer(norm, 1)  # validates
         multiple = 2 ** (n_down + bool(local_enhancer))
         why = f"the global generator halves it {n_down} times"
         super().__init__({"in_ch": int(in_ch), "out_ch": int(out_ch), "width": int(width), "n_down": int(n_down),
-                          "n_blocks": int(n_blocks), "norm": norm, "local_enhancer": bool(local_enhancer)},
+                          "n_blocks": int(n_blocks), "norm": norm, "local_enhancer": bool(local_enhancer),
+                          **(extra or {})},
                          multiple, why + (", after the local enhancer's 2x downsampling" if local_enhancer else ""))
         if local_enhancer:
             self.downsample = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
-            self.global_net = GlobalGenerator(in_ch, 2 * width, n_down, n_blocks, norm)
-            self.local_net = LocalEnhancer(in_ch, width, norm)
+            self.global_net = self.global_generator(in_ch, 2 * width, n_down, n_blocks, norm)
+            self.local_net = self.local_generator(in_ch, width, norm)
         else:
-            self.global_net = GlobalGenerator(in_ch, width, n_down, n_blocks, norm)
+            self.global_net = self.global_generator(in_ch, width, n_down, n_blocks, norm)
         self.head = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(width, out_ch, 7), nn.Tanh())
+
+    def global_generator(self, in_ch: int, width: int, n_down: int, n_blocks: int, norm: str) -> GlobalGenerator:
+        """G1 without its output layer (``width``: twice the generator's under the local enhancer)."""
+        return GlobalGenerator(in_ch, width, n_down, n_blocks, norm)
+
+    def local_generator(self, in_ch: int, width: int, norm: str) -> LocalEnhancer:
+        """G2 without its output layer."""
+        return LocalEnhancer(in_ch, width, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_side(*x.shape[-2:])
