@@ -11,10 +11,10 @@ from histosynth.gan.conditioning import build_conditioning
 from histosynth.gan.train import sample_batch, train_gan
 from histosynth.io.pool import load_pool
 from histosynth.models.daff import CrissCrossAttention, DaffGenerator, criss_cross_weights
-from histosynth.models.generators import build_generator, define_G
+from histosynth.models.generators import define_G
 from histosynth.models.pix2pix import generate, load_gan
 from histosynth.models.pix2pixhd import STEM_LAYERS
-from tests.test_generators import _train, sets  # noqa: F401 (sets is a fixture)
+from tests.test_generators import _train, check_maps_trains_and_rebuilds, sets  # noqa: F401 (sets is a fixture)
 from tests.test_train_gan import TINY
 
 torch.set_num_threads(1)
@@ -85,18 +85,7 @@ def test_the_generator_paints_and_trains_every_parameter(local_enhancer):
     with torch.no_grad():  # gamma starts at 0, where no gradient reaches the attention's convs
         for m in attentions:
             m.gamma.fill_(0.5)
-    x = torch.randn(2, 5, 32, 32)
-    y = g(x)
-    assert y.shape == (2, 3, 32, 32) and y.min() >= -1 and y.max() <= 1 and y.std() > 0
-    ((y - torch.rand_like(y)) ** 2).mean().backward()
-    dead = [n for n, p in g.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not dead, f"no gradient reaches {dead}"
-    g.set_inference_mode()
-    with torch.no_grad():
-        assert torch.equal(g(x[:1]), g(x[:1]))
-    rebuilt = build_generator(g.config)
-    assert type(rebuilt) is DaffGenerator and rebuilt.config == g.config
-    rebuilt.load_state_dict(g.state_dict(), strict=True)
+    check_maps_trains_and_rebuilds(g)
 
 
 def test_attention_sits_before_the_residual_blocks_and_the_remote_skips_count():

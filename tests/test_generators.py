@@ -53,15 +53,21 @@ def test_each_kind_maps_the_conditioning_to_an_image_and_trains_every_parameter(
     torch.manual_seed(0)
     g = define_G(kind, 5, norm=norm, **settings)
     assert g.config["kind"] == kind and g.config["in_ch"] == 5
+    check_maps_trains_and_rebuilds(g)
+
+
+def check_maps_trains_and_rebuilds(g) -> None:
+    """A generator of 5 input channels: images in [-1, 1], a gradient to every parameter, deterministic in
+    inference mode (but the U-Net, which keeps dropout on), rebuilt from its config."""
     x = torch.randn(2, 5, 32, 32)
     y = g(x)
     assert y.shape == (2, 3, 32, 32) and y.min() >= -1 and y.max() <= 1 and y.std() > 0
     ((y - torch.rand_like(y)) ** 2).mean().backward()
     dead = [n for n, p in g.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert not dead, f"{name}: no gradient reaches {dead}"
+    assert not dead, f"{g.kind}: no gradient reaches {dead}"
     g.set_inference_mode()
     with torch.no_grad():
-        assert torch.equal(g(x[:1]), g(x[:1])) or kind == "unet"  # only the U-Net keeps dropout on
+        assert torch.equal(g(x[:1]), g(x[:1])) or g.kind == "unet"  # only the U-Net keeps dropout on
     rebuilt = build_generator(g.config)
     assert type(rebuilt) is type(g) and rebuilt.config == g.config
     rebuilt.load_state_dict(g.state_dict(), strict=True)
