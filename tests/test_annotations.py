@@ -1249,7 +1249,7 @@ _VALID_FILES = {
 
 
 @pytest.mark.parametrize("fmt", sorted(_VALID_FILES))
-@settings(max_examples=50, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=10000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutation=_mutations())
 def test_damaged_json_reads_or_is_refused(tmp_path, fmt, mutation):
     """A truncated or byte-flipped file gives a valid result or one HistosynthError, never another exception."""

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch
 from skimage.draw import ellipse
@@ -365,6 +365,7 @@ def test_checkpoint_with_other_settings_is_not_resumed(library, tmp_path, caplog
     assert report["step"] == 5  # trained afresh, not resumed past the end
 
 
+@settings(deadline=None)
 @given(epochs=st.integers(1, 50), per_epoch=st.integers(1, 40), min_steps=st.integers(0, 2000))
 def test_epochs_for_reaches_min_steps_and_never_lowers_epochs(epochs, per_epoch, min_steps):
     raised = epochs_for(epochs, per_epoch, min_steps)

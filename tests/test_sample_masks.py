@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
@@ -365,6 +365,7 @@ def test_empty_decoded_shapes_are_counted_and_warned_of(clustered, caplog):
 
 
 # --------------------------------------------------------------------------- synthesis on request
+@settings(deadline=None)
 @given(shares=st.lists(st.floats(0, 50, allow_nan=False), min_size=1, max_size=6), seed=st.integers(0, 2**16))
 def test_systematic_round_keeps_the_total_and_rounds_each_share_down_or_up(shares, seed):
     counts = systematic_round(np.array(shares), np.random.default_rng(seed))
