@@ -7,14 +7,17 @@ import torch
 
 from histosynth.cli import build_parser
 from histosynth.errors import HistosynthError
-from histosynth.gan.conditioning import build_conditioning
-from histosynth.gan.train import sample_batch, train_gan
-from histosynth.io.pool import load_pool
+from histosynth.gan.train import train_gan
 from histosynth.models.daff import CrissCrossAttention, DaffGenerator, criss_cross_weights
 from histosynth.models.generators import define_G
-from histosynth.models.pix2pix import generate, load_gan
+from histosynth.models.pix2pix import load_gan
 from histosynth.models.pix2pixhd import STEM_LAYERS
-from tests.test_generators import _train, check_maps_trains_and_rebuilds, sets  # noqa: F401 (sets is a fixture)
+from tests.test_generators import (  # noqa: F401 (sets is a fixture)
+    _train,
+    check_generate_equals_the_trained_model,
+    check_maps_trains_and_rebuilds,
+    sets,
+)
 from tests.test_train_gan import TINY
 
 torch.set_num_threads(1)
@@ -141,12 +144,7 @@ def test_train_load_generate_round_trip(sets, tmp_path, monkeypatch, local_enhan
     bundle = load_gan(tmp_path / "gan.pt")
     assert type(bundle.generator) is DaffGenerator and bundle.config["generator"] == trained.config
     assert bundle.config["generator"]["attention_recurrence"] == 1 and bundle.step == 2
-    _, inst, types, _ = sample_batch(load_pool(sets), 2, 32, 0, 0)
-    cond = build_conditioning(inst, types, bundle.n_types, 0, len(bundle.options))
-    trained.set_inference_mode()
-    with torch.no_grad():
-        expected = trained(cond)
-    assert torch.equal(generate(bundle, cond, seed=3), expected)
+    check_generate_equals_the_trained_model(bundle, trained, sets)
 
 
 def test_cli_flag():

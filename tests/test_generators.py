@@ -141,6 +141,11 @@ def test_train_load_generate_round_trip(sets, tmp_path, monkeypatch, name):
     bundle = load_gan(tmp_path / "gan.pt")
     assert type(bundle.generator) is GENERATORS[kind] and bundle.config["generator"] == trained.config
     assert bundle.config["train"]["generator"]["kind"] == kind and bundle.step == 2
+    check_generate_equals_the_trained_model(bundle, trained, sets)
+
+
+def check_generate_equals_the_trained_model(bundle, trained, sets) -> None:
+    """generate() of the loaded bundle paints what the in-memory generator paints (inference mode)."""
     _, inst, types, _ = sample_batch(load_pool(sets), 2, 32, 0, 0)
     cond = build_conditioning(inst, types, bundle.n_types, 0, len(bundle.options))
     trained.set_inference_mode()

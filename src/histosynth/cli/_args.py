@@ -175,13 +175,15 @@ def slide_option(text: str) -> tuple[str, str]:
     return slide, name
 
 
-def parse_pairs(pairs: list[str] | None, what: str) -> dict[str, str]:
-    """``KEY=VALUE`` items as a dict (the last ``=`` splits); a malformed one is an error naming ``what``."""
+def parse_pairs(pairs: list[str] | None, what: str, form: str = "SLIDE=NAME") -> dict[str, str]:
+    """``KEY=VALUE`` items as a dict (the last ``=`` splits); a malformed one is an error naming ``what`` and
+    the ``form`` it should have."""
     out: dict[str, str] = {}
     for pair in pairs or []:
-        key, sep, value = pair.rpartition("=")
+        key, sep, value = str(pair).rpartition("=")
+        key = key.strip()
         if not sep or not key or not value:
-            raise HistosynthError(f"{what} is SLIDE=NAME, got {pair!r}")
+            raise HistosynthError(f"{what} is {form}, got {pair!r}")
         out[key] = value
     return out
 

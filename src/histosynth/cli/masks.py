@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from histosynth.cli._args import add_classes, add_device, add_option, add_seed, add_threads
+from histosynth.cli._args import add_classes, add_device, add_option, add_seed, add_threads, parse_pairs
 from histosynth.errors import HistosynthError
 
 
@@ -162,19 +162,14 @@ def _add_sample_masks(sub: argparse._SubParsersAction) -> None:
 
 def parse_type_mix(items: list[str] | None) -> dict[str, float] | None:
     """``CLASS=FRACTION`` items -> {class: fraction} (None or empty: None)."""
-    if not items:
-        return None
+    pairs = parse_pairs(items, "--type-mix", "CLASS=FRACTION")
     out: dict[str, float] = {}
-    for item in items:
-        name, sep, value = str(item).rpartition("=")
-        if not sep or not name.strip():
-            raise HistosynthError(f"--type-mix takes CLASS=FRACTION items, got {item!r}")
+    for name, value in pairs.items():
         try:
-            out[name.strip()] = float(value)
+            out[name] = float(value)
         except ValueError:
-            raise HistosynthError(f"--type-mix: the fraction of {name.strip()!r} must be a number, "
-                                  f"got {value!r}") from None
-    return out
+            raise HistosynthError(f"--type-mix: the fraction of {name!r} must be a number, got {value!r}") from None
+    return out or None
 
 
 def _run_sample_masks(args: argparse.Namespace) -> None:
