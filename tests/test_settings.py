@@ -38,6 +38,9 @@ EXCEPTIONS = {
     "evidence.k": "the learning curve's grid: one regime per k (histosynth.segmentation.regimes.plan_regimes)",
     "evidence.seeds": "the learning curve's grid: one regime per seed, which seeds every fitted stage in it",
     "evidence.arms": "the learning curve's grid: one train-segmenter job per arm (--arm {wildcards.arm})",
+    "segment.slides": "the DAG's grid: one segment_slide job per slide (its path is the job's input)",
+    "segment.arm": "which segmenter rule segment_slide reads (its model.pt is the job's input)",
+    "segment.seed": "which segmenter rule segment_slide reads (its model.pt is the job's input)",
     "stats.threads": "a scheduler resource: fit-stats runs on one thread and takes no --threads",
     "*.mem_mb": "a scheduler resource (Snakemake's resources), not a setting of the stage",
     "*.runtime": "a scheduler resource (minutes, for a cluster), not a setting of the stage",
@@ -59,7 +62,8 @@ REQUIRED = {
     "overlay": ["ps", "o.png"], "fit-stats": ["ps", "out"], "nuclei-library": ["ps", "o.npz"],
     "train-dvae": ["l.npz", "out"], "dvae-sweep": ["l.npz", "out"], "sample-masks": ["s.json", "d.pt", "out"],
     "evaluate-masks": ["syn", "out", "--real", "r"], "train-gan": ["ps", "out"], "translate": ["g.pt", "m", "o"],
-    "evaluate-images": ["gen", "out", "--real", "r"], "stain-styles": ["t", "o.json"], "gate-pairs": ["m.pt", "p", "o"], "train-segmenter": ["ps", "out", "--arm", "real"],
+    "evaluate-images": ["gen", "out", "--real", "r"], "stain-styles": ["t", "o.json"], "gate-pairs": ["m.pt", "p", "o"],
+    "segment": ["m.pt", "s.tif", "o"], "train-segmenter": ["ps", "out", "--arm", "real"],
     "score": ["m.pt", "ps", "out"], "report": ["s.csv", "out"], "evidence-report": ["1=run", "out"],
     "check-config": ["c.yaml"],
 }
@@ -287,10 +291,19 @@ def _check_rules_pass_the_config(commands: list[list[str]], cfg: dict) -> set[st
 
 def test_every_rule_passes_the_config_values(tmp_path):
     """The shell commands of the DAG for config.yaml: every setting of each stage is a flag with the config's value."""
-    cfg = validate_config(yaml.safe_load((REPO / "config.yaml").read_text()))
-    seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence"), cfg)
+    cfg = _segmenting_a_demo_slide(validate_config(yaml.safe_load((REPO / "config.yaml").read_text())))
+    seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence", "segment"),
+                                        cfg)
     assert seen == set(stage_parsers()) - {"slide-info", "export", "overlay", "check-config", "stain-styles",
                                            "gate-pairs"}
+
+
+def _segmenting_a_demo_slide(cfg: dict) -> dict:
+    """``cfg`` with segment.slides naming its first demo slide (so that rule segment_slide runs)."""
+    from histosynth.config import demo_slide_names
+
+    cfg["segment"]["slides"] = [f"{cfg['results']}/demo/{demo_slide_names(cfg['slides']['demo']['n_slides'])[0]}.tif"]
+    return cfg
 
 
 def test_every_rule_passes_changed_values(tmp_path):
@@ -301,8 +314,11 @@ def test_every_rule_passes_changed_values(tmp_path):
     # slide (more styles than slides is an error)
     cfg = _config_with({**{k: _different(k, config_value(validate_config({}), k)) for k in keys},
                         "gan.option_by": "cluster", "gan.clusters": 1, "gate.enabled": True})
-    seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence"), cfg)
-    assert {"stain-styles", "gate-pairs"} <= seen
+    cfg = _segmenting_a_demo_slide(cfg)
+    cfg["segment"]["arm"] = cfg["segmenter"]["arms"][-1]
+    seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence", "segment"),
+                                        cfg)
+    assert {"stain-styles", "gate-pairs", "segment"} <= seen
 
 
 # --------------------------------------------------------------------------- by hand = the rule with the defaults

@@ -371,3 +371,21 @@ def report_figures():
         for s in SEEDS
     ]
     return figs
+
+
+# -- whole-slide segmentation (rule segment): every slide of segment.slides, by the chosen arm's segmenter
+SEGMENT = config["segment"]
+SEGMENT_SLIDES = {}
+for _path in SEGMENT["slides"]:
+    _name = os.path.splitext(os.path.basename(_path.rstrip("/")))[0]
+    if _name.endswith(".ome"):  # name.ome.tif
+        _name = _name[: -len(".ome")]
+    if _name in SEGMENT_SLIDES:
+        raise ValueError(f"segment.slides: {SEGMENT_SLIDES[_name]} and {_path} have the same name {_name!r}; "
+                         "rename one (the output folder is results/segment/NAME)")
+    SEGMENT_SLIDES[_name] = _path
+if SEGMENT_SLIDES and SEGMENT["arm"] not in ARMS:
+    raise ValueError(f"segment.arm {SEGMENT['arm']!r} is not one of segmenter.arms {ARMS}")
+SEGMENT_SEED = SEEDS[0] if SEGMENT["seed"] is None else SEGMENT["seed"]
+if SEGMENT_SLIDES and SEGMENT_SEED not in SEEDS:
+    raise ValueError(f"segment.seed {SEGMENT_SEED} is not one of segmenter.seeds {SEEDS}")

@@ -169,3 +169,33 @@ rule evidence_report:
 rule evidence:
     input:
         rules.evidence_report.output,
+
+
+# Whole-slide segmentation with a trained segmenter: `snakemake segment` (segment.slides, segment.arm / seed).
+rule segment_slide:
+    input:
+        model=f"{RESULTS}/segmentation/{SEGMENT['arm']}/seed-{SEGMENT_SEED}/model.pt",
+        slide=lambda wc: SEGMENT_SLIDES[wc.name],
+    output:
+        directory(f"{RESULTS}/segment/{{name}}"),
+    log:
+        f"{RESULTS}/logs/segment/{{name}}.log",
+    wildcard_constraints:
+        name="|".join(map(re.escape, SEGMENT_SLIDES)) or "(?!)",
+    conda:
+        GPU_ENV
+    threads: SEGMENT["threads"]
+    resources:
+        gpu=GPU,
+        mem_mb=SEGMENT["mem_mb"],
+        runtime=SEGMENT["runtime"],
+    params:
+        flags=flags("segment", "--threads"),
+    shell:
+        "python -m histosynth segment {input.model:q} {input.slide:q} {output:q} {params.flags}"
+        " --threads {threads} > {log:q} 2>&1"
+
+
+rule segment:
+    input:
+        expand(f"{RESULTS}/segment/{{name}}", name=list(SEGMENT_SLIDES)),

@@ -1,10 +1,11 @@
-"""CLI of the segmentation family: train-segmenter, score, gate-pairs, report."""
+"""CLI of the segmentation family: train-segmenter, score, gate-pairs, segment, report."""
 
 from __future__ import annotations
 
 import argparse
 
-from histosynth.cli._args import add_device, add_option, add_threads, add_training_args, schema_choices
+from histosynth.cli._args import (add_classes, add_device, add_option, add_threads, add_training_args, fraction,
+                                  positive_float, schema_choices)
 from histosynth.errors import HistosynthError
 
 
@@ -113,6 +114,55 @@ def _run_gate(args: argparse.Namespace) -> None:
                threads=args.threads)
 
 
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    from histosynth.cli.slides import add_max_pixels
+
+    p = sub.add_parser("segment", help="segment the nuclei of a whole slide with a trained HoVer-Net "
+                                       "(QuPath GeoJSON, CSV, label TIFF)")
+    p.add_argument("model", help="model.pt of train-segmenter")
+    p.add_argument("slide", help="a slide (any format the tiler reads)")
+    p.add_argument("out_dir", help="output folder: nuclei.geojson, nuclei.csv, segment.json (and labels.tif)")
+    add_option(p, "--tile", key="segment.tile", type=int, help="core tile side in model pixels")
+    add_option(p, "--margin", key="segment.margin", type=int,
+               help="model pixels predicted around each core tile (the largest reach of a nucleus past it)")
+    add_option(p, "--min-tissue", key="segment.min_tissue", type=fraction,
+               help="share of tissue pixels that makes a tile worth segmenting")
+    add_option(p, "--background-threshold", key="segment.background_threshold", type=int,
+               help="grey value above which a pixel is background")
+    add_option(p, "--mpp", key="segment.mpp", type=positive_float,
+               help="um/px to segment at (none: the model's training resolution)")
+    add_option(p, "--batch", key="segment.batch", type=int, help="windows per forward pass")
+    add_option(p, "--label-tiff", key="segment.label_tiff", help="also write labels.tif (uint32 instance ids)")
+    add_option(p, "--precision", key="segment.precision", help="arithmetic of the forward passes")
+    add_option(p, "--mpp-fallback", key="mpp_fallback", type=positive_float,
+               help="um/px of a slide whose file does not record it")
+    add_max_pixels(p)
+    add_classes(p, "the class map the output must use, NAME=ID ...; refused when the model's differs "
+                   "(default: the model's own)")
+    add_device(p)
+    add_threads(p, "segment")
+    p.set_defaults(func=_run_segment)
+
+
+def _run_segment(args: argparse.Namespace) -> None:
+    from histosynth.io.labels import parse_class_map
+    from histosynth.segmentation.wsi import SegmentParams, segment_slide
+
+    params = SegmentParams(tile=args.tile, margin=args.margin, min_tissue=args.min_tissue,
+                           background_threshold=args.background_threshold, batch=args.batch,
+                           label_tiff=args.label_tiff)
+    segment_slide(args.model, args.slide, args.out_dir, params, classes=_class_map_or_none(parse_class_map(args.classes)),
+                  mpp=args.mpp, mpp_fallback=args.mpp_fallback, max_pixels=args.max_pixels, device=args.device,
+                  threads=args.threads, precision=args.precision,
+                  progress=args.progress)
+
+
+def _class_map_or_none(pairs):
+    from histosynth.io.labels import read_class_map
+
+    return read_class_map(pairs, "--classes") if pairs else None
+
+
 def _figure_arg(text: str) -> tuple[str, str]:
     caption, sep, path = text.rpartition("=")
     if not sep or not caption or not path:
@@ -141,4 +191,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_train(sub)
     _add_score(sub)
     _add_gate(sub)
+    _add_segment(sub)
     _add_report(sub)

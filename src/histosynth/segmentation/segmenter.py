@@ -114,6 +114,7 @@ class Segmenter:
     input_size: int
     output_size: int
     path: str
+    mpp: float | None = None  # the µm/px of the real tiles it was trained on (None: older checkpoints)
 
 
 def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") -> Segmenter:
@@ -128,7 +129,8 @@ def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu") 
         seg = Segmenter(model=model, arch=arch, classes=read_class_map(ckpt["classes"], path),
                         n_types=int(ckpt["n_types"]), arm=str(ckpt["arm"]), seed=int(ckpt["seed"]),
                         step=int(ckpt["step"]), input_size=int(ckpt["input_size"]),
-                        output_size=int(ckpt["output_size"]), path=os.fspath(path))
+                        output_size=int(ckpt["output_size"]), path=os.fspath(path),
+                        mpp=float(ckpt["mpp"]) if ckpt.get("mpp") else None)
     except (KeyError, TypeError, ValueError, RuntimeError, HistosynthError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise HistosynthError(f"checkpoint does not fit the HoVer-Net architecture: {first}", path) from err
@@ -278,6 +280,12 @@ def arm_data(arm: str, real: Sequence[str | os.PathLike], synthetic: Sequence[st
                    slides=sorted({str(s) for index in real_pool.indexes for s in index["slide"]}))
 
 
+def pool_mpp(pool: PatchPool) -> float | None:
+    """The median µm/px of a pool's patches (None when no index records it): the model's resolution."""
+    values = [m for index in pool.indexes for m in (patch_mpp(index, i) for i in range(len(index))) if m]
+    return float(np.median(values)) if values else None
+
+
 def validation_scores(seg: Segmenter, pool: PatchPool, *, batch: int = 4) -> dict[str, float]:
     """PQ, AJI, Dice, DQ, SQ (means over the tiles) and nucleus counts of ``seg`` on the tiles of ``pool``."""
     from histosynth.models.hovernet import postprocess, sizes_at
@@ -360,6 +368,7 @@ def train_segmenter(
     pools = data.pools
     val_every = effective_val_every(int(val_every), int(steps))
     class_map = read_class_map(classes, "classes") if classes else classes_of_patch_sets(data.paths)
+    train_mpp = pool_mpp(data.val)
     n_types = max([*(max_type(p) for p in pools), *class_map.keys()], default=0)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -414,7 +423,7 @@ def train_segmenter(
             return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "model": weights,
                     "arch": arch, "classes": class_map_to_json(class_map), "n_types": int(n_types), "arm": arm,
                     "seed": int(seed), "step": int(step), "input_size": input_size, "output_size": out_size,
-                    "train": settings, "validation": [dict(r) for r in val_rows], **extra}
+                    "mpp": train_mpp, "train": settings, "validation": [dict(r) for r in val_rows], **extra}
 
         def train_step(step: int) -> tuple[dict[str, float], float]:
             imgs, inst, types, valid = sample_batch(pools, data.weights(step), batch_size, input_size, seed, step,
@@ -501,8 +510,14 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
     return starts + [length - window]
 
 
+def network_margin(seg: Segmenter) -> int:
+    """Pixels of input context the network needs on each side of the pixels it predicts."""
+    trim = seg.input_size // 8 if seg.arch.get("padding") == "same" else 0
+    return (seg.input_size - (seg.output_size - 2 * trim)) // 2
+
+
 def predict(seg: Segmenter, image: np.ndarray, *, overlap: int = 0, batch: int = 4,
-            amp_dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
+            amp_dtype: torch.dtype | None = None, context: int = 0) -> dict[str, np.ndarray]:
     """NP probability (H, W), HV (2, H, W) and TP probabilities (T+1, H, W) for an RGB image of any size.
 
     The image is reflect-padded by the network's margin and covered by
@@ -513,6 +528,12 @@ def predict(seg: Segmenter, image: np.ndarray, *, overlap: int = 0, batch: int =
     same-padded network (output = input) keeps only the centre of each
     window, an eighth of the side in from every edge, so that every pixel
     kept saw context on all sides.
+
+    ``context``: the outer ``context`` pixels on each side of ``image`` are
+    real surroundings, not to be predicted: the maps cover
+    ``image[context:-context, context:-context]`` and the windows see those
+    pixels instead of a mirror image where the network needs context (whole-
+    slide inference reads each tile with :func:`network_margin` of them).
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise HistosynthError(f"predict needs an RGB uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
@@ -521,13 +542,22 @@ def predict(seg: Segmenter, image: np.ndarray, *, overlap: int = 0, batch: int =
     s_in = seg.input_size
     trim = s_in // 8 if seg.arch.get("padding") == "same" else 0  # drop the border that saw zero padding
     s_out = seg.output_size - 2 * trim
-    margin = (s_in - s_out) // 2
+    margin = network_margin(seg)
     overlap = int(overlap)
     if not 0 <= overlap < s_out:
         raise HistosynthError(f"overlap must be in [0, {s_out}) for a {s_out}-px output, got {overlap}")
-    h, w = image.shape[:2]
+    context = int(context)
+    if context < 0 or 2 * context >= min(image.shape[:2]):
+        raise HistosynthError(f"context must leave pixels to predict: {context} px around a {image.shape[1]}x"
+                              f"{image.shape[0]} image")
+    keep = min(context, margin)  # real context used; a mirror image supplies the rest
+    cut = context - keep
+    if cut:
+        image = image[cut : image.shape[0] - cut, cut : image.shape[1] - cut]
+    h, w = image.shape[0] - 2 * keep, image.shape[1] - 2 * keep
     big_h, big_w = max(h, s_out), max(w, s_out)
-    padded = np.pad(image, ((margin, margin + big_h - h), (margin, margin + big_w - w), (0, 0)), mode="symmetric")
+    pad = margin - keep
+    padded = np.pad(image, ((pad, pad + big_h - h), (pad, pad + big_w - w), (0, 0)), mode="symmetric")
     ys, xs = _starts(big_h, s_out, s_out - overlap), _starts(big_w, s_out, s_out - overlap)
     windows = [(y, x) for y in ys for x in xs]
     sums: dict[str, np.ndarray] = {}

@@ -1,0 +1,207 @@
+"""Benchmark: whole-slide segmentation (``histosynth segment``) against a bare forward pass, and its memory.
+
+(a) Speed. For each slide, ``segment_slide`` runs end to end (tissue tiles,
+reading, forward passes, stitching, post-processing, the seam rule, writing
+the saved tiles and the GeoJSON / CSV) and its tissue tiles per second are
+compared with a bare batched forward pass of the same model over the same
+input windows of the same tiles, in the same process, after it (the regions
+are read and cut into windows before that clock starts). Target: the
+pipeline at >= 0.8x the bare forward's tiles/s.
+
+(b) Memory. ``histosynth segment`` runs in a child process on a slide and on
+a 2 x 2 mosaic of it (4x the area) and its peak RSS (``ru_maxrss`` of the
+child) is reported for both: flat means the larger slide costs no more.
+
+    python benchmarks/segment_wsi.py --model MODEL.pt --mpp 0.5 --threads 2 \
+        --slides ../shared/data/wsi/CMU-1-Small-Region.svs DEMO.tif --out benchmarks/out/segment_wsi.json
+
+A model that does not record its training resolution (checkpoints before
+``mpp`` was saved) needs ``--mpp``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 0.8
+
+
+def bare_forward(seg, regions: list[np.ndarray], context: int, batch: int) -> float:
+    """Seconds of the model's forward passes alone over the windows ``predict`` would cut from ``regions``."""
+    import torch
+
+    from histosynth.segmentation.segmenter import _starts, network_margin, to_input
+
+    s_in = seg.input_size
+    trim = s_in // 8 if seg.arch.get("padding") == "same" else 0
+    s_out = seg.output_size - 2 * trim
+    margin = network_margin(seg)
+    batches = []
+    for image in regions:
+        keep = min(context, margin)
+        cut = context - keep
+        img = image[cut : image.shape[0] - cut, cut : image.shape[1] - cut]
+        h, w = img.shape[0] - 2 * keep, img.shape[1] - 2 * keep
+        pad = margin - keep
+        padded = np.pad(img, ((pad, pad + max(h, s_out) - h), (pad, pad + max(w, s_out) - w), (0, 0)),
+                        mode="symmetric")
+        wins = [padded[y : y + s_in, x : x + s_in] for y in _starts(max(h, s_out), s_out, s_out)
+                for x in _starts(max(w, s_out), s_out, s_out)]
+        batches += [to_input(np.stack(wins[i : i + batch]), torch.device("cpu")) for i in range(0, len(wins), batch)]
+    with torch.no_grad():
+        seg.model(batches[0])  # warm-up
+        t0 = time.perf_counter()
+        for x in batches:
+            seg.model(x)
+    return time.perf_counter() - t0
+
+
+def speed(model: str, slide_path: str, mpp: float | None, threads: int, tile: int, margin: int, batch: int) -> dict:
+    import torch
+
+    from histosynth.io.slides import open_slide
+    from histosynth.segmentation import wsi
+    from histosynth.segmentation.segmenter import load_segmenter, network_margin
+
+    torch.set_num_threads(threads)
+    params = wsi.SegmentParams(tile=tile, margin=margin, batch=batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        report = wsi.segment_slide(model, slide_path, Path(tmp) / "out", params, mpp=mpp, device="cpu",
+                                   threads=threads, precision="float32")
+        pipeline_s = time.perf_counter() - t0
+    n = report["counts"]["tissue_tiles"]
+    # the same tissue tiles, read as the pipeline reads them
+    seg = load_segmenter(model, "cpu")
+    ctx = network_margin(seg)
+    outer = margin + ctx
+    t = report["tile_px"]
+    d = report["downsample"]
+    with open_slide(slide_path) as slide:
+        from histosynth.slides.tiling import TileParams, lowres_candidates, plan_tiles
+
+        tp = TileParams(size=t, target_mpp=report["mpp"], max_background=1 - params.min_tissue,
+                        background_threshold=params.background_threshold)
+        plan = plan_tiles(slide, tp)
+        cand = lowres_candidates(slide, plan, tp)
+        regions = []
+        for k, g in enumerate(plan.grid):
+            if cand is not None and not cand[k]:
+                continue
+            img = wsi.read_region_at(slide, plan.level, plan.level_downsample, g.x - outer * d, g.y - outer * d,
+                                     t + 2 * outer, d)
+            core = img[outer : outer + t, outer : outer + t]
+            inside = (min(t, int(round((slide.dimensions[1] - g.y) / d))),
+                      min(t, int(round((slide.dimensions[0] - g.x) / d))))
+            if wsi._tissue_share(core, params.background_threshold, inside) >= params.min_tissue:
+                regions.append(img)
+    assert len(regions) == n, (len(regions), n)
+    bare_s = bare_forward(seg, regions, ctx, batch)
+    return {"slide": slide_path, "dimensions": report["slide"]["dimensions"], "mpp": report["mpp"],
+            "tissue_tiles": n, "nuclei": report["counts"]["nuclei"], "tile_px": t, "margin": margin,
+            "pipeline_s": pipeline_s, "bare_forward_s": bare_s, "pipeline_tiles_per_s": n / pipeline_s,
+            "bare_tiles_per_s": n / bare_s, "ratio": bare_s / pipeline_s,
+            "forward_share_of_pipeline": report["forward_seconds"] / pipeline_s}
+
+
+def mosaic(slide_path: str, out: Path) -> Path:
+    """A 2 x 2 mosaic of the slide's level 0 as a tiled pyramid TIFF with the same µm/px."""
+    import cv2
+    import tifffile
+
+    from histosynth.io.slides import open_slide
+
+    with open_slide(slide_path) as slide:
+        w, h = slide.dimensions
+        img = slide.read_region(0, 0, 0, w, h)
+        mpp = slide.mpp
+    big = np.tile(img, (2, 2, 1))
+    with tifffile.TiffWriter(out, bigtiff=True) as tw:
+        data = big
+        for lvl in range(3):
+            res = 1e4 / (mpp * 2**lvl)
+            tw.write(data, tile=(256, 256), compression="jpeg", photometric="rgb", subfiletype=1 if lvl else 0,
+                     resolution=(res, res), resolutionunit="CENTIMETER", metadata=None)
+            data = cv2.resize(data, (data.shape[1] // 2, data.shape[0] // 2), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def peak_rss(model: str, slide_path: str | Path, mpp: float | None, threads: int, tile: int, margin: int) -> dict:
+    """Peak RSS (MB) of ``histosynth segment`` on one slide, in a fresh child process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-c",
+               "import resource, sys; from histosynth.cli import main; rc = 0\n"
+               "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code or 0\n"
+               "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(rc)",
+               "segment", model, str(slide_path), str(Path(tmp) / "out"), "--device", "cpu", "--threads",
+               str(threads), "--tile", str(tile), "--margin", str(margin), "--precision", "float32",
+               *(["--mpp", str(mpp)] if mpp else [])]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        seconds = time.perf_counter() - t0
+        rss = [int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("MAXRSS")][0]
+        report = json.loads((Path(tmp) / "out" / "segment.json").read_text())
+    return {"slide": str(slide_path), "dimensions": report["slide"]["dimensions"],
+            "tissue_tiles": report["counts"]["tissue_tiles"], "nuclei": report["counts"]["nuclei"],
+            "peak_rss_mb": rss / 1024, "seconds": seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--slides", nargs="+", required=True)
+    ap.add_argument("--mpp", type=float, default=None, help="um/px to segment at (for checkpoints without it)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tile", type=int, default=1024)
+    ap.add_argument("--margin", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--memory-slide", default=None, help="slide for the memory test (default: the first)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "machine": platform.processor()
+              or platform.machine(), "cpu": _cpu_name(), "threads": args.threads, "speed": [], "memory": []}
+    for slide in args.slides:
+        r = speed(args.model, slide, args.mpp, args.threads, args.tile, args.margin, args.batch)
+        result["speed"].append(r)
+        print(f"{Path(slide).name}: {r['tissue_tiles']} tissue tiles, {r['nuclei']} nuclei; pipeline "
+              f"{r['pipeline_tiles_per_s']:.3f} tiles/s, bare forward {r['bare_tiles_per_s']:.3f} tiles/s -> "
+              f"{r['ratio']:.2f}x (target >= {TARGET}x)", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        small = args.memory_slide or args.slides[0]
+        big = mosaic(small, Path(tmp) / "mosaic.tif")
+        for path in (small, big):
+            r = peak_rss(args.model, path, args.mpp, args.threads, args.tile, args.margin)
+            result["memory"].append(r)
+            print(f"{Path(path).name} {r['dimensions']}: peak RSS {r['peak_rss_mb']:.0f} MB, "
+                  f"{r['tissue_tiles']} tissue tiles, {r['seconds']:.0f} s", flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2, default=float))
+    print(json.dumps(result, indent=2, default=float))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "src"))
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()
