@@ -45,7 +45,9 @@ failed export leaves nothing behind; an existing ``out`` is replaced). NAME is
   Exports are per patch: a nucleus cut by two overlapping patches of a slide
   is written once per patch (two overlapping outlines; their ``patch``
   metadata tells them apart). The class names come from the patch set's
-  ``report.json``.
+  ``report.json``; an instance without a typed pixel is unclassified (no
+  ``classification``). Feature ids are UUIDs derived from the patch's
+  ``source``, NAME and instance id, so the same export gives the same bytes.
 
 Both new formats also write ``index.csv`` with ``name`` (and for geojson
 ``file``) columns in front of the patch set's index.
@@ -267,8 +269,10 @@ def _geojson(ps: PatchSet, out: Path, object_type: str) -> None:
                 scale = float(index["downsample"].iloc[i])
             else:
                 offset, scale = (0.0, 0.0), 1.0
+            # ids: uuid5 of (source, NAME, instance id) - reproducible, and distinct between the shards of a
+            # synthetic set, whose NAMEs repeat
             feats = instances_to_features(np.asarray(ps.inst[i]), types, classes, offset=offset, scale=scale,
-                                          object_type=object_type, id_prefix=names[i])
+                                          object_type=object_type, id_prefix=f"{index['source'].iloc[i]}|{names[i]}")
             meta = _patch_metadata(index, i, names[i])
             for f in feats:
                 f["properties"]["metadata"] = dict(meta)
