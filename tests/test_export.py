@@ -160,7 +160,7 @@ def test_hovernet_mat_round_trip_through_histosynths_reader(placed, tmp_path):
         inst, types = np.asarray(ps.inst[i]), np.asarray(ps.types[i])
         got = read(f, {"1": 1, "2": 2, "3": 3})
         h, w = inst.shape
-        back, back_types, info = rasterize_tile([n.polygon for n in got.nuclei], [n.type_id for n in got.nuclei],
+        back, _, info = rasterize_tile([n.polygon for n in got.nuclei], [n.type_id for n in got.nuclei],
                                                 0, 0, 1, w, h)
         ids, tv = instance_types(inst, types)
         assert len(got.nuclei) == len(ids) == info["n_nuclei"]

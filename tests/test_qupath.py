@@ -85,7 +85,7 @@ def test_classification_unclassified_and_colours():
     # the class of an instance is the majority of its typed pixels
     mixed = types.copy()
     mixed[1, 1:5] = 2
-    ids, tv = instance_types(inst, mixed)
+    _, tv = instance_types(inst, mixed)
     assert tv[0] == 1
     assert instances_to_features(inst, mixed, {1: "a", 2: "b"})[0]["properties"]["classification"]["name"] == "a"
 
@@ -184,6 +184,11 @@ def test_write_is_atomic(tmp_path):
     nan = [dict(feats[0], properties={"measurements": {"x": float("inf")}})]
     with pytest.raises(HistosynthError, match="JSON cannot represent"):
         write_feature_collection(nan, path)
+    hole = [dict(feats[0], geometry={"type": "Polygon", "coordinates": [[[0, 0], [1, float("nan")], [1, 1], [0, 0]]]})]
+    with pytest.raises(HistosynthError, match="NaN or infinite coordinate"):
+        write_feature_collection(hole, path)
+    with pytest.raises(HistosynthError, match="not a GeoJSON Feature"):
+        write_feature_collection([{"type": "Polygon"}], path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["n.geojson"]
 
 

@@ -102,7 +102,7 @@ def type_colour(type_id: int) -> list[int]:
     if 0 < t < len(PALETTE):
         return [int(c) for c in PALETTE[t]]
     hue = (t * 0.618033988749895) % 1.0
-    return [int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, 0.75, 0.9)]
+    return [round(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.75, 0.9)]
 
 
 def _label_map(a: Any, what: str) -> np.ndarray:
@@ -140,7 +140,7 @@ def _instance_geometries(inst: np.ndarray, ids: np.ndarray, counts: np.ndarray, 
         eight = np.ones((3, 3), dtype=bool)
         for k in short.tolist():
             sl = boxes[k]
-            pieces, n = ndimage.label(index.reshape(inst.shape)[sl] == k + 1, structure=eight)
+            pieces, _ = ndimage.label(index.reshape(inst.shape)[sl] == k + 1, structure=eight)
             _, parts, _ = instance_polygons(pieces)
             parts = shapely.transform(np.asarray(parts, dtype=object), lambda c, sl=sl: c + [sl[1].start, sl[0].start])
             polys[k] = shapely.multipolygons(parts)
@@ -272,11 +272,39 @@ def _rounded(obj: Any, where: str) -> Any:
     raise HistosynthError(f"{where} holds a {type(obj).__name__}, which is not JSON")
 
 
-def _check_feature(f: Any, i: int) -> None:
+def _rounded_coordinates(coords: Any, where: str) -> Any:
+    """GeoJSON ``coordinates`` (nested lists) rounded with numpy: one array per block of equal-length rings."""
+    try:
+        a = np.asarray(coords, dtype=np.float64)
+    except (ValueError, TypeError):
+        if isinstance(coords, (list, tuple)):  # ragged: rings of different lengths
+            return [_rounded_coordinates(c, where) for c in coords]
+        raise HistosynthError(f"{where} has coordinates that are not numbers") from None
+    if not np.isfinite(a).all():
+        raise HistosynthError(f"{where} holds a NaN or infinite coordinate, which JSON cannot represent")
+    return np.round(a, DECIMALS).tolist()
+
+
+def _rounded_feature(f: Any, i: int) -> dict:
+    """Feature ``i`` checked (a Feature, a string id) and rounded for writing."""
+    where = f"feature {i}"
     if not isinstance(f, dict) or f.get("type") != "Feature":
-        raise HistosynthError(f"feature {i} is not a GeoJSON Feature object")
+        raise HistosynthError(f"{where} is not a GeoJSON Feature object")
     if "id" in f and not isinstance(f["id"], str):
-        raise HistosynthError(f"feature {i} has id {f['id']!r}; QuPath wants a UUID string")
+        raise HistosynthError(f"{where} has id {f['id']!r}; QuPath wants a UUID string")
+    out = {}
+    for key, value in f.items():
+        if key in ("geometry", "nucleusGeometry") and isinstance(value, dict):
+            geom = dict(value)
+            if "coordinates" in geom:
+                geom["coordinates"] = _rounded_coordinates(geom["coordinates"], where)
+            if "geometries" in geom:  # a GeometryCollection
+                geom["geometries"] = [_rounded_feature({"type": "Feature", "geometry": g}, i)["geometry"]
+                                      for g in geom["geometries"]]
+            out[key] = geom
+        else:
+            out[key] = _rounded(value, where)
+    return out
 
 
 def write_feature_collections(chunks: Iterable[Iterable[dict]], path: str | os.PathLike) -> int:
@@ -295,10 +323,8 @@ def write_feature_collections(chunks: Iterable[Iterable[dict]], path: str | os.P
             fh.write(b'{"type":"FeatureCollection","features":[')
             for chunk in chunks:
                 for f in chunk:
-                    _check_feature(f, count)
-                    if count:
-                        fh.write(b",\n")
-                    fh.write(orjson.dumps(_rounded(f, f"feature {count}")))
+                    data = orjson.dumps(_rounded_feature(f, count))
+                    fh.write(b",\n" + data if count else data)
                     count += 1
             fh.write(b"]}\n")
 
