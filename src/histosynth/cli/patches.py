@@ -54,8 +54,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                         "them: patches/NAME.geojson in patch pixels); hovernet-mat: one NAME.mat per patch "
                         "(inst_map, inst_uid, inst_type, inst_centroid, type_map)")
     p.add_argument("--n-types", type=int, help="type channels for pannuke (default: the largest type id)")
-    p.add_argument("--object-type", default="annotation", metavar="TYPE",
-                   help="QuPath object type of geojson features: annotation (default) or detection "
+    p.add_argument("--object-type", metavar="TYPE",
+                   help="QuPath object type of geojson features: annotation (the default) or detection "
                         "(for predictions, or very many nuclei, which QuPath draws faster as detections)")
     p.set_defaults(func=_run_export)
 
@@ -63,7 +63,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> None:
     from histosynth.patches.export import export
 
-    export(args.patch_set, args.out, args.format, n_types=args.n_types, object_type=args.object_type)
+    extra = {} if args.object_type is None else {"object_type": args.object_type}  # default: export()'s
+    export(args.patch_set, args.out, args.format, n_types=args.n_types, **extra)
 
 
 def _add_overlay(sub: argparse._SubParsersAction) -> None:

@@ -76,7 +76,7 @@ from histosynth.patches.formats import FORMATS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FORMATS", "SYNTHETIC_SLIDE", "export", "outline_image", "overlay"]
+__all__ = ["FORMATS", "PALETTE", "SYNTHETIC_SLIDE", "export", "outline_image", "overlay"]
 
 #: the slide name of patches without slide coordinates (``sample-masks`` writes it)
 SYNTHETIC_SLIDE = "synthetic"
