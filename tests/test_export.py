@@ -265,6 +265,18 @@ def test_geojson_patches_without_slide_coordinates(tmp_path):
     assert np.array_equal(back > 0, np.roll(inst, 1, 0) > 0)
 
 
+def test_geojson_without_class_map_and_bad_report(placed, tmp_path):
+    (placed / "report.json").unlink()
+    export(placed, tmp_path / "gj", "geojson")
+    names = {f["properties"]["classification"]["name"]
+             for f in json.loads((tmp_path / "gj" / "A.geojson").read_text())["features"]}
+    assert names == {"1", "2", "3"}  # types without a class map are named by their numbers
+    (placed / "report.json").write_text("{not json")
+    with pytest.raises(HistosynthError, match="report.json"):
+        export(placed, tmp_path / "gj2", "geojson")
+    assert not (tmp_path / "gj2").exists()
+
+
 def test_cli_export_choices_are_the_formats(placed, tmp_path):
     from histosynth.cli import main
 

@@ -69,7 +69,7 @@ import numpy as np
 import pandas as pd
 
 from histosynth.errors import HistosynthError
-from histosynth.io.labels import majority_types, read_class_map, relabel, report_class_map
+from histosynth.io.labels import classes_of_patch_sets, majority_types, read_class_map, relabel
 from histosynth.io.patchset import INDEX_COLUMNS, PatchSet, read_patchset
 from histosynth.io.qupath import OBJECT_TYPES, PALETTE, instances_to_features, type_colour, write_feature_collections
 from histosynth.patches.formats import FORMATS
@@ -255,7 +255,7 @@ def _patch_metadata(index: pd.DataFrame, row: int, name: str) -> dict[str, str]:
 
 def _geojson(ps: PatchSet, out: Path, object_type: str) -> None:
     _require(ps, "inst")
-    classes = report_class_map(ps.report, ps.path / "report.json")
+    classes = classes_of_patch_sets([ps.path])  # {} without a report.json: types named by their numbers
     index = ps.index
     names = _names(index)
     placed = _has_slide_coordinates(index)
