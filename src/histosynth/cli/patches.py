@@ -43,18 +43,28 @@ def _run_rasterize(args: argparse.Namespace) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="copy a patch set out as PNG files, PanNuke arrays or HoVer-Net .npy")
+    from histosynth.patches.formats import FORMATS  # no numpy: the parser is built for every command
+
+    p = sub.add_parser("export", help="copy a patch set out as PNG files, PanNuke arrays, HoVer-Net .npy/.mat "
+                                      "or QuPath GeoJSON")
     p.add_argument("patch_set")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--format", required=True, choices=("png", "pannuke", "hovernet"))
+    p.add_argument("out", help="output directory (replaced when it exists)")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="geojson: one SLIDE.geojson per slide in level-0 slide coordinates (patches without "
+                        "them: patches/NAME.geojson in patch pixels); hovernet-mat: one NAME.mat per patch "
+                        "(inst_map, inst_uid, inst_type, inst_centroid, type_map)")
     p.add_argument("--n-types", type=int, help="type channels for pannuke (default: the largest type id)")
+    p.add_argument("--object-type", metavar="TYPE",
+                   help="QuPath object type of geojson features: annotation (the default) or detection "
+                        "(for predictions, or very many nuclei, which QuPath draws faster as detections)")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> None:
     from histosynth.patches.export import export
 
-    export(args.patch_set, args.out, args.format, n_types=args.n_types)
+    extra = {} if args.object_type is None else {"object_type": args.object_type}  # default: export()'s
+    export(args.patch_set, args.out, args.format, n_types=args.n_types, **extra)
 
 
 def _add_overlay(sub: argparse._SubParsersAction) -> None:
