@@ -160,7 +160,7 @@ def test_a_training_stage_over_the_limit_stops_by_name_and_the_rerun_finishes(li
     assert torch.load(out / "dvae.pt", weights_only=True)["step"] == 15 and leftovers(tmp_path) == []
 
 
-def test_the_cli_reports_an_environment_error_in_one_line_and_a_bug_as_a_bug(monkeypatch, capsys):
+def test_the_cli_reports_an_environment_error_in_one_line_and_a_bug_as_a_bug(monkeypatch, capsys, tmp_path):
     import histosynth.cli.slides as slides_cli
 
     def refused(args):
@@ -169,6 +169,17 @@ def test_the_cli_reports_an_environment_error_in_one_line_and_a_bug_as_a_bug(mon
     monkeypatch.setattr(slides_cli, "_run_info", refused)
     assert main(["slide-info", "any.svs"]) == 2
     assert capsys.readouterr().err.strip() == "error: /data/out/x.csv: Read-only file system [EROFS]"
+
+    import histosynth.cli.patches as patches_cli
+
+    def full(args):  # a write names no file: the line names the command's output
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(patches_cli, "_run_split", full)
+    out = tmp_path / "split.csv"
+    assert main(["split", str(out), "--slides", "a", "b"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {out}: No space left on device [ENOSPC]"
+    assert leftovers(tmp_path) == []  # the output's lock file is gone too
 
     def bug(args):
         raise OSError(errno.EBADF, "Bad file descriptor")

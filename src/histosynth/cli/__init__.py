@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from histosynth.io.atomic import describe_os_error
 
         log.debug("environment error:\n%s", traceback.format_exc())
-        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        output = None if err.filename else output_of(args)  # a failed write names no file: name the output
+        print(f"error: {f'{output}: ' if output else ''}{describe_os_error(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as err:  # noqa: BLE001 - anything else is a bug in histosynth, not bad input
         print(f"error: {_report_bug(err)}", file=sys.stderr)
