@@ -330,6 +330,7 @@ def test_sigkill_then_sigterm_mid_checkpoint_write_resume_from_the_last_good_che
     assert error_lines(proc) == [f"error: stopped by SIGTERM; training state saved to {out / 'checkpoint.pt'} "
                                  f"(step {written}): run the same command again to resume"]
     assert _step(out / "checkpoint.pt") == written and not (out / final).exists()
+    assert f"removed {partial}, left by a writer that was killed" in proc.stderr
     assert not partial.exists() and leftovers(tmp_path) == []  # the killed run's temp file is gone
 
     # the real CLI resumes there and finishes
@@ -454,3 +455,22 @@ def test_a_lock_left_by_a_killed_holder_does_not_block(tmp_path):
     with output_lock(out) as path:
         assert path == lock_path(out) and f"pid={os.getpid()}" in path.read_text()
     assert not lock_path(out).exists()
+
+
+def test_what_dead_writers_left_is_swept_once_the_lock_is_held(tmp_path):
+    from histosynth.io.atomic import sweep_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.csv").write_text("step\n1\n")
+    stale = [out / f".samples.png.tmp-{pid}", out / f".checkpoint.pt.tmp-{pid}", tmp_path / f".run.tmp-{pid}",
+             out / f".overlay.png.tmp-{pid}.png"]
+    live = [out / f".log.csv.tmp-{os.getpid()}", tmp_path / f".other.tmp-{pid}", out / "notes.tmp-1"]
+    for path in stale + live:
+        path.write_bytes(b"partial")
+    (tmp_path / f".run.tmp-{pid}").unlink()
+    (tmp_path / f".run.tmp-{pid}").mkdir()  # a patch set's temporary folder
+    assert sorted(sweep_stale_temps(out)) == sorted(stale)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in live) and (out / "log.csv").exists()

@@ -30,8 +30,8 @@ import sys
 import tempfile
 import threading
 import traceback
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from histosynth import __version__
 from histosynth.cli import evidence, gan, masks, patches, segmentation, slides
@@ -147,14 +147,23 @@ def output_of(args: argparse.Namespace) -> str | None:
     return getattr(args, attr)
 
 
-def _lock_output(args: argparse.Namespace):
-    """The lock of the command's output (:func:`histosynth.io.lock.output_lock`), or nothing to hold."""
+@contextmanager
+def _lock_output(args: argparse.Namespace) -> Iterator[None]:
+    """Hold the lock of the command's output (:func:`histosynth.io.lock.output_lock`), if it has one.
+
+    Once it is held, what a killed writer of that output left is removed (temporary files of dead processes).
+    """
     output = output_of(args)
     if output is None:
-        return nullcontext()
+        yield
+        return
+    from histosynth.io.atomic import sweep_stale_temps
     from histosynth.io.lock import output_lock
 
-    return output_lock(output)
+    with output_lock(output):
+        for path in sweep_stale_temps(output):
+            log.info("removed %s, left by a writer that was killed", path)
+        yield
 
 
 def _report_bug(err: Exception) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +72,35 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: a temporary name of this module, the patch-set writer and the other atomic writers: ``.<name>.tmp-<pid>[.<ext>]``
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)(?:\..*)?$")
+
+
+def _remove_dead(entries: list[Path]) -> list[Path]:
+    """Remove the temporary files and folders among ``entries`` whose writer process no longer runs."""
+    removed = []
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None:
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []
+
+
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary siblings ``.<name>.tmp-<pid>*`` of ``path`` left by processes that no longer run.
 
@@ -78,22 +108,19 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """
     path = Path(path)
     prefix = f".{path.name}.tmp-"
-    removed = []
-    try:
-        entries = list(path.parent.iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        if not entry.name.startswith(prefix):
-            continue
-        digits = entry.name[len(prefix):].split(".", 1)[0]
-        if not digits.isdigit() or int(digits) == os.getpid() or _pid_alive(int(digits)):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
+    return _remove_dead([e for e in _entries(path.parent) if e.name.startswith(prefix)])
+
+
+def sweep_stale_temps(output: str | os.PathLike) -> list[Path]:
+    """Remove what dead writers left of ``output``: its temporary siblings and, for a folder, those inside it.
+
+    Run by the CLI once it holds the output's lock (:mod:`histosynth.io.lock`), so that a stage killed by
+    SIGKILL leaves no ``.<name>.tmp-<pid>`` file for long, whichever writer made it. Returns what was removed.
+    """
+    output = Path(output)
+    removed = remove_stale_temps(output)
+    if output.is_dir():
+        removed += _remove_dead(_entries(output))
     return removed
 
 
