@@ -147,6 +147,7 @@ def test_a_csv_over_the_limit_leaves_the_previous_one(tmp_path):
     assert python(code, path, 100_000).returncode == 0 and len(pd.read_csv(path)) == 100_000
 
 
+@pytest.mark.slow
 def test_a_training_stage_over_the_limit_stops_by_name_and_the_rerun_finishes(library, tmp_path):
     """train-dvae whose checkpoint cannot be written: one line naming checkpoint.pt; then it trains to the end."""
     out = tmp_path / "dvae"
@@ -306,6 +307,7 @@ def _resumed_at(proc: subprocess.CompletedProcess) -> int:
     return int(found[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_sigkill_then_sigterm_mid_checkpoint_write_resume_from_the_last_good_checkpoint(stage, library, pairs,
                                                                                         tmp_path):
