@@ -55,7 +55,7 @@ def _fsize_limit(limit: int):
 
 
 def _run(argv: list[str], fsize: int | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=timeout,
+    return subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=timeout, check=False,
                           preexec_fn=_fsize_limit(fsize) if fsize else None)
 
 
@@ -329,8 +329,8 @@ def test_sigkill_then_sigterm_mid_checkpoint_write_resume_from_the_last_good_che
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     assert _resumed_at(proc) == good
     assert f"HOOK term while writing step {written}" in proc.stderr
-    assert error_lines(proc) == [f"error: stopped by SIGTERM; training state saved to {out / 'checkpoint.pt'} "
-                                 f"(step {written}): run the same command again to resume"]
+    assert error_lines(proc) == [(f"error: stopped by SIGTERM; training state saved to {out / 'checkpoint.pt'} "
+                                  f"(step {written}): run the same command again to resume")]
     assert _step(out / "checkpoint.pt") == written and not (out / final).exists()
     assert f"removed {partial}, left by a writer that was killed" in proc.stderr
     assert not partial.exists() and leftovers(tmp_path) == []  # the killed run's temp file is gone
@@ -348,8 +348,8 @@ def test_a_second_sigterm_mid_write_stops_at_once_keeping_the_previous_checkpoin
     out = tmp_path / "gan"
     proc = hooked("term2", 2, *GAN(pairs, out))
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
-    assert error_lines(proc) == ["error: stopped by SIGTERM twice: stopped at once, without a new checkpoint "
-                                 "(the previous one is intact)"]
+    assert error_lines(proc) == [("error: stopped by SIGTERM twice: stopped at once, without a new checkpoint "
+                                  "(the previous one is intact)")]
     assert _step(out / "checkpoint.pt") == 2 and leftovers(tmp_path) == []
 
 
@@ -446,9 +446,9 @@ def test_a_lock_left_by_a_killed_holder_does_not_block(tmp_path):
     """), str(out)], stdout=subprocess.PIPE, text=True, env=ENV)
     try:
         assert holder.stdout.readline().strip() == "LOCKED"
-        with pytest.raises(LockedError, match=rf"{out}: another histosynth process \(pid {holder.pid}: holder\)"):
-            with output_lock(out):
-                pass
+        taken = rf"{out}: another histosynth process \(pid {holder.pid}: holder\)"
+        with pytest.raises(LockedError, match=taken), output_lock(out):
+            pass
         holder.kill()
         holder.wait(timeout=20)
     finally:
@@ -462,7 +462,8 @@ def test_a_lock_left_by_a_killed_holder_does_not_block(tmp_path):
 def test_what_dead_writers_left_is_swept_once_the_lock_is_held(tmp_path):
     from histosynth.io.atomic import sweep_stale_temps
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     pid = int(dead.stdout)
     out = tmp_path / "run"
     out.mkdir()

@@ -98,7 +98,7 @@ class StopAtStep:
         self.signum = signum
         log.warning("%s received: stopping after this step, with a checkpoint", signal_name(signum))
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
             self._installed = False
