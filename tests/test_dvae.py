@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,7 @@ from hypothesis import strategies as st
 import torch
 from skimage.draw import ellipse
 
-from histosynth.errors import HistosynthError
+from histosynth.errors import HistosynthError, Terminated
 from histosynth.models import dvae as dvae_mod
 from histosynth.models.dvae import (
     DVAE,
@@ -355,6 +357,36 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(library, trained, tm
     table = pd.read_csv(out / "log.csv")
     assert list(table["epoch"]) == [1, 2, 3]
     np.testing.assert_allclose(table["train_loss"], pd.read_csv(ref_dir / "log.csv")["train_loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("term_at", [7, 10])  # mid-epoch; the last batch of an epoch (the checkpoint ends it)
+def test_sigterm_saves_at_the_step_and_the_resumed_run_equals_an_uninterrupted_one(library, trained, tmp_path,
+                                                                                    monkeypatch, term_at):
+    """SIGTERM during optimizer step ``term_at``: the step completes, checkpoint.pt is written there, Terminated
+    says so; the rerun trains only the missing steps and ends with the uninterrupted run's weights and log."""
+    ref_dir, _ = trained
+    out = tmp_path / "stopped"
+    real = dvae_mod.vae_loss
+    calls = []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == term_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m, pytest.raises(Terminated, match=rf"checkpoint.pt \(step {term_at}\)"):
+        m.setattr(dvae_mod, "vae_loss", loss)
+        train_dvae(library, out, latent_dim=4, epochs=3, **TRAIN)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == term_at and not (out / "dvae.pt").exists()
+    steps = _count_steps(monkeypatch)
+    train_dvae(library, out, latent_dim=4, epochs=3, **TRAIN)
+    assert len(steps) == 15 - term_at
+    ref, got = _weights(ref_dir / "dvae.pt"), _weights(out / "dvae.pt")
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    np.testing.assert_allclose(pd.read_csv(out / "log.csv")["train_loss"],
+                               pd.read_csv(ref_dir / "log.csv")["train_loss"], rtol=1e-6)
 
 
 def test_checkpoint_with_other_settings_is_not_resumed(library, tmp_path, caplog):

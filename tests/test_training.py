@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pandas as pd
 import pytest
 import torch
 
-from histosynth.errors import HistosynthError
+from histosynth.errors import HistosynthError, Terminated
 from histosynth.models.checkpoint import read_torch_checkpoint
 from histosynth.training import StepLoop, choose_precision, cpu_native_bf16, grad_scaler, precision_name
 
@@ -21,7 +24,7 @@ class Kill(Exception):
     pass
 
 
-def _toy(out_dir, total, settings=None, poison_at=None, kill_at=None):
+def _toy(out_dir, total, settings=None, poison_at=None, kill_at=None, sigterm_at=None):
     """A linear model fitted by SGD through a StepLoop; returns (loop, model, checkpoint steps, run)."""
     settings = settings or {"lr": 0.1}
     with torch.random.fork_rng(devices=[]):
@@ -41,6 +44,8 @@ def _toy(out_dir, total, settings=None, poison_at=None, kill_at=None):
         def step_fn(step):
             if step == kill_at:
                 raise Kill
+            if step == sigterm_at:  # as Snakemake or SLURM would, in the middle of a step
+                os.kill(os.getpid(), signal.SIGTERM)
             x = torch.randn(4, 3, generator=noise)
             loss = ((model(x) - x.sum(1, keepdim=True)) ** 2).mean()
             if step == poison_at:
@@ -74,6 +79,24 @@ def test_cadence_log_and_exact_resume(tmp_path):
     assert saved == [6, 7]  # it went on from step 4
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
     pd.testing.assert_frame_equal(log.drop(columns="seconds"),
+                                  pd.read_csv(tmp_path / "cut" / "log.csv").drop(columns="seconds"))
+
+
+def test_sigterm_finishes_the_step_saves_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """SIGTERM during step 3 (1-based): the step completes, checkpoint.pt of step 3 is written (not a checkpoint
+    step, and half-way through a log row: both are every 2), Terminated names it; the rerun goes on from there to
+    the weights and log of an uninterrupted run; the previous SIGTERM handler is back."""
+    _, whole, _ = _toy(tmp_path / "whole", 7)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated, match=r"stopped by SIGTERM; training state saved to .*checkpoint.pt \(step 3\)"
+                                         r": run the same command again to resume") as info:
+        _toy(tmp_path / "cut", 7, sigterm_at=2)
+    assert info.value.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 3
+    _, resumed, saved = _toy(tmp_path / "cut", 7)
+    assert saved == [4, 6, 7]
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "whole" / "log.csv").drop(columns="seconds"),
                                   pd.read_csv(tmp_path / "cut" / "log.csv").drop(columns="seconds"))
 
 

@@ -14,11 +14,16 @@ learning rate) and the contents of its checkpoint. The loop
 - writes ``checkpoint.pt`` atomically every ``checkpoint_every`` steps and at
   the last one;
 - stops on a non-finite loss (:meth:`StepLoop.check_finite`) naming the step
-  and the last good checkpoint.
+  and the last good checkpoint;
+- on SIGTERM (what Snakemake, SLURM and ``kill`` send before SIGKILL) finishes
+  the current step, writes ``checkpoint.pt`` and stops with
+  :class:`~histosynth.errors.Terminated` (:class:`StopAtStep`); the next run
+  resumes there. A SIGKILL leaves the previous checkpoint: it is replaced
+  atomically, never written in place.
 
 The β-VAE trains by epochs (one log row per epoch, with hold-out metrics);
-it shares :class:`CheckpointFile`, :func:`check_finite`, :class:`Deterministic`
-and :func:`progress_bar` rather than the step loop.
+it shares :class:`CheckpointFile`, :func:`check_finite`, :class:`Deterministic`,
+:class:`StopAtStep` and :func:`progress_bar` rather than the step loop.
 
 Precision: :func:`choose_precision` picks the autocast dtype, :func:`grad_scaler`
 and :func:`precision_name` go with it.
@@ -29,8 +34,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
@@ -40,7 +47,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from histosynth.errors import HistosynthError
+from histosynth.errors import HistosynthError, Terminated, signal_name
 from histosynth.io.atomic import atomic_csv
 from histosynth.models.checkpoint import atomic_torch_save
 
@@ -61,6 +68,46 @@ class Deterministic:
     def __exit__(self, *exc: Any) -> None:
         if self.enabled:
             torch.use_deterministic_algorithms(self.previous)
+
+
+class StopAtStep:
+    """SIGTERM while training: finish the step, save a checkpoint, then stop.
+
+    Inside the ``with`` block (in the main thread; elsewhere it does nothing)
+    the first SIGTERM only records itself in :attr:`signum` and the trainer,
+    between two steps, saves its checkpoint and calls :meth:`stop`. A second
+    SIGTERM stops at once (an atomic write under way is abandoned and the
+    previous checkpoint stays). The previous handler is restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> StopAtStep:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise Terminated(signum, f"stopped by {signal_name(signum)} twice: stopped at once, without a new "
+                                     "checkpoint (the previous one is intact)")
+        self.signum = signum
+        log.warning("%s received: stopping after this step, with a checkpoint", signal_name(signum))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
+
+    def stop(self, checkpoint: str | None) -> None:
+        """Raise :class:`Terminated` naming the checkpoint just saved (call it after saving)."""
+        raise Terminated(self.signum or signal.SIGTERM,
+                         f"stopped by {signal_name(self.signum or signal.SIGTERM)}; training state saved to "
+                         f"{checkpoint}: run the same command again to resume")
 
 
 def load_resume(
@@ -347,8 +394,8 @@ class StepLoop:
         a sample figure) runs after its log row and before its checkpoint;
         ``postfix(row)`` gives the progress bar's postfix for a log row.
         """
-        with Deterministic(self.device.type == "cpu"), progress_bar(self.total, self.step, self.desc,
-                                                                    self.progress) as bar:
+        with StopAtStep() as stop, Deterministic(self.device.type == "cpu"), \
+                progress_bar(self.total, self.step, self.desc, self.progress) as bar:
             while self.step < self.total:
                 values, rate = step_fn(self.step)
                 self.step += 1
@@ -358,6 +405,8 @@ class StepLoop:
                     bar.set_postfix(**postfix(row))
                 if after_step is not None:
                     after_step(self.step)
-                if self.step % self.checkpoint_every == 0 or self.step == self.total:
+                if self.step % self.checkpoint_every == 0 or self.step == self.total or stop.signum is not None:
                     self.log.pause()
                     self.save_checkpoint(contents())
+                if stop.signum is not None:
+                    stop.stop(self.file.last_good)

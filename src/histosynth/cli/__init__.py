@@ -7,23 +7,35 @@ runs, so ``histosynth tile`` never imports torch.
 
 Errors from bad input print one line, ``error: <file>: <problem>``, and exit
 with status 2; nothing half-written is left behind (stages write through
-temporary names). Any other exception is a bug: one line names it and the file
-that holds its full traceback (also logged at DEBUG, shown with ``-v``), and the
-exit status is 1.
+temporary names). So does an output the environment refuses (a full disk, a
+file-size limit, a quota, a read-only or forbidden folder): ``error: <file>:
+cannot write: <reason>``. SIGTERM stops a stage cleanly (temporary files
+removed; a trainer saves its checkpoint first) with status 128 + 15. Any other
+exception is a bug: one line names it and the file that holds its full
+traceback (also logged at DEBUG, shown with ``-v``), and the exit status is 1.
+
+Every stage holds a lock on its output for as long as it runs
+(:mod:`histosynth.io.lock`, the output named by :data:`OUTPUTS`): a second
+``histosynth`` pointed at the same output refuses at once, naming the first
+one's pid.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import signal
 import sys
 import tempfile
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from histosynth import __version__
 from histosynth.cli import evidence, gan, masks, patches, segmentation, slides
-from histosynth.errors import HistosynthError
+from histosynth.errors import HistosynthError, Terminated
 
 log = logging.getLogger("histosynth")
 
@@ -32,6 +44,23 @@ EXIT_BUG = 1
 
 #: the stage families, in the order of the DAG
 FAMILIES = (slides, patches, masks, gan, segmentation, evidence)
+
+#: each command's output, which it holds the lock of while it runs: the attribute of its arguments that
+#: names it, "paths" for the last of ``paths`` (PATH... OUT), None for a command that writes nothing
+OUTPUTS: dict[str, str | None] = {
+    "demo-slides": "out_dir", "tile": "out_dir", "slide-info": None,
+    "rasterize": "out_dir", "export": "out", "overlay": "out_png", "split": "out",
+    "fit-stats": "out_dir", "nuclei-library": "paths", "train-dvae": "out_dir", "dvae-sweep": "out_dir",
+    "sample-masks": "out_dir", "evaluate-masks": "paths",
+    "train-gan": "paths", "stain-styles": "paths", "translate": "out_dir", "evaluate-images": "paths",
+    "train-segmenter": "paths", "score": "paths", "gate-pairs": "out_dir", "report": "paths",
+    "evidence-report": "paths",
+    "check-config": None,
+}
+
+#: OSError numbers that mean the environment refused (a write): a one-line error, not a bug
+ENVIRONMENT_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EFBIG", "EDQUOT", "EROFS", "EACCES", "EPERM",
+                                                           "EIO", "EMFILE", "ENFILE", "ESTALE") if hasattr(errno, n))
 
 
 def _add_check_config(sub: argparse._SubParsersAction) -> None:
@@ -70,18 +99,71 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    in_main = threading.current_thread() is threading.main_thread()  # only there can signals be handled
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
-        args.func(args)
+        with _lock_output(args):
+            args.func(args)
     except HistosynthError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Terminated as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            print(f"error: {_report_bug(err)}", file=sys.stderr)
+            return EXIT_BUG
+        from histosynth.io.atomic import describe_os_error
+
+        log.debug("environment error:\n%s", traceback.format_exc())
+        output = None if err.filename else output_of(args)  # a failed write names no file: name the output
+        print(f"error: {f'{output}: ' if output else ''}{describe_os_error(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except Exception as err:  # noqa: BLE001 - anything else is a bug in histosynth, not bad input
         print(f"error: {_report_bug(err)}", file=sys.stderr)
         return EXIT_BUG
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 0
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM: unwind the stage like Ctrl-C does (temporary files are removed on the way out)."""
+    raise Terminated(signum)
+
+
+def output_of(args: argparse.Namespace) -> str | None:
+    """The output the command of ``args`` writes (see :data:`OUTPUTS`), or None."""
+    attr = OUTPUTS[args.command]
+    if attr is None:
+        return None
+    if attr == "paths":
+        return args.paths[-1] if len(args.paths) >= 2 else None
+    return getattr(args, attr)
+
+
+@contextmanager
+def _lock_output(args: argparse.Namespace) -> Iterator[None]:
+    """Hold the lock of the command's output (:func:`histosynth.io.lock.output_lock`), if it has one.
+
+    Once it is held, what a killed writer of that output left is removed (temporary files of dead processes).
+    """
+    output = output_of(args)
+    if output is None:
+        yield
+        return
+    from histosynth.io.atomic import sweep_stale_temps
+    from histosynth.io.lock import output_lock
+
+    with output_lock(output):
+        for path in sweep_stale_temps(output):
+            log.info("removed %s, left by a writer that was killed", path)
+        yield
 
 
 def _report_bug(err: Exception) -> str:

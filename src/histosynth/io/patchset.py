@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from histosynth.errors import HistosynthError
+from histosynth.io.atomic import WriteError, fsync_path, is_write_failure, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +91,15 @@ class _NpyStream:
         self.count += 1
 
     def close(self) -> None:
-        self._fh.seek(0)
-        self._fh.write(_npy_header(self.dtype, (self.count, *self.item_shape)))
-        self._fh.close()
+        if self._fh.closed:
+            return
+        try:
+            self._fh.seek(0)
+            self._fh.write(_npy_header(self.dtype, (self.count, *self.item_shape)))
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        finally:
+            self._fh.close()
 
 
 class PatchSetWriter:
@@ -126,27 +133,54 @@ class PatchSetWriter:
         self._streams: dict[str, _NpyStream] = {}
 
     def __enter__(self) -> PatchSetWriter:
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        if self._tmp.exists():
-            shutil.rmtree(self._tmp)
-        self._tmp.mkdir()
-        for name in self.arrays:
-            dtype, trailing = ARRAYS[name]
-            self._streams[name] = _NpyStream(
-                self._tmp / f"{name}.npy", dtype, (self.height, self.width, *trailing)
-            )
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.out_dir)
+            if self._tmp.exists():
+                shutil.rmtree(self._tmp)
+            self._tmp.mkdir()
+            for name in self.arrays:
+                dtype, trailing = ARRAYS[name]
+                self._streams[name] = _NpyStream(
+                    self._tmp / f"{name}.npy", dtype, (self.height, self.width, *trailing)
+                )
+        except OSError as err:
+            self._discard()
+            self._raise_write_error(err)
+            raise
+        except BaseException:
+            self._discard()
+            raise
         return self
 
     def add(self, row: dict[str, Any], **arrays: np.ndarray) -> None:
         """Append one patch: its index row and one array per name in ``arrays``."""
         if set(arrays) != set(self.arrays):
             raise ValueError(f"patch needs arrays {sorted(self.arrays)}, got {sorted(arrays)}")
-        for name, value in arrays.items():
-            self._streams[name].append(value)
+        try:
+            for name, value in arrays.items():
+                self._streams[name].append(value)
+        except OSError as err:
+            self._raise_write_error(err)
+            raise
         self._rows.append(row)
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def _raise_write_error(self, err: OSError) -> None:
+        """Raise a :class:`WriteError` naming the output for an OSError of the environment on the temporary set."""
+        if is_write_failure(err, self._tmp, self.out_dir, self.out_dir.parent):
+            raise WriteError(self.out_dir, err, "patch set") from err
+
+    def _discard(self) -> None:
+        """Close the streams (ignoring their errors: the set is thrown away) and remove the temporary set."""
+        for stream in self._streams.values():
+            try:
+                stream.close()
+            except OSError:
+                pass
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __exit__(
         self,
@@ -154,22 +188,29 @@ class PatchSetWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for stream in self._streams.values():
-            stream.close()
         if exc_type is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._discard()
             return
         try:
+            for stream in self._streams.values():
+                stream.close()
             index = pd.DataFrame(self._rows, columns=self.columns)
             index.to_csv(self._tmp / "index.csv", index=False)
             if self.report:
                 (self._tmp / "report.json").write_text(json.dumps(self.report, indent=2, default=_json_default))
+            for file in self._tmp.iterdir():
+                fsync_path(file)
             if self.out_dir.exists():
                 shutil.rmtree(self.out_dir)
             os.replace(self._tmp, self.out_dir)
-        except BaseException:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        except OSError as err:
+            self._discard()
+            self._raise_write_error(err)
             raise
+        except BaseException:
+            self._discard()
+            raise
+        fsync_path(self.out_dir.parent)
         log.info("wrote %d patches to %s", len(self._rows), self.out_dir)
 
 

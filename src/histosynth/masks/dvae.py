@@ -82,7 +82,7 @@ from histosynth.masks.library import load_library
 from histosynth.models import dvae as dvae_mod
 from histosynth.models.checkpoint import atomic_torch_save
 from histosynth.models.dvae import DVAE, DVAEConfig, checkpoint_dict, encode, init_output_bias, kl_divergence
-from histosynth.training import CheckpointFile, Deterministic, progress_bar
+from histosynth.training import CheckpointFile, Deterministic, StopAtStep, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,8 @@ def train_dvae(
              latent_dim, beta, ", conditional on " + str(list(type_ids)) if conditional else "",
              len(train_idx), len(hold_idx), epochs, steps_per_epoch, dev)
     t_start = time.perf_counter()
-    with Deterministic(cpu), progress_bar(epochs * steps_per_epoch, step, "train-dvae", progress) as bar:
+    with StopAtStep() as stop, Deterministic(cpu), \
+            progress_bar(epochs * steps_per_epoch, step, "train-dvae", progress) as bar:
         while epoch < epochs:
             t0 = time.perf_counter()
             order = epoch_order(len(train_idx), seed, epoch)
@@ -402,6 +403,11 @@ def train_dvae(
                     partial["seconds"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     save_checkpoint(epoch, b + 1)
+                elif stop.signum is not None:  # SIGTERM: checkpoint now (batch b + 1 may end the epoch) and stop
+                    partial["seconds"] += time.perf_counter() - t0
+                    save_checkpoint(epoch, b + 1)
+                if stop.signum is not None:
+                    stop.stop(file.last_good)
             metrics = reconstruction_metrics(model, hold_shapes, hold_types)
             n = max(1, partial["n"])
             rows.append({
@@ -417,8 +423,10 @@ def train_dvae(
             epoch, batch0 = epoch + 1, 0
             partial = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "n": 0, "seconds": 0.0}
             atomic_csv(pd.DataFrame(rows, columns=LOG_COLUMNS), out_dir / "log.csv")
-            if epoch % checkpoint_every == 0 or epoch == epochs:
+            if epoch % checkpoint_every == 0 or epoch == epochs or stop.signum is not None:
                 save_checkpoint(epoch, 0)
+            if stop.signum is not None:
+                stop.stop(file.last_good)
 
     model = model.to(memory_format=torch.contiguous_format).eval()
     metrics = reconstruction_metrics(model, hold_shapes, hold_types)

@@ -58,6 +58,7 @@ from scipy.spatial import cKDTree
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
+from histosynth.io.atomic import atomic_write
 from histosynth.io.labels import class_map_to_json, classes_of_patch_sets, instance_types, read_class_map
 from histosynth.io.patchset import read_patchset
 
@@ -384,29 +385,28 @@ def build_library(
     }
 
     out_npz.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_npz.parent / f".{out_npz.name}.tmp-{os.getpid()}"
-    try:
+    arrays = dict(
+        shapes=shapes,
+        types=types,
+        areas=areas,
+        scales=scales,
+        slides=slide_arr,
+        centroids=centroids,
+        patch_rows=patch_rows,
+        inst_ids=inst_ids,
+        patch_set_ids=patch_set_ids,
+        patch_sets=np.asarray(json.dumps(names)),
+        classes=np.asarray(json.dumps(class_map_to_json(classes))),
+        mpp=np.asarray(mpp),
+        frame=np.asarray(frame),
+        min_bbox_area=np.asarray(float(min_bbox_area)),
+    )
+
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
-            np.savez_compressed(
-                fh,
-                shapes=shapes,
-                types=types,
-                areas=areas,
-                scales=scales,
-                slides=slide_arr,
-                centroids=centroids,
-                patch_rows=patch_rows,
-                inst_ids=inst_ids,
-                patch_set_ids=patch_set_ids,
-                patch_sets=np.asarray(json.dumps(names)),
-                classes=np.asarray(json.dumps(class_map_to_json(classes))),
-                mpp=np.asarray(mpp),
-                frame=np.asarray(frame),
-                min_bbox_area=np.asarray(float(min_bbox_area)),
-            )
-        os.replace(tmp, out_npz)
-    finally:
-        tmp.unlink(missing_ok=True)
+            np.savez_compressed(fh, **arrays)
+
+    atomic_write(out_npz, write)
     write_montage(shapes, types, classes, montage,
                   title=f"{len(shapes)} nuclei from {len(names)} patch set(s) at {mpp:.3g} um/px")
     log.info(

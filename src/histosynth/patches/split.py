@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from histosynth.errors import HistosynthError
+from histosynth.io.atomic import atomic_csv
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +115,7 @@ def split_from_config(config: Mapping[str, Any], slides: pd.DataFrame) -> dict[s
 def write_split(table: pd.DataFrame, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_csv(table, path)
 
 
 def read_split(path: str | os.PathLike) -> pd.DataFrame:
