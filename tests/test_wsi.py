@@ -130,6 +130,17 @@ def test_seams_every_nucleus_once_and_whole(model, slide, tmp_path, exact):
     assert set(np.unique(labels)) - {0} == set(nuclei["id"])
     cx, cy = centres[:, 0].astype(int), centres[:, 1].astype(int)
     assert (labels[cy, cx] > 0).all()
+    # round trip: the GeoJSON through histosynth's own reader and rasterizer gives the label image back
+    from histosynth.io.annotations import read
+    from histosynth.patches.rasterize import rasterize_tile
+
+    got = read(tmp_path / "out" / "nuclei.geojson", {"Epithelial": 1, "Lymphocyte": 2})
+    assert len(got.nuclei) == len(nuclei) and {n.type_id for n in got.nuclei} == {1}
+    back, _, _ = rasterize_tile([n.polygon for n in got.nuclei], [n.type_id for n in got.nuclei], 0, 0, 1,
+                                labels.shape[1], labels.shape[0])
+    assert np.array_equal(back > 0, labels > 0)
+    pairs = {(int(a), int(b)) for a, b in zip(back[labels > 0], labels[labels > 0])}
+    assert len(pairs) == len(nuclei)  # one-to-one: each outline is exactly one labelled nucleus
 
 
 def test_geojson_is_a_qupath_feature_collection(model, slide, tmp_path, exact):
@@ -259,3 +270,21 @@ def test_predict_with_context_predicts_the_inside_only(model):
     assert big["np"].shape == (200 - 2 * (ctx + 5), 240 - 2 * (ctx + 5))
     with pytest.raises(HistosynthError, match="context"):
         sg.predict(seg, image, context=100)
+
+
+def test_a_model_without_types_writes_untyped_nuclei(model, slide, tmp_path, monkeypatch):
+    """No type branch: no type probability (QuPath measurements are numbers), no classification."""
+    def untyped(*args, **kwargs):
+        maps = _exact_predict(*args, **kwargs)
+        del maps["tp"]
+        return maps
+
+    monkeypatch.setattr(sg, "predict", untyped)
+    path, _, centres = slide
+    _run(model, path, tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "nuclei.geojson").read_text())
+    assert len(data["features"]) == len(centres)
+    assert all("classification" not in f["properties"] and "type_probability" not in f["properties"]["measurements"]
+               for f in data["features"])
+    nuclei = pd.read_csv(tmp_path / "out" / "nuclei.csv")
+    assert nuclei["type_probability"].isna().all() and (nuclei["type"] == 0).all()

@@ -53,7 +53,8 @@ OUTPUTS: dict[str, str | None] = {
     "fit-stats": "out_dir", "nuclei-library": "paths", "train-dvae": "out_dir", "dvae-sweep": "out_dir",
     "sample-masks": "out_dir", "evaluate-masks": "paths",
     "train-gan": "paths", "stain-styles": "paths", "translate": "out_dir", "evaluate-images": "paths",
-    "train-segmenter": "paths", "score": "paths", "gate-pairs": "out_dir", "report": "paths",
+    "train-segmenter": "paths", "score": "paths", "gate-pairs": "out_dir", "segment": "out_dir",
+    "report": "paths",
     "evidence-report": "paths",
     "check-config": None,
 }

@@ -77,6 +77,9 @@ LABEL_BAND = 256
 CSV_COLUMNS = ("id", "tile", "centroid_x", "centroid_y", "area_px", "area_um2", "perimeter_px", "eccentricity",
                "solidity", "type", "type_name", "type_probability", "nucleus_probability")
 _WORK_VERSION = 1
+#: the GeoJSON measurements of a nucleus (QuPath's name: nuclei.csv's column), besides histosynth.io.qupath's own
+MEASUREMENTS = {"nucleus_id": "id", "area_um2": "area_um2", "type_probability": "type_probability",
+                "nucleus_probability": "nucleus_probability"}
 
 
 @dataclass
@@ -453,9 +456,9 @@ def write_outputs(work: WorkFolder, out: Path, plan, class_map: dict[int, str],
                     for r in result.rows:
                         r["id"] = total + r["local_id"]
                         r["type_name"] = class_map.get(int(r["type"]), "") if r["type"] else ""
-                        measurements[r["local_id"]] = {"nucleus_id": r["id"], "area_um2": r["area_um2"],
-                                                       "type_probability": r["type_probability"],
-                                                       "nucleus_probability": r["nucleus_probability"]}
+                        # QuPath measurements are numbers: a model without a type branch has no type probability
+                        measurements[r["local_id"]] = {k: r[v] for k, v in MEASUREMENTS.items()
+                                                       if math.isfinite(r[v])}
                         rows_out.writerow({c: _csv_value(r[c]) for c in CSV_COLUMNS})
                     types = np.zeros(len(result.rows) + 1, np.uint8)
                     types[[r["local_id"] for r in result.rows]] = [r["type"] for r in result.rows]
