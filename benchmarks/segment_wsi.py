@@ -157,6 +157,53 @@ def peak_rss(model: str, slide_path: str | Path, mpp: float | None, threads: int
             "peak_rss_mb": rss / 1024, "seconds": seconds}
 
 
+def seams(model: str, slide_path: str, mpp: float | None, threads: int, tile: int, margin: int, batch: int) -> dict:
+    """The nuclei found whole-slide (tiles, margins, the centroid rule) against one window over the whole slide.
+
+    Both at the model's resolution with the same network and post-processing. Duplicates: two whole-slide
+    nuclei overlapping by more than half the smaller one's area (from the GeoJSON outlines). Agreement: the
+    one-window nuclei matched by a whole-slide nucleus at IoU > 0.5 (label maps, the label TIFF).
+    """
+    import tifffile
+    import torch
+    from shapely import STRtree
+    from shapely.geometry import shape
+
+    from histosynth.io.slides import open_slide
+    from histosynth.models.hovernet import postprocess, sizes_at
+    from histosynth.segmentation import wsi
+    from histosynth.segmentation.metrics import instance_metrics
+    from histosynth.segmentation.segmenter import load_segmenter, predict
+
+    torch.set_num_threads(threads)
+    params = wsi.SegmentParams(tile=tile, margin=margin, batch=batch, label_tiff=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        report = wsi.segment_slide(model, slide_path, out, params, mpp=mpp, device="cpu", threads=threads,
+                                   precision="float32")
+        labels = tifffile.imread(out / "labels.tif")
+        polys = [shape(f["geometry"]) for f in json.loads((out / "nuclei.geojson").read_text())["features"]]
+    tree = STRtree(polys)
+    dup = 0
+    for i, j in zip(*tree.query(polys, predicate="intersects")):
+        if i < j:
+            a, b = polys[i], polys[j]
+            if a.intersection(b).area > 0.5 * min(a.area, b.area):
+                dup += 1
+    seg = load_segmenter(model, "cpu")
+    d = report["downsample"]
+    with open_slide(slide_path) as slide:
+        h, w = labels.shape
+        whole = wsi.read_region_at(slide, 0, 1.0, 0, 0, max(h, w), d)[:h, :w]
+    maps = predict(seg, whole, batch=batch)
+    one, _ = postprocess(maps["np"], maps["hv"], maps.get("tp"), **sizes_at(report["mpp"]))
+    m = instance_metrics(labels.astype(np.int32), one)
+    n_one, n_wsi = int(one.max()), report["counts"]["nuclei"]
+    return {"slide": slide_path, "nuclei_whole_slide": n_wsi, "nuclei_one_window": n_one,
+            "relative_difference": abs(n_wsi - n_one) / max(n_one, 1), "duplicates": dup,
+            "cut": report["counts"]["cut"], "dq_between_them": m.get("dq"), "pq_between_them": m.get("pq")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -167,10 +214,23 @@ def main() -> None:
     ap.add_argument("--margin", type=int, default=48)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--memory-slide", default=None, help="slide for the memory test (default: the first)")
+    ap.add_argument("--seam-slide", default=None, help="also compare whole-slide and one-window nuclei on it")
+    ap.add_argument("--only-seams", action="store_true", help="run the seam comparison only")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     result = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "machine": platform.processor()
               or platform.machine(), "cpu": _cpu_name(), "threads": args.threads, "speed": [], "memory": []}
+    if args.seam_slide:
+        r = seams(args.model, args.seam_slide, args.mpp, args.threads, args.tile, args.margin, args.batch)
+        result["seams"] = r
+        print(f"seams on {Path(args.seam_slide).name}: {r['nuclei_whole_slide']} nuclei whole-slide vs "
+              f"{r['nuclei_one_window']} in one window ({100 * r['relative_difference']:.2f} %), "
+              f"{r['duplicates']} duplicates, DQ {r['dq_between_them']:.3f}", flush=True)
+        if args.only_seams:
+            print(json.dumps(result, indent=2, default=float))
+            if args.out:
+                Path(args.out).write_text(json.dumps(result, indent=2, default=float))
+            return
     for slide in args.slides:
         r = speed(args.model, slide, args.mpp, args.threads, args.tile, args.margin, args.batch)
         result["speed"].append(r)
