@@ -309,7 +309,7 @@ def segment_slide(
     t_start = time.perf_counter()
     dev = select_device(device, threads)
     seg = load_segmenter(model_path, dev)
-    if classes is not None and classes != seg.classes:
+    if classes is not None and _keyed(classes) != _keyed(seg.classes):
         raise HistosynthError(f"the model's classes {seg.classes} differ from the requested mapping {classes}: "
                               "segment with the class map the model was trained with", model_path)
     with open_slide(slide_path, mpp_fallback=mpp_fallback, max_pixels=max_pixels) as slide:
@@ -381,6 +381,7 @@ def segment_slide(
                   "mpp": target, "model_mpp": seg.mpp, "slide_mpp": slide.mpp, "downsample": d,
                   "params": asdict(params), "tile_px": tile, "precision": precision_name(amp),
                   "device": str(dev), "counts": counts}
+
         def finish(rep: dict[str, Any]) -> None:
             rep["seconds"] = seconds = time.perf_counter() - t_start
             rep["forward_seconds"] = t_forward
@@ -398,6 +399,12 @@ def segment_slide(
         log.warning("%d nuclei reach further past their tile than the margin of %d px and are cut: raise --margin",
                     counts["cut"], params.margin)
     return report
+
+
+def _keyed(classes: dict[int, str]) -> dict[int, str]:
+    from histosynth.io.labels import class_key
+
+    return {int(k): class_key(v) for k, v in classes.items()}
 
 
 def read_region_at(slide: Slide, level: int, level_ds: float, x0: float, y0: float, size: int,
