@@ -65,7 +65,7 @@ REQUIRED = {
     "evaluate-images": ["gen", "out", "--real", "r"], "stain-styles": ["t", "o.json"], "gate-pairs": ["m.pt", "p", "o"],
     "segment": ["m.pt", "s.tif", "o"], "train-segmenter": ["ps", "out", "--arm", "real"],
     "score": ["m.pt", "ps", "out"], "report": ["s.csv", "out"], "evidence-report": ["1=run", "out"],
-    "check-config": ["c.yaml"],
+    "check-config": ["c.yaml"], "serve": ["results"],
 }
 
 

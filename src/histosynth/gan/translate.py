@@ -86,7 +86,7 @@ def assign_options(n: int, model_options: Sequence[str], requested: Sequence[str
 
 
 # --------------------------------------------------------------------------- GAN plumbing
-def _size_multiple(bundle: Any) -> int:
+def size_multiple(bundle: Any) -> int:
     """The factor the generator needs H and W divisible by (1 when the bundle does not say)."""
     for holder in (bundle, getattr(bundle, "generator", None)):
         for attr in ("size_multiple", "multiple"):
@@ -279,7 +279,7 @@ def translate(
     n_types = int(bundle.n_types)
     assigned = assign_options(n, model_options, options, seed)
 
-    multiple = _size_multiple(bundle)
+    multiple = size_multiple(bundle)
     if h % multiple or w % multiple:
         raise HistosynthError(f"masks are {h}x{w} px; the generator needs sides divisible by {multiple}",
                               masks_dir)
