@@ -102,6 +102,9 @@ class RunModels:
         if name not in self.checkpoints:
             raise HistosynthError(f"unknown generator checkpoint {name!r}; this run has "
                                   f"{', '.join(self.checkpoints)}")
+        loaded = self._gans.get(name)
+        if loaded is not None:  # no waiting for the lock (held while painting) for a loaded generator
+            return loaded
         with self.lock:
             if name not in self._gans:
                 self._gans[name] = load_gan(self.checkpoints[name], device=self.device)
