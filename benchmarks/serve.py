@@ -13,7 +13,9 @@ In one run, on the same generator checkpoint and the same masks:
   ``GET /`` and a ``GET /api/info`` during each burst: failures (any non-200), their latencies, and the
   server's RSS (``/proc/PID/status`` VmRSS) after a warm-up and after the bursts.
 
-The bare pass and the server never run at the same time (the server is idle while ``bare`` runs). Without
+The bare passes and the requests alternate (bare pass i, then request i), so that a change in the load of a
+shared machine falls on both alike; they never run at the same time (the server is idle during a bare
+pass, this process waits during a request). Without
 ``--results`` a results folder is made with a U-Net of the schema's default size (depth 7, width 32; three
 types, two styles) with untrained weights: the time of a forward pass does not depend on the weights.
 
@@ -27,7 +29,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,29 +114,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def bare_forward(gan: Path, sides: list[int], n: int, threads: int) -> dict:
-    import torch
+class Bare:
+    """The generator of ``gan`` alone in this process: one forward pass per call on a mask of ``side`` px."""
 
-    from histosynth.gan.conditioning import build_conditioning
-    from histosynth.models.pix2pix import generate, load_gan
-    from histosynth.serve.masks import draw_nuclei
+    def __init__(self, gan: Path, threads: int):
+        import torch
 
-    torch.set_num_threads(threads)
-    bundle = load_gan(gan)
-    classes = {int(k): v for k, v in bundle.classes.items()}
-    out = {}
-    for side in sides:
-        inst, types = draw_nuclei(ellipses(side, 60 * side * side // 256**2, bundle.n_types, side), side, classes,
-                                  np.zeros((0, 64, 64), bool))
-        cond = build_conditioning(inst[None], types[None], bundle.n_types, 0, len(bundle.options))
-        generate(bundle, cond, seed=0)  # warm-up
-        times = []
-        for i in range(n):
-            t0 = time.perf_counter()
-            generate(bundle, cond, seed=i)
-            times.append(time.perf_counter() - t0)
-        out[side] = summary(times)
-    return out
+        from histosynth.models.pix2pix import load_gan
+
+        torch.set_num_threads(threads)
+        self.bundle = load_gan(gan)
+        self.conds: dict[int, object] = {}
+
+    def __call__(self, side: int, seed: int) -> float:
+        from histosynth.gan.conditioning import build_conditioning
+        from histosynth.models.pix2pix import generate
+        from histosynth.serve.masks import draw_nuclei
+
+        b = self.bundle
+        if side not in self.conds:
+            inst, types = draw_nuclei(ellipses(side, 60 * side * side // 256**2, b.n_types, side), side,
+                                      {int(k): v for k, v in b.classes.items()}, np.zeros((0, 64, 64), bool))
+            self.conds[side] = build_conditioning(inst[None], types[None], b.n_types, 0, len(b.options))
+            generate(b, self.conds[side], seed=0)  # warm-up
+        t0 = time.perf_counter()
+        generate(b, self.conds[side], seed=seed)
+        return time.perf_counter() - t0
 
 
 def main() -> int:
@@ -147,7 +151,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=50, help="requests (and bare passes) per side")
     ap.add_argument("--sides", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--concurrency", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=3, help="bursts of --concurrency requests")
+    ap.add_argument("--rounds", type=int, default=5, help="bursts of --concurrency requests")
     ap.add_argument("--out", type=Path, help="JSON of the results")
     args = ap.parse_args()
 
@@ -164,8 +168,7 @@ def main() -> int:
     except (OSError, subprocess.CalledProcessError, StopIteration):
         pass
 
-    print(f"bare generator forward, {args.n} per side ...", flush=True)
-    report["bare"] = bare_forward(gan, args.sides, args.n, args.threads)
+    bare = Bare(gan, args.threads)
 
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -187,7 +190,7 @@ def main() -> int:
         info = json.loads(urllib.request.urlopen(base + "/api/info").read())
         style = info["checkpoints"][0]["styles"][0]
         n_types = len(info["classes"])
-        report["served"], report["overhead"], masks = {}, {}, {}
+        report["bare"], report["served"], report["overhead"], masks = {}, {}, {}, {}
         for side in args.sides:
             if info["sampling"]:
                 status, body, _ = post(base + "/api/sample", {"side": side, "seed": 0})
@@ -197,13 +200,15 @@ def main() -> int:
             assert status == 200, body
             masks[side] = body["mask_id"]
             post(base + "/api/paint", {"side": side, "base": masks[side], "style": style})  # warm-up
-            print(f"served paint at {side} px, {args.n} requests ...", flush=True)
-            times = []
+            print(f"paint at {side} px: {args.n} bare passes and {args.n} requests, alternating ...", flush=True)
+            times, bare_times = [], []
             for i in range(args.n):
+                bare_times.append(bare(side, i))
                 status, body, seconds = post(base + "/api/paint", {"side": side, "base": masks[side], "style": style,
                                                                    "seed": i})
                 assert status == 200, body
                 times.append(seconds)
+            report["bare"][side] = summary(bare_times)
             report["served"][side] = summary(times)
             report["overhead"][side] = round(report["served"][side]["median_ms"] / report["bare"][side]["median_ms"]
                                              - 1, 3)
@@ -216,7 +221,7 @@ def main() -> int:
             results_r: list[tuple[int, float]] = []
             lock = threading.Lock()
 
-            def one(i: int) -> None:
+            def one(i: int, r: int = r, results_r: list = results_r, lock: threading.Lock = lock) -> None:
                 try:
                     status, _, seconds = post(base + "/api/paint", {"side": side, "base": masks[side],
                                                                     "style": style, "seed": 1000 * r + i})

@@ -26,8 +26,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -48,6 +49,9 @@ from histosynth.serve.run import Mask, RunModels
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
+#: worker threads that paint, sample, read uploads and encode PNGs at once (the generator itself runs one call
+#: at a time): the other requests wait in the event loop, not in threads of their own, so memory stays flat
+WORKERS = 2
 METHODS = ("statistical", "uniform")
 
 
@@ -153,6 +157,12 @@ def create_app(results: str | Path, *, device: str = "cpu", max_upload_mb: float
         device = "cuda" if torch.cuda.is_available() else "cpu"
     run = RunModels(results, device=device)
     limit = int(max_upload_mb * 2**20)
+    workers: list[anyio.CapacityLimiter] = []  # made on first use, inside the server's event loop
+
+    async def run_in_threadpool(fn: Any) -> Any:
+        if not workers:
+            workers.append(anyio.CapacityLimiter(WORKERS))
+        return await anyio.to_thread.run_sync(fn, limiter=workers[0])
 
     def side_of(value: Any, checkpoint: str | None = None) -> int:
         sides = run.describe(checkpoint or run.default)["sides"]
@@ -186,7 +196,7 @@ def create_app(results: str | Path, *, device: str = "cpu", max_upload_mb: float
                     "shapes": [data_url((s.astype("uint8") * 255)) for s in shapes], "shapes_from": where,
                     "max_upload_mb": max_upload_mb}
 
-        return JSONResponse(await run_in_threadpool(build))
+        return JSONResponse(await anyio.to_thread.run_sync(build))  # not behind the queued paints
 
     async def paint(request: Request) -> Response:
         body = await _json(request)
