@@ -15,7 +15,8 @@ In one run, on the same generator checkpoint and the same masks:
 
 The bare passes and the requests alternate (bare pass i, then request i), so that a change in the load of a
 shared machine falls on both alike; they never run at the same time (the server is idle during a bare
-pass, this process waits during a request). Without
+pass, this process waits during a request; a pause of PAUSE s before each keeps the other side's spinning
+OpenMP threads out of it). Without
 ``--results`` a results folder is made with a U-Net of the schema's default size (depth 7, width 32; three
 types, two styles) with untrained weights: the time of a forward pass does not depend on the weights.
 
@@ -42,6 +43,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+#: seconds of rest before each bare pass and each request: torch's OpenMP threads spin a while after their
+#: work, and the other process's timed section must not start beside them
+PAUSE = 0.3
 
 
 def make_results(root: Path, depth: int, width: int) -> Path:
@@ -203,7 +207,9 @@ def main() -> int:
             print(f"paint at {side} px: {args.n} bare passes and {args.n} requests, alternating ...", flush=True)
             times, bare_times = [], []
             for i in range(args.n):
+                time.sleep(PAUSE)
                 bare_times.append(bare(side, i))
+                time.sleep(PAUSE)
                 status, body, seconds = post(base + "/api/paint", {"side": side, "base": masks[side], "style": style,
                                                                    "seed": i})
                 assert status == 200, body
