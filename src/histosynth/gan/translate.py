@@ -86,7 +86,7 @@ def assign_options(n: int, model_options: Sequence[str], requested: Sequence[str
 
 
 # --------------------------------------------------------------------------- GAN plumbing
-def _size_multiple(bundle: Any) -> int:
+def size_multiple(bundle: Any) -> int:
     """The factor the generator needs H and W divisible by (1 when the bundle does not say)."""
     for holder in (bundle, getattr(bundle, "generator", None)):
         for attr in ("size_multiple", "multiple"):
@@ -126,6 +126,47 @@ def _patch_generator(seed: int, index: int):
     g = torch.Generator()
     g.manual_seed(int(np.random.SeedSequence([int(seed), int(index), 0x7A]).generate_state(1)[0]))
     return g
+
+
+def paint(bundle: Any, inst: np.ndarray, types: np.ndarray, options: np.ndarray | Sequence[int], *, seed: int = 0,
+          first: int = 0, device: Any = "cpu", conditioner: Callable | None = None,
+          generate_fn: Callable | None = None, where: str | os.PathLike | None = None) -> np.ndarray:
+    """Paint masks ``inst`` / ``types`` (N, H, W) with option ids ``options`` (N,): uint8 images (N, H, W, 3).
+
+    The one painting step of :func:`translate` (and of ``histosynth serve``): per mask the conditioning
+    (its noise channel drawn from (seed, ``first`` + i), the mask's index in its set), then one generator
+    call for the batch, its dropout seeded by (seed, ``first``), under ``torch.no_grad``.
+    """
+    import torch
+
+    if conditioner is None or generate_fn is None:
+        build, gen, _ = _default_api()
+        conditioner = conditioner or build
+        generate_fn = generate_fn or gen
+    dev = torch.device(device) if isinstance(device, str) else device
+    n, h, w = np.shape(inst)
+    n_options = len(bundle.options)
+    n_types = int(bundle.n_types)
+    noise = bool(getattr(bundle, "noise", False))
+    opt = np.asarray(options, dtype=np.int64).reshape(-1)
+    cond = torch.cat([
+        conditioner(inst[i:i + 1], types[i:i + 1], n_types, int(opt[i]), n_options,
+                    noise=noise, generator=_patch_generator(seed, first + i) if noise else None)
+        for i in range(n)
+    ])
+    batch_seed = int(np.random.SeedSequence([int(seed), int(first), 0x5D]).generate_state(1)[0])
+    with torch.no_grad():
+        if "seed" in inspect.signature(generate_fn).parameters:
+            out = generate_fn(bundle, cond.to(dev), seed=batch_seed)
+        else:
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                torch.manual_seed(batch_seed)
+                out = generate_fn(bundle, cond.to(dev))
+    images = _to_uint8(out)
+    if images.shape != (n, h, w, 3):
+        raise HistosynthError(f"the generator returned images of shape {images.shape}, expected {(n, h, w, 3)}",
+                              where)
+    return images
 
 
 # --------------------------------------------------------------------------- montage
@@ -211,7 +252,6 @@ def translate(
     :func:`histosynth.models.pix2pix.generate`. Returns the report (also in
     ``report.json``).
     """
-    import torch
     from tqdm import tqdm
 
     from histosynth.device import select_device
@@ -239,7 +279,7 @@ def translate(
     n_types = int(bundle.n_types)
     assigned = assign_options(n, model_options, options, seed)
 
-    multiple = _size_multiple(bundle)
+    multiple = size_multiple(bundle)
     if h % multiple or w % multiple:
         raise HistosynthError(f"masks are {h}x{w} px; the generator needs sides divisible by {multiple}",
                               masks_dir)
@@ -249,7 +289,6 @@ def translate(
             raise HistosynthError(f"masks hold type id {top}; the GAN knows type ids 1..{n_types} "
                                   f"({getattr(bundle, 'classes', {})})", masks_dir)
 
-    takes_seed = "seed" in inspect.signature(generate_fn).parameters
     noise = bool(getattr(bundle, "noise", False))
     out_dir = Path(out_dir)
     montage_path = Path(montage_path) if montage_path is not None else out_dir.with_name(out_dir.name + ".montage.png")
@@ -272,23 +311,8 @@ def translate(
             inst = np.array(masks.inst[start:stop])
             typ = np.array(masks.types[start:stop])
             opt = assigned[start:stop]
-            cond = torch.cat([
-                conditioner(inst[i:i + 1], typ[i:i + 1], n_types, int(opt[i]), len(model_options),
-                            noise=noise, generator=_patch_generator(seed, start + i) if noise else None)
-                for i in range(stop - start)
-            ])
-            batch_seed = int(np.random.SeedSequence([int(seed), start, 0x5D]).generate_state(1)[0])
-            with torch.no_grad():
-                if takes_seed:
-                    out = generate_fn(bundle, cond.to(dev), seed=batch_seed)
-                else:
-                    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                        torch.manual_seed(batch_seed)
-                        out = generate_fn(bundle, cond.to(dev))
-            images = _to_uint8(out)
-            if images.shape != (stop - start, h, w, 3):
-                raise HistosynthError(f"the generator returned images of shape {images.shape}, "
-                                      f"expected {(stop - start, h, w, 3)}", masks_dir)
+            images = paint(bundle, inst, typ, opt, seed=seed, first=start, device=dev, conditioner=conditioner,
+                           generate_fn=generate_fn, where=masks_dir)
             rows = masks.index.iloc[start:stop].to_dict("records")
             for i, row in enumerate(rows):
                 name = model_options[int(opt[i])]
