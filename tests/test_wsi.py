@@ -288,3 +288,28 @@ def test_a_model_without_types_writes_untyped_nuclei(model, slide, tmp_path, mon
                for f in data["features"])
     nuclei = pd.read_csv(tmp_path / "out" / "nuclei.csv")
     assert nuclei["type_probability"].isna().all() and (nuclei["type"] == 0).all()
+
+
+def test_a_nucleus_found_by_two_neighbouring_tiles_is_kept_once(tmp_path):
+    """Two tiles whose post-processing saw one seam nucleus in two shapes (centroids either side of the seam)."""
+    from histosynth.slides.tiling import GridTile
+
+    class Plan:
+        grid = [GridTile(0, 0, False), GridTile(64, 0, False), GridTile(0, 64, False)]
+
+    work = wsi.WorkFolder(tmp_path / "out", {"params": {"margin": 8}, "tile_px": 64})
+    area = 64 + 2 * 8
+    a, b = np.zeros((area, area), np.int32), np.zeros((area, area), np.int32)
+    a[30:40, 64:78] = 1  # tile 0's area starts at x = -8: slide columns 56..69, centroid x 63 (its core)
+    a[10:14, 10:14] = 2  # not on the seam
+    b[30:40, 8:16] = 1  # tile 1's area starts at x = 56: columns 64..71, centroid 68 (its core), smaller
+    b[50:55, 50:55] = 2
+    rows = lambda labels: [{"local_id": i, "area_px": int((labels == i).sum())} for i in (1, 2)]  # noqa: E731
+    work.save(0, wsi.TileResult(origin=(-8, -8), labels=a, rows=rows(a)))
+    work.save(1, wsi.TileResult(origin=(56, -8), labels=b, rows=rows(b)))
+    work.save(2, wsi.TileResult(origin=(-8, 56), labels=np.zeros_like(a), rows=[]))
+    drops = wsi.find_duplicates(work, Plan, 64, 1.0)
+    assert drops == {1: {1}}
+    kept = wsi.without(work.load(1), drops[1])
+    assert [r["local_id"] for r in kept.rows] == [1] and set(np.unique(kept.labels)) == {0, 1}
+    assert (kept.labels[50:55, 50:55] == 1).all()

@@ -18,7 +18,12 @@ Seams
     them, the others left to the neighbour that sees them whole) in its
     simplest form. A kept nucleus that touches the edge of its tile's
     predicted area was cut (larger than the margin allows); those are
-    counted in ``segment.json`` (``cut``), never silently.
+    counted in ``segment.json`` (``cut``), never silently. Because each
+    tile post-processes its own area, a nucleus on a seam can come out of
+    both neighbours in slightly different shapes, with its two centroids on
+    either side of the seam: two nuclei of neighbouring tiles that overlap
+    by more than half the smaller one are one, and the larger is kept
+    (``duplicates_removed``; :func:`find_duplicates`).
 
 Resuming
     Every finished tile is saved at once, atomically, into a work folder
@@ -426,10 +431,82 @@ def _tissue_share(rgb: np.ndarray, threshold: int, inside: tuple[int, int]) -> f
     return float((grey <= threshold).sum()) / float(rgb.shape[0] * rgb.shape[1])
 
 
-def _tiles_in_order(work: WorkFolder, n_grid: int) -> Iterator[tuple[int, TileResult]]:
+def find_duplicates(work: WorkFolder, plan, tile: int, d: float) -> dict[int, set[int]]:
+    """The nuclei reported by two neighbouring tiles: ``{tile: {local ids to drop}}``.
+
+    Each tile post-processes its own predicted area, so a nucleus on a seam can come out of two tiles
+    in slightly different shapes with their centroids on either side of it. Two nuclei of neighbouring
+    tiles that overlap by more than half the smaller one's area are one nucleus: the larger (the one
+    seen more whole) is kept. Tiles are looked at with their 8 neighbours only, a row of tiles at a time.
+    """
+    margin = _margin(work)
+    cell = {}
+    for k, t in enumerate(plan.grid):
+        if work.done(k):
+            cell[(int(round(t.x / (tile * d))), int(round(t.y / (tile * d))))] = k
+    cache: dict[int, TileResult] = {}
+
+    def get(k: int) -> TileResult:
+        if k not in cache:
+            cache[k] = work.load(k)
+        return cache[k]
+
+    drops: dict[int, set[int]] = {}
+    for (gx, gy), k in sorted(cell.items(), key=lambda kv: kv[1]):
+        for dx, dy in ((1, 0), (-1, 1), (0, 1), (1, 1)):
+            k2 = cell.get((gx + dx, gy + dy))
+            if k2 is None:
+                continue
+            a, b = get(k), get(k2)
+            if not a.rows or not b.rows:
+                continue
+            # the two predicted areas in model pixels (their origins are level-0)
+            ay, ax = round(plan.grid[k].y / d) - margin, round(plan.grid[k].x / d) - margin
+            by, bx = round(plan.grid[k2].y / d) - margin, round(plan.grid[k2].x / d) - margin
+            y0, x0 = max(ay, by), max(ax, bx)
+            y1 = min(ay + a.labels.shape[0], by + b.labels.shape[0])
+            x1 = min(ax + a.labels.shape[1], bx + b.labels.shape[1])
+            if y0 >= y1 or x0 >= x1:
+                continue
+            la = a.labels[y0 - ay : y1 - ay, x0 - ax : x1 - ax].astype(np.int64)
+            lb = b.labels[y0 - by : y1 - by, x0 - bx : x1 - bx].astype(np.int64)
+            both = (la > 0) & (lb > 0)
+            if not both.any():
+                continue
+            pairs, overlap = np.unique(la[both] * (len(b.rows) + 1) + lb[both], return_counts=True)
+            area_a = {r["local_id"]: r["area_px"] for r in a.rows}
+            area_b = {r["local_id"]: r["area_px"] for r in b.rows}
+            for code, n in zip(pairs.tolist(), overlap.tolist()):
+                ia, ib = divmod(code, len(b.rows) + 1)
+                if n > 0.5 * min(area_a[ia], area_b[ib]):
+                    if area_a[ia] >= area_b[ib]:
+                        drops.setdefault(k2, set()).add(ib)
+                    else:
+                        drops.setdefault(k, set()).add(ia)
+        # tiles of rows above the current one are done with
+        for old in [c for c in cache if plan.grid[c].y < plan.grid[k].y - tile * d * 1.5]:
+            del cache[old]
+    return drops
+
+
+def without(result: TileResult, drop: set[int]) -> TileResult:
+    """``result`` without the nuclei ``drop`` (local ids), the others renumbered 1..m in their order."""
+    if not drop:
+        return result
+    lut = np.zeros(len(result.rows) + 1, np.int32)
+    rows = []
+    for r in result.rows:
+        if r["local_id"] not in drop:
+            rows.append({**r, "local_id": len(rows) + 1})
+            lut[r["local_id"]] = len(rows)
+    return TileResult(origin=result.origin, labels=lut[result.labels], rows=rows, cut=result.cut,
+                      outside=result.outside)
+
+
+def _tiles_in_order(work: WorkFolder, n_grid: int, drops: dict[int, set[int]]) -> Iterator[tuple[int, TileResult]]:
     for k in range(n_grid):
         if work.done(k):
-            yield k, work.load(k)
+            yield k, without(work.load(k), drops.get(k, set()))
 
 
 def write_outputs(work: WorkFolder, out: Path, plan, class_map: dict[int, str],
@@ -439,6 +516,8 @@ def write_outputs(work: WorkFolder, out: Path, plan, class_map: dict[int, str],
     report, into a temporary folder renamed to ``out`` when all is written."""
     from histosynth.io.qupath import instances_to_features, write_feature_collections
 
+    drops = find_duplicates(work, plan, report["tile_px"], d)
+    counts["duplicates_removed"] = sum(map(len, drops.values()))
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -453,7 +532,7 @@ def write_outputs(work: WorkFolder, out: Path, plan, class_map: dict[int, str],
             def features() -> Iterator[list[dict]]:
                 # one tile's nuclei at a time: its CSV rows, then its GeoJSON features
                 nonlocal total
-                for k, result in _tiles_in_order(work, len(plan.grid)):
+                for k, result in _tiles_in_order(work, len(plan.grid), drops):
                     offsets[k] = total
                     counts["cut"] += result.cut
                     counts["outside_slide"] += result.outside
@@ -477,7 +556,7 @@ def write_outputs(work: WorkFolder, out: Path, plan, class_map: dict[int, str],
             write_feature_collections(features(), tmp / "nuclei.geojson")
         counts["nuclei"] = total
         if params.label_tiff:
-            write_label_tiff(tmp / "labels.tif", work, plan, offsets, dimensions, d, report["mpp"])
+            write_label_tiff(tmp / "labels.tif", work, plan, offsets, drops, dimensions, d, report["mpp"])
         report["outputs"] = sorted([p.name for p in tmp.iterdir()] + [REPORT])
         finish(report)
         (tmp / REPORT).write_text(json.dumps(report, indent=2, default=float))
@@ -495,8 +574,8 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
-def write_label_tiff(path: Path, work: WorkFolder, plan, offsets: dict[int, int], dimensions: tuple[int, int],
-                     d: float, mpp: float) -> None:
+def write_label_tiff(path: Path, work: WorkFolder, plan, offsets: dict[int, int], drops: dict[int, set[int]],
+                     dimensions: tuple[int, int], d: float, mpp: float) -> None:
     """The instance ids of the whole slide at the model's resolution, as a tiled uint32 TIFF.
 
     Band by band (``LABEL_BAND`` rows): each band is painted from the saved tiles whose area
@@ -521,7 +600,7 @@ def write_label_tiff(path: Path, work: WorkFolder, plan, offsets: dict[int, int]
                     r_top = spans[k][1] - _margin(work)
                     if not (r_top < y1 and r_top + _area(work) > y0):
                         continue
-                    cache[k] = work.load(k)
+                    cache[k] = without(work.load(k), drops.get(k, set()))
                 res = cache[k]
                 top, left = spans[k][1] - _margin(work), spans[k][0] - _margin(work)
                 lab = res.labels
