@@ -115,7 +115,8 @@ or empty file, an unknown format, malformed JSON/XML, XML with a DTD or entity
 declarations (refused as defusedxml refuses them, so entity-expansion bombs cost nothing),
 a file larger than 2 GiB (``_detect.MAX_ANNOTATION_BYTES``), JSON nested more
 than 64 levels deep (``_detect.MAX_JSON_DEPTH``) (checked on the bytes before parsing; GeoJSON
-needs 8), NaN/infinite coordinates (the file is corrupt), a JSON coordinate (or
+needs 8), an outline of more than 1,000,000 vertices (``_detect.MAX_VERTICES``; ``read(...,
+max_vertices=N)`` raises it; checked before any geometry work), NaN/infinite coordinates (the file is corrupt), a JSON coordinate (or
 COCO RLE size or count, or image width/height) given as a string or a boolean
 (``"12.5"`` is not converted: a number is a number), unknown class names, a label
 image whose size differs from ``slide_size``. Repairable geometry is repaired
