@@ -571,6 +571,23 @@ def _match_tiff_levels(path: Path, levels: list[LevelInfo], cache_bytes: int) ->
     return fast
 
 
+def _check_tile_table(path: Path, page: tifffile.TiffPage) -> None:
+    """Refuse a tiled page whose tile table is shorter than its size needs (a corrupt size or table).
+
+    OpenSlide reads the missing tiles as blank, so such a file would open and
+    tile into a slide of white (for a damaged width tag, one of millions of tiles).
+    """
+    tw, th = int(page.tilewidth), int(page.tilelength)
+    w, h = int(page.imagewidth), int(page.imagelength)
+    need = -(-w // tw) * -(-h // th) if tw > 0 and th > 0 else 0
+    if len(page.dataoffsets) < need:
+        raise HistosynthError(
+            f"TIFF page {page.index}: a {w} x {h} image in {tw} x {th} tiles needs {need:,} tiles but the "
+            f"tile table lists {len(page.dataoffsets):,}: a corrupt or truncated slide",
+            path,
+        )
+
+
 def _decodes_directly(page: tifffile.TiffPage) -> bool:
     """Whether tifffile decodes this tiled page's tiles with the same result as OpenSlide."""
     ok = (
@@ -638,6 +655,8 @@ def _open_tiff_direct(path: Path, vendor: str, mpp_fallback: float | None, cache
                 level_pages.sort(key=lambda p: -int(p.imagewidth))
                 found = _mpp_from_tiff_tags(pages[0])
                 source = "tiff-resolution"
+            for p in level_pages:
+                _check_tile_table(path, p)
             if found is None or not level_pages or not all(_decodes_directly(p) for p in level_pages):
                 return None
             size = path.stat().st_size

@@ -111,7 +111,7 @@ def load_json(path: Path) -> Any:
 
 def classify_json(data: Any) -> str | None:
     if isinstance(data, dict):
-        if data.get("type") in _GEOJSON_TYPES:
+        if isinstance(data.get("type"), str) and data["type"] in _GEOJSON_TYPES:
             return "geojson"
         if isinstance(data.get("annotations"), list) and ("categories" in data or "images" in data):
             return "coco"
