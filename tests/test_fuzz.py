@@ -55,7 +55,7 @@ from .helpers import tissue_image, write_pyramid
 #: seconds one example may take before it counts as a hang (normal examples take well under one)
 TIME_LIMIT = 30
 #: examples per property in the suite (benchmarks/fuzz_long.py runs thousands)
-EXAMPLES = 40
+EXAMPLES = 60
 
 
 # --------------------------------------------------------------------------- #
@@ -924,11 +924,11 @@ def test_damaged_input_is_read_or_refused_by_name(name):
 
 
 def test_damaged_slide_tiles_completely_or_not_at_all():
-    _property("tile", examples=25)()
+    _property("tile", examples=40)()
 
 
 def test_damaged_annotations_rasterize_completely_or_not_at_all():
-    _property("rasterize", examples=25)()
+    _property("rasterize", examples=40)()
 
 
 # --------------------------------------------------------------------------- #
@@ -1040,3 +1040,91 @@ def test_valid_inputs_are_accepted(tmp_path):
     report = rasterize_patchset(tmp_path / "r.geojson", tiles_dir(), tmp_path / "p", {"tumour": 1, "lymph": 2})
     assert report["parse"]["kept"] == 5 and report["parse"]["repaired_invalid"] == 1
     shutil.rmtree(tmp_path / "p")
+
+
+# --------------------------------------------------------------------------- #
+# Regressions: the first input of every fault the fuzzing found (benchmarks/fuzz_long.py), now refused by name
+# --------------------------------------------------------------------------- #
+
+
+def _write(workdir: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (workdir / name).write_bytes(data)
+    return workdir / next(iter(files))
+
+
+REGRESSIONS = {
+    # COCO "images": true -> TypeError: 'bool' object is not iterable
+    "coco-images-not-a-list": (
+        lambda d: read(_write(d, {"c.json": json_bytes((COCO, [("replace", 0.0, True)], []))})),
+        r"c\.json: COCO 'images' is a bool, not a list"),
+    # a category id that is a list -> TypeError: unhashable type: 'list'
+    "coco-id-is-a-list": (
+        lambda d: read(_write(d, {"c.json": json_bytes((COCO, [("replace", 0.16156634101904224, [[0, 0]])], []))})),
+        r"c\.json: categories\[0\]: id \[\[0, 0\]\] is not a number or a string"),
+    # RLE counts that nest -> ValueError: inhomogeneous shape
+    "coco-rle-counts-nested": (
+        lambda d: read(_write(d, {"c.json": json_bytes((COCO, [("replace", 0.7598571034789234, [[0, 0]])], []))})),
+        r"c\.json: annotation id 2: RLE counts are not a (flat )?list of integers"),
+    # {"type": {"x": 1}} -> TypeError: unhashable type: 'dict' in format detection
+    "geojson-type-is-an-object": (
+        lambda d: read(_write(d, {"a.geojson": json_bytes((GEOJSON, [("replace", 0.0, {"x": 1})], []))})),
+        r"a\.geojson: unknown JSON annotation format"),
+    # a RoiSet.zip whose local header offset points past the end -> OSError: [Errno 22] Invalid argument
+    "roiset-entry-past-the-end": (
+        lambda d: read(_write(d, {"RoiSet.zip": roiset_zip((("line.roi", [(10, 222)], []), True, [("delete", 52, 4)]))})),
+        r"RoiSet\.zip: (ROI '[a-z]+\.roi': corrupt zip entry|corrupt zip archive)"),
+    # a TIFF label image whose header claims 0 x 1,229,520,928 pixels -> a 30 s hang tracing it
+    "label-without-pixels": (
+        lambda d: read(_write(d, label_files(("tif", [], False, [], [("duplicate", 0, 20), ("duplicate", 20, 54),
+                                                                      ("duplicate", 0.779698872425419, 20)])))),
+        r"l\.tif: label image of shape \(0, 1229520928\) has no pixels"),
+    # a PNG label image whose header claims 2**31 - 1 x 24 pixels: refused before decoding
+    "label-decompression-bomb": (
+        lambda d: read(_write(d, {"l.png": set_header_size("png", label_files(("png", [], False, [], []))["l.png"],
+                                                           ("width", 2**31 - 1))})),
+        r"l\.png: label image of 2147483647 x 24 pixels .* over the limit of 1,073,741,824 pixels .*MAX_LABEL_PIXELS"),
+    # .mat inst_type of dtype object -> ValueError: setting an array element with a sequence
+    "mat-inst-type-object": (
+        lambda d: read(_write(d, {"a.mat": mat_file(([("inst_type", ("dtype", "object"))], ["type_map"], True, []))})),
+        r"a\.mat: inst_type has dtype object; expected integer types"),
+    # a tiled TIFF whose width tag says 2**24: OpenSlide opens it and tiles millions of blank tiles (a hang)
+    "slide-short-tile-table": (
+        lambda d: open_slide(_write(d, dict([slide_file(("pyramid.tif", [("width", 2**24)], []))]))),
+        r"s\.tif: TIFF page 0: a 16777216 x 192 image in 64 x 64 tiles needs 786,432 tiles but the tile table "
+        r"lists 12"),
+    # patch set: a truncated report.json -> JSONDecodeError from PatchSet.report
+    "patchset-report-truncated": (
+        lambda d: read_patchset(_patchset_dir(d, ([], [("report.json", [("truncate", 92)])]))).report,
+        r"report\.json: unreadable report\.json"),
+    # patch set: a cut-off .npy header -> EOFError / tokenize.TokenError from np.load
+    "patchset-npy-header-cut": (
+        lambda d: read_patchset(_patchset_dir(d, ([], [("types.npy", [("duplicate", 54, 4), ("truncate", 0)])]))),
+        r"set: unreadable types\.npy"),
+    # patch set: an empty x cell -> a NaN position that stages compute with (and "abc": a string position)
+    "patchset-index-x-empty": (
+        lambda d: read_patchset(_patchset_dir(d, ([("cell", 2, "x", "")], []))),
+        r"set: index\.csv column 'x' holds an empty cell for patch 2; expected finite numbers"),
+}
+
+
+def _patchset_dir(workdir: Path, case: tuple) -> Path:
+    d = workdir / "set"
+    d.mkdir()
+    for name, data in patchset_files(case).items():
+        (d / name).write_bytes(data)
+    return d
+
+
+@pytest.mark.parametrize("name", sorted(REGRESSIONS))
+def test_fuzz_finding_is_refused_by_name(tmp_path, name):
+    call, message = REGRESSIONS[name]
+    with pytest.raises(HistosynthError, match=message) as err:
+        call(tmp_path)
+    refused_by_name(err.value, tmp_path)
+
+
+def test_patchset_huge_integer_position_is_read_as_a_number(tmp_path):
+    """An index cell too large for int64 (read as text by pandas) comes back as a number, not a string."""
+    ps = read_patchset(_patchset_dir(tmp_path, ([("cell", 1, "y", "99999999999999999999999")], [])))
+    assert pd.api.types.is_numeric_dtype(ps.index["y"]) and ps.index["y"][1] == 1e23

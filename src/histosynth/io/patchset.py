@@ -239,9 +239,10 @@ def read_patchset(path: str | os.PathLike, require: tuple[str, ...] = ()) -> Pat
         numbers = pd.to_numeric(index[col], errors="coerce")
         bad = np.flatnonzero(~np.isfinite(numbers.to_numpy(np.float64)))
         if bad.size:
+            value = index[col].iloc[bad[0]]
             raise HistosynthError(
-                f"index.csv column {col!r} holds {index[col].iloc[bad[0]]!r} for patch {bad[0]}; "
-                "expected finite numbers",
+                f"index.csv column {col!r} holds {'an empty cell' if pd.isna(value) else repr(str(value))} "
+                f"for patch {bad[0]}; expected finite numbers",
                 path,
             )
         if not pd.api.types.is_numeric_dtype(index[col]):  # e.g. an integer too large for int64, read as text
