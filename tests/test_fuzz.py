@@ -22,6 +22,7 @@ import atexit
 import io
 import json
 import math
+import re
 import shutil
 import signal
 import struct
@@ -1128,3 +1129,156 @@ def test_patchset_huge_integer_position_is_read_as_a_number(tmp_path):
     """An index cell too large for int64 (read as text by pandas) comes back as a number, not a string."""
     ps = read_patchset(_patchset_dir(tmp_path, ([("cell", 1, "y", "99999999999999999999999")], [])))
     assert pd.api.types.is_numeric_dtype(ps.index["y"]) and ps.index["y"][1] == 1e23
+
+
+# --------------------------------------------------------------------------- #
+# The table of docs/robustness.md: every row run, through the CLI for the stages
+# --------------------------------------------------------------------------- #
+
+_GOOD = [_feature(_square(10, 10, 20), "Tumour"), _feature(_square(150, 20, 20), "Tumour"),
+         _feature(_square(250, 120, 20), "Tumour")]
+
+
+def _fc(features: list) -> bytes:
+    return json.dumps({"type": "FeatureCollection", "features": features}).encode()
+
+
+def _deep(n: int) -> bytes:
+    return b"[" * n + b"]" * n
+
+
+_BOMB = (b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;&lol;">]>'
+         b'<Annotations><Annotation Name="&lol2;"/></Annotations>')
+
+#: row -> annotation file (name, bytes) for the reader and rasterize columns of the table
+ANNOTATION_ROWS: dict[str, tuple[str, bytes]] = {
+    "truncated file": ("a.geojson", _fc(_GOOD)[:-40]),
+    "byte flip (structural)": ("a.geojson", _fc(_GOOD).replace(b"[", b"{", 3)),
+    "wrong JSON types": ("a.geojson", _fc([*_GOOD, {"type": "Feature", "properties": {},
+                                                    "geometry": {"type": "Polygon", "coordinates": {"x": 1}}}])),
+    "string coordinates": ("a.geojson", _fc([*_GOOD, _feature([[[0, 0], [4, "0"], [4, 4], [0, 0]]], "Tumour")])),
+    "NaN coordinate": ("a.geojson", _fc(_GOOD)[:-2] + b', {"type": "Feature", "properties": {}, "geometry": '
+                       b'{"type": "Polygon", "coordinates": [[[0, 0], [NaN, 1], [2, 2], [0, 0]]]}}]}'),
+    "infinite coordinate": ("a.geojson", _fc(_GOOD)[:-2] + b', {"type": "Feature", "properties": {}, "geometry": '
+                            b'{"type": "Polygon", "coordinates": [[[0, 0], [1e999, 1], [2, 2], [0, 0]]]}}]}'),
+    "huge coordinates (1e300), one of four": ("a.geojson", _fc([*_GOOD, _feature(
+        [[[1e300, 1e300], [2e300, 1e300], [2e300, 2e300], [1e300, 1e300]]], "Tumour")])),
+    "polygon partly outside the slide": ("a.geojson", _fc([*_GOOD, _feature(_square(390, 190, 20), "Tumour")])),
+    "all polygons outside the slide": ("a.geojson", _fc([_feature(_square(1000 + 30 * k, 1000, 20), "Tumour")
+                                                         for k in range(3)])),
+    "only points": ("a.geojson", _fc([_feature([5 + k, 5], "Tumour", gtype="Point") for k in range(3)])),
+    "no features": ("a.geojson", _fc([])),
+    "empty file": ("a.geojson", b""),
+    "unknown class": ("a.geojson", _fc([*_GOOD, _feature(_square(60, 60, 10), "Mitosis")])),
+    "self-intersecting polygon": ("a.geojson", _fc([*_GOOD, _feature(
+        [[[200, 50], [230, 80], [230, 50], [200, 80], [200, 50]]], "Tumour")])),
+    "degenerate polygon": ("a.geojson", _fc([*_GOOD, _feature([[[0, 0], [1, 1], [2, 2], [0, 0]]], "Tumour")])),
+    "too many vertices": ("a.geojson", _fc([*_GOOD, _feature([[[50 + 10 * math.cos(t), 50 + 10 * math.sin(t)]
+                                                               for t in np.linspace(0, 2 * np.pi, 1_000_001)]],
+                                                             "Tumour")])),
+    "too-deep JSON": ("a.json", _deep(65)),
+    "XML entity bomb": ("a.xml", _BOMB),
+    "label image with a decompression-bomb header": ("l.png", set_header_size(
+        "png", label_files(("png", [], False, [], []))["l.png"], ("width", 2**31 - 1))),
+}
+
+#: row -> (outcome, what the reader does, what rasterize does): "error:<regex>", "repaired:<report key>", "accepted"
+ANNOTATION_OUTCOMES = {
+    "truncated file": ("error:malformed JSON", "error:malformed JSON"),
+    "byte flip (structural)": ("error:malformed JSON", "error:malformed JSON"),
+    "wrong JSON types": ("error:feature 3: malformed Polygon coordinates",) * 2,
+    "string coordinates": ("error:feature 3: .*not a number",) * 2,
+    "NaN coordinate": ("error:feature 3: non-finite",) * 2,
+    "infinite coordinate": ("error:feature 3: non-finite",) * 2,
+    "huge coordinates (1e300), one of four": ("repaired:outside_slide", "repaired:outside_slide"),
+    "polygon partly outside the slide": ("repaired:clipped", "repaired:clipped"),
+    "all polygons outside the slide": ("repaired:outside_slide", "error:all 3 items of the annotation file were "
+                                                                 "dropped \\(3 [a-z ]*outside"),
+    "only points": ("repaired:skipped_not_polygon", "error:all 3 items .* dropped \\(3 not polygons"),
+    "no features": ("accepted", "error:holds no annotations"),
+    "empty file": ("error:empty annotation file",) * 2,
+    "unknown class": ("accepted", "error:(?i)unknown class.*mitosis"),
+    "self-intersecting polygon": ("repaired:repaired_invalid",) * 2,
+    "degenerate polygon": ("repaired:skipped_degenerate",) * 2,
+    "too many vertices": ("error:feature 3: an outline of 1,000,001 vertices is over the limit of 1,000,000",) * 2,
+    "too-deep JSON": ("error:JSON nested more than 64 levels deep",) * 2,
+    "XML entity bomb": ("error:refusing unsafe XML",) * 2,
+    "label image with a decompression-bomb header": ("error:over the limit of 1,073,741,824 pixels",) * 2,
+}
+
+
+def _expect(outcome: str, code: int, message: str, report: dict | None) -> None:
+    kind, _, detail = outcome.partition(":")
+    if kind == "error":
+        assert code == 2 and re.search(detail, message), (code, message)
+    else:
+        assert code == 0, message
+        if kind == "repaired":
+            assert report is not None and report.get(detail, 0) > 0, report
+
+
+@pytest.mark.parametrize("row", sorted(ANNOTATION_ROWS))
+def test_robustness_table_annotations(tmp_path, capsys, row):
+    """The reader and the rasterize stage (its CLI) on each input class; a refusal leaves no output."""
+    from histosynth.cli import main
+
+    name, data = ANNOTATION_ROWS[row]
+    path = tmp_path / name
+    path.write_bytes(data)
+    reader, stage = ANNOTATION_OUTCOMES[row]
+    try:
+        s = read(path, slide_size=(400, 200))
+        code, message, report = 0, "", s.report
+    except HistosynthError as err:
+        code, message, report = 2, str(err), None
+    _expect(reader, code, message, report)
+    out = tmp_path / "out" / "patches"
+    code = main(["rasterize", str(path), str(tiles_dir()), str(out), "--classes", "Tumour=1"])
+    message = capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())["parse"] if code == 0 else None
+    _expect(stage, code, message, report)
+    if code:
+        assert not (tmp_path / "out").exists() or listing(tmp_path / "out") == [], "a refusal left output"
+
+
+SLIDE_ROWS = {
+    "truncated file": (("png", [], [("truncate", 0.5)]), "error:(OpenCV cannot decode|not an image)"),
+    "byte flip in the header": (("png", [], [("flip", 12, 0)]), "error:not an image"),
+    "decompression-bomb header": (("png", [("width", 2**31 - 1)], []), "error:header claims 2147483647 x 64 pixels"),
+    "corrupt TIFF (tile table shorter than the image)": (("pyramid.tif", [("width", 2**24)], []),
+                                                         "error:needs 786,432 tiles but the tile table lists 12"),
+    "corrupt TIFF (cut in its tags)": (("tif", [], [("truncate", 60)]), "error:not a readable TIFF"),
+}
+
+
+@pytest.mark.parametrize("row", sorted(SLIDE_ROWS))
+def test_robustness_table_tile(tmp_path, capsys, row):
+    """The tile stage (its CLI) on damaged images: a named error and no output."""
+    from histosynth.cli import main
+
+    case, outcome = SLIDE_ROWS[row]
+    name, data = slide_file(case)
+    (tmp_path / name).write_bytes(data)
+    out = tmp_path / "out" / "tiles"
+    code = main(["tile", str(tmp_path / name), str(out), "--size", "32", "--mpp-fallback", "0.5"])
+    _expect(outcome, code, capsys.readouterr().err, None)
+    assert not out.exists()
+
+
+def test_robustness_table_corrupt_patch_set_index(tmp_path, capsys):
+    """rasterize on a tile set whose index.csv is damaged: a named error and no output."""
+    from histosynth.cli import main
+
+    tiles = tmp_path / "tiles"
+    shutil.copytree(tiles_dir(), tiles)
+    text = (tiles / "index.csv").read_text().splitlines()
+    text[2] = "s,abc" + text[2][text[2].index(",", 2):]  # the x of patch 1
+    (tiles / "index.csv").write_text("\n".join(text) + "\n")
+    ann = tmp_path / "a.geojson"
+    ann.write_bytes(_fc(_GOOD))
+    code = main(["rasterize", str(ann), str(tiles), str(tmp_path / "out"), "--classes", "Tumour=1"])
+    assert code == 2 and "index.csv column 'x' holds 'abc' for patch 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tiles / "index.csv").write_bytes(b"slide,x,y\n\x00\x01")
+    code = main(["rasterize", str(ann), str(tiles), str(tmp_path / "out"), "--classes", "Tumour=1"])
+    assert code == 2 and "index.csv" in capsys.readouterr().err and not (tmp_path / "out").exists()
