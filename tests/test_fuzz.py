@@ -1094,6 +1094,18 @@ REGRESSIONS = {
         lambda d: open_slide(_write(d, dict([slide_file(("pyramid.tif", [("width", 2**24)], []))]))),
         r"s\.tif: TIFF page 0: a 16777216 x 192 image in 64 x 64 tiles needs 786,432 tiles but the tile table "
         r"lists 12"),
+    # ASAP vertex at 1e308 (finite): shapely's clipping overflowed and kept it, outside the slide
+    "asap-coordinate-1e308": (
+        lambda d: read(_write(d, {"a.xml": ASAP.replace('X="50" Y="50"', 'X="50" Y="1e308"').encode()}),
+                       slide_size=SLIDE),
+        r"a\.xml: Annotation 2 \(Annotation 2\): coordinate 1e\+308 is beyond ±9\.0072e\+15 pixels"),
+    # an XML declaration naming an encoding Python lacks -> LookupError from expat
+    "xml-unknown-encoding": (
+        lambda d: read(_write(d, {"a.xml": ASAP.replace('version="1.0"', 'version="1.0" encoding="utf-8f-8"').encode()})),
+        r"a\.xml: unreadable XML: its encoding \(LookupError: unknown encoding: utf-8f-8\)"),
+    "imagescope-unknown-encoding": (
+        lambda d: read(_write(d, {"a.xml": b'<?xml version="1.0" encoding="bogus"?>' + IMAGESCOPE.encode()})),
+        r"a\.xml: unreadable XML: its encoding"),
     # patch set: a truncated report.json -> JSONDecodeError from PatchSet.report
     "patchset-report-truncated": (
         lambda d: read_patchset(_patchset_dir(d, ([], [("report.json", [("truncate", 92)])]))).report,
@@ -1190,7 +1202,7 @@ ANNOTATION_OUTCOMES = {
     "string coordinates": ("error:feature 3: .*not a number",) * 2,
     "NaN coordinate": ("error:feature 3: non-finite",) * 2,
     "infinite coordinate": ("error:feature 3: non-finite",) * 2,
-    "huge coordinates (1e300), one of four": ("repaired:outside_slide", "repaired:outside_slide"),
+    "huge coordinates (1e300), one of four": ("error:feature 3: coordinate 2e\\+300 is beyond",) * 2,
     "polygon partly outside the slide": ("repaired:clipped", "repaired:clipped"),
     "all polygons outside the slide": ("repaired:outside_slide", "error:all 3 items of the annotation file were "
                                                                  "dropped \\(3 [a-z ]*outside"),

@@ -116,7 +116,9 @@ declarations (refused as defusedxml refuses them, so entity-expansion bombs cost
 a file larger than 2 GiB (``_detect.MAX_ANNOTATION_BYTES``), JSON nested more
 than 64 levels deep (``_detect.MAX_JSON_DEPTH``) (checked on the bytes before parsing; GeoJSON
 needs 8), an outline of more than 1,000,000 vertices (``_detect.MAX_VERTICES``; ``read(...,
-max_vertices=N)`` raises it; checked before any geometry work), NaN/infinite coordinates (the file is corrupt), a JSON coordinate (or
+max_vertices=N)`` raises it; checked before any geometry work), NaN/infinite coordinates or coordinates beyond ±2**53 (``_detect.MAX_COORDINATE``; no slide has such
+pixels, and shapely's clipping overflows near 1e308) (the file is corrupt), XML whose declared encoding is
+unknown, a JSON coordinate (or
 COCO RLE size or count, or image width/height) given as a string or a boolean
 (``"12.5"`` is not converted: a number is a number), unknown class names, a label
 image whose size differs from ``slide_size``. Repairable geometry is repaired

@@ -32,6 +32,9 @@ _GEOJSON_TYPES = {"FeatureCollection", "Feature", "Polygon", "MultiPolygon"}
 MAX_ANNOTATION_BYTES = 2**31
 #: the deepest JSON nesting read; GeoJSON needs 8 levels (collection, feature, geometry, multipolygon, ring, point)
 MAX_JSON_DEPTH = 64
+#: the largest coordinate magnitude read (2**53, where float64 stops holding every integer): far beyond any
+#: slide, and small enough that areas and intersections cannot overflow (1e308 breaks shapely's clipping)
+MAX_COORDINATE = float(2**53)
 #: the most vertices one outline may have (holes included); a nucleus needs tens to a few thousand
 MAX_VERTICES = 1_000_000
 # +1 for an opening bracket or brace, -1 for a closing one, 2 for a quote, 0 for any other byte

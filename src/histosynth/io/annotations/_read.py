@@ -199,6 +199,22 @@ def _check_vertices(g: np.ndarray, refs: list[str], limit: int, path: Path, item
         )
 
 
+def _check_magnitude(g: np.ndarray, refs: list[str], path: Path, item: str | None) -> None:
+    """Refuse coordinates beyond ±MAX_COORDINATE: no slide has such pixels, and geometry on them overflows."""
+    b = shapely.bounds(g)  # NaN rows for None
+    with np.errstate(invalid="ignore"):
+        over = np.flatnonzero((np.abs(b) > _detect.MAX_COORDINATE).any(axis=1))
+    if over.size:
+        j = int(over[0])
+        v = float(b[j][np.argmax(np.abs(b[j]))])
+        where = refs[j] if item is None else f"{item}: {refs[j]}"
+        raise HistosynthError(
+            f"{where}: coordinate {v:g} is beyond ±{_detect.MAX_COORDINATE:g} pixels: not a position on any slide "
+            "(a corrupt file?)",
+            path,
+        )
+
+
 def _check_slide_size(slide_size: Any, path: Path) -> tuple[int, int] | None:
     if slide_size is None:
         return None
@@ -240,6 +256,7 @@ def _finish(
     g = np.empty(len(parsed.geoms), dtype=object)
     g[:] = parsed.geoms
     _check_vertices(g, parsed.refs, _detect.MAX_VERTICES if max_vertices is None else max_vertices, path, item)
+    _check_magnitude(g, parsed.refs, path, item)
     present = shapely.is_geometry(g)
     rep["skipped_degenerate"] += int((~present).sum())
     if (dx or dy) and present.any():
