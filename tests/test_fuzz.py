@@ -1106,6 +1106,10 @@ REGRESSIONS = {
     "imagescope-unknown-encoding": (
         lambda d: read(_write(d, {"a.xml": b'<?xml version="1.0" encoding="bogus"?>' + IMAGESCOPE.encode()})),
         r"a\.xml: unreadable XML: its encoding"),
+    # a class map keyed by "³" (str.isdigit() is True, int() refuses it) -> ValueError
+    "class-map-superscript-digit": (
+        lambda d: read_class_map({"³": "Epithelial"}, source=d / "report.json"),
+        r"report\.json: .*neither \{type id: name\} nor \{name: type id\}"),
     # patch set: a truncated report.json -> JSONDecodeError from PatchSet.report
     "patchset-report-truncated": (
         lambda d: read_patchset(_patchset_dir(d, ([], [("report.json", [("truncate", 92)])]))).report,
