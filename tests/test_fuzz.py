@@ -1298,3 +1298,18 @@ def test_robustness_table_corrupt_patch_set_index(tmp_path, capsys):
     (tiles / "index.csv").write_bytes(b"slide,x,y\n\x00\x01")
     code = main(["rasterize", str(ann), str(tiles), str(tmp_path / "out"), "--classes", "Tumour=1"])
     assert code == 2 and "index.csv" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_robustness_table_too_large_file(tmp_path, capsys):
+    """An annotation file over 2 GiB (a sparse file: no disk used) is refused from its size, by reader and stage."""
+    from histosynth.cli import main
+
+    path = tmp_path / "big.geojson"
+    with open(path, "wb") as f:
+        f.write(_fc(_GOOD))
+        f.truncate(2**31 + 1)
+    with pytest.raises(HistosynthError, match=r"big\.geojson: annotation file of 2,147,483,649 bytes is over the "
+                                              r"limit of 2,147,483,648 bytes"):
+        read(path)
+    code = main(["rasterize", str(path), str(tiles_dir()), str(tmp_path / "out"), "--classes", "Tumour=1"])
+    assert code == 2 and "over the limit" in capsys.readouterr().err and not (tmp_path / "out").exists()
