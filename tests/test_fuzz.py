@@ -1106,6 +1106,10 @@ REGRESSIONS = {
     "imagescope-unknown-encoding": (
         lambda d: read(_write(d, {"a.xml": b'<?xml version="1.0" encoding="bogus"?>' + IMAGESCOPE.encode()})),
         r"a\.xml: unreadable XML: its encoding"),
+    # COCO RLE of size 3 x 4 with no counts -> ValueError: cannot reshape array of size 0
+    "coco-rle-no-counts": (
+        lambda d: read(_write(d, {"c.json": json_bytes((COCO, [("replace", 0.73, [])], []))})),
+        r"c\.json: annotation id 2: RLE counts do not add up to 4x3"),
     # a class map keyed by "³" (str.isdigit() is True, int() refuses it) -> ValueError
     "class-map-superscript-digit": (
         lambda d: read_class_map({"³": "Epithelial"}, source=d / "report.json"),
@@ -1313,3 +1317,10 @@ def test_robustness_table_too_large_file(tmp_path, capsys):
         read(path)
     code = main(["rasterize", str(path), str(tiles_dir()), str(tmp_path / "out"), "--classes", "Tumour=1"])
     assert code == 2 and "over the limit" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_coco_infinite_image_width_is_an_unknown_size(tmp_path):
+    """Fuzz finding: a COCO image of width Infinity raised OverflowError; its size is now unknown (as for NaN)."""
+    p = _write(tmp_path, {"c.json": json.dumps({**COCO, "images": [{**COCO["images"][0], "width": math.inf}]}).encode()})
+    s = read(p)
+    assert s.image_size is None and s.report["kept"] == 2

@@ -47,7 +47,7 @@ def rle_decode(seg: dict, ref: str, path: Path) -> np.ndarray:
     if counts.ndim != 1:
         raise HistosynthError(f"{ref}: RLE counts are not a flat list of integers", path)
     # each count at most h * w first, so that the sum cannot wrap around
-    if counts.size and (counts.min() < 0 or counts.max() > h * w or counts.sum() != h * w):
+    if (counts.size and (counts.min() < 0 or counts.max() > h * w)) or int(counts.sum()) != h * w:
         raise HistosynthError(f"{ref}: RLE counts do not add up to {h}x{w}", path)
     vals = np.zeros(len(counts), dtype=bool)
     vals[1::2] = True
@@ -148,7 +148,7 @@ def parse_coco_image(anns: list[dict], cats: dict, image_info: dict | None, path
             raise not_a_number_error(path, f"image {image_info.get('id', '?')}", "width/height", bad)
         try:
             out.size = (int(image_info["width"]), int(image_info["height"]))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # None, NaN, infinity: the size is unknown
             out.size = None
     pending: list[tuple[str, str, np.ndarray]] = []
     direct: list[tuple[str, str, Any]] = []
