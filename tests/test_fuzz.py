@@ -1110,6 +1110,10 @@ REGRESSIONS = {
     "coco-rle-no-counts": (
         lambda d: read(_write(d, {"c.json": json_bytes((COCO, [("replace", 0.73, [])], []))})),
         r"c\.json: annotation id 2: RLE counts do not add up to 4x3"),
+    # a composite ROI whose path holds NaN (a float header field set over it) -> ValueError from int(nan)
+    "roi-composite-nan": (
+        lambda d: read(_write(d, {"a.roi": roi_file(("composite.roi", [(15, math.nan)], []))})),
+        r"a\.roi: ROI 0 \(a\.roi\): non-finite"),
     # a class map keyed by "³" (str.isdigit() is True, int() refuses it) -> ValueError
     "class-map-superscript-digit": (
         lambda d: read_class_map({"³": "Epithelial"}, source=d / "report.json"),

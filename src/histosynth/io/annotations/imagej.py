@@ -102,6 +102,8 @@ def decode_roi(b: bytes, ref: str, path: Path, report: Counter) -> tuple[np.ndar
 def _composite_rings(arr: np.ndarray, ref: str, path: Path) -> Any:
     """Path segments (moveTo 0, lineTo 1, quadTo 2, cubicTo 3, close 4) -> polygon (even-odd)."""
     nargs = {0: 2, 1: 2, 2: 4, 3: 6, 4: 0}
+    if not np.isfinite(arr).all():  # segment codes and coordinates alike
+        raise nonfinite_error(path, ref)
     rings: list[list[tuple[float, float]]] = []
     cur: list[tuple[float, float]] = []
     i = 0
