@@ -29,10 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import seed as fixed_seed  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import seed as fixed_seed
 
-from tests import test_fuzz  # noqa: E402
+from tests import test_fuzz
 
 
 def _signature(exc: BaseException) -> str:
@@ -57,7 +57,7 @@ def fuzz(name: str, examples: int, seed: int, failures: Path) -> dict:
         t = time.perf_counter()
         try:
             test_fuzz.run_case(target, case)
-        except (Exception, test_fuzz.Hang) as exc:  # every fault, counted once per signature
+        except (Exception, test_fuzz.Hang) as exc:  # noqa: BLE001 - every fault, counted once per signature
             sig = _signature(exc)
             if sig not in stats["faults"]:
                 k = len(stats["faults"])

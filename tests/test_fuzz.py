@@ -148,7 +148,7 @@ def byte_mutations(min_size: int = 1) -> st.SearchStrategy:
     return st.lists(_byte_op(), min_size=min_size, max_size=3)
 
 
-def _at(pos: float | int, n: int) -> int:
+def _at(pos: float, n: int) -> int:
     i = int(pos * n) if isinstance(pos, float) else pos
     return max(0, min(i, n - 1))
 
@@ -532,7 +532,7 @@ def _encode_array(kind: str, a: np.ndarray) -> bytes | None:
             return buf.getvalue()
         ok, enc = cv2.imencode(".png", a)
         return enc.tobytes() if ok else None
-    except Exception:  # the writers refuse some dtypes (object, complex, strings) each in its own way
+    except Exception:  # noqa: BLE001 - the writers refuse some dtypes (object, complex, strings) each in its own way
         return None
 
 
@@ -684,14 +684,13 @@ def _slide_check(case: tuple, workdir: Path) -> None:
     name, data = slide_file(case)
     path = workdir / name
     path.write_bytes(data)
-    with reads_nothing_else(workdir):
-        with open_slide(path, mpp_fallback=0.5, max_pixels=2**24) as slide:
-            assert slide.mpp_x > 0 and slide.mpp_y > 0
-            for level, (w, h) in enumerate(slide.level_dimensions):
-                assert w > 0 and h > 0
-                if w * h <= 2**20:
-                    region = slide.read_level(level)
-                    assert region.shape == (h, w, 3) and region.dtype == np.uint8
+    with reads_nothing_else(workdir), open_slide(path, mpp_fallback=0.5, max_pixels=2**24) as slide:
+        assert slide.mpp_x > 0 and slide.mpp_y > 0
+        for level, (w, h) in enumerate(slide.level_dimensions):
+            assert w > 0 and h > 0
+            if w * h <= 2**20:
+                region = slide.read_level(level)
+                assert region.shape == (h, w, 3) and region.dtype == np.uint8
 
 
 def _tile_check(case: tuple, workdir: Path) -> None:
@@ -949,15 +948,13 @@ def test_harness_catches_other_exceptions_hangs_and_leftovers(tmp_path):
         while True:
             pass
 
-    import tests.test_fuzz as me
-
-    old = me.TIME_LIMIT
-    me.TIME_LIMIT = 0.2
+    old = globals()["TIME_LIMIT"]
+    globals()["TIME_LIMIT"] = 0.2
     try:
         with pytest.raises(Hang):
             run_case(Target(st.none(), hangs), None)
     finally:
-        me.TIME_LIMIT = old
+        globals()["TIME_LIMIT"] = old
 
     def leaves(case, workdir):
         with reads_nothing_else(workdir):
@@ -1092,8 +1089,8 @@ REGRESSIONS = {
     # a tiled TIFF whose width tag says 2**24: OpenSlide opens it and tiles millions of blank tiles (a hang)
     "slide-short-tile-table": (
         lambda d: open_slide(_write(d, dict([slide_file(("pyramid.tif", [("width", 2**24)], []))]))),
-        r"s\.tif: TIFF page 0: a 16777216 x 192 image in 64 x 64 tiles needs 786,432 tiles but the tile table "
-        r"lists 12"),
+        (r"s\.tif: TIFF page 0: a 16777216 x 192 image in 64 x 64 tiles needs 786,432 tiles but the tile table "
+         r"lists 12")),
     # ASAP vertex at 1e308 (finite): shapely's clipping overflowed and kept it, outside the slide
     "asap-coordinate-1e308": (
         lambda d: read(_write(d, {"a.xml": ASAP.replace('X="50" Y="50"', 'X="50" Y="1e308"').encode()}),
@@ -1216,8 +1213,8 @@ ANNOTATION_OUTCOMES = {
     "infinite coordinate": ("error:feature 3: non-finite",) * 2,
     "huge coordinates (1e300), one of four": ("error:feature 3: coordinate 2e\\+300 is beyond",) * 2,
     "polygon partly outside the slide": ("repaired:clipped", "repaired:clipped"),
-    "all polygons outside the slide": ("repaired:outside_slide", "error:all 3 items of the annotation file were "
-                                                                 "dropped \\(3 [a-z ]*outside"),
+    "all polygons outside the slide": ("repaired:outside_slide",
+                                       "error:all 3 items of the annotation file were dropped \\(3 [a-z ]*outside"),
     "only points": ("repaired:skipped_not_polygon", "error:all 3 items .* dropped \\(3 not polygons"),
     "no features": ("accepted", "error:holds no annotations"),
     "empty file": ("error:empty annotation file",) * 2,

@@ -41,7 +41,7 @@ def load_label_array(path: Path) -> np.ndarray:
                 _check_label_pixels(path, np.load(path, mmap_mode="r", allow_pickle=False).shape)
             except HistosynthError:
                 raise
-            except Exception:  # np.load below reports the file
+            except Exception:  # noqa: BLE001, S110 - np.load below reports the file
                 pass
             arr = np.load(path, allow_pickle=False)
         elif head.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")) or suffix in (".tif", ".tiff"):
