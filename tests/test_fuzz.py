@@ -1325,3 +1325,12 @@ def test_coco_infinite_image_width_is_an_unknown_size(tmp_path):
     p = _write(tmp_path, {"c.json": json.dumps({**COCO, "images": [{**COCO["images"][0], "width": math.inf}]}).encode()})
     s = read(p)
     assert s.image_size is None and s.report["kept"] == 2
+
+
+@pytest.mark.parametrize("target, case", [
+    # a flipped tag type makes tifffile return a tuple for ImageWidth: TypeError in the tile-table check
+    ("slide", ("pyramid.tif", [], [("flip", 38, 2)])),
+    ("tile", ("pyramid.tif", [], [("flip", 38, 2)])),
+])
+def test_fuzz_finding_now_satisfies_the_property(target, case):
+    run_case(TARGETS[target], case)

@@ -577,13 +577,17 @@ def _check_tile_table(path: Path, page: tifffile.TiffPage) -> None:
     OpenSlide reads the missing tiles as blank, so such a file would open and
     tile into a slide of white (for a damaged width tag, one of millions of tiles).
     """
-    tw, th = int(page.tilewidth), int(page.tilelength)
-    w, h = int(page.imagewidth), int(page.imagelength)
+    try:
+        tw, th = int(page.tilewidth), int(page.tilelength)
+        w, h = int(page.imagewidth), int(page.imagelength)
+        have = len(page.dataoffsets)
+    except (TypeError, ValueError):  # tags of the wrong type or count: OpenSlide or tifffile reports the file
+        return
     need = -(-w // tw) * -(-h // th) if tw > 0 and th > 0 else 0
-    if len(page.dataoffsets) < need:
+    if have < need:
         raise HistosynthError(
             f"TIFF page {page.index}: a {w} x {h} image in {tw} x {th} tiles needs {need:,} tiles but the "
-            f"tile table lists {len(page.dataoffsets):,}: a corrupt or truncated slide",
+            f"tile table lists {have:,}: a corrupt or truncated slide",
             path,
         )
 
@@ -663,7 +667,7 @@ def _open_tiff_direct(path: Path, vendor: str, mpp_fallback: float | None, cache
             if any(int(np.max(np.add(p.dataoffsets, p.databytecounts))) > size for p in level_pages):
                 return None
             fast = {i: _TiffLevel(path, p, cache_bytes) for i, p in enumerate(level_pages)}
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError):
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError, TypeError):
         return None
     finally:
         tiff_log.removeHandler(collect)
