@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--formats", nargs="+", default=sorted(test_fuzz.TARGETS), choices=sorted(test_fuzz.TARGETS),
                     metavar="TARGET", help=f"targets to fuzz (default: all of {', '.join(sorted(test_fuzz.TARGETS))})")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--failures", type=Path, default=Path("fuzz-failures"),
+    ap.add_argument("--failures", type=Path, default=Path("results/fuzz-failures"),
                     help="folder for the first input of every fault (pickled cases)")
     args = ap.parse_args(argv)
     logging.disable(logging.CRITICAL)  # the readers' summaries of repaired items and tifffile's complaints, thousands

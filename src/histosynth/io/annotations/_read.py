@@ -17,20 +17,11 @@ import shapely
 from histosynth.errors import HistosynthError
 from histosynth.io.annotations import _detect
 from histosynth.io.annotations._classes import ClassMapper
-from histosynth.io.annotations._detect import (
-    check_file,
-    classify_json,
-    detect,
-    load_json,
-)
+from histosynth.io.annotations._detect import check_file, classify_json, detect, load_json
 from histosynth.io.annotations._geometry import largest_polygon
 from histosynth.io.annotations._model import AnnotationSet, Nucleus, Parsed
 from histosynth.io.annotations.asap import parse_asap
-from histosynth.io.annotations.coco import (
-    coco_images,
-    parse_coco_image,
-    select_coco_image,
-)
+from histosynth.io.annotations.coco import coco_images, parse_coco_image, select_coco_image
 from histosynth.io.annotations.geojson import parse_geojson
 from histosynth.io.annotations.imagej import parse_imagej
 from histosynth.io.annotations.imagescope import parse_imagescope
