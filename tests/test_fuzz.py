@@ -1096,6 +1096,12 @@ REGRESSIONS = {
         lambda d: read(_write(d, {"a.xml": ASAP.replace('X="50" Y="50"', 'X="50" Y="1e308"').encode()}),
                        slide_size=SLIDE),
         r"a\.xml: Annotation 2 \(Annotation 2\): coordinate 1e\+308 is beyond ±9\.0072e\+15 pixels"),
+    # an ImageScope ellipse (Type 2) whose box spans -1e308..1e308 -> OverflowError: cannot convert infinity
+    "imagescope-ellipse-overflow": (
+        lambda d: read(_write(d, {"a.xml": IMAGESCOPE.replace('<Vertex X="40" Y="40"/><Vertex X="50" Y="46"/>',
+                                                              '<Vertex X="1e308" Y="40"/><Vertex X="-1e308" Y="46"/>')
+                                  .encode()})),
+        r"a\.xml: Annotation 1 Region 3: non-finite"),
     # an XML declaration naming an encoding Python lacks -> LookupError from expat
     "xml-unknown-encoding": (
         lambda d: read(_write(d, {"a.xml": ASAP.replace('version="1.0"', 'version="1.0" encoding="utf-8f-8"').encode()})),

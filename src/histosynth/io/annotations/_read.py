@@ -18,7 +18,7 @@ from histosynth.errors import HistosynthError
 from histosynth.io.annotations import _detect
 from histosynth.io.annotations._classes import ClassMapper
 from histosynth.io.annotations._detect import check_file, classify_json, detect, load_json
-from histosynth.io.annotations._geometry import largest_polygon
+from histosynth.io.annotations._geometry import largest_polygon, nonfinite_error
 from histosynth.io.annotations._model import AnnotationSet, Nucleus, Parsed
 from histosynth.io.annotations.asap import parse_asap
 from histosynth.io.annotations.coco import coco_images, parse_coco_image, select_coco_image
@@ -203,11 +203,14 @@ def _check_magnitude(g: np.ndarray, refs: list[str], path: Path, item: str | Non
     """Refuse coordinates beyond ±MAX_COORDINATE: no slide has such pixels, and geometry on them overflows."""
     b = shapely.bounds(g)  # NaN rows for None
     with np.errstate(invalid="ignore"):
-        over = np.flatnonzero((np.abs(b) > _detect.MAX_COORDINATE).any(axis=1))
+        inside = (np.abs(b) <= _detect.MAX_COORDINATE).all(axis=1)  # False for NaN: overflow in a shape's maths
+    over = np.flatnonzero(shapely.is_geometry(g) & ~inside)
     if over.size:
         j = int(over[0])
-        v = float(b[j][np.argmax(np.abs(b[j]))])
         where = refs[j] if item is None else f"{item}: {refs[j]}"
+        if not np.isfinite(b[j]).all():
+            raise nonfinite_error(path, where)
+        v = float(b[j][np.argmax(np.abs(b[j]))])
         raise HistosynthError(
             f"{where}: coordinate {v:g} is beyond ±{_detect.MAX_COORDINATE:g} pixels: not a position on any slide "
             "(a corrupt file?)",
