@@ -18,6 +18,7 @@ Exit status 1 when any fault was found.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import pickle
 import sys
@@ -46,6 +47,7 @@ def _signature(exc: BaseException) -> str:
 
 def fuzz(name: str, examples: int, seed: int, failures: Path) -> dict:
     target = test_fuzz.TARGETS[name]
+    failures.mkdir(parents=True, exist_ok=True)
     stats = {"examples": 0, "slowest": 0.0, "faults": {}}
 
     @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
@@ -54,6 +56,10 @@ def fuzz(name: str, examples: int, seed: int, failures: Path) -> dict:
     @given(case=target.cases)
     def run(case):
         stats["examples"] += 1
+        # the case under way, kept on disk: a crash of the interpreter itself (a segfault in a C extension)
+        # leaves no Python exception to record, only this file and faulthandler's traceback
+        with open(failures / "current.pickle", "wb") as f:
+            pickle.dump((name, case), f)
         t = time.perf_counter()
         try:
             test_fuzz.run_case(target, case)
@@ -85,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--failures", type=Path, default=Path("results/fuzz-failures"),
                     help="folder for the first input of every fault (pickled cases)")
     args = ap.parse_args(argv)
+    faulthandler.enable()  # a segfault prints the Python stack to stderr
     logging.disable(logging.CRITICAL)  # the readers' summaries of repaired items and tifffile's complaints, thousands
     warnings.simplefilter("ignore")
     total = 0

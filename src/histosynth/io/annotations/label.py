@@ -106,6 +106,8 @@ def _as_label_2d(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
         raise HistosynthError(f"{what} has dtype {a.dtype}; expected integer labels", path)
     if a.size and a.min() < 0:
         raise HistosynthError(f"{what} has negative labels", path)
+    if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:  # would wrap to negative ids
+        raise HistosynthError(f"{what} holds labels above 2**63 - 1 ({int(a.max())})", path)
     return a
 
 
