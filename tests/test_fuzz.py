@@ -1107,6 +1107,12 @@ REGRESSIONS = {
         lambda d: read(_write(d, label_files(("npy", [("set", 0.5070049760220062, -1), ("dtype", "uint64")], True, [],
                                               [])))),
         r"l\.npy: label image holds labels above 2\*\*63 - 1 \(18446744073709551615\)"),
+    # a .mat whose char array (inst_centroid as text) is cut short: scipy's C reader SEGFAULTED the interpreter
+    "mat-char-array-cut-segfault": (
+        lambda d: read(_write(d, {"a.mat": mat_file(([("inst_centroid", ("dtype", "U3"))], [], False,
+                                                     [("delete", 0.5023409520758791, 6),
+                                                      ("delete", 0.5023409520758791, 6)]))})),
+        r"a\.mat: cannot read \.mat file: scipy's reader crashed on it \(exit code -11\); a corrupt file"),
     # an XML declaration naming an encoding Python lacks -> LookupError from expat
     "xml-unknown-encoding": (
         lambda d: read(_write(d, {"a.xml": ASAP.replace('version="1.0"', 'version="1.0" encoding="utf-8f-8"').encode()})),

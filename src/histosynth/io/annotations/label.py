@@ -18,16 +18,66 @@ MAX_LABEL_PIXELS = 2**30
 
 
 def load_mat(path: Path) -> dict:
+    """The variables of a MATLAB v4-v7.2 file, read by ``scipy.io.loadmat`` in a child process.
+
+    scipy's MAT v5 reader is C code that crashes the interpreter (a segfault,
+    no exception) on some damaged files: with scipy 1.17, a ``.mat`` whose char
+    array is cut short by 12 bytes. In a child process such a crash becomes a
+    HistosynthError naming the file instead of the end of the stage. The child
+    is forked where the platform allows (a few milliseconds; scipy is already
+    imported), spawned elsewhere.
+    """
+    import multiprocessing as mp
+
+    import scipy.io  # noqa: F401 - imported here, once, so that a forked child has it
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_load_mat_child, args=(str(path), send), daemon=True)
+    child.start()
+    send.close()
+    result, finished = None, False
+    try:
+        try:
+            result = receive.recv()
+        except EOFError:  # the child died without an answer
+            pass
+        finished = True
+    finally:
+        receive.close()
+        if not finished:  # interrupted (KeyboardInterrupt, a time limit): stop the child too
+            child.terminate()
+        child.join()
+    if result is None:
+        raise HistosynthError(
+            f"cannot read .mat file: scipy's reader crashed on it (exit code {child.exitcode}); a corrupt file", path
+        )
+    kind, value = result
+    if kind == "v7.3":
+        raise HistosynthError(
+            "MATLAB v7.3 (HDF5) .mat files are not supported; re-save with -v7 or export a .npy", path
+        )
+    if kind == "error":
+        raise HistosynthError(f"cannot read .mat file ({value})", path)
+    return value
+
+
+def _load_mat_child(path: str, send: Any) -> None:
+    """In the child: ("ok", variables), ("v7.3", None) or ("error", message), sent through ``send``."""
     import scipy.io
 
     try:
-        return scipy.io.loadmat(str(path))
+        result: tuple[str, Any] = ("ok", scipy.io.loadmat(path))
     except NotImplementedError:
-        raise HistosynthError(
-            "MATLAB v7.3 (HDF5) .mat files are not supported; re-save with -v7 or export a .npy", path
-        ) from None
-    except Exception as exc:  # scipy raises ValueError/TypeError/... on corrupt files
-        raise HistosynthError(f"cannot read .mat file ({type(exc).__name__}: {exc})", path) from None
+        result = ("v7.3", None)
+    except Exception as exc:  # noqa: BLE001 - scipy raises ValueError/TypeError/... on corrupt files
+        result = ("error", f"{type(exc).__name__}: {exc}")
+    try:
+        send.send(result)
+    except Exception as exc:  # noqa: BLE001 - content that does not pickle
+        send.send(("error", f"unreadable content ({type(exc).__name__}: {exc})"))
+    finally:
+        send.close()
 
 
 def load_label_array(path: Path) -> np.ndarray:
