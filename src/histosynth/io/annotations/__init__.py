@@ -121,7 +121,10 @@ pixels, and shapely's clipping overflows near 1e308) (the file is corrupt), XML 
 unknown, a JSON coordinate (or
 COCO RLE size or count, or image width/height) given as a string or a boolean
 (``"12.5"`` is not converted: a number is a number), unknown class names, a label
-image whose size differs from ``slide_size``. Repairable geometry is repaired
+image whose size differs from ``slide_size``, one without pixels or of more than 2**30 pixels
+(``label.MAX_LABEL_PIXELS``, checked from the PNG/TIFF/.npy header before decoding), a ``.mat`` file that
+crashes scipy's reader (``scipy.io.loadmat`` runs in a forked child process, so a segfault on a damaged
+file is an error, not the end of the process). Repairable geometry is repaired
 and counted (one summary line on this package's logger): outlines with fewer
 than 3 distinct points or no area are skipped (``skipped_degenerate``);
 self-intersecting outlines are repaired with ``shapely.make_valid(...,
