@@ -1348,6 +1348,8 @@ def test_coco_infinite_image_width_is_an_unknown_size(tmp_path):
     # a flipped tag type makes tifffile return a tuple for ImageWidth: TypeError in the tile-table check
     ("slide", ("pyramid.tif", [], [("flip", 38, 2)])),
     ("tile", ("pyramid.tif", [], [("flip", 38, 2)])),
+    # a flip in the XResolution tag's count: a tuple of four values, "too many values to unpack" reading the MPP
+    ("slide", ("pyramid.tif", [("width", 16777216)], [("flip", 98, 242)])),
 ])
 def test_fuzz_finding_now_satisfies_the_property(target, case):
     run_case(TARGETS[target], case)

@@ -297,15 +297,20 @@ def _mpp_from_tiff_tags(page: tifffile.TiffPage) -> tuple[float, float] | None:
     xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
     if unit is None or xres is None or yres is None:
         return None
-    microns = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
-    if microns is None:
-        return None
-    out = []
-    for tag in (xres, yres):
-        num, den = tag.value if isinstance(tag.value, tuple) else (tag.value, 1)
-        if not num or not den:
+    try:  # a damaged file can give any count or type here: a malformed tag states no resolution
+        microns = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+        if microns is None:
             return None
-        out.append(microns * den / num)
+        out = []
+        for tag in (xres, yres):
+            num, den = tag.value if isinstance(tag.value, tuple) else (tag.value, 1)
+            num, den = float(num), float(den)
+            if not (num and den and math.isfinite(num) and math.isfinite(den)):
+                return None
+            out.append(microns * den / num)
+    except (TypeError, ValueError):
+        log.info("ignoring malformed TIFF resolution tags")
+        return None
     if not all(PLAUSIBLE_MPP[0] <= v <= PLAUSIBLE_MPP[1] for v in out):
         log.info("ignoring TIFF resolution %.4g x %.4g um/px: not a microscope resolution", *out)
         return None
