@@ -1256,3 +1256,61 @@ def test_damaged_json_reads_or_is_refused(tmp_path, fmt, mutation):
     path = tmp_path / f"damaged-{fmt}.json"
     path.write_bytes(_mutate(_VALID_FILES[fmt], mutation))
     _read_or_refuse(path)
+
+
+# --------------------------------------------------------------------------- #
+# The vertex limit per outline
+# --------------------------------------------------------------------------- #
+
+
+def _circle(n: int, r: float = 20.0, c: float = 30.0) -> list[list[float]]:
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    ring = np.column_stack([c + r * np.cos(t), c + r * np.sin(t)]).tolist()
+    return ring + ring[:1]
+
+
+def test_vertex_limit_names_item_limit_and_how_to_raise_it(tmp_path):
+    feats = [feature([_circle(50)], "a"), feature([_circle(50)], "a"), feature([_circle(300)], "a", id="big")]
+    p = write(tmp_path, "v.geojson", geojson(feats))
+    assert len(read(p).nuclei) == 3  # the default limit is far above 301 vertices
+    with pytest.raises(HistosynthError, match=r"feature 2 \(id big\): an outline of 301 vertices is over the "
+                                              r"limit of 200 vertices per outline") as e:
+        read(p, max_vertices=200)
+    assert "v.geojson" in str(e.value) and "max_vertices=N" in str(e.value)
+    assert len(read(p, max_vertices=301).nuclei) == 3
+    # holes count: 51 + 51 vertices
+    holed = write(tmp_path, "h.geojson", geojson([feature([_circle(50), _circle(50, r=5)], "a")]))
+    with pytest.raises(HistosynthError, match="102 vertices"):
+        read(holed, max_vertices=101)
+    xml = write(tmp_path, "v.xml", imagescope([(1, [(0, 0), (9, 0), (9, 9)]), (7, [tuple(v) for v in _circle(40)])]))
+    with pytest.raises(HistosynthError, match="Region 7: an outline of 4[01] vertices"):
+        read(xml, max_vertices=30)
+    for bad in (3, 0, 2.5, True, "10"):
+        with pytest.raises(HistosynthError, match="max_vertices"):
+            read(p, max_vertices=bad)
+
+
+def test_vertex_limit_default_is_the_module_constant(tmp_path, monkeypatch):
+    from histosynth.io.annotations import _detect
+
+    assert _detect.MAX_VERTICES == 1_000_000
+    p = write(tmp_path, "v.json", orjson.dumps([_circle(120)[:-1]]))  # boundary points
+    monkeypatch.setattr(_detect, "MAX_VERTICES", 60)
+    with pytest.raises(HistosynthError, match=r"nucleus 0: an outline of \d+ vertices is over the limit of 60"):
+        read(p)
+    coco = write(tmp_path, "c.json", orjson.dumps({
+        "images": [{"id": 1, "width": 64, "height": 64, "file_name": "t.png"}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [{"id": 3, "image_id": 1, "category_id": 1,
+                         "segmentation": [np.ravel(_circle(100)[:-1]).tolist()]}]}))
+    with pytest.raises(HistosynthError, match=r"t.png: annotation id 3: an outline of"):
+        A.read_coco_all(coco)
+
+
+def test_vertex_limit_on_a_million_vertex_outline(tmp_path):
+    """A 1,000,001-vertex GeoJSON ring is refused at the default limit, quickly and before repair."""
+    ring = _circle(1_000_000, r=1000.0, c=2000.0)
+    p = write(tmp_path, "huge.geojson", geojson([feature([ring], "a")]))
+    with pytest.raises(HistosynthError, match=r"feature 0: an outline of 1,000,001 vertices is over the limit "
+                                              r"of 1,000,000 vertices per outline"):
+        read(p)

@@ -73,13 +73,17 @@ def _names_of_ids(name_to_id: Mapping[str, int]) -> dict[int, str]:
 
 
 # -- reading and writing ----------------------------------------------------------------------------
+_ID_TEXT = re.compile(r"-?[0-9]{1,18}")
+
+
 def _as_id(value: Any) -> int | None:
     """An integer type id from an int or a string of digits, else None."""
     if isinstance(value, (bool, np.bool_)):
         return None
     if isinstance(value, (int, np.integer)):
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    # ASCII digits only: str.isdigit() also accepts "³", which int() refuses; 18 digits fit int64
+    if isinstance(value, str) and _ID_TEXT.fullmatch(value.strip()):
         return int(value.strip())
     return None
 

@@ -50,6 +50,9 @@ INDEX_COLUMNS = [
     "source",
 ]
 
+# index columns that are a patch's place and size, finite numbers in every patch set
+_NUMERIC_COLUMNS = ("x", "y", "level", "downsample", "width", "height")
+
 #: array name → (dtype, number of trailing dimensions after (H, W))
 ARRAYS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
     "images": (np.dtype(np.uint8), (3,)),
@@ -238,7 +241,15 @@ class PatchSet:
     @property
     def report(self) -> dict[str, Any]:
         path = self.path / "report.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+        if not path.exists():
+            return {}
+        try:
+            report = json.loads(path.read_bytes())
+        except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise HistosynthError(f"unreadable report.json: {err}", path) from err
+        if not isinstance(report, dict):
+            raise HistosynthError("report.json is not a JSON object", path)
+        return report
 
 
 def patch_mpp(index: pd.DataFrame, row: int) -> float | None:
@@ -265,6 +276,18 @@ def read_patchset(path: str | os.PathLike, require: tuple[str, ...] = ()) -> Pat
     missing_cols = [c for c in INDEX_COLUMNS if c not in index.columns]
     if missing_cols:
         raise HistosynthError(f"index.csv lacks columns {missing_cols}", path)
+    for col in _NUMERIC_COLUMNS:  # the patch's place and size: every stage computes with them
+        numbers = pd.to_numeric(index[col], errors="coerce")
+        bad = np.flatnonzero(~np.isfinite(numbers.to_numpy(np.float64)))
+        if bad.size:
+            value = index[col].iloc[bad[0]]
+            raise HistosynthError(
+                f"index.csv column {col!r} holds {'an empty cell' if pd.isna(value) else repr(str(value))} "
+                f"for patch {bad[0]}; expected finite numbers",
+                path,
+            )
+        if not pd.api.types.is_numeric_dtype(index[col]):  # e.g. an integer too large for int64, read as text
+            index[col] = numbers
     arrays: dict[str, np.ndarray | None] = {}
     for name, (dtype, trailing) in ARRAYS.items():
         file = path / f"{name}.npy"
@@ -274,9 +297,9 @@ def read_patchset(path: str | os.PathLike, require: tuple[str, ...] = ()) -> Pat
             arrays[name] = None
             continue
         try:
-            arr = np.load(file, mmap_mode="r")
-        except (ValueError, OSError) as err:
-            raise HistosynthError(f"unreadable {name}.npy: {err}", path) from err
+            arr = np.load(file, mmap_mode="r", allow_pickle=False)
+        except Exception as err:  # a damaged header: ValueError, OSError, EOFError, SyntaxError, TokenError, ...
+            raise HistosynthError(f"unreadable {name}.npy: {type(err).__name__}: {err}", path) from err
         if arr.dtype != dtype or arr.ndim != 3 + len(trailing) or arr.shape[0] != len(index):
             raise HistosynthError(
                 f"{name}.npy has dtype {arr.dtype} shape {arr.shape}; expected {dtype} "

@@ -297,15 +297,20 @@ def _mpp_from_tiff_tags(page: tifffile.TiffPage) -> tuple[float, float] | None:
     xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
     if unit is None or xres is None or yres is None:
         return None
-    microns = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
-    if microns is None:
-        return None
-    out = []
-    for tag in (xres, yres):
-        num, den = tag.value if isinstance(tag.value, tuple) else (tag.value, 1)
-        if not num or not den:
+    try:  # a damaged file can give any count or type here: a malformed tag states no resolution
+        microns = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+        if microns is None:
             return None
-        out.append(microns * den / num)
+        out = []
+        for tag in (xres, yres):
+            num, den = tag.value if isinstance(tag.value, tuple) else (tag.value, 1)
+            num, den = float(num), float(den)
+            if not (num and den and math.isfinite(num) and math.isfinite(den)):
+                return None
+            out.append(microns * den / num)
+    except (TypeError, ValueError):
+        log.info("ignoring malformed TIFF resolution tags")
+        return None
     if not all(PLAUSIBLE_MPP[0] <= v <= PLAUSIBLE_MPP[1] for v in out):
         log.info("ignoring TIFF resolution %.4g x %.4g um/px: not a microscope resolution", *out)
         return None
@@ -571,6 +576,27 @@ def _match_tiff_levels(path: Path, levels: list[LevelInfo], cache_bytes: int) ->
     return fast
 
 
+def _check_tile_table(path: Path, page: tifffile.TiffPage) -> None:
+    """Refuse a tiled page whose tile table is shorter than its size needs (a corrupt size or table).
+
+    OpenSlide reads the missing tiles as blank, so such a file would open and
+    tile into a slide of white (for a damaged width tag, one of millions of tiles).
+    """
+    try:
+        tw, th = int(page.tilewidth), int(page.tilelength)
+        w, h = int(page.imagewidth), int(page.imagelength)
+        have = len(page.dataoffsets)
+    except (TypeError, ValueError):  # tags of the wrong type or count: OpenSlide or tifffile reports the file
+        return
+    need = -(-w // tw) * -(-h // th) if tw > 0 and th > 0 else 0
+    if have < need:
+        raise HistosynthError(
+            f"TIFF page {page.index}: a {w} x {h} image in {tw} x {th} tiles needs {need:,} tiles but the "
+            f"tile table lists {have:,}: a corrupt or truncated slide",
+            path,
+        )
+
+
 def _decodes_directly(page: tifffile.TiffPage) -> bool:
     """Whether tifffile decodes this tiled page's tiles with the same result as OpenSlide."""
     ok = (
@@ -638,13 +664,15 @@ def _open_tiff_direct(path: Path, vendor: str, mpp_fallback: float | None, cache
                 level_pages.sort(key=lambda p: -int(p.imagewidth))
                 found = _mpp_from_tiff_tags(pages[0])
                 source = "tiff-resolution"
+            for p in level_pages:
+                _check_tile_table(path, p)
             if found is None or not level_pages or not all(_decodes_directly(p) for p in level_pages):
                 return None
             size = path.stat().st_size
             if any(int(np.max(np.add(p.dataoffsets, p.databytecounts))) > size for p in level_pages):
                 return None
             fast = {i: _TiffLevel(path, p, cache_bytes) for i, p in enumerate(level_pages)}
-    except (tifffile.TiffFileError, OSError, ValueError, IndexError):
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError, TypeError):
         return None
     finally:
         tiff_log.removeHandler(collect)

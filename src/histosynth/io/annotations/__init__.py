@@ -115,10 +115,16 @@ or empty file, an unknown format, malformed JSON/XML, XML with a DTD or entity
 declarations (refused as defusedxml refuses them, so entity-expansion bombs cost nothing),
 a file larger than 2 GiB (``_detect.MAX_ANNOTATION_BYTES``), JSON nested more
 than 64 levels deep (``_detect.MAX_JSON_DEPTH``) (checked on the bytes before parsing; GeoJSON
-needs 8), NaN/infinite coordinates (the file is corrupt), a JSON coordinate (or
+needs 8), an outline of more than 1,000,000 vertices (``_detect.MAX_VERTICES``; ``read(...,
+max_vertices=N)`` raises it; checked before any geometry work), NaN/infinite coordinates or coordinates beyond ±2**53 (``_detect.MAX_COORDINATE``; no slide has such
+pixels, and shapely's clipping overflows near 1e308) (the file is corrupt), XML whose declared encoding is
+unknown, a JSON coordinate (or
 COCO RLE size or count, or image width/height) given as a string or a boolean
 (``"12.5"`` is not converted: a number is a number), unknown class names, a label
-image whose size differs from ``slide_size``. Repairable geometry is repaired
+image whose size differs from ``slide_size``, one without pixels or of more than 2**30 pixels
+(``label.MAX_LABEL_PIXELS``, checked from the PNG/TIFF/.npy header before decoding), a ``.mat`` file that
+crashes scipy's reader (``scipy.io.loadmat`` runs in a forked child process, so a segfault on a damaged
+file is an error, not the end of the process). Repairable geometry is repaired
 and counted (one summary line on this package's logger): outlines with fewer
 than 3 distinct points or no area are skipped (``skipped_degenerate``);
 self-intersecting outlines are repaired with ``shapely.make_valid(...,

@@ -32,6 +32,11 @@ _GEOJSON_TYPES = {"FeatureCollection", "Feature", "Polygon", "MultiPolygon"}
 MAX_ANNOTATION_BYTES = 2**31
 #: the deepest JSON nesting read; GeoJSON needs 8 levels (collection, feature, geometry, multipolygon, ring, point)
 MAX_JSON_DEPTH = 64
+#: the largest coordinate magnitude read (2**53, where float64 stops holding every integer): far beyond any
+#: slide, and small enough that areas and intersections cannot overflow (1e308 breaks shapely's clipping)
+MAX_COORDINATE = float(2**53)
+#: the most vertices one outline may have (holes included); a nucleus needs tens to a few thousand
+MAX_VERTICES = 1_000_000
 # +1 for an opening bracket or brace, -1 for a closing one, 2 for a quote, 0 for any other byte
 _JSON_BYTES = np.zeros(256, dtype=np.int8)
 _JSON_BYTES[[ord("["), ord("{")]] = 1
@@ -109,7 +114,7 @@ def load_json(path: Path) -> Any:
 
 def classify_json(data: Any) -> str | None:
     if isinstance(data, dict):
-        if data.get("type") in _GEOJSON_TYPES:
+        if isinstance(data.get("type"), str) and data["type"] in _GEOJSON_TYPES:
             return "geojson"
         if isinstance(data.get("annotations"), list) and ("categories" in data or "images" in data):
             return "coco"

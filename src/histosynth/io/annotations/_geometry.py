@@ -225,10 +225,12 @@ def catmull_rom_closed(points: np.ndarray, per_segment: int = 8) -> np.ndarray:
 
 def ellipse_ring(x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
     """Ellipse inscribed in the box [x0, x1] x [y0, y1], ~1 vertex per pixel of perimeter."""
+    x0, y0, x1, y1 = float(x0), float(y0), float(x1), float(y1)  # Python floats overflow to inf without warnings
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     a, b = abs(x1 - x0) / 2, abs(y1 - y0) / 2
     perim = math.pi * (3 * (a + b) - math.sqrt(max((3 * a + b) * (a + 3 * b), 0.0)))
-    n = int(min(max(32, math.ceil(perim)), 4096))
+    # an overflowing box (corners near ±1e308) gives an infinite perimeter; the reader then refuses the item
+    n = int(min(max(32, math.ceil(perim)), 4096)) if math.isfinite(perim) else 4096
     th = np.arange(n) * (2 * math.pi / n)
     return np.column_stack([cx + a * np.cos(th), cy + b * np.sin(th)])
 

@@ -15,9 +15,10 @@ import numpy as np
 import shapely
 
 from histosynth.errors import HistosynthError
+from histosynth.io.annotations import _detect
 from histosynth.io.annotations._classes import ClassMapper
 from histosynth.io.annotations._detect import check_file, classify_json, detect, load_json
-from histosynth.io.annotations._geometry import largest_polygon
+from histosynth.io.annotations._geometry import largest_polygon, nonfinite_error
 from histosynth.io.annotations._model import AnnotationSet, Nucleus, Parsed
 from histosynth.io.annotations.asap import parse_asap
 from histosynth.io.annotations.coco import coco_images, parse_coco_image, select_coco_image
@@ -65,6 +66,7 @@ def read(
     types: str | os.PathLike | None = None,
     image: str | int | None = None,
     offset: tuple[float, float] = (0.0, 0.0),
+    max_vertices: int | None = None,
 ) -> AnnotationSet:
     """Read nucleus outlines from ``path`` (any of :data:`FORMATS`).
 
@@ -73,12 +75,16 @@ def read(
     image/.npy). ``image`` selects one image of a COCO file. ``offset`` (dx, dy)
     is added to every coordinate before clipping, for files whose producer used
     another pixel origin (e.g. (0.5, 0.5) for pycococreator COCO files).
+    ``max_vertices`` is the most vertices one outline may have (holes
+    included; default ``_detect.MAX_VERTICES``, 1,000,000): a larger one is a
+    HistosynthError naming the item.
     """
     p = Path(path)
     if fmt is not None and fmt not in FORMATS:
         raise HistosynthError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}", p)
+    limit = _vertex_limit(max_vertices, p)
     with _gc_paused():
-        return _read(p, class_map, catch_all, slide_size, fmt, types, image, offset)
+        return _read(p, class_map, catch_all, slide_size, fmt, types, image, offset, limit)
 
 
 @contextmanager
@@ -108,6 +114,7 @@ def _read(
     types: str | os.PathLike | None,
     image: str | int | None,
     offset: tuple[float, float],
+    max_vertices: int,
 ) -> AnnotationSet:
     mapper = ClassMapper(class_map, catch_all, p)
     size = _check_slide_size(slide_size, p)
@@ -136,7 +143,7 @@ def _read(
         images, cats, by_image = coco_images(data, p)
         iid = select_coco_image(images, by_image, image, p)
         parsed = parse_coco_image(by_image.get(iid, []), cats, images.get(iid), p)
-    return _finish(p, fmt, parsed, mapper, size, offset=offset)
+    return _finish(p, fmt, parsed, mapper, size, offset=offset, max_vertices=max_vertices)
 
 
 def read_coco_all(
@@ -146,9 +153,11 @@ def read_coco_all(
     catch_all: str | int | None = None,
     slide_size: tuple[int, int] | None = None,
     offset: tuple[float, float] = (0.0, 0.0),
+    max_vertices: int | None = None,
 ) -> dict[str, AnnotationSet]:
     """Every image of a COCO file, keyed by ``file_name`` (or the image id as a string)."""
     p = Path(path)
+    limit = _vertex_limit(max_vertices, p)
     mapper = ClassMapper(class_map, catch_all, p)
     size = _check_slide_size(slide_size, p)
     check_file(p)
@@ -162,8 +171,51 @@ def read_coco_all(
         info = images.get(iid)
         key = str(info.get("file_name", iid)) if info else str(iid)
         parsed = parse_coco_image(by_image.get(iid, []), cats, info, p)
-        out[key] = _finish(p, "coco", parsed, mapper, size, item=key, offset=offset)
+        out[key] = _finish(p, "coco", parsed, mapper, size, item=key, offset=offset, max_vertices=limit)
     return out
+
+
+def _vertex_limit(max_vertices: Any, path: Path) -> int:
+    if max_vertices is None:
+        return _detect.MAX_VERTICES  # looked up per call, like the other limits of _detect
+    if isinstance(max_vertices, bool) or not isinstance(max_vertices, (int, np.integer)) or max_vertices < 4:
+        raise HistosynthError(f"max_vertices {max_vertices!r} must be an integer >= 4 (a triangle, closed)", path)
+    return int(max_vertices)
+
+
+def _check_vertices(g: np.ndarray, refs: list[str], limit: int, path: Path, item: str | None) -> None:
+    """Refuse an outline with more than ``limit`` vertices, before any geometry work on it."""
+    counts = shapely.get_num_coordinates(g)  # 0 for None
+    over = np.flatnonzero(counts > limit)
+    if over.size:
+        j = int(over[0])
+        where = refs[j] if item is None else f"{item}: {refs[j]}"
+        raise HistosynthError(
+            f"{where}: an outline of {int(counts[j]):,} vertices is over the limit of {limit:,} vertices per "
+            f"outline ({over.size} such outline{'s' if over.size > 1 else ''} in the file): a corrupt file, or "
+            "simplify the outline (e.g. QuPath's Simplify shape); if it is genuine, raise the limit with "
+            "histosynth.io.annotations.read(..., max_vertices=N)",
+            path,
+        )
+
+
+def _check_magnitude(g: np.ndarray, refs: list[str], path: Path, item: str | None) -> None:
+    """Refuse coordinates beyond ±MAX_COORDINATE: no slide has such pixels, and geometry on them overflows."""
+    b = shapely.bounds(g)  # NaN rows for None
+    with np.errstate(invalid="ignore"):
+        inside = (np.abs(b) <= _detect.MAX_COORDINATE).all(axis=1)  # False for NaN: overflow in a shape's maths
+    over = np.flatnonzero(shapely.is_geometry(g) & ~inside)
+    if over.size:
+        j = int(over[0])
+        where = refs[j] if item is None else f"{item}: {refs[j]}"
+        if not np.isfinite(b[j]).all():
+            raise nonfinite_error(path, where)
+        v = float(b[j][np.argmax(np.abs(b[j]))])
+        raise HistosynthError(
+            f"{where}: coordinate {v:g} is beyond ±{_detect.MAX_COORDINATE:g} pixels: not a position on any slide "
+            "(a corrupt file?)",
+            path,
+        )
 
 
 def _check_slide_size(slide_size: Any, path: Path) -> tuple[int, int] | None:
@@ -186,6 +238,7 @@ def _finish(
     slide_size: tuple[int, int] | None,
     item: str | None = None,
     offset: tuple[float, float] = (0.0, 0.0),
+    max_vertices: int | None = None,
 ) -> AnnotationSet:
     """Validate, repair, clip, map classes and number the parsed items."""
     rep = parsed.report
@@ -205,6 +258,8 @@ def _finish(
 
     g = np.empty(len(parsed.geoms), dtype=object)
     g[:] = parsed.geoms
+    _check_vertices(g, parsed.refs, _detect.MAX_VERTICES if max_vertices is None else max_vertices, path, item)
+    _check_magnitude(g, parsed.refs, path, item)
     present = shapely.is_geometry(g)
     rep["skipped_degenerate"] += int((~present).sum())
     if (dx or dy) and present.any():

@@ -25,6 +25,11 @@ def _unsafe_xml(exc: Exception, path: Any) -> HistosynthError:
     )
 
 
+def _bad_encoding(exc: Exception, path: Any) -> HistosynthError:
+    """The one error for XML whose declared encoding is unknown or does not fit its bytes."""
+    return HistosynthError(f"unreadable XML: its encoding ({type(exc).__name__}: {exc})", path)
+
+
 def xml_events(path: Path):
     """defusedxml iterparse ("end" events) that refuses DTDs, entities, external refs."""
     import defusedxml
@@ -39,6 +44,8 @@ def xml_events(path: Path):
         raise HistosynthError(f"malformed XML at line {line}, column {col}: {exc}", path) from None
     except defusedxml.DefusedXmlException as exc:
         raise _unsafe_xml(exc, path) from None
+    except (LookupError, UnicodeError) as exc:  # an encoding the declaration names but Python lacks, or breaks
+        raise _bad_encoding(exc, path) from None
     finally:
         f.close()
 
@@ -170,6 +177,8 @@ def expat_run(p, path: Path, block: int = 1 << 20) -> None:
         ) from None
     except defusedxml.DefusedXmlException as exc:
         raise _unsafe_xml(exc, path) from None
+    except (LookupError, UnicodeError) as exc:
+        raise _bad_encoding(exc, path) from None
 
 
 _XML_TAG = re.compile(rb"<([A-Za-z_][\w.:-]*)")

@@ -19,6 +19,7 @@ from histosynth.io.annotations._geometry import (
     shoelace,
 )
 from histosynth.io.annotations._model import Parsed
+from histosynth.io.annotations.label import MAX_LABEL_PIXELS
 
 
 def rle_decode(seg: dict, ref: str, path: Path) -> np.ndarray:
@@ -37,8 +38,16 @@ def rle_decode(seg: dict, ref: str, path: Path) -> np.ndarray:
         bad = not_a_number(counts)
         if bad is not None:
             raise not_a_number_error(path, ref, "RLE counts", bad)
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts.size and (counts.min() < 0 or counts.sum() != h * w):
+    if h < 0 or w < 0 or h * w > MAX_LABEL_PIXELS:
+        raise HistosynthError(f"{ref}: RLE size {h}x{w} is negative or over {MAX_LABEL_PIXELS:,} pixels", path)
+    try:
+        counts = np.asarray(counts, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise HistosynthError(f"{ref}: RLE counts are not a list of integers", path) from None
+    if counts.ndim != 1:
+        raise HistosynthError(f"{ref}: RLE counts are not a flat list of integers", path)
+    # each count at most h * w first, so that the sum cannot wrap around
+    if (counts.size and (counts.min() < 0 or counts.max() > h * w)) or int(counts.sum()) != h * w:
         raise HistosynthError(f"{ref}: RLE counts do not add up to {h}x{w}", path)
     vals = np.zeros(len(counts), dtype=bool)
     vals[1::2] = True
@@ -69,22 +78,44 @@ def _rle_string_counts(s: str, ref: str, path: Path) -> list[int]:
     return counts
 
 
+def _coco_list(data: dict, key: str, path: Path) -> list:
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise HistosynthError(f"COCO '{key}' is a {type(value).__name__}, not a list", path)
+    return value
+
+
+def _coco_id(value: Any, what: str, path: Path) -> Any:
+    """An id as a dictionary key: a number or a string (a list or an object is a corrupt file)."""
+    if value is not None and not isinstance(value, (int, float, str)):
+        raise HistosynthError(f"{what} {_short(value)} is not a number or a string", path)
+    return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def coco_images(data: dict, path: Path) -> tuple[dict, dict, dict]:
     if not isinstance(data.get("annotations"), list):
         raise HistosynthError("COCO file without an 'annotations' list", path)
     images = {}
-    for im in data.get("images") or []:
+    for k, im in enumerate(_coco_list(data, "images", path)):
         if isinstance(im, dict) and "id" in im:
-            images[im["id"]] = im
+            images[_coco_id(im["id"], f"images[{k}]: id", path)] = im
     cats = {}
-    for c in data.get("categories") or []:
+    for k, c in enumerate(_coco_list(data, "categories", path)):
         if isinstance(c, dict) and "id" in c:
-            cats[c["id"]] = str(c.get("name", c["id"]))
+            cats[_coco_id(c["id"], f"categories[{k}]: id", path)] = str(c.get("name", c["id"]))
     by_image: dict = {}
     for a in data["annotations"]:
         if not isinstance(a, dict):
             raise HistosynthError("COCO annotation that is not an object", path)
-        by_image.setdefault(a.get("image_id"), []).append(a)
+        iid = _coco_id(a.get("image_id"), f"annotation id {_short(a.get('id', '?'))}: image_id", path)
+        by_image.setdefault(iid, []).append(a)
     return images, cats, by_image
 
 
@@ -117,15 +148,15 @@ def parse_coco_image(anns: list[dict], cats: dict, image_info: dict | None, path
             raise not_a_number_error(path, f"image {image_info.get('id', '?')}", "width/height", bad)
         try:
             out.size = (int(image_info["width"]), int(image_info["height"]))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # None, NaN, infinity: the size is unknown
             out.size = None
     pending: list[tuple[str, str, np.ndarray]] = []
     direct: list[tuple[str, str, Any]] = []
     order: list[tuple[str, int]] = []
     for a in anns:
-        ref = f"annotation id {a.get('id', '?')}"
+        ref = f"annotation id {_short(a.get('id', '?'))}"
         out.report["read"] += 1
-        cid = a.get("category_id")
+        cid = _coco_id(a.get("category_id"), f"{ref}: category_id", path)
         if cid not in cats and cats:
             raise HistosynthError(f"{ref}: category_id {cid!r} is not in 'categories'", path)
         name = cats.get(cid, "" if cid is None else str(cid))

@@ -118,7 +118,7 @@ def _parse_geojson_fast(features: list) -> Parsed:
                 report["multipolygon_parts_dropped"] += dropped
         else:
             report["skipped_not_polygon"] += 1
-            if gtype in _POINT_TYPES:
+            if isinstance(gtype, str) and gtype in _POINT_TYPES:
                 report["not_polygon_points"] += 1
             continue
         fid = get("id")
@@ -233,7 +233,7 @@ def _parse_geojson_reference(features: list, path: Path) -> Parsed:
             parts = coords
         else:
             out.report["skipped_not_polygon"] += 1
-            if gtype in _POINT_TYPES:
+            if isinstance(gtype, str) and gtype in _POINT_TYPES:
                 out.report["not_polygon_points"] += 1
             continue
         if not isinstance(parts, list) or not all(isinstance(p, list) for p in parts):

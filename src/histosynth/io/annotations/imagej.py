@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ _ROI_AREA_TYPES = {_ROI_POLYGON, _ROI_FREEHAND, _ROI_TRACED}
 _ROI_TYPE_NAMES = {3: "line", 4: "freeline", 5: "polyline", 6: "no-roi", 9: "angle", 10: "point"}
 _OPT_SPLINE_FIT, _OPT_SUBPIXEL, _OPT_DRAW_OFFSET = 1, 128, 256
 _MAX_ROI_BYTES = 5 * 1024 * 1024  # ImageJ's own limit for a ROI
+# what zipfile raises for a damaged archive or entry: bad headers and CRCs, offsets past the end (OSError from
+# seek), cut-off deflate streams (EOFError, zlib.error), unknown compression (NotImplementedError), encryption
+# (RuntimeError), impossible header values (ValueError)
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError, ValueError)
 
 
 def _short(b: bytes, o: int) -> int:
@@ -97,6 +102,8 @@ def decode_roi(b: bytes, ref: str, path: Path, report: Counter) -> tuple[np.ndar
 def _composite_rings(arr: np.ndarray, ref: str, path: Path) -> Any:
     """Path segments (moveTo 0, lineTo 1, quadTo 2, cubicTo 3, close 4) -> polygon (even-odd)."""
     nargs = {0: 2, 1: 2, 2: 4, 3: 6, 4: 0}
+    if not np.isfinite(arr).all():  # segment codes and coordinates alike
+        raise nonfinite_error(path, ref)
     rings: list[list[tuple[float, float]]] = []
     cur: list[tuple[float, float]] = []
     i = 0
@@ -140,9 +147,14 @@ def parse_imagej(path: Path) -> Parsed:
                 for info in infos:
                     if info.file_size > _MAX_ROI_BYTES:
                         raise HistosynthError(f"ROI '{info.filename}' is larger than 5 MB", path)
-                    entries.append((info.filename, z.read(info)))
-        except zipfile.BadZipFile as exc:
-            raise HistosynthError(f"corrupt zip archive ({exc})", path) from None
+                    try:
+                        entries.append((info.filename, z.read(info)))
+                    except _ZIP_ERRORS as exc:
+                        raise HistosynthError(
+                            f"ROI '{info.filename}': corrupt zip entry ({type(exc).__name__}: {exc})", path
+                        ) from None
+        except _ZIP_ERRORS as exc:
+            raise HistosynthError(f"corrupt zip archive ({type(exc).__name__}: {exc})", path) from None
     geoms: list[Any] = []  # ring coordinates, or a ready polygon for composite ROIs
     for i, (name, data) in enumerate(entries):
         ref = f"ROI {i} ({name})"
@@ -177,5 +189,5 @@ def zip_has_roi(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
             return any(n.lower().endswith(".roi") for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
+    except _ZIP_ERRORS:
         return False
