@@ -1276,7 +1276,7 @@ def test_vertex_limit_names_item_limit_and_how_to_raise_it(tmp_path):
     with pytest.raises(HistosynthError, match=r"feature 2 \(id big\): an outline of 301 vertices is over the "
                                               r"limit of 200 vertices per outline") as e:
         read(p, max_vertices=200)
-    assert "v.geojson" in str(e.value) and "max_vertices=N" in str(e.value)
+    assert "v.geojson" in str(e.value) and "max_vertices=N" in str(e.value) and "--max-vertices" in str(e.value)
     assert len(read(p, max_vertices=301).nuclei) == 3
     # holes count: 51 + 51 vertices
     holed = write(tmp_path, "h.geojson", geojson([feature([_circle(50), _circle(50, r=5)], "a")]))

@@ -1337,6 +1337,20 @@ def test_robustness_table_too_large_file(tmp_path, capsys):
     assert code == 2 and "over the limit" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
+def test_robustness_table_vertex_limit_through_the_stage(tmp_path, capsys):
+    """rasterize --max-vertices (rasterize.max_vertices): an outline over it stops the stage by name, no output."""
+    from histosynth.cli import main
+
+    ann = tmp_path / "a.geojson"
+    ann.write_bytes(_fc(_GOOD))
+    out = tmp_path / "out"
+    code = main(["rasterize", str(ann), str(tiles_dir()), str(out), "--classes", "Tumour=1", "--max-vertices", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "vertices is over the limit of 4" in err and "--max-vertices" in err and not out.exists()
+    assert main(["rasterize", str(ann), str(tiles_dir()), str(out), "--classes", "Tumour=1",
+                 "--max-vertices", "5"]) == 0
+
+
 def test_coco_infinite_image_width_is_an_unknown_size(tmp_path):
     """Fuzz finding: a COCO image of width Infinity raised OverflowError; its size is now unknown (as for NaN)."""
     p = _write(tmp_path, {"c.json": json.dumps({**COCO, "images": [{**COCO["images"][0], "width": math.inf}]}).encode()})

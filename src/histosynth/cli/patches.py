@@ -22,6 +22,8 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
                help="class for names not in --classes (none: unknown names are an error)")
     add_option(p, "--max-dropped-fraction", key="rasterize.max_dropped_fraction", type=fraction,
                help="stop when the reader drops more than this fraction of the file's items (all: always)")
+    add_option(p, "--max-vertices", key="rasterize.max_vertices", type=int,
+               help="the most vertices one outline may have (a longer one: the file is refused as corrupt)")
     p.add_argument("--overlay", metavar="PNG", help="also draw outlines on a few patches into this PNG")
     add_option(p, "--overlay-per-slide", key="rasterize.overlay_per_slide", type=int,
                help="patches drawn in the --overlay PNG")
@@ -36,7 +38,7 @@ def _run_rasterize(args: argparse.Namespace) -> None:
     class_map = parse_class_map(args.classes)
     catch_all = int(args.catch_all) if args.catch_all and args.catch_all.isdigit() else args.catch_all
     rasterize_patchset(args.annotations, args.tiles_dir, args.out_dir, class_map, catch_all,
-                       max_dropped_fraction=args.max_dropped_fraction)
+                       max_dropped_fraction=args.max_dropped_fraction, max_vertices=args.max_vertices)
     if args.overlay:
         names = read_class_map(class_map) if class_map else None
         overlay(args.out_dir, args.overlay, per_slide=args.overlay_per_slide, class_names=names)

@@ -66,8 +66,12 @@ def rasterize_patchset(
     catch_all: str | int | None = None,
     mpp_tolerance: float = 0.05,
     max_dropped_fraction: float = MAX_DROPPED_FRACTION,
+    max_vertices: int | None = None,
 ) -> dict:
     """Write the typed patch set of one slide; returns its report.
+
+    ``max_vertices``: the most vertices one outline may have (None: the reader's
+    ``MAX_VERTICES``, the schema's ``rasterize.max_vertices``).
 
     Raises :class:`HistosynthError`, writing nothing, when the annotation file
     yields too little (see :func:`check_dropped`).
@@ -78,7 +82,8 @@ def rasterize_patchset(
     slide_info = tiles.report.get("slide", {})
     dims = slide_info.get("dimensions")
     slide_size = (int(dims[0]), int(dims[1])) if dims else None
-    aset = annotations.read(annotation_path, class_map, catch_all=catch_all, slide_size=slide_size)
+    aset = annotations.read(annotation_path, class_map, catch_all=catch_all, slide_size=slide_size,
+                            max_vertices=max_vertices)
     check_dropped(aset, slide_size, max_dropped_fraction)
     slide_mpp = slide_info.get("mpp")
     if aset.mpp and slide_mpp:

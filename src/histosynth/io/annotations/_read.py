@@ -193,8 +193,9 @@ def _check_vertices(g: np.ndarray, refs: list[str], limit: int, path: Path, item
         raise HistosynthError(
             f"{where}: an outline of {int(counts[j]):,} vertices is over the limit of {limit:,} vertices per "
             f"outline ({over.size} such outline{'s' if over.size > 1 else ''} in the file): a corrupt file, or "
-            "simplify the outline (e.g. QuPath's Simplify shape); if it is genuine, raise the limit with "
-            "histosynth.io.annotations.read(..., max_vertices=N)",
+            "simplify the outline (e.g. QuPath's Simplify shape); if it is genuine, raise the limit "
+            "(rasterize.max_vertices in config.yaml, histosynth rasterize --max-vertices N, or "
+            "histosynth.io.annotations.read(..., max_vertices=N))",
             path,
         )
 
