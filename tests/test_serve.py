@@ -126,6 +126,7 @@ def test_info_names_the_run_checkpoints_styles_and_classes(client, results):
 def test_paint_draws_the_mask_and_paints_it_with_translates_function(client, results):
     r = client.post("/api/paint", json={"side": 256, "nuclei": two_ellipses(), "style": "pale", "seed": 3})
     assert r.status_code == 200, r.text
+    assert float(r.headers["Server-Timing"].split("paint;dur=")[1]) > 0  # what benchmarks/serve.py reads
     out = r.json()
     assert out["n_nuclei"] == 2 and out["style"] == "pale" and out["step"] == 12
     assert out["checkpoint"] == "gan/gan.pt" and out["run"] == str(results) and out["generator"] == "unet"

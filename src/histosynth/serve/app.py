@@ -22,6 +22,7 @@ Request bodies over ``max_upload_mb`` are refused with 413 before they are read 
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -216,12 +217,16 @@ def create_app(results: str | Path, *, device: str = "cpu", max_upload_mb: float
             else:
                 inst, types = draw_nuclei(nuclei, side, run.classes, shapes, base)
                 mask = Mask(inst, types, "drawn" if base is None else f"{base.origin} + drawn")
+            t0 = time.perf_counter()
             image, made = run.paint(mask, body.get("style") or None, checkpoint, seed)
+            painted = time.perf_counter() - t0
             key = run.keep(mask)
             return {**picture(key, mask), "image": data_url(image), "overlay": data_url(overlay_picture(image, mask)),
-                    **made}
+                    **made}, painted
 
-        return JSONResponse(await run_in_threadpool(work))
+        result, painted = await run_in_threadpool(work)
+        # the painting alone (conditioning + generator forward), for clients that measure the server's overhead
+        return JSONResponse(result, headers={"Server-Timing": f"paint;dur={painted * 1000:.1f}"})
 
     async def sample(request: Request) -> Response:
         body = await _json(request)
