@@ -104,7 +104,8 @@ def test_a_failed_rewrite_of_a_patch_set_keeps_the_old_one(tmp_path):
         n = int(sys.argv[2])
         with PatchSetWriter(sys.argv[1], arrays=("images",), patch_size=(64, 64)) as w:
             for i in range(n):
-                w.add({"slide": "s", "x": 64 * i, "y": 0}, images=np.full((64, 64, 3), i, np.uint8))
+                w.add({"slide": "s", "x": 64 * i, "y": 0, "level": 0, "downsample": 1.0, "width": 64, "height": 64},
+                      images=np.full((64, 64, 3), i, np.uint8))
     """
     out = tmp_path / "set"
     assert python(code, out, 3).returncode == 0

@@ -52,6 +52,7 @@ from histosynth.io.patchset import ARRAYS, INDEX_COLUMNS, read_patchset
 from histosynth.io.slides import open_slide
 
 from .helpers import tissue_image, write_pyramid
+from .test_annotations import roi_bytes
 
 #: seconds one example may take before it counts as a hang (normal examples take well under one)
 TIME_LIMIT = 30
@@ -350,30 +351,6 @@ ASAP = """<?xml version="1.0"?>
 <Coordinate Order="0" X="5" Y="50"/></Coordinates></Annotation>
 </Annotations><AnnotationGroups><Group Name="tumour" PartOfGroup="None" Color="#64FE2E"/></AnnotationGroups>
 </ASAP_Annotations>"""
-
-
-def roi_bytes(rtype: int, coords=None, rect=None, subpixel=False, options=0, version=227) -> bytes:
-    """A minimal ImageJ .roi (64-byte big-endian header + coordinates)."""
-    hdr = bytearray(64)
-    hdr[0:4] = b"Iout"
-    struct.pack_into(">h", hdr, 4, version)
-    hdr[6] = rtype
-    body = b""
-    if coords is not None:
-        c = np.asarray(coords, dtype=np.float64)
-        left, top = int(math.floor(c[:, 0].min())), int(math.floor(c[:, 1].min()))
-        right, bottom = int(math.ceil(c[:, 0].max())), int(math.ceil(c[:, 1].max()))
-        struct.pack_into(">H", hdr, 16, len(c))
-        body = ((np.floor(c[:, 0]) - left).astype(">i2").tobytes()
-                + (np.floor(c[:, 1]) - top).astype(">i2").tobytes())
-        if subpixel:
-            options |= 128
-            body += c[:, 0].astype(">f4").tobytes() + c[:, 1].astype(">f4").tobytes()
-    else:
-        left, top, right, bottom = rect
-    struct.pack_into(">hhhh", hdr, 8, top, left, bottom, right)
-    struct.pack_into(">h", hdr, 50, options)
-    return bytes(hdr) + body
 
 
 def _composite_roi() -> bytes:

@@ -22,7 +22,8 @@ import logging
 import os
 import shutil
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -135,8 +136,21 @@ class PatchSetWriter:
         self._tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}"
         self._streams: dict[str, _NpyStream] = {}
 
-    def __enter__(self) -> PatchSetWriter:
+    @contextmanager
+    def _or_discard(self) -> Iterator[None]:
+        """Remove the temporary set when the block fails; a refused write becomes a named WriteError."""
         try:
+            yield
+        except OSError as err:
+            self._discard()
+            self._raise_write_error(err)
+            raise
+        except BaseException:
+            self._discard()
+            raise
+
+    def __enter__(self) -> PatchSetWriter:
+        with self._or_discard():
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.out_dir)
             if self._tmp.exists():
@@ -147,13 +161,6 @@ class PatchSetWriter:
                 self._streams[name] = _NpyStream(
                     self._tmp / f"{name}.npy", dtype, (self.height, self.width, *trailing)
                 )
-        except OSError as err:
-            self._discard()
-            self._raise_write_error(err)
-            raise
-        except BaseException:
-            self._discard()
-            raise
         return self
 
     def add(self, row: dict[str, Any], **arrays: np.ndarray) -> None:
@@ -194,7 +201,7 @@ class PatchSetWriter:
         if exc_type is not None:
             self._discard()
             return
-        try:
+        with self._or_discard():
             for stream in self._streams.values():
                 stream.close()
             index = pd.DataFrame(self._rows, columns=self.columns)
@@ -206,13 +213,6 @@ class PatchSetWriter:
             if self.out_dir.exists():
                 shutil.rmtree(self.out_dir)
             os.replace(self._tmp, self.out_dir)
-        except OSError as err:
-            self._discard()
-            self._raise_write_error(err)
-            raise
-        except BaseException:
-            self._discard()
-            raise
         fsync_path(self.out_dir.parent)
         log.info("wrote %d patches to %s", len(self._rows), self.out_dir)
 
