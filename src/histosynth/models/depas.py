@@ -186,9 +186,9 @@ class MultiScaleScalarD(nn.Module):
         super().__init__()
         h, w = int(size[0]), int(size[1])
         self.factors = [int(round(1 / s)) for s in scales]
-        if any(h // f < 8 or w // f < 8 for f in self.factors):
+        if any(h // f < 4 or w // f < 4 for f in self.factors):
             raise HistosynthError(f"tissue mask size {h}x{w} is too small for discriminators at scales "
-                                  f"{list(scales)} (each needs at least 8x8)")
+                                  f"{list(scales)} (each needs at least 4x4)")
         self.ds = nn.ModuleList([ScalarDiscriminator(in_ch, (h // f, w // f), ndf) for f in self.factors])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -1,0 +1,191 @@
+"""DEPAS tissue layouts: the networks, tissue masks from tiles, training / resume, sampling, the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from histosynth.errors import HistosynthError
+from histosynth.io.patchset import PatchSetWriter, read_patchset
+from histosynth.masks import tissue as ts
+from histosynth.models import depas
+
+torch.set_num_threads(1)
+
+TINY = dict(size=(16, 32), nz=8, widths=(16, 8), ndf=4, batch_size=2)
+
+
+def _row(i: int, h: int, w: int) -> dict:
+    return {"slide": "s", "x": 0, "y": 0, "level": 0, "downsample": 1.0, "mpp": 0.5, "width": w, "height": h,
+            "tissue_fraction": 1.0, "n_nuclei": 0, "source": f"p{i}"}
+
+
+def _tiles(path, n=4, side=32, seed=0):
+    """Tiles with a pink tissue blob on white (air) and a few white specks."""
+    rng = np.random.default_rng(seed)
+    with PatchSetWriter(path, arrays=("images",), patch_size=(side, side)) as w:
+        for i in range(n):
+            img = np.full((side, side, 3), 245, np.uint8)
+            cy, cx = rng.integers(8, side - 8, 2)
+            yy, xx = np.ogrid[:side, :side]
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < (side // 3) ** 2] = (200, 120, 170)
+            w.add(_row(i, side, side), images=img)
+    return path
+
+
+def _tissue_set(path, labels, classes):
+    labels = np.asarray(labels, np.uint8)
+    with PatchSetWriter(path, arrays=("tissue",), patch_size=labels.shape[1:]) as w:
+        for i, m in enumerate(labels):
+            w.add(_row(i, *m.shape), tissue=m)
+        w.report = {"tissue_classes": classes}
+    return path
+
+
+# -- networks ---------------------------------------------------------------------------------------
+def test_annealing_schedules_are_the_papers():
+    # delta: 1 at t=0, +1 per stage; T: 1 at t=0, /1.25 per stage; a stage is a tenth of the run by default
+    assert depas.anneal_every_default(1000) == 100
+    assert [depas.anneal_delta(t, 100) for t in (0, 99, 100, 999)] == [1.0, 1.0, 2.0, 10.0]
+    assert depas.anneal_temperature(0, 100) == 1.0
+    assert depas.anneal_temperature(250, 100) == pytest.approx(1 / 1.25 ** 2)
+
+
+@pytest.mark.parametrize("n_labels", [2, 4])
+def test_generator_shapes_nonsquare_and_discrete_at_inference(n_labels):
+    torch.manual_seed(0)
+    G = depas.TissueGenerator((16, 32), 8, (16, 8), n_labels)
+    G.set_step(300, 100)  # stage 3
+    out = G(torch.randn(3, 8))
+    ch = 1 if n_labels == 2 else n_labels
+    assert out.shape == (3, ch, 16, 32)
+    if n_labels == 2:
+        assert float(G.block.delta) == 4.0 and ((out > 0) & (out < 1)).all()
+    else:
+        assert float(G.block.temperature) == pytest.approx(1.25 ** -3)
+        assert torch.allclose(out.sum(1), torch.ones(3, 16, 32), atol=1e-5)
+    G.eval()
+    hard = G(torch.randn(3, 8))
+    assert set(hard.unique().tolist()) <= {0.0, 1.0}
+    if n_labels > 2:
+        assert torch.equal(hard.sum(1), torch.ones(3, 16, 32))
+    labels = G.labels(hard)
+    assert labels.shape == (3, 16, 32) and int(labels.max()) < n_labels
+
+
+def test_annealing_sharpens_the_sigmoid():
+    block = depas.DiscreteAdaptive(1)
+    x = torch.tensor([0.5])
+    block.set_step(0, 10)
+    soft = float(block(x))
+    block.set_step(90, 10)
+    assert float(block(x)) > soft > 0.5
+    fixed = depas.DiscreteAdaptive(1, annealing=False)  # the DCGAN baseline keeps delta = 1
+    fixed.set_step(90, 10)
+    assert float(fixed(x)) == pytest.approx(soft)
+
+
+def test_spatial_noise_changes_the_mask_dcgan_has_none():
+    torch.manual_seed(0)
+    G = depas.TissueGenerator((16, 32), 8, (16, 8), kind="depas", noise_init=1.0).eval()
+    z = torch.randn(1, 8)
+    a, b = G(z, torch.randn(1, 1, 16, 32)), G(z, torch.randn(1, 1, 16, 32))
+    assert not torch.equal(a, b)  # the same z, another noise map: another layout
+    base = depas.TissueGenerator((16, 32), 8, (16, 8), kind="dcgan").eval()
+    assert base.noises is None and torch.equal(base(z), base(z))
+
+
+def test_discriminators_three_scales_for_depas_one_for_dcgan():
+    x = torch.rand(2, 1, 32, 64)
+    assert [lg.shape for lg in depas.discriminator_for("depas", 1, (32, 64), 4)(x)] == [(2,)] * 3
+    assert len(depas.discriminator_for("dcgan", 1, (32, 64), 4)(x)) == 1
+    assert depas.discriminator_for("depas", 1, (32, 64), 4).factors == [1, 2, 4]
+    with pytest.raises(HistosynthError, match="too small"):
+        depas.discriminator_for("depas", 1, (8, 16), 4)
+
+
+def test_bad_sizes_are_named():
+    with pytest.raises(HistosynthError, match="divisible"):
+        depas.TissueGenerator((18, 32), 8, (16, 8))
+    with pytest.raises(HistosynthError, match="kind"):
+        depas.TissueGenerator((16, 32), 8, (16, 8), kind="stylegan")
+
+
+# -- masks from tiles -------------------------------------------------------------------------------
+def test_tissue_mask_threshold_and_cleaning():
+    img = np.full((40, 40, 3), 230, np.uint8)  # grey 230 > 204: air
+    img[5:30, 5:30] = 150  # tissue
+    img[10:12, 10:12] = 250  # a 4-px hole in the tissue -> filled
+    img[35:37, 35:37] = 100  # a 4-px speck in the air -> removed
+    m = ts.tissue_mask(img, min_area=10)
+    assert m.dtype == np.uint8 and m[5:30, 5:30].all() and m.sum() == 25 * 25
+    raw = ts.tissue_mask(img, min_area=0)
+    assert raw[10, 10] == 0 and raw[35, 35] == 1
+    edge = np.full((4, 4, 3), 204, np.uint8)
+    assert ts.tissue_mask(edge, min_area=0).all()  # grey == 204 is tissue; only above is air
+    assert ts.AIR_THRESHOLD == 204
+
+
+def test_tissue_classes_mismatch_is_named(tmp_path):
+    a = _tissue_set(tmp_path / "a", np.zeros((2, 16, 32)), {"1": "tumour", "2": "stroma"})
+    b = _tissue_set(tmp_path / "b", np.zeros((2, 16, 32)), {"1": "tissue"})
+    with pytest.raises(HistosynthError, match="tissue_classes") as err:
+        ts.load_tissue_masks([a, b])
+    assert str(b) in str(err.value)
+    bad = _tissue_set(tmp_path / "c", np.full((1, 16, 32), 3), {"1": "tumour", "2": "stroma"})
+    with pytest.raises(HistosynthError, match="label 3"):
+        ts.load_tissue_masks([bad])
+
+
+# -- training and sampling --------------------------------------------------------------------------
+def test_train_resume_sample_and_class_check(tmp_path):
+    tiles = _tiles(tmp_path / "tiles")
+    out = tmp_path / "model"
+    rep = ts.train_tissue([tiles], out, steps=6, checkpoint_every=3, log_every=2, sample_every=3, seed=1,
+                          device="cpu", **TINY)
+    assert rep["step"] == 6
+    log = pd.read_csv(out / "log.csv")
+    assert list(log["step"]) == [2, 4, 6] and {"G", "D_real", "D_fake", "delta"} <= set(log.columns)
+    assert (out / "samples.png").stat().st_size > 0
+    assert log["delta"].iloc[-1] > log["delta"].iloc[0]  # annealing every 6 // 10 -> 1 step: delta rises
+    # a resumed run (killed after the step-3 checkpoint) ends with the same weights
+    out2 = tmp_path / "model2"
+    ts.train_tissue([tiles], out2, steps=3, checkpoint_every=3, log_every=2, sample_every=3, seed=1,
+                    device="cpu", anneal_every=rep_anneal(6), **TINY)
+    ts.train_tissue([tiles], out2, steps=6, checkpoint_every=3, log_every=2, sample_every=3, seed=1,
+                    device="cpu", anneal_every=rep_anneal(6), **TINY)
+    ts.train_tissue([tiles], tmp_path / "model3", steps=6, checkpoint_every=3, log_every=2, sample_every=3,
+                    seed=1, device="cpu", anneal_every=rep_anneal(6), **TINY)
+    w2 = torch.load(out2 / "tissue.pt", weights_only=True)["generator"]
+    w3 = torch.load(tmp_path / "model3" / "tissue.pt", weights_only=True)["generator"]
+    assert all(torch.equal(w2[k], w3[k]) for k in w3)
+
+    ps_out = tmp_path / "synthetic"
+    ts.sample_tissue(out / "tissue.pt", ps_out, n=5, seed=3)
+    ps = read_patchset(ps_out, require=("tissue",))
+    assert ps.tissue.shape == (5, 16, 32) and ps.tissue.dtype == np.uint8 and set(np.unique(ps.tissue)) <= {0, 1}
+    assert ps.report["tissue_classes"] == {"1": "tissue"}
+    again = tmp_path / "again"
+    ts.sample_tissue(out / "tissue.pt", again, n=5, seed=3)
+    assert np.array_equal(np.load(again / "tissue.npy"), np.load(ps_out / "tissue.npy"))  # deterministic by seed
+    with pytest.raises(HistosynthError, match="tissue_classes") as err:
+        ts.load_tissue_model(out / "tissue.pt", {1: "tumour", 2: "stroma"})
+    assert "tissue.pt" in str(err.value)
+
+
+def rep_anneal(steps: int) -> int:
+    return depas.anneal_every_default(steps)
+
+
+def test_multilabel_training_tiny(tmp_path):
+    labels = np.zeros((3, 32, 32), np.uint8)
+    labels[:, 4:20, 4:28] = 1
+    labels[:, 20:30, 8:24] = 2
+    src = _tissue_set(tmp_path / "ml", labels, {"1": "tumour", "2": "stroma"})
+    rep = ts.train_tissue([src], tmp_path / "m", steps=2, log_every=1, sample_every=2, device="cpu", **TINY)
+    assert rep["step"] == 2
+    G, classes = ts.load_tissue_model(tmp_path / "m" / "tissue.pt")
+    assert classes == {1: "tumour", 2: "stroma"} and G.n_labels == 3
+    assert ts.generate(G, 2, 0).max() <= 2
