@@ -189,3 +189,26 @@ def test_multilabel_training_tiny(tmp_path):
     G, classes = ts.load_tissue_model(tmp_path / "m" / "tissue.pt")
     assert classes == {1: "tumour", 2: "stroma"} and G.n_labels == 3
     assert ts.generate(G, 2, 0).max() <= 2
+
+
+# -- CLI ----------------------------------------------------------------------------------------------
+def test_cli_train_and_sample_tissue(tmp_path, capsys):
+    from histosynth.cli import OUTPUTS, build_parser, main, output_of
+
+    tiles = _tiles(tmp_path / "tiles")
+    out = tmp_path / "model"
+    assert output_of(build_parser().parse_args(["train-tissue", str(tiles), str(out)])) == str(out)
+    assert OUTPUTS["sample-tissue"] == "out_dir"
+    rc = main(["train-tissue", str(tiles), str(out), "--size", "16", "32", "--nz", "8", "--widths", "16", "8",
+               "--ndf", "4", "--steps", "2", "--batch-size", "2", "--log-every", "1", "--device", "cpu",
+               "--kind", "dcgan"])
+    assert rc in (0, None)
+    assert {"tissue.pt", "samples.png", "log.csv"} <= {p.name for p in out.iterdir()}
+    assert torch.load(out / "tissue.pt", weights_only=True)["config"]["generator"]["kind"] == "dcgan"
+    rc = main(["sample-tissue", str(out / "tissue.pt"), str(tmp_path / "syn"), "--n", "3"])
+    assert rc in (0, None) and np.load(tmp_path / "syn" / "tissue.npy").shape == (3, 16, 32)
+    # a model trained on other labels than asked: one error line naming the key and the file, status 2
+    rc = main(["sample-tissue", str(out / "tissue.pt"), str(tmp_path / "bad"), "--tissue-classes", "tumour=1",
+               "stroma=2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "tissue_classes" in err and "tissue.pt" in err and not (tmp_path / "bad").exists()
