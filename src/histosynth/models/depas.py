@@ -5,7 +5,10 @@ The generator, top to bottom (the paper's Fig. 2A):
 - ``z`` (B, nz) as a 1x1 map → a transposed conv to an ``h0 x w0`` map (``h0 = H / 2^n``, ``w0 = W / 2^n``,
   ``n = len(widths)``), then ``n - 1`` stride-2 transposed convs, each followed by BatchNorm + ReLU and
   (DEPAS) **spatial noise**; the last stride-2 transposed conv gives the output logits at (H, W).
-  With the paper's widths (512, 256, 128, 64) that is five transposed convs for 512 x 1024.
+  With widths (512, 256, 128, 64) that is the paper's five transposed convs for 512 x 1024; the paper
+  does not say how its first layer reaches 32 x 64 from the latent, and here it is one transposed conv with a
+  32 x 64 kernel — 105 M of the generator's 108 M parameters (measured). More, narrower widths (e.g.
+  (512, 512, 256, 256, 128, 64, 32): a 4 x 8 first map) keep that layer small at the same output size.
 - **Spatial noise** (section 3.1 (2)): one 2-D Gaussian array (B, 1, H, W) per sample is drawn, brought to
   each hidden layer's resolution by average pooling and re-scaled to unit variance (pooling k x k cells
   divides the sd by k: "resolution and scale adjustments"), and added to the layer's features times a
