@@ -147,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     pool = np.concatenate([f_real, feats["depas"], feats["dcgan"]])
     mean = pool.mean(0)
     _, _, vt = np.linalg.svd(pool - mean, full_matrices=False)
-    proj = lambda f, k: (f - mean) @ vt[:k].T  # noqa: E731
+
+    def proj(f: np.ndarray, k: int) -> np.ndarray:
+        return (f - mean) @ vt[:k].T
+
     rows = {}
     for name, masks in synth.items():
         st = statistics(masks)

@@ -61,7 +61,7 @@ def tissue_mask(rgb: np.ndarray, threshold: int = AIR_THRESHOLD, min_area: int =
     tissue = (grey <= threshold).astype(np.uint8)
     if min_area > 0:
         for value in (1, 0):  # small tissue specks -> air, then small air holes -> tissue
-            n, lab, stats, _ = cv2.connectedComponentsWithStats((tissue == value).astype(np.uint8), connectivity=8)
+            _, lab, stats, _ = cv2.connectedComponentsWithStats((tissue == value).astype(np.uint8), connectivity=8)
             small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < min_area)
             small = small[small > 0]
             if small.size:

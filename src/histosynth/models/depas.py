@@ -95,8 +95,11 @@ class DiscreteAdaptive(nn.Module):
         self.register_buffer("temperature", torch.tensor(1.0))
 
     def set_step(self, step: int, anneal_every: int) -> None:
-        if self.annealing:
+        if not self.annealing:
+            return
+        if self.channels == 1:  # the sigmoid's slope; the softmax's temperature stays 1 (unused)
             self.delta.fill_(anneal_delta(step, anneal_every))
+        else:
             self.temperature.fill_(anneal_temperature(step, anneal_every))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
