@@ -279,3 +279,25 @@ def test_sample_masks_cli_with_tissue(toy_stats, tmp_path, capsys):
                "--size", "96", "--tissue", str(tset)])
     err = capsys.readouterr().err
     assert rc == 2 and "64x64" in err and str(tset) in err and not (tmp_path / "bad").exists()
+
+
+def test_sample_masks_with_a_tissue_model(toy_stats, tmp_path):
+    import json
+
+    from histosynth.cli import main
+
+    (tmp_path / "stats.json").write_text(json.dumps(toy_stats))
+    tiles = _tiles(tmp_path / "tiles", side=32)
+    ts.train_tissue([tiles], tmp_path / "model", size=(32, 32), nz=8, widths=(8, 4), ndf=4, batch_size=2, steps=2,
+                    sample_every=2, device="cpu")
+    model = tmp_path / "model" / "tissue.pt"
+    outs = []
+    for shards in ("1", "2"):  # mask i gets the model's draw i whatever the shard
+        out = tmp_path / f"masks-{shards}"
+        assert main(["sample-masks", str(tmp_path / "stats.json"), "ellipses", str(out), "--n", "4", "--size", "32",
+                     "--n-shards", shards, "--seed", "5", "--tissue", str(model)]) in (0, None)
+        outs.append(read_patchset(out, require=("tissue",)))
+    G, _ = ts.load_tissue_model(model)
+    want = ts.generate(G, 4, 5)
+    assert np.array_equal(outs[0].tissue, want) and np.array_equal(outs[1].tissue, want[:2])
+    assert not ((outs[0].inst > 0) & (outs[0].tissue == 0)).any()
