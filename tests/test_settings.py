@@ -41,6 +41,7 @@ EXCEPTIONS = {
     "segment.slides": "the DAG's grid: one segment_slide job per slide (its path is the job's input)",
     "segment.arm": "which segmenter rule segment_slide reads (its model.pt is the job's input)",
     "segment.seed": "which segmenter rule segment_slide reads (its model.pt is the job's input)",
+    "tissue.enabled": "whether the DAG has the train_tissue rule (workflow/rules/masks.smk)",
     "stats.threads": "a scheduler resource: fit-stats runs on one thread and takes no --threads",
     "*.mem_mb": "a scheduler resource (Snakemake's resources), not a setting of the stage",
     "*.runtime": "a scheduler resource (minutes, for a cluster), not a setting of the stage",
@@ -54,6 +55,7 @@ NOT_SETTINGS = {
     ("train-dvae", "resume"): "--no-resume: how a stopped run restarts, not what it computes",
     ("dvae-sweep", "resume"): "--no-resume: how a stopped run restarts, not what it computes",
     ("train-gan", "resume"): "--no-resume: how a stopped run restarts, not what it computes",
+    ("train-tissue", "resume"): "--no-resume: how a stopped run restarts, not what it computes",
     ("train-segmenter", "resume"): "--no-resume: how a stopped run restarts, not what it computes",
 }
 
@@ -67,7 +69,7 @@ REQUIRED = {
     "evaluate-images": ["gen", "out", "--real", "r"], "stain-styles": ["t", "o.json"], "gate-pairs": ["m.pt", "p", "o"],
     "segment": ["m.pt", "s.tif", "o"], "train-segmenter": ["ps", "out", "--arm", "real"],
     "score": ["m.pt", "ps", "out"], "report": ["s.csv", "out"], "evidence-report": ["1=run", "out"],
-    "check-config": ["c.yaml"], "serve": ["results"],
+    "check-config": ["c.yaml"], "serve": ["results"], "train-tissue": ["t", "out"], "sample-tissue": ["m.pt", "o"],
 }
 
 
@@ -297,7 +299,7 @@ def test_every_rule_passes_the_config_values(tmp_path):
     seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence", "segment"),
                                         cfg)
     assert seen == set(stage_parsers()) - {"slide-info", "export", "overlay", "check-config", "stain-styles",
-                                           "gate-pairs", "serve"}
+                                           "gate-pairs", "serve", "train-tissue", "sample-tissue"}
 
 
 def _segmenting_a_demo_slide(cfg: dict) -> dict:
@@ -315,12 +317,12 @@ def test_every_rule_passes_changed_values(tmp_path):
     # stain-styles and gate-pairs run too; one style, as the learning curve's k = 1 regimes have one train
     # slide (more styles than slides is an error)
     cfg = _config_with({**{k: _different(k, config_value(validate_config({}), k)) for k in keys},
-                        "gan.option_by": "cluster", "gan.clusters": 1, "gate.enabled": True})
+                        "gan.option_by": "cluster", "gan.clusters": 1, "gate.enabled": True, "tissue.enabled": True})
     cfg = _segmenting_a_demo_slide(cfg)
     cfg["segment"]["arm"] = cfg["segmenter"]["arms"][-1]
     seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence", "segment"),
                                         cfg)
-    assert {"stain-styles", "gate-pairs", "segment"} <= seen
+    assert {"stain-styles", "gate-pairs", "segment", "train-tissue", "sample-tissue"} <= seen
 
 
 # --------------------------------------------------------------------------- by hand = the rule with the defaults

@@ -174,8 +174,60 @@ rule evaluate_masks:
         " {params.flags} > {log:q} 2>&1"
 
 
+TISSUE = config["tissue"]
+#: the tissue-layout outputs (seed 002, DEPAS): only with tissue.enabled, so the default DAG is unchanged
+TISSUE_OUTPUTS = (
+    [f"{RESULTS}/models/tissue/tissue.pt", f"{RESULTS}/synthetic/tissue"] if TISSUE["enabled"] else []
+)
+
+if TISSUE["enabled"]:
+
+    rule train_tissue:
+        input:
+            expand(f"{RESULTS}/tiles/{{slide}}", slide=TRAIN_SLIDES),
+        output:
+            model=f"{RESULTS}/models/tissue/tissue.pt",
+            log_csv=f"{RESULTS}/models/tissue/log.csv",
+            samples=f"{RESULTS}/models/tissue/samples.png",
+        log:
+            f"{RESULTS}/logs/train_tissue.log",
+        conda:
+            GPU_ENV
+        threads: TISSUE["threads"]
+        resources:
+            gpu=GPU,
+            mem_mb=lambda wc, attempt: TISSUE["mem_mb"] * attempt,
+            runtime=TISSUE["runtime"],
+        params:
+            out=lambda w, output: os.path.dirname(output[0]),
+            flags=flags("train-tissue", "--threads"),
+        shell:
+            "python -m histosynth train-tissue {input:q} {params.out:q} {params.flags} --threads {threads}"
+            " > {log:q} 2>&1"
+
+    rule sample_tissue:
+        input:
+            f"{RESULTS}/models/tissue/tissue.pt",
+        output:
+            directory(f"{RESULTS}/synthetic/tissue"),
+        log:
+            f"{RESULTS}/logs/sample_tissue.log",
+        conda:
+            CPU_ENV
+        threads: TISSUE["threads"]
+        resources:
+            mem_mb=TISSUE["mem_mb"],
+            runtime=TISSUE["runtime"],
+        params:
+            flags=flags("sample-tissue", "--threads"),
+        shell:
+            "python -m histosynth sample-tissue {input:q} {output:q} {params.flags} --threads {threads}"
+            " > {log:q} 2>&1"
+
+
 rule masks:
     input:
+        TISSUE_OUTPUTS,
         expand(f"{RESULTS}/synthetic/masks/shard-{{shard}}", shard=SHARDS),
         fitted_all(rules.evaluate_masks.output),
         fitted_all(rules.train_dvae.output),

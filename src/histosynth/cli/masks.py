@@ -157,6 +157,9 @@ def _add_sample_masks(sub: argparse._SubParsersAction) -> None:
                     "as fitted")
     add_option(p, "--density", key="sample_masks.density", type=float,
                help="factor on the fitted number of nuclei per mask")
+    p.add_argument("--tissue", metavar="TISSUE",
+                   help="place nuclei only inside the tissue of these masks: a patch set with tissue.npy (e.g. from "
+                        "sample-tissue) or a tissue model (tissue.pt), SIZE x SIZE; counts scale with the tissue area")
     p.set_defaults(func=_run_sample_masks)
 
 
@@ -173,6 +176,10 @@ def parse_type_mix(items: list[str] | None) -> dict[str, float] | None:
 
 
 def _run_sample_masks(args: argparse.Namespace) -> None:
+    import os
+
+    import numpy as np
+
     from histosynth.masks.sampling import sample_masks
     from histosynth.masks.shapes import build_shape_source
     from histosynth.masks.statsfile import load_stats
@@ -183,11 +190,35 @@ def _run_sample_masks(args: argparse.Namespace) -> None:
         raise HistosynthError(f"--sigma must be positive, got {args.sigma}")
     if args.threads < 1:
         raise HistosynthError(f"--threads must be at least 1, got {args.threads}")
+    tissue, tissue_info = None, {}
+    if args.tissue:
+        from histosynth.io.patchset import read_patchset
+        from histosynth.masks.tissue import tissue_classes_of
+
+        if os.path.isfile(args.tissue):  # a tissue model: mask i of --n is its draw i (seed --seed), any shard
+            from histosynth.masks.tissue import generate, load_tissue_model
+
+            model, tclasses = load_tissue_model(args.tissue)
+            if tuple(model.size) != (args.size, args.size):
+                raise HistosynthError(f"the tissue model draws {model.size[0]}x{model.size[1]} masks, sample-masks "
+                                      f"--size {args.size} needs {args.size}x{args.size}", args.tissue)
+            tissue = generate(model, args.n, args.seed)
+        else:
+            ts = read_patchset(args.tissue, require=("tissue",))
+            if len(ts) == 0:
+                raise HistosynthError("the tissue patch set holds no masks", args.tissue)
+            if ts.tissue.shape[1:] != (args.size, args.size):
+                raise HistosynthError(f"tissue masks are {ts.tissue.shape[1]}x{ts.tissue.shape[2]}, sample-masks "
+                                      f"--size {args.size} needs {args.size}x{args.size}", args.tissue)
+            tissue = np.asarray(ts.tissue)
+            tclasses = tissue_classes_of(ts.report, ts.path / "report.json")
+        tissue_info = {"tissue_masks": str(args.tissue), "tissue_classes": {str(k): v for k, v in tclasses.items()}}
     source, name, info = build_shape_source(args.dvae, stats, args.sigma, args.threads, args.precision)
     sample_masks(stats, source, args.n, args.size, args.seed, out_dir=args.out_dir, shard=args.shard,
                  n_shards=args.n_shards, batch=args.batch, source_name=name, eccentricity=args.eccentricity,
                  type_mix=type_mix, density=args.density, method=args.method,
-                 progress=getattr(args, "progress", False), extra_report={"stats": str(args.stats), **info})
+                 progress=getattr(args, "progress", False), tissue=tissue,
+                 extra_report={"stats": str(args.stats), **info, **tissue_info})
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:

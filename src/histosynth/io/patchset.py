@@ -5,7 +5,8 @@ A patch set is a directory holding
 - ``index.csv``: one row per patch with at least the columns of
   :data:`INDEX_COLUMNS` (x, y in level-0 pixels of the source slide);
 - ``images.npy`` uint8 (N, H, W, 3), ``inst.npy`` int32 (N, H, W) and
-  ``types.npy`` uint8 (N, H, W) — each only when the stage produces it;
+  ``types.npy`` uint8 (N, H, W), ``tissue.npy`` uint8 (N, H, W) (0 = air, 1.. = tissue labels) — each only
+  when the stage produces it;
   absent arrays are absent, never zero-filled;
 - optionally ``report.json``: what the stage did (counts of kept, skipped and
   repaired items, parameters), for people and for the next stage's log.
@@ -59,6 +60,7 @@ ARRAYS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
     "images": (np.dtype(np.uint8), (3,)),
     "inst": (np.dtype(np.int32), ()),
     "types": (np.dtype(np.uint8), ()),
+    "tissue": (np.dtype(np.uint8), ()),  # tissue layout: 0 = air, 1.. = tissue labels (report.json tissue_classes)
 }
 
 # A fixed-size .npy header (format 1.0) lets a writer stream patches of unknown
@@ -234,6 +236,7 @@ class PatchSet:
     images: np.ndarray | None
     inst: np.ndarray | None
     types: np.ndarray | None
+    tissue: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.index)

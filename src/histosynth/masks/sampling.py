@@ -124,6 +124,19 @@ needs fitted shape statistics (it must occur in the training masks); naming
 every type means the fractions must sum to 1. ``report.json`` holds the
 request beside what came out (``request``, ``achieved``).
 
+Nuclei only inside tissue
+-------------------------
+``tissue`` (``--tissue``: a patch set with ``tissue.npy``, e.g. from
+``histosynth sample-tissue``; mask i of the run uses tissue mask i modulo
+their number) restricts the placement to the tissue: the air pixels of the
+patch start out occupied (no nucleus pixel lands on air), the field's tissue
+(step 3) is the given tissue on the field grid instead of a random one, and the
+uniform candidates are drawn from tissue pixels. Counts scale with the tissue
+area at the fitted density per tissue pixel: the counts drawn in step 1 are
+multiplied by f / f_real (f the mask's tissue fraction, f_real the mean tissue
+fraction of the real patches in stats.json; 1 where the stats hold none) and
+rounded systematically. The output patch set carries ``tissue.npy`` too.
+
 Determinism: shard k of seed K uses ``numpy.random.SeedSequence(K,
 spawn_key=(k,))`` - independent streams per shard, reproducible on the CPU
 for the same inputs, K, k and number of masks of the shard (mask i of N goes
@@ -230,6 +243,9 @@ class MaskSampler:
     timings: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in STEPS})
     dropped: int = 0
     disks: int = 0  # decoded shapes that came out empty and were replaced by disks of the target area
+    tissue_masks: np.ndarray | None = None  # (M, size, size) uint8, 0 = air: nuclei only where > 0 (docstring)
+    first_mask: int = 0  # global index of this sampler's first mask (which tissue mask each one gets)
+    allowed: np.ndarray | None = field(default=None, init=False)  # bool (size, size) of the mask being placed
 
     def __post_init__(self) -> None:
         st = self.stats
@@ -306,6 +322,18 @@ class MaskSampler:
         self.domain = self.size + 2 * self.margin
         self.grid = int(math.ceil(self.domain / self.field_cell))
         self._norms: dict[tuple[float, int], float] = {}
+        self.tissue_real = float(np.mean(self.tissue_frac)) if self.tissue_frac is not None and len(
+            self.tissue_frac) else 1.0
+        if self.tissue_masks is not None and self.tissue_masks.shape[1:] != (self.size, self.size):
+            raise HistosynthError(f"tissue masks are {self.tissue_masks.shape[1]}x{self.tissue_masks.shape[2]}, "
+                                  f"the masks {self.size}x{self.size}: sample the tissue at that size")
+
+    def _allowed_cells(self) -> np.ndarray:
+        """The tissue of :attr:`allowed` on the field grid (flat bool): cells at least half tissue."""
+        m, g, c = self.margin, self.grid, self.field_cell
+        full = np.pad(self.allowed.astype(np.float32), m, mode="edge")
+        full = np.pad(full, ((0, g * c - full.shape[0]), (0, g * c - full.shape[1])), mode="edge")
+        return (full.reshape(g, c, g, c).mean(axis=(1, 3)) >= 0.5).ravel()
 
     # -- counts ------------------------------------------------------------------
     def draw_counts(self, rng: np.random.Generator) -> np.ndarray:
@@ -411,7 +439,9 @@ class MaskSampler:
         total = int(sum(counts.values()))
         f = self.tissue_fraction(total, rng)
         tissue = np.ones(cells, bool)
-        if f < 0.999 and self.tissue_sd > 0:
+        if self.allowed is not None:
+            tissue = self._allowed_cells()
+        elif f < 0.999 and self.tissue_sd > 0:
             z0 = self._gauss_field(rng, np.ones((1, 1)), self.tissue_sd)[0].ravel()
             k0 = max(1, int(round(f * cells)))
             tissue = z0 >= np.partition(z0, cells - k0)[cells - k0]
@@ -468,6 +498,10 @@ class MaskSampler:
 
         occ = np.zeros((big, big), bool)
         lo_in, hi_in = pad, pad + s
+        where = None
+        if self.allowed is not None:
+            occ[lo_in:hi_in, lo_in:hi_in] = ~self.allowed  # air is taken: no nucleus pixel on it
+            where = np.flatnonzero(self.allowed)
 
         def free(y0: int, x0: int, cr: np.ndarray) -> bool:
             hh, ww = cr.shape
@@ -519,6 +553,12 @@ class MaskSampler:
                         cells = np.minimum(cells, g * g - 1)
                         ys = (cells // g + rng.random(tries)) * c
                         xs = (cells % g + rng.random(tries)) * c
+                    elif where is not None:  # uniform over the tissue pixels
+                        if not where.size:
+                            break
+                        pix = where[rng.integers(0, where.size, tries)]
+                        ys = pix // s + m + rng.random(tries)
+                        xs = pix % s + m + rng.random(tries)
                     else:
                         ys = rng.random(tries) * self.domain
                         xs = rng.random(tries) * self.domain
@@ -619,6 +659,10 @@ class MaskSampler:
             b = min(batch, n - done)
             t0 = time.perf_counter()
             counts = [self.draw_counts(rng) for _ in range(b)]
+            if self.tissue_masks is not None:  # the fitted density per tissue pixel (module docstring)
+                tm_ = self.tissue_masks
+                counts = [systematic_round(cnt * float((tm_[(self.first_mask + done + k) % len(tm_)] > 0).mean())
+                                           / max(self.tissue_real, 1e-6), rng) for k, cnt in enumerate(counts)]
             types_per = [np.repeat(np.array(self.cop_types, np.int64), cnt) for cnt in counts]
             all_types = np.concatenate(types_per) if types_per else np.zeros(0, np.int64)
             mask_of = np.repeat(np.arange(b), [len(tp) for tp in types_per])
@@ -648,6 +692,8 @@ class MaskSampler:
             for k in range(b):
                 nk = len(types_per[k])
                 t4 = time.perf_counter()
+                if self.tissue_masks is not None:
+                    self.allowed = self.tissue_masks[(self.first_mask + done + k) % len(self.tissue_masks)] > 0
                 cdfs = {} if uniform else self.draw_field(rng, dict(zip(self.cop_types, counts[k].tolist())))
                 t5 = time.perf_counter()
                 tm["field"] += t5 - t4
@@ -699,12 +745,16 @@ def sample_masks(
     type_mix: Mapping[str | int, float] | None = None,
     density: float = 1.0,
     method: str = "statistical",
+    tissue: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Sample this shard's masks of ``n`` in all; write them to ``out_dir`` (a patch set) if given.
 
     ``method``: ``statistical`` (the fitted layout) or ``uniform`` (seed 000's baseline; module docstring).
     ``type_mix`` and ``density`` ask for another mix of types or more (fewer) nuclei than fitted
     (module docstring, "Synthesis on request").
+
+    ``tissue`` (M, size, size) uint8 places nuclei only where it is > 0 (module docstring, "Nuclei only
+    inside tissue"); mask i of ``n`` gets tissue mask i mod M, which the output carries as ``tissue.npy``.
 
     ``shape_source(n, types, rng) -> bool (n, H, W)`` is any callable (the CLI
     builds one from the β-VAE: :func:`~histosynth.masks.shapes.dvae_source`;
@@ -726,7 +776,7 @@ def sample_masks(
     start, stop = shard_range(n, shard, n_shards)
     rng = shard_rng(seed, shard)
     sampler = MaskSampler(stats, shape_source, size, eccentricity=eccentricity, type_mix=type_mix,
-                          density=density, method=method)
+                          density=density, method=method, tissue_masks=tissue, first_mask=start)
     classes = read_class_map(stats["classes"], "stats.json")
     cols = class_columns({name: tid for tid, name in classes.items()})
     type_ids = sorted(cols)
@@ -734,6 +784,7 @@ def sample_masks(
     rows: list[dict[str, Any]] = []
     insts: list[np.ndarray] = []
     typs: list[np.ndarray] = []
+    tiss: list[np.ndarray] = []
     t_start = time.perf_counter()
     report: dict[str, Any] = {
         "stage": "sample-masks",
@@ -752,7 +803,8 @@ def sample_masks(
         ids = inst.ravel()
         nmax = int(ids.max())
         row = {"slide": "synthetic", "x": 0, "y": 0, "level": 0, "downsample": 1.0, "mpp": float(stats["mpp"]),
-               "width": int(size), "height": int(size), "tissue_fraction": 1.0, "n_nuclei": nmax, "source": src}
+               "width": int(size), "height": int(size), "n_nuclei": nmax, "source": src,
+               "tissue_fraction": 1.0 if sampler.allowed is None else float(sampler.allowed.mean())}
         per = np.zeros(256, np.int64)
         if nmax:
             first = np.zeros(nmax + 1, np.int64)
@@ -766,11 +818,13 @@ def sample_masks(
     it = sampler.sample(stop - start, rng, batch=batch)
     bar = tqdm(total=stop - start, desc="sample-masks", disable=not progress)
     if out_dir is not None:
-        with PatchSetWriter(out_dir, ("inst", "types"), (size, size), extra_columns=tuple(cols.values())) as w:
+        arrays = ("inst", "types") if tissue is None else ("inst", "types", "tissue")
+        with PatchSetWriter(out_dir, arrays, (size, size), extra_columns=tuple(cols.values())) as w:
             for inst, typ in it:
                 t0 = time.perf_counter()
                 row = make_row(inst, typ)
-                w.add(row, inst=inst, types=typ)
+                w.add(row, inst=inst, types=typ,
+                      **({} if tissue is None else {"tissue": sampler.allowed.astype(np.uint8)}))
                 rows.append(row)
                 sampler.timings["write"] += time.perf_counter() - t0
                 bar.update()
@@ -781,11 +835,15 @@ def sample_masks(
             rows.append(make_row(inst, typ))
             insts.append(inst)
             typs.append(typ)
+            if tissue is not None:
+                tiss.append(sampler.allowed.astype(np.uint8))
             bar.update()
         report.update(_summary(sampler, rows, time.perf_counter() - t_start, cols))
         report["inst"] = np.stack(insts) if insts else np.zeros((0, size, size), np.int32)
         report["types"] = np.stack(typs) if typs else np.zeros((0, size, size), np.uint8)
         report["rows"] = rows
+        if tissue is not None:
+            report["tissue"] = np.stack(tiss) if tiss else np.zeros((0, size, size), np.uint8)
     bar.close()
     log.info("sampled %d masks (%d nuclei, %d dropped, %d empty shapes made disks) in %.1f s%s", len(rows),
              report["nuclei"], report["dropped"], report["disks"], report["seconds"],
