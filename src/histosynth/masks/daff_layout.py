@@ -74,7 +74,12 @@ import numpy as np
 
 from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_write
-from histosynth.io.labels import class_columns, class_map_to_json, classes_of_patch_sets, read_class_map
+from histosynth.io.labels import (
+    class_columns,
+    class_map_to_json,
+    classes_of_patch_sets,
+    read_class_map,
+)
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +424,7 @@ def instances_from_g1(output: np.ndarray, points: np.ndarray) -> tuple[np.ndarra
         table = np.bincount(inst[sel] * output.shape[0] + pixel_type[sel],
                             minlength=(n + 1) * output.shape[0]).reshape(n + 1, output.shape[0])[1:]
         agree = int(np.sum(table.argmax(axis=1) == lut[1:]))
-    counts = {"points": int(len(pts)), "instances": n, "unseeded": int(len(pts) - n),
+    counts = {"points": len(pts), "instances": n, "unseeded": int(len(pts) - n),
               "orphan_px": int(np.sum(fg & (inst == 0))), "type_agree": agree}
     return inst, types, counts
 
