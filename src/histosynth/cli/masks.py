@@ -6,14 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from histosynth.cli._args import (
-    add_classes,
-    add_device,
-    add_option,
-    add_seed,
-    add_threads,
-    parse_pairs,
-)
+from histosynth.cli._args import add_classes, add_device, add_option, add_seed, add_threads, parse_pairs
 from histosynth.errors import HistosynthError
 
 
@@ -32,8 +25,8 @@ def _add_fit_stats(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_fit_stats(args: argparse.Namespace) -> None:
-    from histosynth.io.labels import parse_class_map, read_class_map
     from histosynth.masks.stats import fit_stats
+    from histosynth.io.labels import parse_class_map, read_class_map
 
     if len(args.patch_sets) < 1:
         raise HistosynthError("fit-stats needs at least one patch set and an output directory")
@@ -59,8 +52,8 @@ def _add_library(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_library(args: argparse.Namespace) -> None:
-    from histosynth.io.labels import parse_class_map, read_class_map
     from histosynth.masks.library import build_library
+    from histosynth.io.labels import parse_class_map, read_class_map
 
     if len(args.paths) < 2:
         raise HistosynthError("nuclei-library needs at least one patch set and the output .npz")

@@ -74,12 +74,7 @@ import numpy as np
 
 from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_write
-from histosynth.io.labels import (
-    class_columns,
-    class_map_to_json,
-    classes_of_patch_sets,
-    read_class_map,
-)
+from histosynth.io.labels import class_columns, class_map_to_json, classes_of_patch_sets, read_class_map
 
 log = logging.getLogger(__name__)
 
