@@ -310,3 +310,23 @@ def test_daff_rules_run_only_with_the_daff_method(tmp_path):
     assert sample and all(c[1].endswith("models/daff/library.npz") and c[2].endswith("models/daff/g1/g1.pt")
                           for c in sample)
     assert all("--method" in c and c[c.index("--method") + 1] == "daff" for c in sample)
+
+
+def test_untyped_nuclei_stay_out_and_a_library_g1_type_mismatch_is_named(trained, tmp_path):
+    d, _ = trained
+    ps = tmp_path / "ps"
+    inst = np.zeros((32, 32), np.int32)
+    types = np.zeros((32, 32), np.uint8)
+    inst[2:6, 2:6], types[2:6, 2:6] = 1, 1
+    inst[20:24, 20:24] = 2  # no typed pixel
+    with PatchSetWriter(ps, ("inst", "types"), (32, 32)) as w:
+        w.add({"slide": "s", "x": 0, "y": 0, "level": 0, "downsample": 1.0, "mpp": 0.5, "width": 32, "height": 32,
+               "tissue_fraction": 1.0, "n_nuclei": 2, "source": "t"}, inst=inst, types=types)
+    build_centroid_library([ps], tmp_path / "lib.npz", classes={1: "a"})
+    assert load_centroid_library(tmp_path / "lib.npz").points.tolist() == [[4, 4, 1]]
+    f = _points_geojson(tmp_path / "p.geojson", [(5, 5, "c")])
+    build_centroid_library([], tmp_path / "three.npz", point_files=[f], classes={"a": 1, "b": 2, "c": 3})
+    with pytest.raises(HistosynthError, match=r"type\(s\) \[3\] that G1 \(2 types\)") as err:
+        sample_masks(None, None, 1, 64, 0, method="daff", daff={"library": tmp_path / "three.npz",
+                                                                 "g1": d / "g1" / "g1.pt"})
+    assert "g1.pt" in str(err.value)

@@ -10,7 +10,8 @@ transformation." Section III.A.2: G1 "translate[s] centroid point images to diff
 
 **The library** (:func:`build_centroid_library`, ``histosynth daff-library``): one entry per tile with at
 least one nucleus — every patch of the given typed patch sets (each instance's centroid, the mean of its pixel
-coordinates rounded to the nearest pixel, and its type, the majority type of its pixels), and every
+coordinates rounded to the nearest pixel, and its type, the majority type of its pixels; untyped instances
+are left out), and every
 ``tile`` × ``tile`` window of a point-annotation file (GeoJSON ``Point`` / ``MultiPoint`` features, level-0
 pixels, their class names mapped through the class map; windows on a grid from the points' bounding box).
 Saved as an .npz (written atomically): ``points`` (P, 3) int32 rows (y, x, type), ``offsets`` (T + 1,)
@@ -180,6 +181,7 @@ def build_centroid_library(patch_sets: Sequence[str | os.PathLike], out: str | o
         mpp_col = ps.index["mpp"].to_numpy(np.float64) if "mpp" in ps.index.columns else np.full(len(ps), np.nan)
         for i in range(len(ps)):
             pts = centroids(ps.inst[i], ps.types[i])
+            pts = pts[pts[:, 2] > 0]  # an untyped nucleus (no typed pixel) has no channel in G1's input
             if len(pts):
                 entries.append(pts)
                 shapes.append((h, w))
@@ -446,6 +448,10 @@ def sample_daff_masks(library: str | os.PathLike, g1: str | os.PathLike, n: int,
     n_types, radius = int(meta["n_types"]), int(meta["point_radius"])
     if size % G.multiple:
         raise HistosynthError(f"--size {size} is not divisible by {G.multiple} ({G.why_multiple})")
+    beyond = sorted({int(t) for t in np.unique(lib.points[:, 2])} - set(range(1, n_types + 1)))
+    if beyond:
+        raise HistosynthError(f"the centroid library {library} has type(s) {beyond} that G1 ({n_types} types) has "
+                              "no channel for: library and G1 come from different class maps", g1)
     sampler = LayoutSampler(lib, size, ops)
     classes = lib.classes
     cols = class_columns({name: tid for tid, name in classes.items()})
