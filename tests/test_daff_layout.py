@@ -330,3 +330,34 @@ def test_untyped_nuclei_stay_out_and_a_library_g1_type_mismatch_is_named(trained
         sample_masks(None, None, 1, 64, 0, method="daff", daff={"library": tmp_path / "three.npz",
                                                                  "g1": d / "g1" / "g1.pt"})
     assert "g1.pt" in str(err.value)
+
+
+@pytest.mark.parametrize("op", ["cover", "combine"])
+def test_cover_and_combine_mix_two_point_images_keeping_them_apart(op):
+    grid = np.stack(np.meshgrid(np.arange(4, 64, 10), np.arange(4, 64, 10), indexing="ij"), -1).reshape(-1, 2)
+    lib = _lib_of([np.c_[grid, np.full(len(grid), 1)], np.c_[grid + 3, np.full(len(grid), 2)]])
+    sampler = LayoutSampler(lib, 64, ops=(op,))
+    rng = np.random.default_rng(0)
+    layouts = [sampler.layout(rng) for _ in range(40)]
+    mixed = [lay for lay in layouts if len(set(lay[:, 2])) == 2]
+    assert len(mixed) >= 5  # applied with probability 1/2, and the second image is the other entry half the time
+    for lay in mixed:
+        d = np.linalg.norm(lay[:, None, :2] - lay[None, :, :2], axis=-1) + np.eye(len(lay)) * 99
+        assert d.min() >= lib.min_distance - 1  # seams keep the library's minimum distance (rounding: 1 px)
+    assert all(len(set(lay[:, 2])) == 1 for lay in (LayoutSampler(lib, 64, ops=()).layout(rng) for _ in range(10)))
+
+
+def test_geojson_points_reader_takes_point_and_multipoint(tmp_path):
+    from histosynth.io.annotations import read_geojson_points
+
+    f = tmp_path / "p.geojson"
+    f.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "MultiPoint", "coordinates": [[1, 2], [3.5, 4]]},
+         "properties": {"classification": {"name": "T"}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 0]]]},
+         "properties": {}}]}))
+    assert read_geojson_points(f) == ([(1.0, 2.0, "T", 0), (3.5, 4.0, "T", 0)], 1)
+    f.write_text(json.dumps({"type": "Feature", "geometry": {"type": "Point", "coordinates": ["a", 1]}}))
+    with pytest.raises(HistosynthError, match="feature 0: a point is not two finite numbers") as err:
+        read_geojson_points(f)
+    assert "p.geojson" in str(err.value)
