@@ -473,7 +473,7 @@ def test_uniform_method_places_decoded_shapes_uniformly_without_overlap(clustere
 def test_unknown_method_is_an_error(clustered, tmp_path):
     _, stats = clustered
     with pytest.raises(HistosynthError, match="method must be one of"):
-        sample_masks(stats, ellipse_source(stats), 2, 64, seed=0, out_dir=tmp_path / "o", method="daff")
+        sample_masks(stats, ellipse_source(stats), 2, 64, seed=0, out_dir=tmp_path / "o", method="poisson")
     assert not (tmp_path / "o").exists()
     args = _parser().parse_args(["sample-masks", "s.json", "ellipses", "o", "--method", "uniform"])
     assert args.method == "uniform"

@@ -381,11 +381,17 @@ for _path in SEGMENT["slides"]:
     if _name.endswith(".ome"):  # name.ome.tif
         _name = _name[: -len(".ome")]
     if _name in SEGMENT_SLIDES:
-        raise ValueError(f"segment.slides: {SEGMENT_SLIDES[_name]} and {_path} have the same name {_name!r}; "
-                         "rename one (the output folder is results/segment/NAME)")
+        raise ValueError(
+            f"segment.slides: {SEGMENT_SLIDES[_name]} and {_path} have the same name {_name!r}; "
+            "rename one (the output folder is results/segment/NAME)"
+        )
     SEGMENT_SLIDES[_name] = _path
 if SEGMENT_SLIDES and SEGMENT["arm"] not in ARMS:
-    raise ValueError(f"segment.arm {SEGMENT['arm']!r} is not one of segmenter.arms {ARMS}")
+    raise ValueError(
+        f"segment.arm {SEGMENT['arm']!r} is not one of segmenter.arms {ARMS}"
+    )
 SEGMENT_SEED = SEEDS[0] if SEGMENT["seed"] is None else SEGMENT["seed"]
 if SEGMENT_SLIDES and SEGMENT_SEED not in SEEDS:
-    raise ValueError(f"segment.seed {SEGMENT_SEED} is not one of segmenter.seeds {SEEDS}")
+    raise ValueError(
+        f"segment.seed {SEGMENT_SEED} is not one of segmenter.seeds {SEEDS}"
+    )

@@ -117,10 +117,69 @@ rule dvae_sweep:
         " > {log:q} 2>&1"
 
 
+DAFF = config["daff"]
+
+
+def sample_masks_inputs(wildcards):
+    """stats.json + dvae.pt; with sample_masks.method daff the centroid library + G1 in their place."""
+    if SAMPLE["method"] == "daff":
+        return {
+            "stats": f"{RESULTS}/{wildcards.fit}models/daff/library.npz",
+            "dvae": f"{RESULTS}/{wildcards.fit}models/daff/g1/g1.pt",
+        }
+    return {
+        "stats": f"{RESULTS}/{wildcards.fit}stats/stats.json",
+        "dvae": f"{RESULTS}/{wildcards.fit}models/dvae/dvae.pt",
+    }
+
+
+# sample_masks.method daff (seed 003, DAFF-GAN): only in the DAG when sample_masks asks for them
+rule daff_library:
+    input:
+        train_patches,
+    output:
+        f"{RESULTS}/{{fit}}models/daff/library.npz",
+    log:
+        f"{RESULTS}/logs/{{fit}}daff_library.log",
+    conda:
+        CPU_ENV
+    threads: 1
+    resources:
+        mem_mb=LIBRARY["mem_mb"],
+        runtime=LIBRARY["runtime"],
+    params:
+        flags=fit_flags("daff-library"),
+    shell:
+        "python -m histosynth daff-library {input:q} {output:q} {params.flags} > {log:q} 2>&1"
+
+
+rule train_daff_g1:
+    input:
+        train_patches,
+    output:
+        model=f"{RESULTS}/{{fit}}models/daff/g1/g1.pt",
+        log_csv=f"{RESULTS}/{{fit}}models/daff/g1/log.csv",
+        samples=f"{RESULTS}/{{fit}}models/daff/g1/samples.png",
+    log:
+        f"{RESULTS}/logs/{{fit}}train_daff_g1.log",
+    conda:
+        GPU_ENV
+    threads: DAFF["threads"]
+    resources:
+        gpu=GPU,
+        mem_mb=lambda wc, attempt: DAFF["mem_mb"] * attempt,
+        runtime=DAFF["runtime"],
+    params:
+        out=lambda w, output: os.path.dirname(output[0]),
+        flags=fit_flags("train-daff-g1", "--threads"),
+    shell:
+        "python -m histosynth train-daff-g1 {input:q} {params.out:q} {params.flags} --threads {threads}"
+        " > {log:q} 2>&1"
+
+
 rule sample_masks:
     input:
-        stats=f"{RESULTS}/{{fit}}stats/stats.json",
-        dvae=f"{RESULTS}/{{fit}}models/dvae/dvae.pt",
+        unpack(sample_masks_inputs),
     output:
         directory(f"{RESULTS}/{{fit}}synthetic/masks/shard-{{shard}}"),
     log:
@@ -177,7 +236,9 @@ rule evaluate_masks:
 TISSUE = config["tissue"]
 #: the tissue-layout outputs (seed 002, DEPAS): only with tissue.enabled, so the default DAG is unchanged
 TISSUE_OUTPUTS = (
-    [f"{RESULTS}/models/tissue/tissue.pt", f"{RESULTS}/synthetic/tissue"] if TISSUE["enabled"] else []
+    [f"{RESULTS}/models/tissue/tissue.pt", f"{RESULTS}/synthetic/tissue"]
+    if TISSUE["enabled"]
+    else []
 )
 
 if TISSUE["enabled"]:

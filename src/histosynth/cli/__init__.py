@@ -52,6 +52,7 @@ OUTPUTS: dict[str, str | None] = {
     "rasterize": "out_dir", "export": "out", "overlay": "out_png", "split": "out",
     "fit-stats": "out_dir", "nuclei-library": "paths", "train-dvae": "out_dir", "dvae-sweep": "out_dir",
     "sample-masks": "out_dir", "evaluate-masks": "paths", "train-tissue": "paths", "sample-tissue": "out_dir",
+    "daff-library": "paths", "train-daff-g1": "paths",
     "train-gan": "paths", "stain-styles": "paths", "translate": "out_dir", "evaluate-images": "paths",
     "train-segmenter": "paths", "score": "paths", "gate-pairs": "out_dir", "segment": "out_dir",
     "report": "paths",

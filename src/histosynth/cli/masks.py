@@ -1,4 +1,5 @@
-"""CLI of the masks family: fit-stats, nuclei-library, train-dvae, dvae-sweep, sample-masks, evaluate-masks."""
+"""CLI of the masks family: fit-stats, nuclei-library, train-dvae, dvae-sweep, sample-masks, evaluate-masks,
+daff-library, train-daff-g1."""
 
 from __future__ import annotations
 
@@ -132,8 +133,10 @@ def _run_sweep(args: argparse.Namespace) -> None:
 
 def _add_sample_masks(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample-masks", help="synthetic nuclei masks (inst + types) from stats.json and the β-VAE")
-    p.add_argument("stats", help="stats.json from fit-stats (or its directory)")
-    p.add_argument("dvae", help="β-VAE checkpoint (dvae.pt); the word 'ellipses' uses fitted ellipses instead")
+    p.add_argument("stats", help="stats.json from fit-stats (or its directory); --method daff: the centroid "
+                                 "library (.npz from daff-library)")
+    p.add_argument("dvae", help="β-VAE checkpoint (dvae.pt); the word 'ellipses' uses fitted ellipses instead; "
+                                "--method daff: G1 (g1.pt from train-daff-g1)")
     p.add_argument("out_dir", help="output patch set (inst.npy + types.npy + index.csv)")
     add_option(p, "--n", key="sample_masks.n", type=int, help="number of masks over all shards")
     add_option(p, "--size", key="sample_masks.size", type=int, help="mask side in px at the stats' mpp")
@@ -151,7 +154,9 @@ def _add_sample_masks(sub: argparse._SubParsersAction) -> None:
                help="decoder arithmetic: auto = bfloat16 on CPUs with native bf16, else float32")
     add_option(p, "--method", key="sample_masks.method",
                help="statistical: the fitted layout; uniform: seed 000's baseline (shapes as decoded, placed "
-                    "uniformly without overlap)")
+                    "uniformly without overlap); daff: seed 003's centroid layouts grown into nuclei by G1 (the "
+                    "positional arguments are then the centroid library and g1.pt)")
+    add_option(p, "--daff-ops", key="daff.ops", nargs="+", help="--method daff: the layout operations applied")
     add_option(p, "--type-mix", key="sample_masks.type_mix", nargs="+", metavar="CLASS=FRACTION",
                help="ask for this fraction of the nuclei of a class (name or type id); the others share the rest "
                     "as fitted")
@@ -184,6 +189,15 @@ def _run_sample_masks(args: argparse.Namespace) -> None:
     from histosynth.masks.shapes import build_shape_source
     from histosynth.masks.statsfile import load_stats
 
+    if args.method == "daff":
+        if args.type_mix or args.density != 1.0 or args.tissue:
+            raise HistosynthError("--type-mix, --density and --tissue are not part of --method daff (its layouts "
+                                  "come from the centroid library)")
+        sample_masks(None, None, args.n, args.size, args.seed, out_dir=args.out_dir, shard=args.shard,
+                     n_shards=args.n_shards, method="daff", progress=getattr(args, "progress", False),
+                     daff={"library": args.stats, "g1": args.dvae, "ops": args.daff_ops, "threads": args.threads,
+                           "batch": args.batch})
+        return
     stats = load_stats(args.stats)
     type_mix = parse_type_mix(args.type_mix)  # malformed items fail before the β-VAE is loaded
     if args.sigma <= 0:
@@ -246,9 +260,72 @@ def _run_evaluate(args: argparse.Namespace) -> None:
     evaluate_masks(synthetic, real, out, border_margin=args.border_margin)
 
 
+def _add_daff(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("daff-library", help="DAFF-GAN's centroid-point library of typed patch sets and/or "
+                                            "point-annotation files (.npz)")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="typed patch sets (inst + types) followed by the output .npz")
+    p.add_argument("--points", nargs="+", default=None, metavar="GEOJSON",
+                   help="GeoJSON files of point annotations (Point / MultiPoint features, level-0 px) to add")
+    add_option(p, "--tile", key="daff.tile", type=int, help="side of the windows the point files are cut into")
+    add_classes(p, "class names of the type ids (none: from the patch sets' report.json; required with "
+                   "--points alone)", nargs="*")
+    p.set_defaults(func=_run_daff_library)
+
+    p = sub.add_parser("train-daff-g1", help="train DAFF-GAN's G1 (centroid points -> typed nucleus mask)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="typed patch sets of the train slides, then OUT_DIR")
+    for flag, key, typ, text in (
+            ("--crop", "crop", int, "training crop"), ("--width", "width", int, "G1 width"),
+            ("--n-down", "n_down", int, "G1 downsamplings"), ("--n-blocks", "n_blocks", int, "G1 residual blocks"),
+            ("--point-radius", "point_radius", int, "radius of each centroid's disk in G1's input"),
+            ("--num-d", "num_d", int, "scales of D1"), ("--lambda-l1", "lambda_l1", float, "weight of L1"),
+            ("--lambda-fm", "lambda_fm", float, "weight of feature matching"),
+            ("--steps", "steps", int, "steps at the full learning rate"),
+            ("--decay-steps", "decay_steps", int, "steps of linear decay"),
+            ("--batch-size", "batch_size", int, "batch size"), ("--lr", "lr", float, "Adam learning rate"),
+            ("--checkpoint-every", "checkpoint_every", int, "steps between checkpoints"),
+            ("--log-every", "log_every", int, "steps per log.csv row")):
+        add_option(p, flag, key=f"daff.{key}", type=typ, help=text)
+    add_seed(p)
+    add_device(p)
+    add_threads(p, "daff")
+    add_classes(p, "type names (none: from the patch sets' report.json)", nargs="*")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint.pt")
+    p.set_defaults(func=_run_train_daff_g1)
+
+
+def _run_daff_library(args: argparse.Namespace) -> None:
+    from histosynth.io.labels import parse_class_map, read_class_map
+    from histosynth.masks.daff_layout import build_centroid_library
+
+    if len(args.paths) < 2 and not args.points:
+        raise HistosynthError("daff-library needs patch sets (or --points files) and the output .npz")
+    *sets, out = args.paths
+    class_map = parse_class_map(args.classes)
+    build_centroid_library(sets, out, point_files=args.points or (), tile=args.tile,
+                           classes=read_class_map(class_map) if class_map else None)
+
+
+def _run_train_daff_g1(args: argparse.Namespace) -> None:
+    from histosynth.io.labels import parse_class_map
+    from histosynth.masks.daff_g1 import train_daff_g1
+
+    if len(args.paths) < 2:
+        raise HistosynthError("train-daff-g1 needs at least one patch set and the output folder")
+    *sets, out = args.paths
+    train_daff_g1(sets, out, crop=args.crop, width=args.width, n_down=args.n_down, n_blocks=args.n_blocks,
+                  point_radius=args.point_radius, num_d=args.num_d, lambda_l1=args.lambda_l1,
+                  lambda_fm=args.lambda_fm, steps=args.steps, decay_steps=args.decay_steps,
+                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, threads=args.threads,
+                  checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                  classes=parse_class_map(args.classes), resume=args.resume,
+                  progress=getattr(args, "progress", False) or None)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     _add_fit_stats(sub)
     _add_library(sub)
     _add_dvae(sub)
     _add_sample_masks(sub)
     _add_evaluate(sub)
+    _add_daff(sub)

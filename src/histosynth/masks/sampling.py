@@ -168,7 +168,8 @@ from histosynth.masks.statsfile import load_stats, sample_quantiles
 log = logging.getLogger(__name__)
 
 STEPS = ("counts", "decode", "resize_rotate", "field", "placement", "write")
-#: the values of sample_masks.method
+#: the values of sample_masks.method that MaskSampler draws; "daff" (seed 003's centroid layouts + G1) is
+#: dispatched by sample_masks to histosynth.masks.daff_layout
 METHODS = ("statistical", "uniform")
 PLACEMENT = {"statistical": "hard-core thresholded-Gaussian-field Cox process (see histosynth.masks.sampling)",
              "uniform": "uniform at random without overlap, shapes as decoded (seed 000's method)"}
@@ -746,10 +747,13 @@ def sample_masks(
     density: float = 1.0,
     method: str = "statistical",
     tissue: np.ndarray | None = None,
+    daff: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Sample this shard's masks of ``n`` in all; write them to ``out_dir`` (a patch set) if given.
 
-    ``method``: ``statistical`` (the fitted layout) or ``uniform`` (seed 000's baseline; module docstring).
+    ``method``: ``statistical`` (the fitted layout) or ``uniform`` (seed 000's baseline; module docstring), or
+    ``daff``: :func:`histosynth.masks.daff_layout.sample_daff_masks` with ``daff`` = {library, g1, and optionally
+    ops, threads, batch}; ``stats`` and ``shape_source`` are then not used.
     ``type_mix`` and ``density`` ask for another mix of types or more (fewer) nuclei than fitted
     (module docstring, "Synthesis on request").
 
@@ -767,6 +771,17 @@ def sample_masks(
     """
     from tqdm import tqdm
 
+    if method == "daff":
+        from histosynth.masks.daff_layout import sample_daff_masks
+
+        if not daff or "library" not in daff or "g1" not in daff:
+            raise HistosynthError("sample_masks.method daff needs the centroid library and G1 (daff={library, g1})")
+        if tissue is not None:
+            raise HistosynthError("sample_masks.method daff does not place nuclei inside tissue masks yet: its "
+                                  "layouts come from the centroid library; use statistical or uniform with --tissue")
+        opts = {k: daff[k] for k in ("ops", "threads", "batch") if daff.get(k) is not None}
+        return sample_daff_masks(daff["library"], daff["g1"], n, size, seed, out_dir, shard=shard,
+                                 n_shards=n_shards, progress=progress, extra_report=extra_report, **opts)
     if not isinstance(stats, Mapping):
         stats = load_stats(stats)
     if n < 1:

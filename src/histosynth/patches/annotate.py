@@ -196,7 +196,8 @@ def _likely_cause(aset: annotations.AnnotationSet, reason: str, slide_size: tupl
         if points == rep["skipped_not_polygon"]:
             return (
                 f"the file holds point annotations ({points} points), not outlines; this stage needs nucleus "
-                "outlines (polygons)"
+                "outlines (polygons). Point annotations can feed the DAFF centroid library instead "
+                "(histosynth daff-library --points FILE --classes NAME=ID ..., used by sample_masks.method: daff)"
             )
         return (
             f"the file holds items that are not outlines ({points} of them points; others lines, arrows or rulers); "

@@ -168,7 +168,7 @@ from histosynth.io.annotations._detect import detect_format
 from histosynth.io.annotations._geometry import instance_polygons
 from histosynth.io.annotations._model import AnnotationSet, Nucleus
 from histosynth.io.annotations._read import FORMATS, REPORT_KEYS, read, read_coco_all
-from histosynth.io.annotations.geojson import write_geojson
+from histosynth.io.annotations.geojson import read_geojson_points, write_geojson
 
 __all__ = [
     "CLASS_PREFIXES",
@@ -181,5 +181,6 @@ __all__ = [
     "normalise_class_name",
     "read",
     "read_coco_all",
+    "read_geojson_points",
     "write_geojson",
 ]

@@ -284,3 +284,40 @@ def write_geojson(path: str | os.PathLike, nuclei: AnnotationSet | Iterable[Nucl
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_geojson_points(path: str | os.PathLike) -> tuple[list[tuple[float, float, str, int]], int]:
+    """The point annotations of a GeoJSON file: ``(x, y, class name, feature index)`` per point (a
+    ``MultiPoint`` gives one per point; level-0 pixels as written) and the number of non-point features.
+
+    The reader of outlines (:func:`histosynth.io.annotations.read`) skips points; this is what the DAFF
+    centroid library (``histosynth daff-library --points``) reads them with. A point that is not two finite
+    numbers is an error naming the feature.
+    """
+    from histosynth.io.annotations._detect import check_file, load_json
+
+    path = Path(path)
+    check_file(path)
+    features = _geojson_features(load_json(path), path)
+    out: list[tuple[float, float, str, int]] = []
+    skipped = 0
+    for i, feat in enumerate(features):
+        if not isinstance(feat, dict):
+            raise HistosynthError(f"feature {i}: not an object", path)
+        geom = feat.get("geometry")
+        gtype = geom.get("type") if isinstance(geom, dict) else None
+        if gtype not in _POINT_TYPES:
+            skipped += 1
+            continue
+        coords = geom.get("coordinates")
+        pts = [coords] if gtype == "Point" else coords
+        if not isinstance(pts, list):
+            raise HistosynthError(f"feature {i}: malformed {gtype} coordinates", path)
+        name = _qupath_name(feat)
+        for p in pts:
+            ok = isinstance(p, list) and len(p) >= 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in p[:2])
+            if not ok:
+                raise HistosynthError(f"feature {i}: a point is not two finite numbers ({p!r})", path)
+            out.append((float(p[0]), float(p[1]), name, i))
+    return out, skipped
