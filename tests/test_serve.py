@@ -316,3 +316,19 @@ def test_cli_names_the_extra_when_the_server_packages_are_missing(monkeypatch, c
     assert main(["serve", "res"]) == 2
     assert "histosynth[serve]" in capsys.readouterr().err
 
+
+
+def test_overlay_and_mask_picture_are_made_once_per_mask_and_match_the_export_outlines():
+    from histosynth.patches.export import outline_image
+    from histosynth.serve.masks import mask_picture_url, overlay_picture
+    from histosynth.serve.run import Mask
+
+    inst = np.zeros((32, 32), np.int32)
+    inst[4:12, 4:12], inst[14:30, 10:20], inst[20:24, 24:28] = 1, 2, 3
+    types = np.where(inst == 3, 0, np.minimum(inst, 2)).astype(np.uint8)  # nucleus 3 untyped
+    mask = Mask(inst, types, "drawn")
+    rng = np.random.default_rng(0)
+    for _ in range(2):  # the second paint of the same mask takes the cached outline
+        image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        assert np.array_equal(overlay_picture(image, mask), outline_image(image, inst, types))
+    assert mask_picture_url(mask) is mask_picture_url(mask) and "outline" in mask.pictures

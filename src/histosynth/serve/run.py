@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class Mask:
     inst: np.ndarray  # int32 (H, W), ids 1..n
     types: np.ndarray  # uint8 (H, W)
     origin: str  # "drawn", "sampled (...)", "uploaded name"
+    #: what is drawn of it for the page, made once per mask however often it is painted (serve.masks)
+    pictures: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_nuclei(self) -> int:
