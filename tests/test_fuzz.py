@@ -57,7 +57,7 @@ from .test_annotations import roi_bytes
 #: seconds one example may take before it counts as a hang (normal examples take well under one)
 TIME_LIMIT = 30
 #: examples per property in the suite (benchmarks/fuzz_long.py runs thousands)
-EXAMPLES = 60
+EXAMPLES = 30
 
 
 # --------------------------------------------------------------------------- #
@@ -901,11 +901,11 @@ def test_damaged_input_is_read_or_refused_by_name(name):
 
 
 def test_damaged_slide_tiles_completely_or_not_at_all():
-    _property("tile", examples=40)()
+    _property("tile", examples=25)()
 
 
 def test_damaged_annotations_rasterize_completely_or_not_at_all():
-    _property("rasterize", examples=40)()
+    _property("rasterize", examples=25)()
 
 
 # --------------------------------------------------------------------------- #

@@ -159,13 +159,16 @@ def test_segment_target_segments_a_whole_slide(run):
     """snakemake segment: the trained real-arm segmenter over a whole demo slide, into QuPath GeoJSON + CSV."""
     import json
 
-    cfg = {**TINY, "segment": {"slides": ["results/demo/demo-000.tif"], "tile": 256, "margin": 16, "threads": 1}}
+    # at 1 um/px (the model was trained at 0.5: resampled, with a warning) to keep the suite short
+    cfg = {**TINY, "segment": {"slides": ["results/demo/demo-000.tif"], "tile": 256, "margin": 16, "mpp": 1.0,
+                               "threads": 1}}
     (run / "segment.yaml").write_text(yaml.safe_dump(cfg))
     res = snakemake(run, "segment", configfile="segment.yaml")
     assert res.returncode == 0, res.stderr[-3000:]
     out = run / "results" / "segment" / "demo-000"
     report = json.loads((out / "segment.json").read_text())
-    assert report["arm"] == "real" and report["seed"] == 0 and report["mpp"] == pytest.approx(0.5)
+    assert report["arm"] == "real" and report["seed"] == 0 and report["model_mpp"] == pytest.approx(0.5)
+    assert report["mpp"] == pytest.approx(1.0)
     assert report["counts"]["tissue_tiles"] > 0
     geojson = json.loads((out / "nuclei.geojson").read_text())
     assert geojson["type"] == "FeatureCollection" and len(geojson["features"]) == report["counts"]["nuclei"]
