@@ -238,17 +238,10 @@ def build_centroid_library(patch_sets: Sequence[str | os.PathLike], out: str | o
 
 def load_centroid_library(path: str | os.PathLike) -> CentroidLibrary:
     """Read a library written by :func:`build_centroid_library`; one clear error naming the file otherwise."""
+    from histosynth.masks.library import read_npz
+
     path = Path(path)
-    if not path.is_file():
-        raise HistosynthError("centroid library not found", path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in LIBRARY_KEYS if k not in z.files]
-            if missing:
-                raise HistosynthError(f"not a centroid library (no {', '.join(missing)})", path)
-            data = {k: z[k] for k in LIBRARY_KEYS}
-    except (OSError, ValueError) as err:
-        raise HistosynthError(f"unreadable centroid library: {err}", path) from err
+    data = read_npz(path, LIBRARY_KEYS, "centroid library")
     points = data["points"]
     offsets = data["offsets"]
     if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0:
@@ -256,7 +249,10 @@ def load_centroid_library(path: str | os.PathLike) -> CentroidLibrary:
     if offsets.ndim != 1 or offsets[0] != 0 or offsets[-1] != len(points) or np.any(np.diff(offsets) < 0) \
             or len(offsets) != len(data["shapes"]) + 1:
         raise HistosynthError("the centroid library's 'offsets' do not index its 'points'", path)
-    classes = read_class_map(json.loads(str(data["classes"])), path)
+    try:
+        classes = read_class_map(json.loads(str(data["classes"])), path)
+    except ValueError as err:
+        raise HistosynthError(f"classes is not a JSON class map: {err}", path) from err
     return CentroidLibrary(points.astype(np.int32), offsets.astype(np.int64), data["shapes"].astype(np.int32),
                            data["mpp"].astype(np.float64), data["sources"], classes, float(data["min_distance"]))
 

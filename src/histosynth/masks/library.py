@@ -47,6 +47,7 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,21 +209,27 @@ class Library:
 LIBRARY_KEYS = ("shapes", "types", "areas", "scales", "slides", "centroids", "classes", "mpp")
 
 
-def load_library(path: str | os.PathLike) -> Library:
-    """Read ``nuclei.npz``; a missing, corrupt, incomplete or empty file is a HistosynthError."""
+def read_npz(path: str | os.PathLike, keys: Sequence[str], what: str) -> dict[str, np.ndarray]:
+    """The arrays ``keys`` of an .npz file (no pickles); missing, corrupt or incomplete is one error naming ``what``."""
     path = Path(path)
     if not path.is_file():
-        raise HistosynthError("nuclei library not found", path)
+        raise HistosynthError(f"{what} not found", path)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in LIBRARY_KEYS if k not in npz.files]
+            missing = [k for k in keys if k not in npz.files]
             if missing:
-                raise HistosynthError(f"not a nuclei library (lacks {missing})", path)
-            data = {k: npz[k] for k in LIBRARY_KEYS}
+                raise HistosynthError(f"not a {what} (lacks {missing})", path)
+            return {k: npz[k] for k in keys}
     except HistosynthError:
         raise
     except Exception as err:  # zipfile.BadZipFile, ValueError, OSError, EOFError ...
-        raise HistosynthError(f"unreadable nuclei library: {err}", path) from err
+        raise HistosynthError(f"unreadable {what}: {err}", path) from err
+
+
+def load_library(path: str | os.PathLike) -> Library:
+    """Read ``nuclei.npz``; a missing, corrupt, incomplete or empty file is a HistosynthError."""
+    path = Path(path)
+    data = read_npz(path, LIBRARY_KEYS, "nuclei library")
     shapes = data["shapes"]
     if shapes.ndim != 3 or shapes.shape[1] != shapes.shape[2]:
         raise HistosynthError(f"shapes has shape {shapes.shape}; expected (N, frame, frame)", path)

@@ -64,7 +64,11 @@ def load_mat(path: Path) -> dict:
 
 def _load_mat_child(path: str, send: Any) -> None:
     """In the child: ("ok", variables), ("v7.3", None) or ("error", message), sent through ``send``."""
+    import faulthandler
+
     import scipy.io
+
+    faulthandler.disable()  # a crash here is the parent's to report in one line, not a dump on stderr
 
     try:
         result: tuple[str, Any] = ("ok", scipy.io.loadmat(path))
