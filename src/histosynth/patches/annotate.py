@@ -160,7 +160,9 @@ def check_dropped(
     read, kept = rep["read"], rep["kept"]
     if read == 0:
         raise HistosynthError(
-            f"the annotation file holds no annotations ({aset.format}, 0 items): nothing to rasterise", aset.path
+            f"the annotation file holds no annotations ({aset.format}, 0 items): nothing to rasterise; a slide "
+            "without annotations is declared by giving it no annotation file (an empty annotations cell in the "
+            "slide table), and it is then tiled but not rasterised", aset.path
         )
     dropped = {key: rep[key] for key in DROPPED if rep.get(key, 0)}
     n_dropped = sum(dropped.values())
