@@ -33,7 +33,7 @@ STOP = REPO / "tests" / "slurm" / "stop-local-slurm.sh"
 # The rules that declare `resources: gpu=...` (DESIGN.md's [gpu] stages). The test also reads the rule
 # files, so a GPU rule added later is checked without editing this list.
 KNOWN_GPU_RULES = {"train_dvae", "dvae_sweep", "train_gan", "translate", "translate_test_masks", "translate_train_masks",
-                   "train_segmenter"}
+                   "train_segmenter", "train_daff_g1", "segment_slide"}
 
 # tests/test_workflow.py's TINY, plus: device auto (device: cpu would make the GPU rules ask for no GPU;
 # the fake GPU has no CUDA behind it, so the code runs on the CPU anyway), one-latent sweep, and a
@@ -56,8 +56,13 @@ SMOKE = {
     "score": {"batch": 2, "overlays": 1, "threads": 1, "mem_mb": 2000},
     "translate": {"mem_mb": 1500},
     "evaluate_images": {"fid": False, "threads": 1},  # a GPU rule that is not a training rule: its memory stays the config's
+    # the GPU rules outside the default target: the daff method's G1 and whole-slide segmentation
+    "daff": {"crop": 32, "width": 4, "n_down": 2, "n_blocks": 1, "num_d": 1, "steps": 2, "decay_steps": 0,
+             "batch_size": 1, "checkpoint_every": 2, "log_every": 1, "threads": 1, "mem_mb": 1200},
+    "segment": {"slides": ["results/demo/demo-000.tif"], "arm": "real+synthetic", "tile": 128, "margin": 8,
+                "mpp": 1.0, "threads": 1, "mem_mb": 1500, "runtime": 30},
 }
-TARGETS = ("all", "dvae_sweep")
+TARGETS = ("all", "dvae_sweep", "segment", "results/models/daff/g1/g1.pt")
 # Scoring and the report are CPU rules downstream of every GPU rule (tests/test_workflow.py runs them);
 # leaving them out keeps this run to the jobs that say something about the profile, and about 1 min shorter.
 OMIT_FROM = ("score",)
