@@ -103,25 +103,11 @@ def _speed_once(model: str, slide_path: str, mpp: float | None, threads: int, ti
     ctx = network_margin(seg)
     outer = margin + ctx
     t = report["tile_px"]
-    d = report["downsample"]
     with open_slide(slide_path) as slide:
-        from histosynth.slides.tiling import TileParams, lowres_candidates, plan_tiles
-
-        tp = TileParams(size=t, target_mpp=report["mpp"], max_background=1 - params.min_tissue,
-                        background_threshold=params.background_threshold)
-        plan = plan_tiles(slide, tp)
-        cand = lowres_candidates(slide, plan, tp)
-        regions = []
-        for k, g in enumerate(plan.grid):
-            if cand is not None and not cand[k]:
-                continue
-            img = wsi.read_region_at(slide, plan.level, plan.level_downsample, g.x - outer * d, g.y - outer * d,
-                                     t + 2 * outer, d)
-            core = img[outer : outer + t, outer : outer + t]
-            inside = (min(t, int(round((slide.dimensions[1] - g.y) / d))),
-                      min(t, int(round((slide.dimensions[0] - g.x) / d))))
-            if wsi._tissue_share(core, params.background_threshold, inside) >= params.min_tissue:
-                regions.append(img)
+        plan, candidates = wsi.plan_segment_tiles(slide, t, report["mpp"], params)
+        regions = [image for _, _, image in wsi.tissue_regions(slide, plan, candidates, t, outer, params,
+                                                                 {"tissue_tiles": 0, "resumed_tiles": 0,
+                                                                  "background": 0})]
     assert len(regions) == n, (len(regions), n)
     bare_s = bare_forward(seg, regions, ctx, batch)
     return {"slide": slide_path, "dimensions": report["slide"]["dimensions"], "mpp": report["mpp"],

@@ -161,6 +161,11 @@ def parse_class_map(pairs: Sequence[str] | None) -> dict[str, int] | None:
     return out
 
 
+def same_classes(a: Mapping[Any, str], b: Mapping[Any, str]) -> bool:
+    """Whether two ``{type id: name}`` maps name the same classes, names compared loosely (:func:`class_key`)."""
+    return {int(k): class_key(v) for k, v in a.items()} == {int(k): class_key(v) for k, v in b.items()}
+
+
 def report_class_map(report: Mapping[str, Any], source: str | os.PathLike | None = None) -> dict[int, str]:
     """The class map of a patch set's report.json (``classes``; {} when it records none).
 

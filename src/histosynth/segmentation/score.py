@@ -33,7 +33,7 @@ import pandas as pd
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
 from histosynth.io.atomic import atomic_csv, atomic_write
-from histosynth.io.labels import class_key, report_class_map
+from histosynth.io.labels import report_class_map, same_classes
 from histosynth.io.patchset import PatchSet, patch_mpp, read_paired_sets
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def check_types(model_classes: dict[int, str], model_types: int, sets: Sequence[
     for ps in sets:
         theirs = report_class_map(ps.report, ps.path / "report.json")
         if theirs and model_classes:
-            if {k: class_key(v) for k, v in theirs.items()} != {k: class_key(v) for k, v in model_classes.items()}:
+            if not same_classes(theirs, model_classes):
                 raise HistosynthError(f"the test masks' types {theirs} are not the ones the model was trained with "
                                       f"{model_classes}", ps.path)
         top = max((int(ps.types[i : i + 64].max()) for i in range(0, len(ps), 64)), default=0)

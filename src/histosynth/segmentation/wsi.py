@@ -70,6 +70,7 @@ import numpy as np
 
 from histosynth.errors import HistosynthError
 from histosynth.io.atomic import atomic_write
+from histosynth.io.labels import same_classes
 from histosynth.io.slides import MAX_PIXELS, Slide, open_slide
 
 log = logging.getLogger(__name__)
@@ -305,7 +306,6 @@ def segment_slide(
     from histosynth.device import select_device
     from histosynth.models.hovernet import postprocess, sizes_at
     from histosynth.segmentation.segmenter import load_segmenter, network_margin, predict
-    from histosynth.slides.tiling import TileParams, lowres_candidates, plan_tiles
     from histosynth.training import autocast, choose_precision, precision_name
 
     params = params or SegmentParams()
@@ -314,7 +314,7 @@ def segment_slide(
     t_start = time.perf_counter()
     dev = select_device(device, threads)
     seg = load_segmenter(model_path, dev)
-    if classes is not None and _keyed(classes) != _keyed(seg.classes):
+    if classes is not None and not same_classes(classes, seg.classes):
         raise HistosynthError(f"the model's classes {seg.classes} differ from the requested mapping {classes}: "
                               "segment with the class map the model was trained with", model_path)
     with open_slide(slide_path, mpp_fallback=mpp_fallback, max_pixels=max_pixels) as slide:
@@ -327,16 +327,9 @@ def segment_slide(
             raise HistosynthError(f"the slide is {slide.dimensions[0]}x{slide.dimensions[1]} px at {slide.mpp:.3g} "
                                   f"um/px: too small to segment at {target:.3g} um/px with a {params.margin}-px margin",
                                   slide_path)
-        tile_params = TileParams(size=tile, target_mpp=target,
-                                 background_threshold=params.background_threshold,
-                                 max_background=1.0 - params.min_tissue, mpp_tolerance=0.01)
-        plan = plan_tiles(slide, tile_params)
+        plan, candidates = plan_segment_tiles(slide, tile, target, params)
         d = plan.downsample
-        candidates = lowres_candidates(slide, plan, tile_params)
-        if candidates is None:
-            candidates = np.ones(len(plan.grid), bool)
         outer = params.margin + ctx  # model pixels read around each core
-        read = tile + 2 * outer
 
         def forward_probe(dtype: torch.dtype | None) -> None:
             x = torch.zeros(1, 3, seg.input_size, seg.input_size, device=dev)
@@ -351,24 +344,9 @@ def segment_slide(
         counts = {"grid_tiles": len(plan.grid), "ruled_out_lowres": int((~candidates).sum()), "background": 0,
                   "tissue_tiles": 0, "resumed_tiles": 0, "nuclei": 0, "cut": 0, "outside_slide": 0}
         t_forward = 0.0
-        bar = tqdm(list(enumerate(plan.grid)), desc=f"segment {slide.name}", unit="tile", disable=not progress,
-                   mininterval=5)
-        for k, t in bar:
-            if not candidates[k]:
-                continue
-            if work.done(k):
-                counts["resumed_tiles"] += 1
-                counts["tissue_tiles"] += 1
-                continue
-            image = read_region_at(slide, plan.level, plan.level_downsample, t.x - outer * d, t.y - outer * d,
-                                   read, d)
-            core = image[outer : outer + tile, outer : outer + tile]
-            inside = (min(tile, int(round((slide.dimensions[1] - t.y) / d))),
-                      min(tile, int(round((slide.dimensions[0] - t.x) / d))))
-            if _tissue_share(core, params.background_threshold, inside) < params.min_tissue:
-                counts["background"] += 1
-                continue
-            counts["tissue_tiles"] += 1
+        regions = tissue_regions(slide, plan, candidates, tile, outer, params, counts, skip=work.done)
+        for k, t, image in tqdm(regions, desc=f"segment {slide.name}", unit="tile", total=int(candidates.sum()),
+                                disable=not progress, mininterval=5):
             t0 = time.perf_counter()
             maps = predict(seg, image, batch=params.batch, amp_dtype=amp, context=ctx)
             t_forward += time.perf_counter() - t0
@@ -406,10 +384,45 @@ def segment_slide(
     return report
 
 
-def _keyed(classes: dict[int, str]) -> dict[int, str]:
-    from histosynth.io.labels import class_key
+def plan_segment_tiles(slide: Slide, tile: int, mpp: float, params: SegmentParams):
+    """The tiler's grid of ``tile``-px cores at ``mpp`` and, per grid tile, whether the low-resolution view
+    allows tissue there (all True without such a view)."""
+    from histosynth.slides.tiling import TileParams, lowres_candidates, plan_tiles
 
-    return {int(k): class_key(v) for k, v in classes.items()}
+    tile_params = TileParams(size=tile, target_mpp=mpp, background_threshold=params.background_threshold,
+                             max_background=1.0 - params.min_tissue, mpp_tolerance=0.01)
+    plan = plan_tiles(slide, tile_params)
+    candidates = lowres_candidates(slide, plan, tile_params)
+    return plan, (np.ones(len(plan.grid), bool) if candidates is None else candidates)
+
+
+def tissue_regions(slide: Slide, plan, candidates: np.ndarray, tile: int, outer: int, params: SegmentParams,
+                   counts: dict[str, int], skip: Callable[[int], bool] = lambda k: False,
+                   ) -> Iterator[tuple[int, Any, np.ndarray]]:
+    """``(k, grid tile, region)`` for every core with at least ``params.min_tissue`` tissue, in grid order.
+
+    The region is the core with ``outer`` model pixels around it (the margin and the network's context).
+    Tiles for which ``skip(k)`` holds (finished in an earlier run) are counted as resumed and not read;
+    ``counts`` gains ``tissue_tiles``, ``resumed_tiles`` and ``background``.
+    """
+    d = plan.downsample
+    for k, t in enumerate(plan.grid):
+        if not candidates[k]:
+            continue
+        if skip(k):
+            counts["resumed_tiles"] += 1
+            counts["tissue_tiles"] += 1
+            continue
+        image = read_region_at(slide, plan.level, plan.level_downsample, t.x - outer * d, t.y - outer * d,
+                               tile + 2 * outer, d)
+        core = image[outer : outer + tile, outer : outer + tile]
+        inside = (min(tile, int(round((slide.dimensions[1] - t.y) / d))),
+                  min(tile, int(round((slide.dimensions[0] - t.x) / d))))
+        if _tissue_share(core, params.background_threshold, inside) < params.min_tissue:
+            counts["background"] += 1
+            continue
+        counts["tissue_tiles"] += 1
+        yield k, t, image
 
 
 def read_region_at(slide: Slide, level: int, level_ds: float, x0: float, y0: float, size: int,

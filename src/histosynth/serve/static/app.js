@@ -181,12 +181,17 @@ async function sample() {
   for (const box of document.querySelectorAll("#mix input[type=checkbox]")) {
     if (box.checked) mix[box.dataset.name] = parseFloat($(`share-${box.dataset.type}`).value);
   }
+  await paintNewMask(() => postJSON("/api/sample", {
+    side: state.side, type_mix: mix, density: parseFloat($("density").value),
+    seed: parseInt($("seed").value, 10) || 0, method: $("method").value,
+  }));
+}
+
+// A mask made by the server (sampled or uploaded) becomes the base, without drawn nuclei, and is painted.
+async function paintNewMask(request) {
   setBusy(true);
   try {
-    const out = await postJSON("/api/sample", {
-      side: state.side, type_mix: mix, density: parseFloat($("density").value),
-      seed: parseInt($("seed").value, 10) || 0, method: $("method").value,
-    });
+    const out = await request();
     state.base = out.mask_id;
     state.nuclei = [];
     clearError();
@@ -206,17 +211,7 @@ async function upload() {
   if (types) form.append("types", types);
   form.append("side", String(state.side));
   form.append("type", $("type").value);
-  setBusy(true);
-  try {
-    const out = await call("/api/upload", { method: "POST", body: form });
-    state.base = out.mask_id;
-    state.nuclei = [];
-    clearError();
-    await paint();
-  } catch (err) {
-    showError(err.message);
-    setBusy(false);
-  }
+  await paintNewMask(() => call("/api/upload", { method: "POST", body: form }));
 }
 
 // -- start ------------------------------------------------------------------------------------------------
