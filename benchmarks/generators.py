@@ -23,7 +23,10 @@ same masks, same real arm, same test patches. For each variant:
         --budget-s 360 --out results/generators --table docs/generators.md
     .venv/bin/python benchmarks/generators.py --variants unet+few --downstream ...
 
-A variant is a name from VARIANTS (its ``gan.*`` overrides). Rerunning skips what is done (Snakemake).
+A variant is a name from VARIANTS: its ``gan.*`` (and ``gate.*``) settings laid over the preset. ``unet``
+is the evidence run's own GAN (reused, not retrained: its steps and seconds are recorded); ``NAME+few``
+adds the few-image training (DiffAugment translation + cutout + colour, EMA 0.999); ``unet+gate`` trains
+real+synthetic on the unet's pairs kept by the quality gate. Rerunning skips what is done (Snakemake).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 FEW = {"diffaugment": ["translation", "cutout", "color"], "ema": 0.999}
 HD = {"disc": "multiscale", "num_d": 2, "lambda_fm": 10, "norm": "instance"}
-VARIANTS: dict[str, dict] = {
+GENERATORS: dict[str, dict] = {
     # today's Optional pix2pix (seed 000): U-Net generator, 70-px PatchGAN, LSGAN + L1
     "unet": {"generator": "unet"},
     # pix2pixHD's global generator (the DEPAS translator), two-scale D + feature matching
@@ -54,7 +57,14 @@ VARIANTS: dict[str, dict] = {
     # SPADE, hinge loss, two-scale D + feature matching
     "spade": {"generator": "spade", **HD, "gan_mode": "hinge"},
 }
-VARIANTS.update({f"{name}+few": {**over, **FEW} for name, over in list(VARIANTS.items())})
+# A variant: config sections laid over the evidence preset ("gan", "gate"), and whether it paints with the
+# evidence run's own GAN ("reuse": the unet GAN, its pairs and, for the arms listed, its segmenters).
+VARIANTS: dict[str, dict] = {name: {"gan": over} for name, over in GENERATORS.items()}
+VARIANTS.update({f"{name}+few": {"gan": {**over, **FEW}} for name, over in GENERATORS.items()})
+VARIANTS["unet"]["reuse"] = ("real+synthetic", "painted-real")
+# the quality gate on the unet's own pairs: only real+synthetic changes (painted-real is not gated)
+VARIANTS["unet+gate"] = {"gan": GENERATORS["unet"], "gate": {"enabled": True}, "reuse": ("painted-real",),
+                         "arms": ("real+synthetic",)}
 DOWNSTREAM_ARMS = ("real+synthetic", "painted-real")
 
 
@@ -69,9 +79,10 @@ def run(cmd: list[str], log: Path | None = None, **kw) -> None:
         sys.exit(f"failed ({res.returncode}): {shlex.join(cmd)}\n{log.read_text()[-3000:]}")
 
 
-# what the evidence run's own GAN made, reused by the "unet" variant (its GAN is that run's: same settings)
-GAN_PARTS = ("models/gan", "synthetic/pairs", "synthetic/translated-test", "synthetic/painted-train",
-             *(f"segmentation/{arm}" for arm in DOWNSTREAM_ARMS))
+def gan_parts(arms: tuple[str, ...]) -> tuple[str, ...]:
+    """What the evidence run's own GAN made, reused by a variant that paints with it (and these arms)."""
+    return ("models/gan", "synthetic/pairs", "synthetic/translated-test", "synthetic/painted-train",
+            *(f"segmentation/{arm}" for arm in arms))
 
 
 def copy_regime(base: Path, dest: Path, regime: str, seed: int, extra: tuple[str, ...] = ()) -> None:
@@ -93,13 +104,15 @@ def copy_regime(base: Path, dest: Path, regime: str, seed: int, extra: tuple[str
             shutil.copy2(src, dst)
 
 
-def variant_config(base_cfg: dict, out: Path, seed: int, overrides: dict, steps: int | None) -> dict:
+def variant_config(base_cfg: dict, out: Path, seed: int, variant: dict, steps: int | None) -> dict:
     cfg = json.loads(json.dumps(base_cfg))
     cfg["results"] = str(out)
     # the schema wants two seeds; only this seed's files are asked for
     cfg["evidence"] = {**cfg.get("evidence", {}), "k": [1], "seeds": sorted({seed, seed + 1}),
                        "arms": ["real", *DOWNSTREAM_ARMS]}
-    cfg["gan"] = {**cfg.get("gan", {}), **overrides}
+    for section in ("gan", "gate"):
+        if section in variant:
+            cfg[section] = {**cfg.get(section, {}), **variant[section]}
     if steps is not None:
         cfg["gan"]["steps"] = max(1, round(steps * 2 / 3))
         cfg["gan"]["decay_steps"] = max(0, steps - cfg["gan"]["steps"])
@@ -153,7 +166,7 @@ def image_row(name: str, out: Path, regime: str, steps: int, s_iter: float) -> d
     }
 
 
-def downstream_rows(name: str, out: Path, regime: str, seed: int) -> list[dict]:
+def downstream_rows(name: str, out: Path, regime: str, seed: int, arms: tuple[str, ...]) -> list[dict]:
     import numpy as np
     import pandas as pd
     from scipy import stats
@@ -165,7 +178,7 @@ def downstream_rows(name: str, out: Path, regime: str, seed: int) -> list[dict]:
 
     real = scores("real")
     rows = []
-    for arm in DOWNSTREAM_ARMS:
+    for arm in arms:
         s = scores(arm)
         m = real.merge(s, on=["slide", "x", "y"], suffixes=("_real", ""))
         if len(m) != len(real):
@@ -189,7 +202,7 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=8)
     ap.add_argument("--downstream", action="store_true", help="also train and score real+synthetic, painted-real")
     ap.add_argument("--retrain-unet", action="store_true",
-                    help="train the unet variant at the budget too (default: reuse the evidence run's own GAN, "
+                    help="train the unet variants at the budget too (default: they reuse the evidence run's own GAN, "
                          "whose steps and time are recorded)")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--out", default="results/generators", help="one results folder per variant under this")
@@ -210,8 +223,10 @@ def main() -> None:
     rows = []
     for name in args.variants:
         out = out_root / name
-        reuse = name == "unet" and not args.retrain_unet
-        copy_regime(base, out, regime, args.seed, GAN_PARTS if reuse else ())
+        variant = VARIANTS[name]
+        reuse = "reuse" in variant and not args.retrain_unet
+        arms = tuple(variant.get("arms", DOWNSTREAM_ARMS))
+        copy_regime(base, out, regime, args.seed, gan_parts(variant["reuse"]) if reuse else ())
         meta = out / "variant.json"
         if meta.exists():
             info = json.loads(meta.read_text())
@@ -220,31 +235,30 @@ def main() -> None:
 
             sec = pd.read_csv(out / regime / "models/gan/log.csv")["seconds"].to_numpy()
             steps = int(base_cfg["gan"]["steps"]) + int(base_cfg["gan"].get("decay_steps", 0))
-            info = {"variant": name, "overrides": {}, "probe_s_per_iter": None, "steps": steps,
+            info = {"variant": name, "overrides": variant, "probe_s_per_iter": None, "steps": steps,
                     "reused": "the evidence run's own GAN and arms", "budget_s": None,
                     "train_s": float(sec.sum())}
             meta.write_text(json.dumps(info, indent=2))
         else:
-            probe_cfg = variant_config(base_cfg, out, args.seed, VARIANTS[name], None)
+            probe_cfg = variant_config(base_cfg, out, args.seed, variant, None)
             s_iter = probe_seconds(probe_cfg, base / "patches" / slide[0], out / "probe", args.probe_steps,
                                    args.cores)
-            info = {"variant": name, "overrides": VARIANTS[name], "probe_s_per_iter": s_iter,
+            info = {"variant": name, "overrides": variant, "probe_s_per_iter": s_iter,
                     "steps": max(3, int(args.budget_s / s_iter)), "budget_s": args.budget_s}
             meta.write_text(json.dumps(info, indent=2))
-        cfg = variant_config(base_cfg, out.relative_to(REPO), args.seed, VARIANTS[name],
-                             None if reuse else info["steps"])
+        cfg = variant_config(base_cfg, out.relative_to(REPO), args.seed, variant, None if reuse else info["steps"])
         cfg_path = out / "config.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         rel = out.relative_to(REPO)
         targets = [f"{rel}/{regime}/synthetic/images-evaluation/evaluation.json"]
         if args.downstream:
-            targets += [f"{rel}/{regime}/segmentation/{arm}/seed-{args.seed}/scores.csv" for arm in DOWNSTREAM_ARMS]
+            targets += [f"{rel}/{regime}/segmentation/{arm}/seed-{args.seed}/scores.csv" for arm in arms]
         t0 = time.perf_counter()
         snakemake(cfg_path, targets, out / "snakemake.log", args.cores)
         row = image_row(name, out, regime, info["steps"], info["probe_s_per_iter"])
         row["wall_s"] = time.perf_counter() - t0
         if args.downstream:
-            row["downstream"] = downstream_rows(name, out, regime, args.seed)
+            row["downstream"] = downstream_rows(name, out, regime, args.seed, arms)
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.json:  # one row per variant: a new row replaces the old one (keeping its downstream if it has none)

@@ -34,9 +34,10 @@ TINY = {
 
 
 def snakemake(workdir: Path, *args: str, configfile: str = "config.yaml") -> subprocess.CompletedProcess:
-    # options taking several values (--resources, --config) go last, after the targets
+    # options taking several values (--resources, --config) go last, after the targets. Two "GPUs": the tiny
+    # jobs are mostly interpreter start-up, and the chain of GPU rules would otherwise run one at a time
     cmd = [sys.executable, "-m", "snakemake", *args, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / configfile), "--cores", "2", "--resources", "gpu=1"]
+           "--configfile", str(workdir / configfile), "--cores", "2", "--resources", "gpu=2"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
@@ -197,7 +198,7 @@ def test_gpu_preset_script_runs_the_learning_curve_on_the_cpu_at_tiny_size(tmp_p
     tiny = {**TINY, "device": "cpu", "sample_masks": {**TINY["sample_masks"], "shards": 1},
             "evidence": {"k": [1], "seeds": [0, 1], "arms": ["real", "painted-real"]}}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny))
-    env = {**os.environ, "EXTRA_CONFIG": str(tmp_path / "tiny.yaml"), "CORES": "2", "GPU_JOBS": "1",
+    env = {**os.environ, "EXTRA_CONFIG": str(tmp_path / "tiny.yaml"), "CORES": "2", "GPU_JOBS": "2",
            "SNAKEMAKE": f"{sys.executable} -m snakemake"}
     res = subprocess.run(["bash", str(REPO / "scripts" / "evidence-gpu.sh"), "--directory", str(tmp_path)],
                          capture_output=True, text=True, timeout=600, env=env)
