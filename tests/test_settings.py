@@ -72,6 +72,7 @@ REQUIRED = {
     "score": ["m.pt", "ps", "out"], "report": ["s.csv", "out"], "evidence-report": ["1=run", "out"],
     "check-config": ["c.yaml"], "serve": ["results"], "train-tissue": ["t", "out"], "sample-tissue": ["m.pt", "o"],
     "daff-library": ["ps", "o.npz"], "train-daff-g1": ["ps", "out"],
+    "demo-zstack": ["out"], "extract-stacks": ["z.ome.tif", "out"],
 }
 
 
@@ -303,7 +304,8 @@ def test_every_rule_passes_the_config_values(tmp_path):
     # daff-library and train-daff-g1 run only with sample_masks.method daff (tests/test_daff_layout.py)
     assert seen == set(stage_parsers()) - {"slide-info", "export", "overlay", "check-config", "stain-styles",
                                            "gate-pairs", "serve", "train-tissue", "sample-tissue",
-                                           "daff-library", "train-daff-g1"}
+                                           "daff-library", "train-daff-g1",
+                                           "demo-zstack", "extract-stacks"}  # no multifocus rules yet (#20)
 
 
 def _segmenting_a_demo_slide(cfg: dict) -> dict:

@@ -102,8 +102,14 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 def _run_info(args: argparse.Namespace) -> None:
     from histosynth.io.slides import open_slide
 
+    from histosynth.multifocus.zstack import focal_planes
+
     with open_slide(args.slide, mpp_fallback=args.mpp_fallback, max_pixels=args.max_pixels) as slide:
-        print(json.dumps(slide.describe(), indent=2))
+        info = slide.describe()
+    planes = focal_planes(args.slide)  # None for a single-plane slide: its output stays as it was
+    if planes is not None:
+        info["focal_planes"] = planes
+    print(json.dumps(info, indent=2))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
