@@ -11,7 +11,7 @@ import tifffile
 
 from histosynth.cli import main
 from histosynth.errors import HistosynthError
-from histosynth.multifocus.demo import make_demo_zstacks, render_zstack, write_ome_zstack
+from histosynth.multifocus.demo import render_zstack, write_ome_zstack
 from histosynth.multifocus.stacks import focus_measure
 from histosynth.multifocus.zstack import focal_planes, open_zstack
 

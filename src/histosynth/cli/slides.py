@@ -101,7 +101,6 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 def _run_info(args: argparse.Namespace) -> None:
     from histosynth.io.slides import open_slide
-
     from histosynth.multifocus.zstack import focal_planes
 
     with open_slide(args.slide, mpp_fallback=args.mpp_fallback, max_pixels=args.max_pixels) as slide:

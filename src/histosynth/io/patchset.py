@@ -329,3 +329,7 @@ def read_paired_sets(paths: Sequence[str | os.PathLike], what: str = "patch sets
         raise HistosynthError(f"the {what} hold no patches: " + ", ".join(str(ps.path) for ps in sets))
     return sets
 
+
+
+#: the public name of the streaming .npy writer, which the stack-set writer (histosynth.multifocus.stackset) shares
+NpyStream = _NpyStream

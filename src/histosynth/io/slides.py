@@ -802,3 +802,9 @@ def open_slide(
             path,
         )
     return _open_plain(path, mpp_fallback, max_pixels)
+
+
+#: public names of the TIFF helpers that other readers (histosynth.multifocus.zstack: one page per focal plane) share
+TiffLevel = _TiffLevel
+mpp_from_tiff_tags = _mpp_from_tiff_tags
+to_rgb = _to_rgb

@@ -30,7 +30,7 @@ import pandas as pd
 
 from histosynth.errors import HistosynthError
 from histosynth.io.atomic import WriteError, fsync_path, is_write_failure, remove_stale_temps
-from histosynth.io.patchset import _NpyStream
+from histosynth.io.patchset import NpyStream
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class StackSetWriter:
                                        "plane_offsets_um": [None if o is None else float(o) for o in offsets]}
         self._rows: list[dict[str, Any]] = []
         self._tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}"
-        self._stream: _NpyStream | None = None
+        self._stream: NpyStream | None = None
 
     def __enter__(self) -> StackSetWriter:
         try:
@@ -95,7 +95,7 @@ class StackSetWriter:
             remove_stale_temps(self.out_dir)
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp.mkdir()
-            self._stream = _NpyStream(self._tmp / "stacks.npy", np.dtype(np.uint8), (self.planes, *self.size, 3))
+            self._stream = NpyStream(self._tmp / "stacks.npy", np.dtype(np.uint8), (self.planes, *self.size, 3))
         except OSError as err:
             self._discard()
             if is_write_failure(err, self._tmp, self.out_dir, self.out_dir.parent):

@@ -38,7 +38,7 @@ import numpy as np
 import tifffile
 
 from histosynth.errors import HistosynthError
-from histosynth.io.slides import BACKGROUND, MAX_PIXELS, PLAUSIBLE_MPP, _mpp_from_tiff_tags, _TiffLevel, _to_rgb
+from histosynth.io.slides import BACKGROUND, MAX_PIXELS, PLAUSIBLE_MPP, TiffLevel, mpp_from_tiff_tags, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class _Plane:
         self.path = path
         self.page = page
         self.width, self.height = int(page.imagewidth), int(page.imagelength)
-        self._tiled = _TiffLevel(path, page, cache_bytes) if page.is_tiled else None
+        self._tiled = TiffLevel(path, page, cache_bytes) if page.is_tiled else None
         self._image: np.ndarray | None = None
         self._max_pixels = max_pixels
 
@@ -69,7 +69,7 @@ class _Plane:
                 raise HistosynthError(f"a {self.width} x {self.height} untiled focal plane is over the limit of "
                                       f"{self._max_pixels:,} pixels read whole (--max-pixels)", self.path)
             try:
-                self._image = np.ascontiguousarray(_to_rgb(np.squeeze(self.page.asarray()), self.path))
+                self._image = np.ascontiguousarray(to_rgb(np.squeeze(self.page.asarray()), self.path))
             except HistosynthError:
                 raise
             except Exception as err:  # codec errors come as many types
@@ -309,7 +309,7 @@ def open_zstack(path: str | os.PathLike, *, min_planes: int = 2, mpp_fallback: f
     try:
         pages, offsets, mpp, fmt, mpp_source = _find_planes(path, tf)
         if mpp is None:
-            mpp, mpp_source = _mpp_from_tiff_tags(pages[0]), "tiff-resolution"
+            mpp, mpp_source = mpp_from_tiff_tags(pages[0]), "tiff-resolution"
         if len(pages) < min_planes:
             raise HistosynthError(
                 f"{len(pages)} focal plane; a z-stack needs at least {min_planes} (an OME-TIFF with a Z axis or "
