@@ -8,7 +8,7 @@ Every ``import`` in ``src/histosynth`` counts, also those inside functions
 - ``models`` (networks + checkpoint files): core and io
 - ``training`` (the one step loop): core, io and models
 - the stage families in the order of the DAG: ``slides`` < ``patches`` < ``masks`` < ``gan`` <
-  ``segmentation`` < ``serve`` (the page); each imports the core layers and the families before it
+  ``segmentation`` < ``multifocus`` < ``serve`` (the page); each imports the core layers and the families before it
 - ``cli``: anything (argument parsing; it imports stages lazily)
 
 Beyond the order: no module imports a private (``_name``) from a module of another
@@ -26,7 +26,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "histosynth"
 
 CORE = ("histosynth", "histosynth.errors", "histosynth.config", "histosynth.device", "histosynth.figures")
-FAMILIES = ("slides", "patches", "masks", "gan", "multifocus", "segmentation", "serve")
+FAMILIES = ("slides", "patches", "masks", "gan", "segmentation", "multifocus", "serve")
 #: the rank of each layer: a module may import modules of the same or a lower rank, with the exceptions below
 RANKS = {"core": 0, "io": 1, "models": 2, "training": 3, **{f: 4 + i for i, f in enumerate(FAMILIES)},
          "cli": 4 + len(FAMILIES)}

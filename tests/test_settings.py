@@ -58,6 +58,8 @@ NOT_SETTINGS = {
     ("train-tissue", "resume"): "--no-resume: how a stopped run restarts, not what it computes",
     ("train-segmenter", "resume"): "--no-resume: how a stopped run restarts, not what it computes",
     ("train-daff-g1", "resume"): "--no-resume: how a stopped run restarts, not what it computes",
+    ("train-migan-g1", "resume"): "--no-resume: how a stopped run restarts, not what it computes",
+    ("train-migan-g2", "resume"): "--no-resume: how a stopped run restarts, not what it computes",
 }
 
 #: what each stage needs besides its settings to parse
@@ -73,6 +75,7 @@ REQUIRED = {
     "check-config": ["c.yaml"], "serve": ["results"], "train-tissue": ["t", "out"], "sample-tissue": ["m.pt", "o"],
     "daff-library": ["ps", "o.npz"], "train-daff-g1": ["ps", "out"],
     "demo-zstack": ["out"], "extract-stacks": ["z.ome.tif", "out"],
+    "train-migan-g1": ["st", "out"], "train-migan-g2": ["st", "out"], "sample-stacks": ["g1.pt", "g2.pt", "o"],
 }
 
 
@@ -131,7 +134,7 @@ def _different(key: str, default):
     special = {"classes": {"Tumour": 1, "Immune": 5}, "catch_all": "Immune", "split.train": ["a"],
                "split.test": ["b"], "translate.options": ["pale", "dark", "pale"],
                "sample_masks.type_mix": {"Lymphocyte": 0.5}, "gan.diffaugment": ["color", "translation", "cutout"],
-               "gan.ema": 0.999, "daff.ops": ["flip", "cover"]}
+               "gan.ema": 0.999, "daff.ops": ["flip", "cover"], "migan.lambda_l1": 1.0}
     if key in special:
         return special[key]
     if "enum" in node:
@@ -301,11 +304,12 @@ def test_every_rule_passes_the_config_values(tmp_path):
     cfg = _segmenting_a_demo_slide(validate_config(yaml.safe_load((REPO / "config.yaml").read_text())))
     seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence", "segment"),
                                         cfg)
-    # daff-library and train-daff-g1 run only with sample_masks.method daff (tests/test_daff_layout.py)
+    # daff-library and train-daff-g1 run only with sample_masks.method daff (tests/test_daff_layout.py);
+    # the MI-GAN commands have no workflow rules yet (issue #20)
     assert seen == set(stage_parsers()) - {"slide-info", "export", "overlay", "check-config", "stain-styles",
                                            "gate-pairs", "serve", "train-tissue", "sample-tissue",
-                                           "daff-library", "train-daff-g1",
-                                           "demo-zstack", "extract-stacks"}  # no multifocus rules yet (#20)
+                                           "daff-library", "train-daff-g1", "train-migan-g1", "train-migan-g2",
+                                           "sample-stacks", "demo-zstack", "extract-stacks"}  # no rules yet (#20)
 
 
 def _segmenting_a_demo_slide(cfg: dict) -> dict:

@@ -1,7 +1,8 @@
 """`histosynth <stage> ...`: every Snakemake rule is one call of this CLI.
 
 One module per stage family (``slides``, ``patches``, ``masks``, ``gan``,
-``segmentation``, ``evidence``, ``serve``, ``tissue``, ``multifocus``), each with a ``register(sub)`` that adds its subcommands.
+``segmentation``, ``evidence``, ``serve``, ``tissue``, ``multifocus``, ``migan``), each with a
+``register(sub)`` that adds its subcommands.
 The modules only parse arguments: a stage's code is imported when its command
 runs, so ``histosynth tile`` never imports torch.
 
@@ -34,7 +35,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from histosynth import __version__
-from histosynth.cli import evidence, gan, masks, multifocus, patches, segmentation, serve, slides, tissue
+from histosynth.cli import (evidence, gan, masks, migan, multifocus, patches, segmentation, serve, slides,
+                            tissue)
 from histosynth.errors import HistosynthError, Terminated
 
 log = logging.getLogger("histosynth")
@@ -43,7 +45,7 @@ EXIT_BAD_INPUT = 2
 EXIT_BUG = 1
 
 #: the stage families, in the order of the DAG
-FAMILIES = (slides, patches, masks, tissue, gan, segmentation, evidence, multifocus, serve)
+FAMILIES = (slides, patches, masks, tissue, gan, segmentation, evidence, multifocus, migan, serve)
 
 #: each command's output, which it holds the lock of while it runs: the attribute of its arguments that
 #: names it, "paths" for the last of ``paths`` (PATH... OUT), None for a command that writes nothing
@@ -58,6 +60,7 @@ OUTPUTS: dict[str, str | None] = {
     "report": "paths",
     "evidence-report": "paths",
     "demo-zstack": "out_dir", "extract-stacks": "paths",
+    "train-migan-g1": "paths", "train-migan-g2": "paths", "sample-stacks": "out_dir",
     "check-config": None, "serve": None,
 }
 

@@ -31,6 +31,7 @@ randomness at test time).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,11 +246,12 @@ class GANLoss(nn.Module):
 
 
 def interpolate(real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """WGAN-GP's random points between real and fake images: ε·real + (1 − ε)·fake, ε ~ U(0, 1) per sample.
+    """WGAN-GP's random points between real and fake samples: ε·real + (1 − ε)·fake, ε ~ U(0, 1) per sample.
 
-    ``fake`` is detached (the penalty trains the critic only); ε comes from ``generator`` (CPU) when given.
+    Any shape (N, ...): images (N, C, H, W), z-stacks (N, Z, C, H, W). ``fake`` is detached (the penalty
+    trains the critic only); ε comes from ``generator`` (CPU) when given.
     """
-    eps = torch.rand(real.shape[0], 1, 1, 1, generator=generator).to(real.device, torch.float32)
+    eps = torch.rand(real.shape[0], *[1] * (real.dim() - 1), generator=generator).to(real.device, torch.float32)
     return eps * real.float() + (1 - eps) * fake.detach().float()
 
 
@@ -263,13 +265,27 @@ def gradient_penalty(D: nn.Module, cond: torch.Tensor, image: torch.Tensor) -> t
     takes the mean of their Wasserstein terms, so each scale's critic gets the paper's loss up to the
     common factor 1/num_D. Call it outside autocast: the penalty's double backward stays in float32.
     """
-    image = image.detach().float().requires_grad_(True)
-    logits = _logits(D.features(torch.cat([cond.detach().float(), image], 1)))
-    total = torch.zeros((), device=image.device)
-    for x in logits:
-        (grad,) = torch.autograd.grad(x.float().flatten(1).mean(1).sum(), image, create_graph=True)
+    cond = cond.detach().float()
+    return critic_penalty(lambda x: _logits(D.features(torch.cat([cond, x], 1))), image)
+
+
+def critic_penalty(critic: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]],
+                   x: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP's E[(‖∇ₓ critic(x)‖₂ − 1)²] at samples ``x`` of any shape (N, ...), in float32, per sample.
+
+    ``critic(x)`` gives a score per sample (N,), a map per sample (N, ...) whose mean is the score, or a
+    list of those (one critic per scale: the penalty is the mean of theirs). :func:`gradient_penalty` is
+    this for a conditional D; MI-GAN's critics (:mod:`histosynth.models.migan`) call it on images and
+    z-stacks. Call it outside autocast: the double backward stays in float32.
+    """
+    x = x.detach().float().requires_grad_(True)
+    out = critic(x)
+    scores = out if isinstance(out, list) else [out]
+    total = torch.zeros((), device=x.device)
+    for s in scores:
+        (grad,) = torch.autograd.grad(s.float().reshape(s.shape[0], -1).mean(1).sum(), x, create_graph=True)
         total = total + ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
-    return total / len(logits)
+    return total / len(scores)
 
 
 def feature_matching_loss(fake: list[list[torch.Tensor]], real: list[list[torch.Tensor]]) -> torch.Tensor:
