@@ -138,7 +138,7 @@ def write_ome_zstack(path: str | os.PathLike, stack: np.ndarray, mpp: float, spa
     atomic_write(path, write)
 
 
-def make_demo_zstacks(out_dir: str | os.PathLike, *, n_slides: int = 1, size: tuple[int, int] = (1024, 1024),
+def make_demo_zstacks(out_dir: str | os.PathLike, *, n_slides: int = 2, size: tuple[int, int] = (1024, 1024),
                       planes: int = 11, spacing_um: float = 1.0, mpp: float = 0.25, n_cells: int = 60,
                       seed: int = 0) -> pd.DataFrame:
     """Write ``n_slides`` demo z-stacks and ``cells.csv`` to ``out_dir``; returns the cells table."""
