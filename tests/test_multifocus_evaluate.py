@@ -76,7 +76,7 @@ def test_baselines_and_metrics(sets, tmp_path, no_fid_package):
     copy, blur, floor = ev["generated"]["copy"], ev["generated"]["blur"], ev["floor"]
     # the blur baseline's focus curve is like the real one, the copy's flat
     assert blur["focus"]["ks_width"] < copy["focus"]["ks_width"]
-    assert copy["focus"]["mean_width"] == 5.0 and blur["focus"]["curve_l1"] < copy["focus"]["curve_l1"]
+    assert copy["focus"]["ks_peak"] == 0.0 and copy["focus"]["mean_width"] == 5.0 and blur["focus"]["curve_l1"] < copy["focus"]["curve_l1"]
     # a sharp disc stays a disc: high IoU across real planes; copies are identical planes
     assert ev["real"]["consistency"]["mean_iou"] > 0.7
     assert copy["consistency"]["mean_iou"] == 1.0 and copy["consistency"]["per_gap"] == [1.0] * (Z - 1)

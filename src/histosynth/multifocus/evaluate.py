@@ -21,8 +21,8 @@ so a real stack contributes to offset d only when it recorded that plane (nothin
    mean over the offsets that have a value.
 2. **Focus curve** — per stack, :func:`histosynth.multifocus.stacks.focus_measure` (variance of the Laplacian
    of the grey plane, whole window) of every plane, divided by the stack's maximum (a stack with no texture
-   at all: a curve of zeros, peak at its best plane). *Peak offset*: the plane of the maximum minus the
-   stack's ``best_plane`` (0: the sharpest plane is the one the set calls in focus). *Width*: the full width
+   at all: a curve of zeros). *Peak offset*: the plane of the maximum (of tied planes, the one nearest the best
+   plane: a flat curve peaks at its best plane) minus the stack's ``best_plane`` (0: the sharpest plane is the one the set calls in focus). *Width*: the full width
    at half maximum in planes — from the peak, walk each way to the first plane below 0.5 and interpolate the
    crossing linearly between it and its neighbour; where the curve stays ≥ 0.5 to the stack's end, the
    crossing is half a plane beyond the end plane (so a flat curve is Z wide, a lone sharp plane 1 wide).
@@ -161,7 +161,7 @@ def nucleus_mask(plane: np.ndarray) -> np.ndarray:
     if float(grey.max() - grey.min()) < 1e-3:
         return np.zeros((h, w), bool)
     dark = (grey <= threshold_otsu(grey)).astype(np.uint8)
-    n, labels = cv2.connectedComponents(dark, connectivity=8)
+    _, labels = cv2.connectedComponents(dark, connectivity=8)
     cy, cx = h // 2, w // 2
     lab = int(labels[cy, cx])
     if lab == 0:
@@ -196,8 +196,10 @@ def stack_stats(ss: StackSet) -> StackStats:
         curves[i] = focus_curve(stack)
         ious[i] = outline_ious(stack)
     best = best_planes(ss)
-    flat = curves.max(1) <= 0
-    peak = np.where(flat, best, curves.argmax(1))
+    # the peak: of the planes at the maximum (ties within 1e-9), the one nearest the best plane
+    at_max = curves >= curves.max(1, keepdims=True) - 1e-9
+    dist = np.abs(np.arange(z)[None, :] - best[:, None]) + np.where(at_max, 0, 10 * z)
+    peak = dist.argmin(1)
     width = np.array([half_width(c) for c in curves])
     return StackStats(best, curves, peak, width, ious)
 
