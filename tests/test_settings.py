@@ -75,6 +75,7 @@ REQUIRED = {
     "check-config": ["c.yaml"], "serve": ["results"], "train-tissue": ["t", "out"], "sample-tissue": ["m.pt", "o"],
     "daff-library": ["ps", "o.npz"], "train-daff-g1": ["ps", "out"],
     "demo-zstack": ["out"], "extract-stacks": ["z.ome.tif", "out"],
+    "evaluate-stacks": ["r", "g", "out"], "stack-baselines": ["r", "out", "--kind", "copy"],
     "train-migan-g1": ["st", "out"], "train-migan-g2": ["st", "out"], "sample-stacks": ["g1.pt", "g2.pt", "o"],
 }
 
@@ -309,7 +310,8 @@ def test_every_rule_passes_the_config_values(tmp_path):
     assert seen == set(stage_parsers()) - {"slide-info", "export", "overlay", "check-config", "stain-styles",
                                            "gate-pairs", "serve", "train-tissue", "sample-tissue",
                                            "daff-library", "train-daff-g1", "train-migan-g1", "train-migan-g2",
-                                           "sample-stacks", "demo-zstack", "extract-stacks"}  # no rules yet (#20)
+                                           "sample-stacks", "demo-zstack", "extract-stacks",
+                                           "evaluate-stacks", "stack-baselines"}  # no rules yet (#20)
 
 
 def _segmenting_a_demo_slide(cfg: dict) -> dict:

@@ -59,7 +59,7 @@ OUTPUTS: dict[str, str | None] = {
     "train-segmenter": "paths", "score": "paths", "gate-pairs": "out_dir", "segment": "out_dir",
     "report": "paths",
     "evidence-report": "paths",
-    "demo-zstack": "out_dir", "extract-stacks": "paths",
+    "demo-zstack": "out_dir", "extract-stacks": "paths", "evaluate-stacks": "paths", "stack-baselines": "out_dir",
     "train-migan-g1": "paths", "train-migan-g2": "paths", "sample-stacks": "out_dir",
     "check-config": None, "serve": None,
 }

@@ -1,4 +1,4 @@
-"""CLI of the multifocus family (issue 20): demo-zstack, extract-stacks; the MI-GAN commands below them.
+"""CLI of the multifocus family (issue 20): demo-zstack, extract-stacks, evaluate-stacks, stack-baselines.
 
 ``demo-zstack`` is its own command rather than a flag of ``demo-slides``: its output is not a slide table
 with nucleus annotations for the main DAG but multi-plane OME-TIFFs with a table of cell depths, and it
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from histosynth.cli._args import add_option, add_seed, positive_float
+from histosynth.cli._args import add_device, add_option, add_seed, add_threads, positive_float
 
 log = logging.getLogger("histosynth")
 
@@ -70,9 +70,63 @@ def _run_extract_stacks(args: argparse.Namespace) -> None:
     log.info("wrote %d stacks (%d cells) to %s", report["stacks"], report["cells"], args.paths[-1])
 
 
+# -- evaluate-stacks -------------------------------------------------------------
+def _add_evaluate_stacks(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate-stacks", help="score generated cell stacks against real ones: FID per focal "
+                                               "plane, focus curve, outline consistency, real-vs-real floor")
+    p.add_argument("paths", nargs="+", metavar="REAL_STACKS GENERATED_STACKS... OUT_DIR",
+                   help="the real (held-out) stack set, one or more generated stack sets, then the output folder "
+                        "(evaluation.json, table.md, montage.png)")
+    p.add_argument("--names", nargs="+", metavar="NAME", help="a name per generated set (default: folder names)")
+    add_option(p, "--fid", key="multifocus.evaluate_fid",
+               help="FID / KID per plane when the optional Inception package is installed")
+    add_option(p, "--max-images", key="multifocus.evaluate_max_images", type=int,
+               help="at most this many images per side and plane for FID / KID")
+    add_option(p, "--montage-stacks", key="multifocus.evaluate_montage_stacks", type=int,
+               help="stacks per set in montage.png")
+    add_seed(p, key="multifocus.evaluate_seed", help="seed of the floor's halves, the FID draws and the montage")
+    add_device(p)
+    add_threads(p, "multifocus")
+    p.set_defaults(func=_run_evaluate_stacks)
+
+
+def _run_evaluate_stacks(args: argparse.Namespace) -> None:
+    from histosynth.errors import HistosynthError
+    from histosynth.multifocus.evaluate import evaluate_stacks
+
+    if len(args.paths) < 3:
+        raise HistosynthError("evaluate-stacks takes REAL_STACKS GENERATED_STACKS... OUT_DIR: the real set, at "
+                              "least one generated set and the output")
+    evaluate_stacks(args.paths[0], args.paths[1:-1], args.paths[-1], names=args.names, seed=args.seed,
+                    fid=args.fid, max_images=args.max_images, device=args.device, threads=args.threads,
+                    montage_stacks=args.montage_stacks)
+    log.info("wrote evaluation.json, table.md and montage.png to %s", args.paths[-1])
+
+
+# -- stack-baselines -------------------------------------------------------------
+def _add_stack_baselines(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stack-baselines", help="write a baseline stack set (copy: the base image on every plane; "
+                                               "blur: the base image blurred by the real mean focus curve)")
+    p.add_argument("real", help="real stack set (best planes = base images; its mean focus curve for blur)")
+    p.add_argument("out_dir", help="output stack set")
+    p.add_argument("--kind", required=True, choices=("copy", "blur"), help="which baseline")
+    p.add_argument("--base", metavar="STACKS", help="take the base images from this stack set's best planes "
+                                                    "(e.g. G1 samples) instead of the real ones")
+    add_seed(p, key="multifocus.evaluate_seed", help="seed of the images the blur is fitted on")
+    p.set_defaults(func=_run_stack_baselines)
+
+
+def _run_stack_baselines(args: argparse.Namespace) -> None:
+    from histosynth.multifocus.baselines import make_baseline
+
+    make_baseline(args.real, args.out_dir, args.kind, base_dir=args.base, seed=args.seed)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     _add_demo_zstack(sub)
     _add_extract_stacks(sub)
+    _add_evaluate_stacks(sub)
+    _add_stack_baselines(sub)
 
 
 # -- MI-GAN commands (train-migan-g1, ...) go below
