@@ -15,6 +15,7 @@ include: "workflow/rules/patches.smk"
 include: "workflow/rules/masks.smk"
 include: "workflow/rules/gan.smk"
 include: "workflow/rules/segmentation.smk"
+include: "workflow/rules/multifocus.smk"
 
 
 rule all:

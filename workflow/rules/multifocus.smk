@@ -131,7 +131,8 @@ rule sample_stacks:
         g1=f"{MF_DIR}/models/g1/g1.pt",
         g2=f"{MF_DIR}/models/g2/g2.pt",
     output:
-        directory(MF_SETS["migan"]),
+        stacks=directory(MF_SETS["migan"]),
+        g1_images=directory(f"{MF_DIR}/synthetic/g1-images"),
     log:
         f"{RESULTS}/logs/multifocus/sample_stacks.log",
     conda:
@@ -144,5 +145,65 @@ rule sample_stacks:
     params:
         flags=flags("sample-stacks", "--threads"),
     shell:
-        "python -m histosynth sample-stacks {input.g1:q} {input.g2:q} {output:q} {params.flags}"
-        " --threads {threads} > {log:q} 2>&1"
+        "python -m histosynth sample-stacks {input.g1:q} {input.g2:q} {output.stacks:q}"
+        " --g1-out {output.g1_images:q} {params.flags} --threads {threads} > {log:q} 2>&1"
+
+
+# The baselines MI-GAN must beat, on G1's own images: every plane a copy of it, or it blurred by the train
+# stacks' mean focus curve (fitted on the train stacks, never on the held-out ones)
+rule stack_baselines:
+    input:
+        real=f"{MF_DIR}/stacks/train",
+        base=f"{MF_DIR}/synthetic/g1-images",
+    output:
+        directory(f"{MF_DIR}/synthetic/{{kind}}"),
+    wildcard_constraints:
+        kind="copy|blur",
+    log:
+        f"{RESULTS}/logs/multifocus/stack_baselines_{{kind}}.log",
+    conda:
+        CPU_ENV
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        flags=flags("stack-baselines"),
+    shell:
+        "python -m histosynth stack-baselines {input.real:q} {output:q} --kind {wildcards.kind}"
+        " --base {input.base:q} {params.flags} > {log:q} 2>&1"
+
+
+rule evaluate_stacks:
+    input:
+        real=f"{MF_DIR}/stacks/test",
+        generated=list(MF_SETS.values()),
+    output:
+        evaluation=f"{MF_DIR}/evaluation/evaluation.json",
+        table=f"{MF_DIR}/evaluation/table.md",
+        montage=report(
+            f"{MF_DIR}/evaluation/montage.png",
+            caption="../report/multifocus_montage.rst",
+            category="9. Multi-focus cells",
+        ),
+    log:
+        f"{RESULTS}/logs/multifocus/evaluate_stacks.log",
+    conda:
+        GPU_ENV
+    threads: MF["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    params:
+        out=lambda w, output: os.path.dirname(output.evaluation),
+        names=" ".join(MF_SETS),
+        flags=flags("evaluate-stacks", "--threads"),
+    shell:
+        "python -m histosynth evaluate-stacks {input.real:q} {input.generated:q} {params.out:q}"
+        " --names {params.names} {params.flags} --threads {threads} > {log:q} 2>&1"
+
+
+rule multifocus:
+    input:
+        rules.evaluate_stacks.output,
+        f"{MF_DIR}/models/g2/log.csv",

@@ -58,6 +58,8 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("g2", metavar="G2", help="g2.pt from train-migan-g2")
     p.add_argument("out_dir", metavar="OUT_DIR", help="the stack set to write")
     add_option(p, "--n", key="migan.sample_n", type=int, help="stacks to write")
+    p.add_argument("--g1-out", metavar="STACKS",
+                   help="also write G1's images, row for row, as one-plane stacks (the baselines' base images)")
     add_option(p, "--batch-size", key="migan.g2_batch_size", type=int, help="stacks generated at once")
     add_seed(p)
     add_device(p)
@@ -103,7 +105,7 @@ def _run_sample(args: argparse.Namespace) -> None:
     from histosynth.multifocus.train import sample_stacks
 
     sample_stacks(args.g1, args.g2, args.out_dir, args.n, args.seed, batch_size=args.batch_size,
-                  device=args.device, threads=args.threads)
+                  device=args.device, threads=args.threads, g1_out=args.g1_out)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -32,6 +32,8 @@ CPU a killed-and-resumed run ends with the weights of an uninterrupted one).
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 import time
@@ -392,9 +394,13 @@ def train_g2(stack_dirs: Sequence[str | os.PathLike], g1: str | os.PathLike | No
 
 # -- sampling ----------------------------------------------------------------------------------------------
 def sample_stacks(g1: str | os.PathLike, g2: str | os.PathLike, out_dir: str | os.PathLike, n: int, seed: int = 0,
-                  *, batch_size: int = 16, device: str = "auto", threads: int | None = 1) -> dict[str, Any]:
+                  *, batch_size: int = 16, device: str = "auto", threads: int | None = 1,
+                  g1_out: str | os.PathLike | None = None) -> dict[str, Any]:
     """``n`` synthetic stacks z → G1 → G2 into the stack set ``out_dir``: x = y = −1, source synthetic and
-    best_plane = G2's centre plane (the plane its base image stands for; module docstring, "Centring")."""
+    best_plane = G2's centre plane (the plane its base image stands for; module docstring, "Centring").
+
+    ``g1_out``: also write G1's images themselves, row for row, as one-plane stacks (the base images of the
+    baselines of ``stack-baselines --base``)."""
     from histosynth.device import select_device
 
     _check(n=(n, 1), batch_size=(batch_size, 1))
@@ -405,15 +411,24 @@ def sample_stacks(g1: str | os.PathLike, g2: str | os.PathLike, out_dir: str | o
     offsets = meta2.get("plane_offsets_um") or [None] * G2.planes
     noise = torch.Generator().manual_seed(int(seed))
     size = (migan.IMAGE_SIZE, migan.IMAGE_SIZE)
-    with StackSetWriter(out_dir, G2.planes, size, offsets) as w, torch.no_grad():
+    row = {"slide": "synthetic", "x": -1, "y": -1, "source": "synthetic"}
+    with contextlib.ExitStack() as writers, torch.no_grad():
+        w = writers.enter_context(StackSetWriter(out_dir, G2.planes, size, offsets))
+        w1 = writers.enter_context(StackSetWriter(g1_out, 1, size, [0.0])) if g1_out is not None else None
         done = 0
         while done < n:
             b = min(batch_size, n - done)
-            stacks = to_uint8(G2(G1(torch.randn(b, G1.config["z_dim"], generator=noise).to(dev))))
-            for stack in stacks:
-                w.add({"slide": "synthetic", "x": -1, "y": -1, "best_plane": G2.center, "source": "synthetic"},
-                      stack)
+            base = G1(torch.randn(b, G1.config["z_dim"], generator=noise).to(dev))
+            stacks = to_uint8(G2(base))
+            images = to_uint8(base[:, None]) if w1 is not None else None
+            for i, stack in enumerate(stacks):
+                w.add({**row, "best_plane": G2.center}, stack)
+                if w1 is not None:
+                    w1.add({**row, "best_plane": 0}, images[i])
             done += b
         w.report.update(stage="sample_stacks", g1=str(g1), g2=str(g2), n=int(n), seed=int(seed),
                         best_plane=G2.center)
+        if w1 is not None:
+            w1.report.update(stage="sample_stacks", what="G1's base images of the stacks in " + str(out_dir),
+                             g1=str(g1), n=int(n), seed=int(seed))
     return {"stage": "sample_stacks", "out_dir": str(out_dir), "n": int(n), "planes": G2.planes}
