@@ -335,11 +335,13 @@ def _mask_evaluation(root, k, seed, ks=0.05):
     return path
 
 
-def _image_evaluation(root, k, seed, distance):
+def _image_evaluation(root, k, seed, distance, fid=None):
     path = root / "eval" / f"images-k{k}-seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"stain": {"generated": {"combined": distance}, "baseline_ratio": 3.0},
-                                "consistency": {"ratio": 0.9}}))
+                                "consistency": {"ratio": 0.9},
+                                "fid": {"fid": fid, "kid": None if fid is None else fid / 1000,
+                                        "floor": None if fid is None else {"fid": 150.0, "kid": 0.03}}}))
     return path
 
 
@@ -357,6 +359,15 @@ def test_generator_evaluations_are_tabled_per_k(tmp_path):
     assert result["generators"][1]["nuclei_consistency"] == pytest.approx(0.9)
     text = (tmp_path / "out" / "evidence.md").read_text()
     assert "## The generators of each regime" in text and "0.300 [0.200, 0.400]" in text  # mean [range] of seeds
+    assert "fid" not in table.columns and "| FID |" not in text  # FID skipped (the optional network absent)
+    # with FID: the painted images' FID and KID beside the real-vs-real floor
+    with_fid = [(k, seed, kind, _image_evaluation(tmp_path / "f", 1, seed, 0.3, fid=300.0 + 100 * int(seed))
+                 if kind == "images" else path) for k, seed, kind, path in evaluations]
+    build_evidence_report(runs, tmp_path / "out-fid", evaluations=with_fid)
+    table = pd.read_csv(tmp_path / "out-fid" / "generators.csv")
+    assert table["fid"].tolist() == [300.0, 400.0] and table["fid_floor"].tolist() == [150.0, 150.0]
+    text = (tmp_path / "out-fid" / "evidence.md").read_text()
+    assert "| FID | FID floor (real) | KID | KID floor (real) |" in text and "350.000 [300.000, 400.000]" in text
     # no evaluations: no section, an empty table
     build_evidence_report(runs, tmp_path / "bare")
     assert "generators of each regime" not in (tmp_path / "bare" / "evidence.md").read_text()

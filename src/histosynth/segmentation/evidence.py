@@ -263,7 +263,8 @@ MASK_FEATURES = ("count", "area", "nn_distance", "eccentricity")
 #: the columns of generators.csv shown in evidence.md, with their headers
 GENERATOR_COLUMNS = {**{f"mask_ks_{n}": f"mask KS {n.replace('_', ' ')}" for n in MASK_FEATURES},
                      "masks_pass": "masks pass", "stain_distance": "stain distance",
-                     "stain_vs_baseline": "× closer than baseline", "nuclei_consistency": "nuclei consistency"}
+                     "stain_vs_baseline": "× closer than baseline", "nuclei_consistency": "nuclei consistency",
+                     "fid": "FID", "fid_floor": "FID floor (real)", "kid": "KID", "kid_floor": "KID floor (real)"}
 
 
 def read_evaluations(evaluations: Sequence[tuple[Any, Any, str, str | os.PathLike]]) -> pd.DataFrame:
@@ -272,7 +273,8 @@ def read_evaluations(evaluations: Sequence[tuple[Any, Any, str, str | os.PathLik
     masks: the KS statistic of each of :data:`MASK_FEATURES` (synthetic vs real masks) and whether all pass
     their bars; images: the stain distance of the painted images to real ones (W1 / sd, lower is closer),
     how many times closer than the flat-colour baseline, and the nucleus consistency ratio (Otsu nuclei of
-    the painted images against their masks, relative to real images).
+    the painted images against their masks, relative to real images), and where the optional Inception
+    network ran, FID and KID against the test slides with the real-vs-real floor of the same run.
     """
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     for k, seed, kind, path in evaluations:
@@ -288,6 +290,11 @@ def read_evaluations(evaluations: Sequence[tuple[Any, Any, str, str | os.PathLik
                 row["stain_distance"] = _number(data["stain"]["generated"]["combined"])
                 row["stain_vs_baseline"] = _number(data["stain"].get("baseline_ratio"))
                 row["nuclei_consistency"] = _number(data["consistency"].get("ratio"))
+                fid = data.get("fid") or {}
+                if fid.get("fid") is not None or fid.get("kid") is not None:  # the optional network ran
+                    floor = fid.get("floor") or {}
+                    row.update(fid=_number(fid.get("fid")), kid=_number(fid.get("kid")),
+                               fid_floor=_number(floor.get("fid")), kid_floor=_number(floor.get("kid")))
             else:
                 raise HistosynthError(f"an evaluation is 'masks' or 'images', got {kind!r}", path)
         except (KeyError, TypeError) as err:
@@ -654,7 +661,9 @@ def _markdown(table: pd.DataFrame, mean_table: pd.DataFrame, diffs: pd.DataFrame
                 "statistic of synthetic vs real masks per feature (0 = the same distribution; masks pass = the "
                 "share of seeds whose every feature is under evaluate-masks' bar), the stain distance of the painted "
                 "images (W1 / sd of real, lower is closer) and how many times closer than a flat-colour baseline, "
-                "and the nucleus consistency of painted images relative to real ones (1 = as findable).", ""]
+                "and the nucleus consistency of painted images relative to real ones (1 = as findable); where the "
+                "optional Inception network is installed, FID and KID of the painted images against the test "
+                "slides beside the floor (the other real train slides against the same test slides, same n).", ""]
         cols = [c for c in GENERATOR_COLUMNS if c in generators.columns]
         rows = []
         for k in sorted(set(generators["k"]), key=k_order):
