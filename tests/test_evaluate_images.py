@@ -107,7 +107,7 @@ def test_real_against_itself(sets, tmp_path, no_fid_package):
     assert saved["stain"]["generated"]["combined"] == pytest.approx(0.0, abs=1e-12)
     assert saved["fid"] == {"fid": None, "kid": None, "kid_std": None, "n_generated": None, "n_real": None,
                             "model": None, "kid_subsets": None, "kid_subset_size": None,
-                            "skipped": ev["fid"]["skipped"]}
+                            "skipped": ev["fid"]["skipped"], "floor": None, "fid_ratio": None, "translated": None}
     assert (tmp_path / "figure.png").stat().st_size > 5000
 
 

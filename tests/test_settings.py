@@ -28,6 +28,9 @@ EXCEPTIONS = {
     "slides.table": "where the slides come from: read by the workflow (histosynth.config.slide_table)",
     "slides.images": "where the slides come from: read by the workflow (histosynth.config.slide_table)",
     "slides.annotations": "where the slides come from: read by the workflow (histosynth.config.slide_table)",
+    "multifocus.source": "where the z-stack slides come from: read by the workflow (workflow/rules/multifocus.smk)",
+    "multifocus.images": "where the z-stack slides come from: read by the workflow (workflow/rules/multifocus.smk)",
+    "multifocus.test_slides": "which z-stack slides are held out: the workflow's split (workflow/rules/multifocus.smk)",
     "split.by_stain": "rule split passes --groups SLIDE=STAIN from the slide table (patches.split.split_inputs)",
     "tile.restrict_to_annotations": "rule tile passes --regions-from with the slide's annotation file",
     "gan.option_by": "histosynth.gan.options turns it into train-gan --options, evaluate-images --real-options "

@@ -7,12 +7,16 @@ MF = config["multifocus"]
 MIGAN = config["migan"]
 MF_DIR = f"{RESULTS}/multifocus"
 if MF["source"] == "demo":
-    MF_SLIDES = [f"{MF_DIR}/demo/zstack-{i:02d}.ome.tif" for i in range(MF["demo"]["n_slides"])]
+    MF_SLIDES = [
+        f"{MF_DIR}/demo/zstack-{i:02d}.ome.tif" for i in range(MF["demo"]["n_slides"])
+    ]
 else:
     MF_SLIDES = sorted(_glob.glob(MF["images"] or ""))
 MF_ERROR = None
 if MF["source"] == "glob" and not MF["images"]:
-    MF_ERROR = HistosynthError("multifocus.source is glob but multifocus.images is not set")
+    MF_ERROR = HistosynthError(
+        "multifocus.source is glob but multifocus.images is not set"
+    )
 elif len(MF_SLIDES) <= MF["test_slides"]:
     MF_ERROR = HistosynthError(
         f"the multifocus branch holds out multifocus.test_slides = {MF['test_slides']} slide(s) and trains on the "
@@ -61,10 +65,10 @@ rule extract_stacks:
         mf_slides,
     output:
         directory(f"{MF_DIR}/stacks/{{split}}"),
-    wildcard_constraints:
-        split="train|test",
     log:
         f"{RESULTS}/logs/multifocus/extract_stacks_{{split}}.log",
+    wildcard_constraints:
+        split="train|test",
     conda:
         CPU_ENV
     threads: 1
@@ -73,7 +77,9 @@ rule extract_stacks:
         runtime=60,
     params:
         # the train slides' stacks take the paper's augmentation when multifocus.augment; test stacks never
-        augment=lambda w: "--augment" if w.split == "train" and MF["augment"] else "--no-augment",
+        augment=lambda w: (
+            "--augment" if w.split == "train" and MF["augment"] else "--no-augment"
+        ),
         flags=flags("extract-stacks", "--augment"),
     shell:
         "python -m histosynth extract-stacks {input:q} {output:q} {params.augment} {params.flags} > {log:q} 2>&1"
@@ -157,10 +163,10 @@ rule stack_baselines:
         base=f"{MF_DIR}/synthetic/g1-images",
     output:
         directory(f"{MF_DIR}/synthetic/{{kind}}"),
-    wildcard_constraints:
-        kind="copy|blur",
     log:
         f"{RESULTS}/logs/multifocus/stack_baselines_{{kind}}.log",
+    wildcard_constraints:
+        kind="copy|blur",
     conda:
         CPU_ENV
     threads: 1
