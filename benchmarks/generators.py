@@ -152,10 +152,13 @@ def image_row(name: str, out: Path, regime: str, steps: int, s_iter: float) -> d
     gan_log = out / regime / "models/gan/log.csv"
     import pandas as pd
 
-    sec = pd.read_csv(gan_log)["seconds"].to_numpy()
+    log = pd.read_csv(gan_log)  # one row per log_every steps, "seconds" the time of those steps
+    sec, step = log["seconds"].to_numpy(), log["step"].to_numpy()
     return {
         "variant": name, "steps": steps, "probe_s_per_iter": s_iter,
-        "train_s_per_iter": float(sec[1:].mean()) if len(sec) > 1 else None,
+        # the first row (start-up) left out
+        "train_s_per_iter": float(sec[1:].sum() / (step[-1] - step[0])) if len(sec) > 1 else None,
+        "train_minutes": float(sec.sum() / 60),
         "fid": fid.get("fid"), "fid_floor": floor.get("fid"), "fid_ratio": fid.get("fid_ratio"),
         "kid": fid.get("kid"), "kid_floor": floor.get("kid"), "fid_n": fid.get("n_generated"),
         "fid_painted_real": tr.get("fid"), "fid_skipped": fid.get("skipped"),
