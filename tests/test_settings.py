@@ -334,9 +334,15 @@ def test_every_rule_passes_changed_values(tmp_path):
                         "gan.option_by": "cluster", "gan.clusters": 1, "gate.enabled": True, "tissue.enabled": True})
     cfg = _segmenting_a_demo_slide(cfg)
     cfg["segment"]["arm"] = cfg["segmenter"]["arms"][-1]
-    seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence", "segment"),
-                                        cfg)
+    commands = _rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence", "segment")
+    seen = _check_rules_pass_the_config(commands, cfg)
     assert {"stain-styles", "gate-pairs", "segment", "train-tissue", "sample-tissue"} <= seen
+    # with tissue layouts on, every regime samples its nuclei inside the tissue of its own tissue model
+    sampled = [w for w in commands if w[0] == "sample-masks"]
+    assert sampled and all(w[w.index("--tissue") + 1] == w[1].replace("stats/stats.json", "models/tissue/tissue.pt")
+                           for w in sampled)
+    trained = {x for w in commands if w[0] == "train-tissue" for x in w if x.endswith("models/tissue")}
+    assert any("/evidence/k-" in t for t in trained) and any("/evidence/" not in t for t in trained)
 
 
 # --------------------------------------------------------------------------- by hand = the rule with the defaults

@@ -127,10 +127,18 @@ def sample_masks_inputs(wildcards):
             "stats": f"{RESULTS}/{wildcards.fit}models/daff/library.npz",
             "dvae": f"{RESULTS}/{wildcards.fit}models/daff/g1/g1.pt",
         }
-    return {
+    inputs = {
         "stats": f"{RESULTS}/{wildcards.fit}stats/stats.json",
         "dvae": f"{RESULTS}/{wildcards.fit}models/dvae/dvae.pt",
     }
+    if config["tissue"]["enabled"]:  # nuclei only inside the regime's own generated tissue (DEPAS)
+        inputs["tissue"] = f"{RESULTS}/{wildcards.fit}models/tissue/tissue.pt"
+    return inputs
+
+
+def tissue_flag(wildcards, input):
+    """--tissue MODEL where the tissue layouts are on (tissue.enabled), else nothing."""
+    return f"--tissue {shlex.quote(input.tissue)}" if "tissue" in input.keys() else ""
 
 
 # sample_masks.method daff (seed 003, DAFF-GAN): only in the DAG when sample_masks asks for them
@@ -192,9 +200,10 @@ rule sample_masks:
         runtime=SAMPLE["runtime"],
     params:
         flags=fit_flags("sample-masks", "--threads"),
+        tissue=tissue_flag,
     shell:
         "python -m histosynth sample-masks {input.stats:q} {input.dvae:q} {output:q} {params.flags}"
-        " --shard {wildcards.shard} --threads {threads} > {log:q} 2>&1"
+        " {params.tissue} --shard {wildcards.shard} --threads {threads} > {log:q} 2>&1"
 
 
 rule evaluate_masks:
@@ -243,15 +252,16 @@ TISSUE_OUTPUTS = (
 
 if TISSUE["enabled"]:
 
+    # per regime, like every fitted stage: the tiles of the regime's own train slides
     rule train_tissue:
         input:
-            expand(f"{RESULTS}/tiles/{{slide}}", slide=TRAIN_SLIDES),
+            lambda wc: expand(f"{RESULTS}/tiles/{{slide}}", slide=fit_slides(wc.fit)),
         output:
-            model=f"{RESULTS}/models/tissue/tissue.pt",
-            log_csv=f"{RESULTS}/models/tissue/log.csv",
-            samples=f"{RESULTS}/models/tissue/samples.png",
+            model=f"{RESULTS}/{{fit}}models/tissue/tissue.pt",
+            log_csv=f"{RESULTS}/{{fit}}models/tissue/log.csv",
+            samples=f"{RESULTS}/{{fit}}models/tissue/samples.png",
         log:
-            f"{RESULTS}/logs/train_tissue.log",
+            f"{RESULTS}/logs/{{fit}}train_tissue.log",
         conda:
             GPU_ENV
         threads: TISSUE["threads"]
@@ -261,7 +271,7 @@ if TISSUE["enabled"]:
             runtime=TISSUE["runtime"],
         params:
             out=lambda w, output: os.path.dirname(output[0]),
-            flags=flags("train-tissue", "--threads"),
+            flags=fit_flags("train-tissue", "--threads"),
         shell:
             "python -m histosynth train-tissue {input:q} {params.out:q} {params.flags} --threads {threads}"
             " > {log:q} 2>&1"
