@@ -131,9 +131,8 @@ def sample_masks_inputs(wildcards):
         "stats": f"{RESULTS}/{wildcards.fit}stats/stats.json",
         "dvae": f"{RESULTS}/{wildcards.fit}models/dvae/dvae.pt",
     }
-    if config["tissue"][
-        "enabled"
-    ]:  # nuclei only inside the regime's own generated tissue (DEPAS)
+    # nuclei only inside the regime's own generated tissue (DEPAS)
+    if config["tissue"]["enabled"]:
         inputs["tissue"] = f"{RESULTS}/{wildcards.fit}models/tissue/tissue.pt"
     return inputs
 
