@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from _rows import select_rows, steady  # benchmarks/_rows.py (run as a script: its folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = {"Epithelial": 1, "Lymphocyte": 2, "Spindle": 3}
 
@@ -88,28 +90,8 @@ GROUPS = {"cpu": [c["name"] for c in CONFIGS if not c["name"].endswith("-seed")]
 
 
 def select_configs(names: list[str] | None) -> list[dict[str, Any]]:
-    """The rows ``names`` picks (row names or groups of :data:`GROUPS`), in the order given, each completed
-    with :data:`DEFAULTS`; no names: the CPU rows."""
-    by_name = {c["name"]: c for c in CONFIGS}
-    picked: list[str] = []
-    for name in names or ["cpu"]:
-        for n in GROUPS.get(name, [name]):
-            if n not in by_name:
-                raise SystemExit(f"unknown config {n!r}; choose from {', '.join([*by_name, *GROUPS])}")
-            if n not in picked:
-                picked.append(n)
-    return [{**DEFAULTS, **by_name[n]} for n in picked]
-
-
-def _steady(seconds: list[float], drop_last: bool) -> float:
-    """Median per-step seconds without the first step (and the last, when ``drop_last``), as long as a step
-    is left."""
-    s = list(seconds)
-    if len(s) > 1:
-        s = s[1:]
-    if drop_last and len(s) > 1:
-        s = s[:-1]
-    return float(np.median(s))
+    """The rows ``names`` picks (row names or groups of :data:`GROUPS`); no names: the CPU rows."""
+    return select_rows(CONFIGS, GROUPS, DEFAULTS, names, "cpu")
 
 
 def _demo_patch_sets(workdir: Path, tile: int = 256) -> tuple[list[Path], dict[str, str]]:
@@ -195,7 +177,7 @@ def _bare(sets, options, cfg: dict[str, Any], steps: int, device: str) -> dict[s
         D.requires_grad_(True)
         _sync(dev)
         times.append(time.perf_counter() - t0)
-    return {"s_per_iter": _steady(times, drop_last=False),
+    return {"s_per_iter": steady(times, drop_last=False),
             "params_G": sum(p.numel() for p in G.parameters()), "params_D": sum(p.numel() for p in D.parameters())}
 
 
@@ -209,7 +191,7 @@ def _full(sets, options, out, cfg: dict[str, Any], steps: int, device: str, thre
               device=device, threads=threads, precision="float32", log_every=1, sample_every=10**6,
               checkpoint_every=10**6, progress=False)
     log = pd.read_csv(Path(out) / "log.csv")
-    return _steady(log["seconds"].tolist(), drop_last=True)
+    return steady(log["seconds"].tolist(), drop_last=True)
 
 
 def _translate(gan_pt: Path, sets, tmp: Path, n: int, device: str, threads: int) -> dict[str, Any]:

@@ -56,6 +56,8 @@ from typing import Any
 
 import numpy as np
 
+from _rows import select_rows, steady  # benchmarks/_rows.py (run as a script: its folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 PLANES = 11
 
@@ -77,28 +79,8 @@ GROUPS = {"cpu": [c["name"] for c in CONFIGS if c["name"].endswith("-cpu")],
 
 
 def select_configs(names: list[str] | None) -> list[dict[str, Any]]:
-    """The rows ``names`` picks (row names or groups of :data:`GROUPS`), in the order given, each completed
-    with :data:`DEFAULTS`; no names: the CPU rows."""
-    by_name = {c["name"]: c for c in CONFIGS}
-    picked: list[str] = []
-    for name in names or ["cpu"]:
-        for n in GROUPS.get(name, [name]):
-            if n not in by_name:
-                raise SystemExit(f"unknown config {n!r}; choose from {', '.join([*by_name, *GROUPS])}")
-            if n not in picked:
-                picked.append(n)
-    return [{**DEFAULTS, **by_name[n]} for n in picked]
-
-
-def _steady(seconds: list[float], drop_last: bool) -> float:
-    """Median per-step seconds without the first step (and the last, when ``drop_last``), as long as a step
-    is left."""
-    s = list(seconds)
-    if len(s) > 1:
-        s = s[1:]
-    if drop_last and len(s) > 1:
-        s = s[:-1]
-    return float(np.median(s))
+    """The rows ``names`` picks (row names or groups of :data:`GROUPS`); no names: the CPU rows."""
+    return select_rows(CONFIGS, GROUPS, DEFAULTS, names, "cpu")
 
 
 def _demo_stacks(workdir: Path) -> list[Path]:
@@ -185,7 +167,7 @@ def _bare(sets, cfg: dict[str, Any], steps: int, n_critic: int, device: str) -> 
         D.requires_grad_(True)
         _sync(dev)
         times.append(time.perf_counter() - t0)
-    return {"s_per_iter": _steady(times, drop_last=False),
+    return {"s_per_iter": steady(times, drop_last=False),
             "params_G": sum(p.numel() for p in G.parameters()), "params_D": sum(p.numel() for p in D.parameters())}
 
 
@@ -206,7 +188,7 @@ def _full(stack_dirs, out, cfg: dict[str, Any], steps: int, n_critic: int, devic
         train_g2(stack_dirs, None, out, width=cfg["width"], code_channels=cfg["code_channels"],
                  res_blocks=cfg["res_blocks"], lambda_l1=cfg["lambda_l1"], **common)
     log = pd.read_csv(Path(out) / "log.csv")
-    return _steady(log["seconds"].tolist(), drop_last=True)
+    return steady(log["seconds"].tolist(), drop_last=True)
 
 
 def _describe(cfg: dict[str, Any]) -> str:
