@@ -54,7 +54,6 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from _rows import select_rows, steady  # benchmarks/_rows.py (run as a script: its folder is on sys.path)
 
