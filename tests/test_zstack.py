@@ -145,3 +145,22 @@ def test_demo_zstack_cli(tmp_path):
     with open_zstack(out / "zstack-01.ome.tif") as zs:
         assert zs.planes == 3 and zs.plane_offsets_um == [-1.0, 0.0, 1.0]
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_real_single_plane_ndpi_is_read_and_refused_as_a_stack(shared_data):
+    """A real Hamamatsu NDPI (one focal plane, JPEG tiles) goes through the NDPI path: one plane of its size,
+    read as an image, and refused where a z-stack is asked for, naming the file."""
+    from tests.conftest import shared_file
+
+    ndpi = shared_file("wsi", "test3-DAPI-2-(387).ndpi")
+    one = open_zstack(ndpi, min_planes=1, mpp_fallback=0.25)
+    try:
+        assert one.format == "ndpi" and one.planes == 1
+        w, h = one.dimensions
+        region = one.read_region(w // 2, h // 2, 32, 24)
+        assert region.shape == (1, 24, 32, 3) and region.dtype == np.uint8
+    finally:
+        one.close()
+    with pytest.raises(HistosynthError, match="1 focal plane; a z-stack needs at least 2") as err:
+        open_zstack(ndpi, mpp_fallback=0.25)
+    assert "test3-DAPI-2-(387).ndpi" in str(err.value)
