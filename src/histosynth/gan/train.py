@@ -159,6 +159,11 @@ def sample_batch(data: PatchPool, batch_size: int, crop: int, seed: int, step: i
     return imgs, inst, types, opts, layout
 
 
+def _with_tissue(tissue: bool) -> dict[str, bool]:
+    """sample_batch's keyword for the tissue layouts, only when asked (its callers' arguments stay as they were)."""
+    return {"tissue": True} if tissue else {}
+
+
 # -- schedule and precision -------------------------------------------------------------------------
 def learning_rate(step: int, lr: float, steps: int, decay_steps: int) -> float:
     """lr for 0-based ``step``: constant for ``steps``, then linear to 0 over ``decay_steps``."""
@@ -210,7 +215,7 @@ def plot_samples(G: Generator, data: PatchPool, out_png: Path, *, n_types: int, 
     import matplotlib.pyplot as plt
 
     device = next(G.parameters()).device
-    imgs, inst, types, opts, *layout = sample_batch(data, n, crop, seed, -1, tissue=tissue)
+    imgs, inst, types, opts, *layout = sample_batch(data, n, crop, seed, -1, **_with_tissue(tissue))
     modes = [(m, m.training) for m in G.modules()]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
@@ -438,7 +443,8 @@ def train_gan(
                          n=min(4, max(1, len(data))), title=f"step {loop.step} {tag}".strip(), tissue=tissue_channel)
 
         def train_step(step: int) -> tuple[dict[str, float], float]:
-            imgs, inst, types, opts, *layout = sample_batch(data, batch_size, crop, seed, step, tissue=tissue_channel)
+            imgs, inst, types, opts, *layout = sample_batch(data, batch_size, crop, seed, step,
+                                                             **_with_tissue(tissue_channel))
             cond = build_conditioning(inst, types, n_types, opts, n_options, noise=noise, generator=noise_gen,
                                       tissue=layout[0] if tissue_channel else None).to(dev)
             real = _to_tensor_images(imgs, dev)
