@@ -9,7 +9,11 @@ import torch
 
 from histosynth.config import validate_config
 from histosynth.errors import HistosynthError
-from histosynth.gan.conditioning import build_conditioning, conditioning_channels, tissue_from_images
+from histosynth.gan.conditioning import (
+    build_conditioning,
+    conditioning_channels,
+    tissue_from_images,
+)
 from histosynth.gan.train import sample_batch, train_gan
 from histosynth.gan.translate import paint, translate
 from histosynth.io.patchset import PatchSetWriter, read_patchset

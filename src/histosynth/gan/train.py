@@ -93,12 +93,8 @@ import torch
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.gan.conditioning import (
-    build_conditioning,
-    conditioning_channels,
-    render_conditioning,
-    tissue_from_images,
-)
+from histosynth.gan.conditioning import (build_conditioning, conditioning_channels, render_conditioning,
+                                        tissue_from_images)
 from histosynth.gan.diffaugment import check_policies, diff_augment
 from histosynth.io.labels import classes_of_patch_sets, read_class_map
 from histosynth.io.pool import PatchPool, dihedral, load_pool, max_type, pool_fingerprint
