@@ -176,7 +176,9 @@ def test_config_flags_parse_back_to_the_config(which):
     if which == "defaults":
         cfg = validate_config({})
     elif which == "changed":
-        cfg = _config_with({k: _different(k, config_value(validate_config({}), k)) for k in keys})
+        # gan.tissue_channel (changed to true) needs the tissue layouts on (tissue.enabled is no flag)
+        cfg = _config_with({**{k: _different(k, config_value(validate_config({}), k)) for k in keys},
+                            "tissue.enabled": True})
         for k in keys:  # every value differs from the default: parsing it back proves the flag was written
             assert config_value(cfg, k) != schema_node(k)["default"], k
     else:

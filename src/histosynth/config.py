@@ -132,6 +132,9 @@ def _check_semantics(config: dict, source: str) -> None:
         raise HistosynthError("key 'slides.images': needed when slides.source is 'glob'", source)
     if slides["source"] == "glob" and slides["annotations"] and "{slide}" not in slides["annotations"]:
         raise HistosynthError("key 'slides.annotations': the pattern needs '{slide}'", source)
+    if (config.get("gan") or {}).get("tissue_channel") and not (config.get("tissue") or {}).get("enabled"):
+        raise HistosynthError("key 'gan.tissue_channel': needs tissue.enabled: true (the GAN paints the synthetic "
+                              "masks inside their tissue layouts, which only the tissue model gives them)", source)
 
 
 def load_config_file(path: str | os.PathLike) -> dict:

@@ -52,6 +52,8 @@ rule train_gan:
         " {params.flags} --threads {threads} > {log:q} 2>&1"
 
 
+# gan.tissue_channel: the GAN reads each shard's tissue.npy (sample_masks --tissue; the config requires
+# tissue.enabled); the real patches of translate_test_masks / translate_train_masks give it from their images
 rule translate:
     input:
         gan=f"{RESULTS}/{{fit}}models/gan/gan.pt",

@@ -54,6 +54,9 @@ def _add_train_gan(sub: argparse._SubParsersAction) -> None:
     add_option(p, "--ema", key="gan.ema", type=float,
                help="decay of the generator's moving average written to gan.pt (0: off; e.g. 0.999)")
     add_option(p, "--noise", key="gan.noise", help="add a noise channel to the generator input")
+    add_option(p, "--tissue-channel", key="gan.tissue_channel",
+               help="add the tissue channel (+1 tissue, -1 air: each crop's tissue.npy or its image's grey > 204) "
+                    "to the generator input; translate then needs the masks' tissue.npy")
     add_option(p, "--dropout-at-inference", key="gan.dropout_at_inference", dest="dropout_at_inference",
                help="keep dropout on when generating, as pix2pix does")
     add_option(p, "--steps", key="gan.steps", type=int, help="steps at constant lr")
@@ -83,7 +86,7 @@ def _run_train_gan(args: argparse.Namespace) -> None:
               attention_recurrence=args.attention_recurrence, norm=args.norm, disc=args.disc,
               num_d=args.num_d, ndf=args.ndf, gan_mode=args.gan_mode, lambda_l1=args.lambda_l1,
               lambda_fm=args.lambda_fm, lambda_gp=args.lambda_gp, spectral_norm=args.spectral_norm,
-              diffaugment=args.diffaugment, ema=args.ema, noise=args.noise,
+              diffaugment=args.diffaugment, ema=args.ema, noise=args.noise, tissue_channel=args.tissue_channel,
               dropout_at_inference=args.dropout_at_inference,
               steps=args.steps, decay_steps=args.decay_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
               device=args.device, threads=args.threads, sample_every=args.sample_every,

@@ -14,7 +14,8 @@ writes into ``out_dir``:
   ``config`` (generator architecture with its ``kind``, the training settings,
   and ``ema``: the decay, when on), ``options`` (sorted option names; index =
   option layer value), ``classes``, ``n_types``, ``noise``, ``step``; readable with
-  ``torch.load(weights_only=True)`` and :func:`histosynth.models.pix2pix.load_gan`;
+  ``torch.load(weights_only=True)`` and :func:`histosynth.models.pix2pix.load_gan`; with
+  ``tissue_channel`` also ``tissue: True`` (and ``tissue`` in ``config["train"]["channels"]``);
 - ``log.csv`` — every ``log_every`` steps the mean of each loss over those
   steps: step, G_gan, G_l1, G_fm, D_real, D_fake (+ D_gp with wgan-gp), lr, seconds;
 - ``samples.png`` — conditioning | generated | real for a fixed batch, every
@@ -25,6 +26,12 @@ writes into ``out_dir``:
 **Data.** Each step draws ``batch_size`` patches uniformly over all patches,
 a random ``crop``, a random flip / 90° rotation — a pure function of
 (seed, step), read straight from the memory-mapped arrays (no workers).
+
+**Tissue channel.** With ``tissue_channel`` the conditioning gets the ``tissue`` channel
+(:mod:`histosynth.gan.conditioning`: +1 tissue, −1 air) of every crop: the crop of the patch set's
+``tissue.npy`` when the set has one, else :func:`histosynth.gan.conditioning.tissue_from_images` of the
+crop's own image (grey > 204 = air, :func:`histosynth.masks.tissue.tissue_mask`). The real image is where
+the air is, so the generator learns to paint air where the layout says air.
 
 **Schedule.** Adam (β 0.5, 0.999); lr constant for ``steps``, then linear
 decay to 0 over ``decay_steps``.
@@ -86,7 +93,8 @@ import torch
 
 from histosynth.errors import HistosynthError
 from histosynth.figures import save_figure
-from histosynth.gan.conditioning import build_conditioning, conditioning_channels, render_conditioning
+from histosynth.gan.conditioning import (build_conditioning, conditioning_channels, render_conditioning,
+                                        tissue_from_images)
 from histosynth.gan.diffaugment import check_policies, diff_augment
 from histosynth.io.labels import classes_of_patch_sets, read_class_map
 from histosynth.io.pool import PatchPool, dihedral, load_pool, max_type, pool_fingerprint
@@ -104,14 +112,19 @@ DEFAULT_STEPS = 2000
 DEFAULT_DECAY_STEPS = 2000
 #: training settings that must match for a checkpoint to be resumed
 _RESUME_KEYS = ("generator", "disc", "num_d", "ndf", "gan_mode", "lambda_l1", "lambda_fm", "lambda_gp", "noise",
-                "diffaugment", "ema", "spectral_norm", "batch_size", "lr", "seed", "crop", "options", "n_types", "data")
+                "diffaugment", "ema", "spectral_norm", "batch_size", "lr", "seed", "crop", "options", "n_types", "data",
+                "tissue_channel")
 _l1 = p2p.l1_loss  # module-level so a test can make it fail
 
 
 # -- data -----------------------------------------------------------------------------------------
-def sample_batch(data: PatchPool, batch_size: int, crop: int, seed: int, step: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(images (B, crop, crop, 3) uint8, inst, types, option (B,)) for ``step``: a pure function of (seed, step)."""
+def sample_batch(data: PatchPool, batch_size: int, crop: int, seed: int, step: int, tissue: bool = False
+                 ) -> tuple[np.ndarray, ...]:
+    """(images (B, crop, crop, 3) uint8, inst, types, option (B,)) for ``step``: a pure function of (seed, step).
+
+    With ``tissue`` a fifth array: the crops' tissue layouts (B, crop, crop) uint8 (> 0 = tissue), cut from
+    the set's ``tissue.npy`` or made from the crop's image (:func:`tissue_from_images`); the draws are the same.
+    """
     # step -1 is the fixed batch of samples.png
     rng = np.random.default_rng([int(seed), 0x9A2 if step >= 0 else 0x5A3, abs(int(step))])
     k = rng.integers(0, len(data), size=batch_size)
@@ -129,7 +142,22 @@ def sample_batch(data: PatchPool, batch_size: int, crop: int, seed: int, step: i
         for out, arr in ((imgs, data.images), (inst, data.inst), (types, data.types)):
             out[b] = dihedral(arr[s][p, y : y + crop, x : x + crop], d)
         opts[b] = data.option[s][p]
-    return imgs, inst, types, opts
+    if not tissue:
+        return imgs, inst, types, opts
+    layout = np.empty((batch_size, crop, crop), np.uint8)
+    sets_tissue = data.tissue or [None] * len(data.images)
+    for b in range(batch_size):
+        s, p, y, x, d = int(s_idx[b]), int(p_idx[b]), int(ys[b]), int(xs[b]), int(flips[b])
+        if sets_tissue[s] is not None:
+            layout[b] = dihedral(sets_tissue[s][p, y : y + crop, x : x + crop], d)
+        else:
+            layout[b] = tissue_from_images(imgs[b])[0]
+    return imgs, inst, types, opts, layout
+
+
+def _with_tissue(tissue: bool) -> dict[str, bool]:
+    """sample_batch's keyword for the tissue layouts, only when asked (its callers' arguments stay as they were)."""
+    return {"tissue": True} if tissue else {}
 
 
 # -- schedule and precision -------------------------------------------------------------------------
@@ -175,7 +203,7 @@ def _choose_precision(precision: str, device: torch.device, G: torch.nn.Module, 
 
 # -- figures ---------------------------------------------------------------------------------------
 def plot_samples(G: Generator, data: PatchPool, out_png: Path, *, n_types: int, noise: bool, crop: int,
-                 seed: int, n: int = 4, title: str = "") -> Path:
+                 seed: int, n: int = 4, title: str = "", tissue: bool = False) -> Path:
     """Rows of conditioning | generated | real for a fixed batch (a pure function of seed); RNG untouched."""
     import matplotlib
 
@@ -183,18 +211,19 @@ def plot_samples(G: Generator, data: PatchPool, out_png: Path, *, n_types: int, 
     import matplotlib.pyplot as plt
 
     device = next(G.parameters()).device
-    imgs, inst, types, opts = sample_batch(data, n, crop, seed, -1)
+    imgs, inst, types, opts, *layout = sample_batch(data, n, crop, seed, -1, **_with_tissue(tissue))
     modes = [(m, m.training) for m in G.modules()]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        cond = build_conditioning(inst, types, n_types, opts, len(data.options), noise=noise, generator=gen)
+        cond = build_conditioning(inst, types, n_types, opts, len(data.options), noise=noise, generator=gen,
+                                  tissue=layout[0] if tissue else None)
         G.set_inference_mode()
         fake = G(cond.to(device)).float().clamp(-1, 1).cpu()
     for m, mode in modes:
         m.training = mode
     fake_rgb = ((fake.permute(0, 2, 3, 1).numpy() + 1) / 2).clip(0, 1)
-    cond_rgb = render_conditioning(cond, n_types)
+    cond_rgb = render_conditioning(cond, n_types, tissue=tissue)
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n + 0.4), squeeze=False)
     for i in range(n):
         for j, (img, name) in enumerate(((cond_rgb[i], "conditioning"), (fake_rgb[i], "generated"),
@@ -239,6 +268,7 @@ def train_gan(
     diffaugment: Sequence[str] = (),
     ema: float = 0.0,
     noise: bool = False,
+    tissue_channel: bool = False,
     dropout_at_inference: bool = True,
     steps: int = DEFAULT_STEPS,
     decay_steps: int = DEFAULT_DECAY_STEPS,
@@ -265,7 +295,7 @@ def train_gan(
     ``ndf`` (discriminator width) defaults to ``width`` (pix2pix: ngf = ndf = 64). ``lambda_gp`` weighs
     wgan-gp's gradient penalty (ignored by the other modes); ``spectral_norm``, ``diffaugment`` (policies of
     :data:`histosynth.gan.diffaugment.POLICIES`; empty: off) and ``ema`` (decay in [0, 1); 0: off) are
-    described in the module docstring. ``classes`` is a class
+    described in the module docstring, as is ``tissue_channel``. ``classes`` is a class
     map in any form :func:`histosynth.io.labels.read_class_map` reads (NAME→ID as on the CLI, or ID→NAME);
     by default it is read from the patch sets' report.json.
     """
@@ -302,7 +332,9 @@ def train_gan(
     out_dir = Path(out_dir)
     dev = select_device(device, threads)
     n_options = len(data.options)
-    in_ch = len(conditioning_channels(n_types, noise))
+    tissue_channel = bool(tissue_channel)
+    channels = conditioning_channels(n_types, noise, tissue_channel)
+    in_ch = len(channels)
     d_in = in_ch - int(noise) + 3  # the discriminator sees the conditioning without the noise, and the image
     ndf = int(ndf) if ndf else int(width)
     # WGAN-GP penalises each sample's gradient: BatchNorm, which mixes the samples of a batch, has no place in D
@@ -331,7 +363,7 @@ def train_gan(
             "options": list(data.options), "n_types": int(n_types),
             "data": pool_fingerprint(data), "patch_sets": [str(p) for p in patch_sets],
             "slide_options": dict(options or {}), "steps": int(steps), "decay_steps": int(decay_steps),
-            "channels": conditioning_channels(n_types, noise), "patch_size": list(data.size),
+            "channels": channels, "patch_size": list(data.size), "tissue_channel": tissue_channel,
         }
         G.eval()
         try:
@@ -389,6 +421,7 @@ def train_gan(
                 "generator_ema": {k: v.detach().cpu().clone() for k, v in G_ema.state_dict().items()}}
             return p2p.gan_checkpoint_dict(
                 G, options=data.options, classes=class_map, n_types=n_types, noise=noise, step=loop.step,
+                tissue=tissue_channel,
                 config={"train": settings}, train=settings,
                 discriminator={k: v.detach().cpu().clone() for k, v in D.state_dict().items()},
                 optimizer_G=opt_G.state_dict(), optimizer_D=opt_D.state_dict(), **ema_state)
@@ -403,12 +436,13 @@ def train_gan(
 
         def sample(tag: str) -> None:
             plot_samples(painter, data, out_dir / "samples.png", n_types=n_types, noise=noise, crop=crop, seed=seed,
-                         n=min(4, max(1, len(data))), title=f"step {loop.step} {tag}".strip())
+                         n=min(4, max(1, len(data))), title=f"step {loop.step} {tag}".strip(), tissue=tissue_channel)
 
         def train_step(step: int) -> tuple[dict[str, float], float]:
-            imgs, inst, types, opts = sample_batch(data, batch_size, crop, seed, step)
-            cond = build_conditioning(inst, types, n_types, opts, n_options, noise=noise,
-                                      generator=noise_gen).to(dev)
+            imgs, inst, types, opts, *layout = sample_batch(data, batch_size, crop, seed, step,
+                                                             **_with_tissue(tissue_channel))
+            cond = build_conditioning(inst, types, n_types, opts, n_options, noise=noise, generator=noise_gen,
+                                      tissue=layout[0] if tissue_channel else None).to(dev)
             real = _to_tensor_images(imgs, dev)
             d_cond = cond[:, : d_in - 3]
             rate = learning_rate(step, lr, steps, decay_steps)
@@ -470,7 +504,7 @@ def train_gan(
                        f", lambda_GP {lambda_gp:g}, D norm {settings['d_norm']}" if gan_mode == "wgan-gp" else ""))
         log.info("training pix2pix (%s generator: %s; %s D, %s, lambda_L1 %g%s%s) on %d patches of %s, "
                  "options %s, %d types; %d steps on %s (%s)", generator, architecture, disc, gan_mode, lambda_l1,
-                 ", noise" if noise else "", few, len(data), "x".join(map(str, data.size)), data.options, n_types,
+                 ", noise" if noise else "", few + (", tissue channel" if tissue_channel else ""), len(data), "x".join(map(str, data.size)), data.options, n_types,
                  total, dev, settings["precision"])
         t_start = time.perf_counter()
         G.train()
@@ -482,7 +516,7 @@ def train_gan(
         sample("(final)")
         atomic_torch_save(p2p.gan_checkpoint_dict(
             painter, options=data.options, classes=class_map, n_types=n_types, noise=noise, step=step,
-            config=gan_config), out_dir / "gan.pt")
+            config=gan_config, tissue=tissue_channel), out_dir / "gan.pt")
         steplog = loop.log
         steplog.write()
     final = steplog.rows[-1] if steplog.rows else {}

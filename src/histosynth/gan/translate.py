@@ -32,6 +32,17 @@ batch start) through ``generate(..., seed=)`` (or a forked global RNG), so a
 model with dropout is reproducible for a given ``--batch``; one without
 dropout gives the same images for any ``--batch``.
 
+Tissue channel
+--------------
+A GAN trained with ``gan.tissue_channel`` (its checkpoint says ``tissue: True``) is conditioned on the
+masks' tissue layout as well (+1 tissue, −1 air; :mod:`histosynth.gan.conditioning`), so that air is
+painted as air. ``translate`` takes it from the mask set's ``tissue.npy`` (``sample-masks --tissue`` writes
+it: the layout the nuclei were placed in); a mask set without ``tissue.npy`` but with ``images.npy`` (the
+real patches of ``translate_test_masks`` / ``translate_train_masks``) gets it from its own images, with the
+rule the training crops had (:func:`histosynth.gan.conditioning.tissue_from_images`: grey > 204 = air). A
+set with neither is an error naming ``tissue.npy`` — never a silent all-tissue. A GAN without the channel
+ignores any ``tissue.npy``. The report says where the layout came from (``tissue``).
+
 A ``montage.png`` (per option: a row of masks coloured by type above a row of
 the images painted from them, up to 8 each) is written beside the patch set,
 at ``<OUT>.montage.png`` unless ``--montage`` names another path.
@@ -130,12 +141,15 @@ def _patch_generator(seed: int, index: int):
 
 def paint(bundle: Any, inst: np.ndarray, types: np.ndarray, options: np.ndarray | Sequence[int], *, seed: int = 0,
           first: int = 0, device: Any = "cpu", conditioner: Callable | None = None,
-          generate_fn: Callable | None = None, where: str | os.PathLike | None = None) -> np.ndarray:
+          generate_fn: Callable | None = None, where: str | os.PathLike | None = None,
+          tissue: np.ndarray | None = None) -> np.ndarray:
     """Paint masks ``inst`` / ``types`` (N, H, W) with option ids ``options`` (N,): uint8 images (N, H, W, 3).
 
     The one painting step of :func:`translate` (and of ``histosynth serve``): per mask the conditioning
     (its noise channel drawn from (seed, ``first`` + i), the mask's index in its set), then one generator
-    call for the batch, its dropout seeded by (seed, ``first``), under ``torch.no_grad``.
+    call for the batch, its dropout seeded by (seed, ``first``), under ``torch.no_grad``. ``tissue``
+    (N, H, W), > 0 = tissue, is required by a GAN with the tissue channel (``bundle.tissue``) and ignored
+    by one without.
     """
     import torch
 
@@ -149,9 +163,16 @@ def paint(bundle: Any, inst: np.ndarray, types: np.ndarray, options: np.ndarray 
     n_types = int(bundle.n_types)
     noise = bool(getattr(bundle, "noise", False))
     opt = np.asarray(options, dtype=np.int64).reshape(-1)
+    extra: list[dict[str, Any]] = [{} for _ in range(n)]
+    if getattr(bundle, "tissue", False):
+        if tissue is None:
+            raise HistosynthError("this GAN takes the tissue channel: give the masks' tissue layouts", where)
+        if np.shape(tissue) != (n, h, w):
+            raise HistosynthError(f"tissue layouts of shape {np.shape(tissue)} for masks {(n, h, w)}", where)
+        extra = [{"tissue": np.asarray(tissue[i:i + 1])} for i in range(n)]
     cond = torch.cat([
         conditioner(inst[i:i + 1], types[i:i + 1], n_types, int(opt[i]), n_options,
-                    noise=noise, generator=_patch_generator(seed, first + i) if noise else None)
+                    noise=noise, generator=_patch_generator(seed, first + i) if noise else None, **extra[i])
         for i in range(n)
     ])
     batch_seed = int(np.random.SeedSequence([int(seed), int(first), 0x5D]).generate_state(1)[0])
@@ -290,6 +311,21 @@ def translate(
                                   f"({getattr(bundle, 'classes', {})})", masks_dir)
 
     noise = bool(getattr(bundle, "noise", False))
+    tissue_source = None
+    if getattr(bundle, "tissue", False):
+        if masks.tissue is not None:
+            tissue_source = "tissue.npy"
+            if masks.tissue.shape != masks.inst.shape:
+                raise HistosynthError(f"tissue.npy is {masks.tissue.shape}, inst.npy {masks.inst.shape}", masks_dir)
+        elif masks.images is not None:
+            tissue_source = "images"
+        else:
+            raise HistosynthError(
+                "this GAN was trained with the tissue channel (gan.tissue_channel) and needs the masks' tissue "
+                f"layout, but {Path(masks_dir) / 'tissue.npy'} does not exist (and there are no images to make it "
+                "from); sample the masks inside tissue layouts: sample-masks ... --tissue TISSUE_MODEL_OR_SET "
+                "(in the DAG: tissue.enabled: true)", masks_dir)
+        log.info("tissue channel from the mask set's %s", tissue_source)
     out_dir = Path(out_dir)
     montage_path = Path(montage_path) if montage_path is not None else out_dir.with_name(out_dir.name + ".montage.png")
     samples: dict[str, list] = {}
@@ -298,6 +334,7 @@ def translate(
         "stage": "translate", "gan": str(gan) if isinstance(gan, (str, os.PathLike)) else gan_name,
         "masks": str(masks_dir), "n": n, "seed": int(seed), "batch": int(batch), "device": str(dev),
         "options_requested": list(options or []), "option_counts": counts, "noise": noise,
+        **({"tissue": tissue_source} if tissue_source else {}),
         "classes": class_map_to_json(dict(getattr(bundle, "classes", {}) or {})),
     }
     if "classes" in masks.report:
@@ -311,8 +348,15 @@ def translate(
             inst = np.array(masks.inst[start:stop])
             typ = np.array(masks.types[start:stop])
             opt = assigned[start:stop]
+            layout = None
+            if tissue_source == "tissue.npy":
+                layout = np.array(masks.tissue[start:stop])
+            elif tissue_source == "images":
+                from histosynth.gan.conditioning import tissue_from_images
+
+                layout = tissue_from_images(np.array(masks.images[start:stop]))
             images = paint(bundle, inst, typ, opt, seed=seed, first=start, device=dev, conditioner=conditioner,
-                           generate_fn=generate_fn, where=masks_dir)
+                           generate_fn=generate_fn, where=masks_dir, tissue=layout)
             rows = masks.index.iloc[start:stop].to_dict("records")
             for i, row in enumerate(rows):
                 name = model_options[int(opt[i])]

@@ -42,6 +42,7 @@ class PatchPool:
     size: tuple[int, int]  # patch (height, width)
     indexes: list[pd.DataFrame] = field(default_factory=list)  # each set's index.csv
     members: np.ndarray | None = None  # the global patch numbers in the pool (None: all); see :func:`subset`
+    tissue: list[np.ndarray | None] = field(default_factory=list)  # per set: its tissue.npy, None when absent
 
     def __len__(self) -> int:
         return int(self.offsets[-1]) if self.members is None else len(self.members)
@@ -91,6 +92,7 @@ def load_pool(patch_sets: Sequence[str | os.PathLike], options: dict[str, str] |
         option=[np.array([lookup[o] for o in opts], dtype=np.int64) for opts in per_patch],
         offsets=np.concatenate([[0], np.cumsum([len(ps) for ps in sets])]).astype(np.int64),
         options=names, size=tuple(int(v) for v in next(iter(sizes))), indexes=[ps.index for ps in sets],
+        tissue=[ps.tissue for ps in sets],
     )
 
 

@@ -318,6 +318,8 @@ class GanBundle:
     noise: bool
     step: int
     path: str | None = field(default=None, repr=False)
+    #: the generator takes the tissue channel (+1 tissue, −1 air; trained with gan.tissue_channel)
+    tissue: bool = False
 
     def option_index(self, name: str | int) -> int:
         """Index of option ``name`` (or a valid index passed through)."""
@@ -329,8 +331,13 @@ class GanBundle:
 
 
 def gan_checkpoint_dict(generator: Generator, *, options: list[str], classes: dict[int, str], n_types: int,
-                        noise: bool, step: int, config: dict | None = None, **extra: Any) -> dict[str, Any]:
-    """What every GAN file holds (CPU tensors, plain types; loadable with weights_only=True), plus ``extra``."""
+                        noise: bool, step: int, config: dict | None = None, tissue: bool = False,
+                        **extra: Any) -> dict[str, Any]:
+    """What every GAN file holds (CPU tensors, plain types; loadable with weights_only=True), plus ``extra``.
+
+    ``tissue: True`` is written only for a generator that takes the tissue channel; a file without the key
+    (all written before it) has none.
+    """
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -341,6 +348,7 @@ def gan_checkpoint_dict(generator: Generator, *, options: list[str], classes: di
         "n_types": int(n_types),
         "noise": bool(noise),
         "step": int(step),
+        **({"tissue": True} if tissue else {}),
         **extra,
     }
 
@@ -358,7 +366,8 @@ def read_gan_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     (``config``, and ``train`` of a training checkpoint), so it loads and resumes as the U-Net it is. One
     written before few-image training gets those settings off (:data:`SETTINGS_BEFORE_FEW_IMAGE`) in its
     training settings, so it resumes as what it is; its ``disc: global`` becomes :data:`OLD_GLOBAL_DISC`,
-    so it is never resumed into the global discriminator of seed 001's layout, whose weights differ.
+    so it is never resumed into the global discriminator of seed 001's layout, whose weights differ. One
+    written before the tissue channel gets ``tissue_channel: False`` in its training settings (it had none).
     """
     ckpt = read_torch_checkpoint(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, "GAN")
     config = ckpt.get("config")
@@ -370,6 +379,8 @@ def read_gan_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             train.update({k: v for k, v in SETTINGS_BEFORE_FEW_IMAGE.items() if k not in train})
             if train.get("disc") == "global":
                 train["disc"] = OLD_GLOBAL_DISC
+        if isinstance(train, dict):
+            train.setdefault("tissue_channel", False)
     return ckpt
 
 
@@ -391,7 +402,7 @@ def load_gan(path: str | os.PathLike, device: str | torch.device = "cpu") -> Gan
         bundle = GanBundle(generator=gen, config=config, options=[str(o) for o in ckpt["options"]],
                            classes=read_class_map(ckpt["classes"], path),
                            n_types=int(ckpt["n_types"]), noise=bool(ckpt["noise"]), step=int(ckpt["step"]),
-                           path=os.fspath(path))
+                           path=os.fspath(path), tissue=bool(ckpt.get("tissue", False)))
     except (KeyError, TypeError, ValueError, RuntimeError, HistosynthError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise HistosynthError(f"checkpoint does not fit the GAN architecture ({what}): {first}", path) from err

@@ -14,7 +14,10 @@ A results folder (the DAG's ``results/``) holds, each optional but the GAN:
 
 Generators are loaded on first use and kept (one per checkpoint); painting is
 :func:`histosynth.gan.translate.paint`, the step ``translate`` runs, one call at a time (a lock: the
-torch threads are the server's, shared by every request).
+torch threads are the server's, shared by every request). A generator trained with the tissue channel
+(``gan.tissue_channel``) is given an all-tissue layout: a drawn, uploaded or sampled mask of the page has no
+tissue / air layout, so the whole canvas is painted as tissue (as a generator without the channel paints it);
+the paint's answer says so (``tissue: "all"``).
 """
 
 from __future__ import annotations
@@ -210,12 +213,14 @@ class RunModels:
         if top > int(bundle.n_types):
             raise HistosynthError(f"the mask holds type id {top}; the generator knows type ids 1..{bundle.n_types} "
                                   f"({', '.join(self.classes.values())})")
+        # the page's masks have no tissue layout: a generator with the tissue channel paints all of it as tissue
+        tissue = np.ones((1, h, w), np.uint8) if getattr(bundle, "tissue", False) else None
         with self.lock:
             image = paint(bundle, mask.inst[None], mask.types[None], [options.index(style)], seed=seed,
-                          device=self.device)[0]
+                          device=self.device, tissue=tissue)[0]
         return image, {"run": str(self.root), "checkpoint": name, "path": str(self.checkpoints[name]),
                        "step": int(bundle.step), "generator": str(bundle.config.get("generator", {}).get("kind")),
-                       "style": style, "seed": int(seed)}
+                       "style": style, "seed": int(seed), **({"tissue": "all"} if tissue is not None else {})}
 
     def sample(self, side: int, type_mix: dict[str, float] | None, density: float, seed: int,
                method: str = "statistical") -> Mask:
