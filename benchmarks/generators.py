@@ -195,6 +195,33 @@ def downstream_rows(name: str, out: Path, regime: str, seed: int, arms: tuple[st
     return rows
 
 
+def _f(v, digits=3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(table: dict) -> str:
+    """The comparison table (and the downstream table where measured) as markdown."""
+    rows = table["rows"]
+    out = [f"Regime {table['regime']} (train slide {', '.join(table['slide'])}); {table['date']}, "
+           f"{table['machine']}, {table['cpus']} cores.", "",
+           "| variant | steps | s/step | train min | FID (floor) | FID / floor | KID (floor) | FID painted real masks "
+           "| stain distance | × closer than baseline | nuclei recovery vs real |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['variant']} | {r['steps']} | {_f(r.get('train_s_per_iter'), 2)} | "
+                   f"{_f(r.get('train_minutes'), 1)} | {_f(r['fid'], 0)} ({_f(r['fid_floor'], 0)}) | "
+                   f"{_f(r['fid_ratio'], 2)} | {_f(r['kid'])} ({_f(r['kid_floor'])}) | {_f(r['fid_painted_real'], 0)} | "
+                   f"{_f(r['stain_distance'])} | {_f(r['stain_baseline_ratio'], 2)} | {_f(r['recovery_ratio'], 2)} |")
+    down = [(r["variant"], d) for r in rows for d in r.get("downstream", [])]
+    if down:
+        out += ["", "| variant | arm | PQ | real PQ | arm − real [95 % CI over test images] | Wilcoxon p | rising |",
+                "|---|---|---|---|---|---|---|"]
+        for name, d in down:
+            out.append(f"| {name} | {d['arm']} | {_f(d['pq'])} | {_f(d['pq_real'])} | {d['diff']:+.3f} "
+                       f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] | {d['wilcoxon_p']:.3g} | {d['rising']} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", nargs="+", default=["unet", "pix2pixhd", "daff", "spade"],
@@ -210,7 +237,11 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--out", default="results/generators", help="one results folder per variant under this")
     ap.add_argument("--json", help="append the rows to this JSON file")
+    ap.add_argument("--markdown", metavar="JSON", help="only print the table of this --json file as markdown")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())), end="")
+        return
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         sys.exit(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
