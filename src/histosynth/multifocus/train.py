@@ -86,21 +86,25 @@ def centre_indices(best: int, planes: int, available: int) -> np.ndarray:
     return np.clip(np.arange(planes) - planes // 2 + int(best), 0, available - 1)
 
 
-def draw_stacks(sets: Sequence[StackSet], batch_size: int, seed: int, step: int, k: int, augment: bool
-                ) -> np.ndarray:
-    """(B, Z, 64, 64, 3) uint8 stacks, each centred on its best plane: a pure function of (seed, step, k)."""
+def draw_stacks(sets: Sequence[StackSet], batch_size: int, seed: int, step: int, k: int, augment: bool,
+                centre_only: bool = False) -> np.ndarray:
+    """(B, Z, 64, 64, 3) uint8 stacks, each centred on its best plane: a pure function of (seed, step, k).
+
+    ``centre_only``: only the best plane, (B, 1, 64, 64, 3) — the same cells and transforms (G1 reads
+    nothing else, and a whole stack is Z times the bytes)."""
     rng = np.random.default_rng([int(seed), 0x316A, int(step) + 1, int(k)])  # step -1: the fixed figure batch
     sizes = np.array([len(s) for s in sets])
     bounds = np.cumsum(sizes)
     picks = rng.integers(0, int(bounds[-1]), size=batch_size)
     flips = rng.integers(0, 8, size=batch_size) if augment else np.zeros(batch_size, np.int64)
     z = sets[0].planes
-    out = np.empty((batch_size, z, *sets[0].size, 3), np.uint8)
+    out = np.empty((batch_size, 1 if centre_only else z, *sets[0].size, 3), np.uint8)
     for b, (g, d) in enumerate(zip(picks, flips)):
         s = int(np.searchsorted(bounds, g, side="right"))
         i = int(g - (bounds[s - 1] if s else 0))
-        best = int(sets[s].index["best_plane"].iloc[i])
-        stack = np.asarray(sets[s].stacks[i])[centre_indices(best, z, z)]
+        best = int(sets[s].index["best_plane"].to_numpy()[i])
+        planes = [best] if centre_only else centre_indices(best, z, z)
+        stack = np.asarray(sets[s].stacks[i, planes])
         out[b] = dihedral(stack.transpose(1, 2, 0, 3), int(d)).transpose(2, 0, 1, 3)
     return out
 
@@ -212,7 +216,8 @@ def _train(kind: str, sets: list[StackSet], out_dir: Path, G: torch.nn.Module, D
     def step_fn(step: int) -> tuple[dict[str, float], float]:
         sums = {"D_real": 0.0, "D_fake": 0.0, "D_gp": 0.0}
         for k in range(s["n_critic"]):
-            stacks = _to_tensor(draw_stacks(sets, s["batch_size"], s["seed"], step, k, s["augment"]), dev)
+            stacks = _to_tensor(draw_stacks(sets, s["batch_size"], s["seed"], step, k, s["augment"],
+                                            centre_only=kind == "g1"), dev)
             with torch.no_grad():
                 fake = make_fake(stacks, rngs["noise"])
             real = real_of(stacks)
@@ -225,7 +230,8 @@ def _train(kind: str, sets: list[StackSet], out_dir: Path, G: torch.nn.Module, D
             opt_D.step()
             for key in sums:
                 sums[key] += values[key] / s["n_critic"]
-        stacks = _to_tensor(draw_stacks(sets, s["batch_size"], s["seed"], step, s["n_critic"], s["augment"]), dev)
+        stacks = _to_tensor(draw_stacks(sets, s["batch_size"], s["seed"], step, s["n_critic"], s["augment"],
+                                        centre_only=kind == "g1"), dev)
         D.requires_grad_(False)
         fake = make_fake(stacks, rngs["noise"])
         g_loss = -D(fake).mean()
