@@ -33,7 +33,8 @@ STOP = REPO / "tests" / "slurm" / "stop-local-slurm.sh"
 # The rules that declare `resources: gpu=...` (DESIGN.md's [gpu] stages). The test also reads the rule
 # files, so a GPU rule added later is checked without editing this list.
 KNOWN_GPU_RULES = {"train_dvae", "dvae_sweep", "train_gan", "translate", "translate_test_masks", "translate_train_masks",
-                   "train_segmenter", "train_daff_g1", "segment_slide"}
+                   "train_segmenter", "train_daff_g1", "segment_slide", "train_migan_g1", "train_migan_g2",
+                   "sample_stacks"}
 
 # tests/test_workflow.py's TINY, plus: device auto (device: cpu would make the GPU rules ask for no GPU;
 # the fake GPU has no CUDA behind it, so the code runs on the CPU anyway), one-latent sweep, and a
@@ -61,8 +62,14 @@ SMOKE = {
              "batch_size": 1, "checkpoint_every": 2, "log_every": 1, "threads": 1, "mem_mb": 1200},
     "segment": {"slides": ["results/demo/demo-000.tif"], "arm": "real+synthetic", "tile": 128, "margin": 8,
                 "mpp": 1.0, "threads": 1, "mem_mb": 1500, "runtime": 30},
+    # the multifocus branch's GPU rules (MI-GAN G1, G2 and sampling) on tiny demo z-stacks
+    "multifocus": {"demo": {"n_slides": 2, "size": [320, 320], "planes": 5, "n_cells": 10, "seed": 1},
+                   "planes": 5, "evaluate_fid": False, "threads": 1},
+    "migan": {"steps": 2, "batch_size": 4, "g2_batch_size": 2, "n_critic": 1, "width": 4, "critic_width": 4,
+              "g2_width": 4, "code_channels": 4, "res_blocks": 1, "g2_critic_width": 4, "sample_n": 6,
+              "checkpoint_every": 2, "sample_every": 2, "threads": 1, "mem_mb": 1200, "runtime": 30},
 }
-TARGETS = ("all", "dvae_sweep", "segment", "results/models/daff/g1/g1.pt")
+TARGETS = ("all", "dvae_sweep", "segment", "results/models/daff/g1/g1.pt", "results/multifocus/synthetic/migan")
 # Scoring and the report are CPU rules downstream of every GPU rule (tests/test_workflow.py runs them);
 # leaving them out keeps this run to the jobs that say something about the profile, and about 1 min shorter.
 OMIT_FROM = ("score",)
