@@ -33,3 +33,17 @@ def steady(seconds: Sequence[float], drop_last: bool) -> float:
     if drop_last and len(s) > 1:
         s = s[:-1]
     return float(np.median(s))
+
+
+def sync(dev) -> None:
+    """Wait for the device (CUDA) before reading the clock; nothing on the CPU."""
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def bare_result(times: Sequence[float], G, D) -> dict[str, Any]:
+    """A bare loop's row: steady s/iter and the parameter counts of its generator and discriminator."""
+    return {"s_per_iter": steady(times, drop_last=False),
+            "params_G": sum(p.numel() for p in G.parameters()), "params_D": sum(p.numel() for p in D.parameters())}

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 
-from _rows import select_rows, steady  # benchmarks/_rows.py (run as a script: its folder is on sys.path)
+from _rows import bare_result, select_rows, steady, sync  # benchmarks/_rows.py (run as a script: its folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = {"Epithelial": 1, "Lymphocyte": 2, "Spindle": 3}
@@ -113,13 +113,6 @@ def _demo_patch_sets(workdir: Path, tile: int = 256) -> tuple[list[Path], dict[s
     return sets, {"demo-000": "pale", "demo-001": "dark"}
 
 
-def _sync(dev) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _bare(sets, options, cfg: dict[str, Any], steps: int, device: str) -> dict[str, Any]:
     """s/iter of train_gan's networks and losses for ``cfg`` on one fixed batch; G's and D's parameters."""
     import torch
@@ -157,7 +150,7 @@ def _bare(sets, options, cfg: dict[str, Any], steps: int, device: str) -> dict[s
     D.train()
     times = []
     for _ in range(steps):
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         fake = G(cond)
         pred_real = D.features(torch.cat([cond, real], 1))
@@ -174,10 +167,9 @@ def _bare(sets, options, cfg: dict[str, Any], steps: int, device: str) -> dict[s
         loss_g.backward()
         opt_g.step()
         D.requires_grad_(True)
-        _sync(dev)
+        sync(dev)
         times.append(time.perf_counter() - t0)
-    return {"s_per_iter": steady(times, drop_last=False),
-            "params_G": sum(p.numel() for p in G.parameters()), "params_D": sum(p.numel() for p in D.parameters())}
+    return bare_result(times, G, D)
 
 
 def _full(sets, options, out, cfg: dict[str, Any], steps: int, device: str, threads: int) -> float:

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 
-from _rows import select_rows, steady  # benchmarks/_rows.py (run as a script: its folder is on sys.path)
+from _rows import bare_result, select_rows, steady, sync  # benchmarks/_rows.py (run as a script: its folder is on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 PLANES = 11
@@ -95,13 +95,6 @@ def _demo_stacks(workdir: Path) -> list[Path]:
     if not (stacks / "report.json").exists():
         extract_stacks([slide], stacks, size=64, planes=PLANES, augment=True)
     return [stacks]
-
-
-def _sync(dev) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def _networks(cfg: dict[str, Any], planes: int):
@@ -144,7 +137,7 @@ def _bare(sets, cfg: dict[str, Any], steps: int, n_critic: int, device: str) -> 
     D.train()
     times = []
     for _ in range(steps):
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         for _k in range(n_critic):
             with torch.no_grad():
@@ -164,10 +157,9 @@ def _bare(sets, cfg: dict[str, Any], steps: int, n_critic: int, device: str) -> 
         loss_G.backward()
         opt_G.step()
         D.requires_grad_(True)
-        _sync(dev)
+        sync(dev)
         times.append(time.perf_counter() - t0)
-    return {"s_per_iter": steady(times, drop_last=False),
-            "params_G": sum(p.numel() for p in G.parameters()), "params_D": sum(p.numel() for p in D.parameters())}
+    return bare_result(times, G, D)
 
 
 def _full(stack_dirs, out, cfg: dict[str, Any], steps: int, n_critic: int, device: str, threads: int) -> float:
