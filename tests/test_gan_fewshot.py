@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -13,7 +14,7 @@ from histosynth.cli import build_parser
 from histosynth.errors import HistosynthError
 from histosynth.gan import diffaugment as da
 from histosynth.gan import train as tg
-from histosynth.gan.train import train_gan, update_ema
+from histosynth.gan.train import ema_decay, train_gan, update_ema
 from histosynth.models import pix2pix as p2p
 from histosynth.models.pix2pix import GANLoss, define_D, gradient_penalty, load_gan
 from tests.test_train_gan import TINY, _write_set
@@ -191,6 +192,17 @@ def test_spectral_norm_on_every_layer_and_no_norm(kind):
 
 
 # -- EMA -----------------------------------------------------------------------------------------------------
+def test_ema_decay_warms_up_to_the_asked_decay():
+    """min(decay, (1 + t) / (10 + t)): 0.1 at the first update, rising, never above the asked decay."""
+    assert ema_decay(0.999, 0) == pytest.approx(0.1)
+    seq = [ema_decay(0.999, t) for t in range(20000)]
+    assert all(a <= b for a, b in zip(seq, seq[1:])) and max(seq) == 0.999
+    assert ema_decay(0.5, 100) == 0.5
+    # what the warm-up is for: after 700 updates the initial weights' share prod(d_t) is negligible
+    share = float(np.prod(seq[:700]))
+    assert share < 1e-6 and 0.999 ** 700 > 0.49
+
+
 def test_update_ema_averages_parameters_and_copies_buffers():
     model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
     ema = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
