@@ -85,11 +85,16 @@ def gan_parts(arms: tuple[str, ...]) -> tuple[str, ...]:
             *(f"segmentation/{arm}" for arm in arms))
 
 
-def copy_regime(base: Path, dest: Path, regime: str, seed: int, extra: tuple[str, ...] = ()) -> None:
-    """The inputs every variant shares, copied with their times (Snakemake: done, not to be redone)."""
+#: what every generator variant paints from: the regime's fitted models and its sampled masks
+SHARED = ("stats", "library", "models/dvae", "synthetic/masks")
+
+
+def copy_regime(base: Path, dest: Path, regime: str, seed: int, extra: tuple[str, ...] = (),
+                shared: tuple[str, ...] = SHARED) -> None:
+    """The inputs every variant shares (the tiles, patches, split, the regime's ``shared`` parts, its real
+    arm and ``extra``), copied with their times (Snakemake: done, not to be redone)."""
     parts = ["tiles", "patches", "split.csv"] + [
-        f"{regime}/{p}" for p in ("stats", "library", "models/dvae", "synthetic/masks",
-                                  f"segmentation/real/seed-{seed}", *extra)]
+        f"{regime}/{p}" for p in (*shared, f"segmentation/real/seed-{seed}", *extra)]
     for part in parts:
         src, dst = base / part, dest / part
         if dst.exists() or not src.exists():
