@@ -138,7 +138,8 @@ def _different(key: str, default):
     special = {"classes": {"Tumour": 1, "Immune": 5}, "catch_all": "Immune", "split.train": ["a"],
                "split.test": ["b"], "translate.options": ["pale", "dark", "pale"],
                "sample_masks.type_mix": {"Lymphocyte": 0.5}, "gan.diffaugment": ["color", "translation", "cutout"],
-               "gan.ema": 0.999, "daff.ops": ["flip", "cover"], "migan.lambda_l1": 1.0}
+               "gan.ema": 0.999, "daff.ops": ["flip", "cover"], "migan.lambda_l1": 1.0,
+               "rasterize.tissue_regions": {"tumor": 1, "stroma": 2}}
     if key in special:
         return special[key]
     if "enum" in node:
@@ -344,6 +345,8 @@ def test_every_rule_passes_changed_values(tmp_path):
     assert sampled and all(w[w.index("--tissue") + 1] == w[1].replace("stats/stats.json", "models/tissue/tissue.pt")
                            for w in sampled)
     trained = {x for w in commands if w[0] == "train-tissue" for x in w if x.endswith("models/tissue")}
+    # with rasterize.tissue_regions the tissue model learns the region labels of the rasterized sets
+    assert all("/patches/" in w[1] and "/tiles/" not in " ".join(w) for w in commands if w[0] == "train-tissue")
     assert any("/evidence/k-" in t for t in trained) and any("/evidence/" not in t for t in trained)
 
 
