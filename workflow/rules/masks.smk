@@ -259,7 +259,9 @@ if TISSUE["enabled"]:
 
     rule train_tissue:
         input:
-            lambda wc: expand(f"{RESULTS}/{TISSUE_SOURCE}/{{slide}}", slide=fit_slides(wc.fit)),
+            lambda wc: expand(
+                f"{RESULTS}/{TISSUE_SOURCE}/{{slide}}", slide=fit_slides(wc.fit)
+            ),
         output:
             model=f"{RESULTS}/{{fit}}models/tissue/tissue.pt",
             log_csv=f"{RESULTS}/{{fit}}models/tissue/log.csv",
