@@ -270,3 +270,47 @@ def test_camelyon_asap_groups_rasterize_onto_a_tile_grid(tmp_path):
     for (x, y, dd), m in zip(grid, ps.tissue):
         assert np.array_equal(m, _reference(polys, labels, x, y, dd, side, side))
     assert (ps.tissue[:] == 1).any() and set(np.unique(ps.tissue[:]).tolist()) <= {0, 1, 2, 3}
+
+
+# -- the demo slides' regions: the multi-label path end to end on data the project makes -----------------
+def test_demo_regions_rasterize_and_train(tmp_path):
+    from histosynth.slides.demo import make_demo_slides
+
+    table = make_demo_slides(tmp_path / "demo", n_slides=1, size=(512, 512), seed=3)
+    name = table.slide[0]
+    regions = tmp_path / "demo" / f"{name}.regions.geojson"
+    tile_slide(tmp_path / "demo" / f"{name}.tif", tmp_path / "tiles", TileParams(size=128, max_background=1.0))
+    assert main(["rasterize", str(tmp_path / "demo" / f"{name}.geojson"), str(tmp_path / "tiles"),
+                 str(tmp_path / "p"), "--classes", "Epithelial=1", "Lymphocyte=2", "Spindle=3",
+                 "--tissue-regions", "epithelium=1", "stroma=2", "--regions-file", str(regions)]) == 0
+    ps = read_patchset(tmp_path / "p", require=("inst", "types", "tissue"))
+    assert ps.report["tissue_regions"]["missing"] == [] and set(np.unique(ps.tissue[:]).tolist()) == {0, 1, 2}
+    # the regions are the layout the nuclei were placed in: epithelial nuclei lie on epithelium
+    types, tissue = ps.types[:], ps.tissue[:]
+    # and spindle nuclei on stroma, up to the 8 px grid the regions are traced on (epithelial nuclei sit at
+    # the basal side of the nests, so their outer pixels often reach into the stroma)
+    epithelial_on_epi, spindle_on_stroma = (tissue[types == 1] == 1).mean(), (tissue[types == 3] == 2).mean()
+    assert epithelial_on_epi > 0.6 and spindle_on_stroma > 0.9, (epithelial_on_epi, spindle_on_stroma)
+    assert (tissue[types == 3] == 1).mean() < 0.1
+    rep = ts.train_tissue([tmp_path / "p"], tmp_path / "m", size=(32, 32), nz=8, widths=(8, 4), ndf=4,
+                          batch_size=2, steps=2, log_every=1, sample_every=2, device="cpu")
+    assert rep["step"] == 2 and ts.load_tissue_model(tmp_path / "m" / "tissue.pt")[0].n_labels == 3
+
+
+def test_workflow_trains_the_tissue_model_on_the_demo_regions(tmp_path):
+    """The real DAG: demo slides (with their regions files) -> tiles -> rasterize --tissue-regions -> train_tissue."""
+    import yaml
+
+    from tests.test_workflow import TINY, snakemake
+
+    cfg = {**TINY, "rasterize": {"tissue_regions": {"epithelium": 1, "stroma": 2}},
+           "tissue": {"enabled": True, "size": [32, 32], "nz": 8, "widths": [8, 4], "ndf": 4, "steps": 2,
+                      "batch_size": 2, "log_every": 1, "sample_every": 2, "checkpoint_every": 2, "threads": 1}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    res = snakemake(tmp_path, "results/models/tissue/tissue.pt")
+    assert res.returncode == 0, res.stderr[-3000:]
+    patches = sorted((tmp_path / "results" / "patches").iterdir())
+    assert patches and all(read_patchset(p).report["tissue_classes"] == {"1": "epithelium", "2": "stroma"}
+                           for p in patches)
+    G, classes = ts.load_tissue_model(tmp_path / "results" / "models" / "tissue" / "tissue.pt")
+    assert classes == {1: "epithelium", 2: "stroma"} and G.n_labels == 3
