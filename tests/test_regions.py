@@ -178,7 +178,7 @@ def test_a_separate_regions_file_and_a_missing_class(tiles, tmp_path, caplog):
                              tissue_regions={"tissue": 1, "artifact": 2}, regions_file=regions)
     tr = rep["tissue_regions"]
     assert tr["separate_file"] and tr["polygons"] == {"tissue": 1, "artifact": 0}
-    assert tr["missing"] == ["artifact"] and tr["other_items"] == 1
+    assert tr["missing"] == ["artifact"] and tr["other_items"] == 1 and tr["parse"]["kept"] == 2
     assert "no polygon of the tissue region class 'artifact'" in caplog.text
     assert read_patchset(tmp_path / "p").tissue.sum() == 100 * 100
 

@@ -16,7 +16,8 @@ tissue / background groups), while the nuclei come from a cell-level tool. In a 
 items of classes not named are ignored (counted as ``other_items`` in the report); in the nuclei file
 they are nuclei as before. Either way, items of the region classes are taken OUT of the nuclei
 (``annotations.read(..., exclude_classes=...)``, counted as the parse report's ``excluded_classes``
-and logged): a tumour outline is never drawn as a giant nucleus. Class names are matched as nuclei
+and logged): a tumour outline is never drawn as a giant nucleus. (Regions in the nuclei file make the
+stage read that file twice, once for each; region files are small, nuclei files can be large.) Class names are matched as nuclei
 classes are: case-insensitively, ignoring the ``nuclei_`` / ``nucleus_`` / ``cell_`` prefixes.
 
 The file is read through the one annotation reader, so regions get its treatment: repaired when
@@ -194,4 +195,6 @@ def region_report(regions: Regions, pixels: Mapping[int, int], n_patches: int, w
         "pixels": {str(k): int(v) for k, v in sorted(pixels.items())},
         "patches": n_patches,
         "patches_with_regions": with_regions,
+        # the reader's counts (repaired, clipped, dropped items) of a separate regions file
+        **({"parse": regions.parse} if separate_file else {}),
     }
