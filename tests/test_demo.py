@@ -20,7 +20,8 @@ from histosynth.slides.demo import CLASS_COLORS, make_demo_slides
 from histosynth.errors import HistosynthError
 
 SIZE = (1024, 1024)
-FILES = {"demo-000.tif", "demo-000.geojson", "demo-001.tif", "demo-001.geojson", "slides.csv", "demo.json"}
+FILES = {"demo-000.tif", "demo-000.geojson", "demo-000.regions.geojson", "demo-001.tif", "demo-001.geojson",
+         "demo-001.regions.geojson", "slides.csv", "demo.json"}
 
 
 @pytest.fixture(scope="module")

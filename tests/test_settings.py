@@ -138,7 +138,8 @@ def _different(key: str, default):
     special = {"classes": {"Tumour": 1, "Immune": 5}, "catch_all": "Immune", "split.train": ["a"],
                "split.test": ["b"], "translate.options": ["pale", "dark", "pale"],
                "sample_masks.type_mix": {"Lymphocyte": 0.5}, "gan.diffaugment": ["color", "translation", "cutout"],
-               "gan.ema": 0.999, "daff.ops": ["flip", "cover"], "migan.lambda_l1": 1.0}
+               "gan.ema": 0.999, "daff.ops": ["flip", "cover"], "migan.lambda_l1": 1.0,
+               "rasterize.tissue_regions": {"tumor": 1, "stroma": 2}}
     if key in special:
         return special[key]
     if "enum" in node:
@@ -310,8 +311,9 @@ def _check_rules_pass_the_config(commands: list[list[str]], cfg: dict) -> set[st
 def test_every_rule_passes_the_config_values(tmp_path):
     """The shell commands of the DAG for config.yaml: every setting of each stage is a flag with the config's value."""
     cfg = _segmenting_a_demo_slide(validate_config(yaml.safe_load((REPO / "config.yaml").read_text())))
-    seen = _check_rules_pass_the_config(_rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence", "segment",
-                                                       "multifocus"), cfg)
+    commands = _rule_commands(tmp_path, cfg, "all", "dvae_sweep", "evidence", "segment", "multifocus")
+    seen = _check_rules_pass_the_config(commands, cfg)
+    assert not any("--regions-file" in w for w in commands)  # no rasterize.tissue_regions, no regions files
     # daff-library and train-daff-g1 run only with sample_masks.method daff (tests/test_daff_layout.py)
     assert seen == set(stage_parsers()) - {"slide-info", "export", "overlay", "check-config", "stain-styles",
                                            "gate-pairs", "serve", "train-tissue", "sample-tissue",
@@ -344,6 +346,12 @@ def test_every_rule_passes_changed_values(tmp_path):
     assert sampled and all(w[w.index("--tissue") + 1] == w[1].replace("stats/stats.json", "models/tissue/tissue.pt")
                            for w in sampled)
     trained = {x for w in commands if w[0] == "train-tissue" for x in w if x.endswith("models/tissue")}
+    # with rasterize.tissue_regions the demo slides' region files go to rasterize, and the tissue model learns
+    # the region labels of the rasterized sets
+    rasterized = [w for w in commands if w[0] == "rasterize"]
+    assert rasterized and all(w[w.index("--regions-file") + 1] == w[1].replace(".geojson", ".regions.geojson")
+                              for w in rasterized)
+    assert all("/patches/" in w[1] and "/tiles/" not in " ".join(w) for w in commands if w[0] == "train-tissue")
     assert any("/evidence/k-" in t for t in trained) and any("/evidence/" not in t for t in trained)
 
 

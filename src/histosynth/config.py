@@ -28,7 +28,9 @@ if TYPE_CHECKING:  # pandas and jsonschema load on use: the CLI reads the schema
 SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 SCHEMA_RESOURCE = "config.schema.yaml"
 
-SLIDE_COLUMNS = ["slide", "image", "annotations", "mpp", "stain"]
+#: regions: a slide's tissue-region annotation file (rasterize --regions-file, read with rasterize.tissue_regions;
+#: None: the regions are read from its annotations file)
+SLIDE_COLUMNS = ["slide", "image", "annotations", "mpp", "stain", "regions"]
 
 #: stain styles of the demo slides, slide i gets DEMO_STAINS[i % 2] (histosynth.slides.demo)
 DEMO_STAINS = ("pale", "dark")
@@ -172,6 +174,8 @@ def slide_table(config: dict, workdir: str | os.PathLike = ".") -> pd.DataFrame:
                 "annotations": [f"{results}/demo/{n}.geojson" for n in names],
                 "mpp": [None] * len(names),
                 "stain": [DEMO_STAINS[i % len(DEMO_STAINS)] for i in range(len(names))],
+                # the demo's epithelium / stroma outlines (histosynth.slides.demo)
+                "regions": [f"{results}/demo/{n}.regions.geojson" for n in names],
             }
         )
     elif slides["source"] == "table":
@@ -184,7 +188,8 @@ def slide_table(config: dict, workdir: str | os.PathLike = ".") -> pd.DataFrame:
         names = [Path(f).stem for f in files]
         rel = [os.path.relpath(f, workdir) for f in files]
         ann = [slides["annotations"].format(slide=n) if slides["annotations"] else None for n in names]
-        df = pd.DataFrame({"slide": names, "image": rel, "annotations": ann, "mpp": None, "stain": None})
+        df = pd.DataFrame({"slide": names, "image": rel, "annotations": ann, "mpp": None, "stain": None,
+                           "regions": None})
     dupes = df["slide"][df["slide"].duplicated()].tolist()
     if dupes:
         raise HistosynthError(f"slide names must be unique; repeated: {sorted(set(dupes))}", "config.yaml")
@@ -201,7 +206,8 @@ def _read_table(path: Path) -> pd.DataFrame:
         raise HistosynthError("slide table not found", path)
     sep = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     try:
-        df = pd.read_csv(path, sep=sep, dtype={"slide": str, "image": str, "annotations": str, "stain": str})
+        df = pd.read_csv(path, sep=sep, dtype={"slide": str, "image": str, "annotations": str, "stain": str,
+                                                   "regions": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise HistosynthError(f"unreadable slide table: {err}", path) from err
     missing = {"slide", "image"} - set(df.columns)
@@ -214,7 +220,7 @@ def _read_table(path: Path) -> pd.DataFrame:
         if col not in df.columns:
             df[col] = None
     base = path.parent
-    for col in ("image", "annotations"):
+    for col in ("image", "annotations", "regions"):
         df[col] = [
             None if pd.isna(v) else (v if os.path.isabs(v) else os.path.normpath(os.path.join(base, v)))
             for v in df[col]

@@ -65,6 +65,20 @@ def slide_annotations(slide):
     return [] if path is None else [path]
 
 
+def slide_regions(wildcards):
+    """The slide's tissue-region file as a one-item list where rasterize.tissue_regions is set and the slide
+    table names one (else the regions come from the annotations file, or there are none): [].
+    """
+    path = slide_row(wildcards.slide)["regions"]
+    return [path] if path is not None and config["rasterize"]["tissue_regions"] else []
+
+
+def regions_flag(wildcards):
+    """--regions-file FILE where slide_regions names one, else nothing."""
+    regions = slide_regions(wildcards)
+    return f"--regions-file {shlex.quote(str(regions[0]))}" if regions else ""
+
+
 def mpp_flag(wildcards):
     """--mpp-fallback from the slide table's mpp, else the config's, else nothing."""
     mpp = slide_row(wildcards.slide)["mpp"]

@@ -6,6 +6,7 @@ rule demo_slides:
         table=f"{RESULTS}/demo/slides.csv",
         images=expand(f"{RESULTS}/demo/{{slide}}.tif", slide=DEMO_NAMES),
         annotations=expand(f"{RESULTS}/demo/{{slide}}.geojson", slide=DEMO_NAMES),
+        regions=expand(f"{RESULTS}/demo/{{slide}}.regions.geojson", slide=DEMO_NAMES),
     log:
         f"{RESULTS}/logs/demo_slides.log",
     conda:

@@ -253,10 +253,15 @@ TISSUE_OUTPUTS = (
 
 if TISSUE["enabled"]:
 
-    # per regime, like every fitted stage: the tiles of the regime's own train slides
+    # per regime, like every fitted stage: the regime's own train slides; their tiles (grey > 204 = air), or,
+    # with rasterize.tissue_regions, their rasterized patch sets, whose tissue.npy holds the region labels
+    TISSUE_SOURCE = "patches" if config["rasterize"]["tissue_regions"] else "tiles"
+
     rule train_tissue:
         input:
-            lambda wc: expand(f"{RESULTS}/tiles/{{slide}}", slide=fit_slides(wc.fit)),
+            lambda wc: expand(
+                f"{RESULTS}/{TISSUE_SOURCE}/{{slide}}", slide=fit_slides(wc.fit)
+            ),
         output:
             model=f"{RESULTS}/{{fit}}models/tissue/tissue.pt",
             log_csv=f"{RESULTS}/{{fit}}models/tissue/log.csv",

@@ -5,6 +5,7 @@ rule rasterize:
     input:
         annotations=lambda wc: slide_annotations(wc.slide),
         tiles=f"{RESULTS}/tiles/{{slide}}",
+        regions=slide_regions,
     output:
         patches=directory(f"{RESULTS}/patches/{{slide}}"),
         overlay=report(
@@ -22,9 +23,10 @@ rule rasterize:
         runtime=30,
     params:
         flags=flags("rasterize"),
+        regions=regions_flag,
     shell:
         "python -m histosynth rasterize {input.annotations:q} {input.tiles:q} {output.patches:q}"
-        " {params.flags} --overlay {output.overlay:q} > {log:q} 2>&1"
+        " {params.flags} {params.regions} --overlay {output.overlay:q} > {log:q} 2>&1"
 
 
 rule split:

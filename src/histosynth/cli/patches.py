@@ -24,6 +24,12 @@ def _add_rasterize(sub: argparse._SubParsersAction) -> None:
                help="stop when the reader drops more than this fraction of the file's items (all: always)")
     add_option(p, "--max-vertices", key="rasterize.max_vertices", type=int,
                help="the most vertices one outline may have (a longer one: the file is refused as corrupt)")
+    add_option(p, "--tissue-regions", key="rasterize.tissue_regions", nargs="*", metavar="NAME=LABEL",
+               help="annotation classes that are tissue regions, not nuclei: filled into tissue.npy with these "
+                    "labels (1..255; outside every region 0 = air; the smallest region wins where they overlap)")
+    p.add_argument("--regions-file", metavar="FILE",
+                   help="read the --tissue-regions polygons from this annotation file (any format; e.g. an ASAP "
+                        "XML of tissue groups) instead of from the nuclei's file")
     p.add_argument("--overlay", metavar="PNG", help="also draw outlines on a few patches into this PNG")
     add_option(p, "--overlay-per-slide", key="rasterize.overlay_per_slide", type=int,
                help="patches drawn in the --overlay PNG")
@@ -34,11 +40,13 @@ def _run_rasterize(args: argparse.Namespace) -> None:
     from histosynth.patches.export import overlay
     from histosynth.io.labels import parse_class_map, read_class_map
     from histosynth.patches.annotate import rasterize_patchset
+    from histosynth.patches.regions import parse_tissue_regions
 
     class_map = parse_class_map(args.classes)
     catch_all = int(args.catch_all) if args.catch_all and args.catch_all.isdigit() else args.catch_all
     rasterize_patchset(args.annotations, args.tiles_dir, args.out_dir, class_map, catch_all,
-                       max_dropped_fraction=args.max_dropped_fraction, max_vertices=args.max_vertices)
+                       max_dropped_fraction=args.max_dropped_fraction, max_vertices=args.max_vertices,
+                       tissue_regions=parse_tissue_regions(args.tissue_regions), regions_file=args.regions_file)
     if args.overlay:
         names = read_class_map(class_map) if class_map else None
         overlay(args.out_dir, args.overlay, per_slide=args.overlay_per_slide, class_names=names)

@@ -6,7 +6,8 @@ seed's threshold; :class:`histosynth.slides.tiling.TileParams`). Cleaning rule: 
 components smaller than ``min_area`` pixels become air, and air holes smaller than ``min_area`` become
 tissue (specks of stain and pale nuclei interiors are not layout). A patch set that already holds a
 ``tissue.npy`` (multi-label, e.g. regions from annotations) is used as it is, with its
-``report.json`` ``tissue_classes``.
+``report.json`` ``tissue_classes`` (``histosynth rasterize --tissue-regions``:
+:mod:`histosynth.patches.regions`). Masks that are all air, every one of them, are an error.
 
 **Training** (:func:`train_tissue`): ``kind`` ``depas`` or the ``dcgan`` baseline
 (:mod:`histosynth.models.depas`), Adam (lr 2e-4, β 0.5, 0.999; the paper's), batch ``batch_size``
@@ -110,6 +111,12 @@ def load_tissue_masks(patch_sets: Sequence[str | os.PathLike], classes: Mapping[
     out = np.concatenate(masks).astype(np.uint8)
     if len(out) == 0:
         raise HistosynthError("the patch sets hold no patches: " + ", ".join(map(str, patch_sets)))
+    if not out.any():
+        raise HistosynthError(
+            f"every tissue mask of the {len(out)} patches is air (label 0) - nothing to learn a layout from: "
+            "with tissue regions (rasterize --tissue-regions), no file had a polygon of the classes "
+            f"{class_map_to_json(want)} on a tile (see report.json tissue_regions: missing, "
+            "patches_with_regions); from tiles, every tile is blank: " + ", ".join(map(str, patch_sets)))
     return out, want
 
 

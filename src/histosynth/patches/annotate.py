@@ -20,12 +20,21 @@ point annotations -, degenerate, ...), or one of whose items more than
 cause: outlines outside the slide are compared with the slide's size
 (coordinates at another level or magnification?). Unknown class names are
 already an error of the reader (unless a catch-all class takes them).
+
+With ``tissue_regions`` (``--tissue-regions tumor=1 stroma=2``, the schema's
+``rasterize.tissue_regions``) the polygons of those classes - from the same
+file, or from ``regions_file`` - are not nuclei: they are filled into the
+set's ``tissue.npy`` (uint8, 0 = air) and named by ``report.json``
+``tissue_classes``; the rules are :mod:`histosynth.patches.regions`'. The
+report's ``tissue_regions`` counts polygons per class, the classes with none
+(``missing``), pixels per label and the patches with any region.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Mapping
 
 import numpy as np
@@ -34,6 +43,7 @@ from histosynth.errors import HistosynthError
 from histosynth.io import annotations
 from histosynth.io.labels import DEFAULT_CLASS, class_columns, class_map_to_json
 from histosynth.io.patchset import PatchSetWriter, read_patchset
+from histosynth.patches import regions as tissue_regions_
 from histosynth.patches.rasterize import rasterize_tiles
 
 log = logging.getLogger(__name__)
@@ -67,33 +77,46 @@ def rasterize_patchset(
     mpp_tolerance: float = 0.05,
     max_dropped_fraction: float = MAX_DROPPED_FRACTION,
     max_vertices: int | None = None,
+    tissue_regions: Mapping[str, int] | None = None,
+    regions_file: str | os.PathLike | None = None,
 ) -> dict:
     """Write the typed patch set of one slide; returns its report.
 
     ``max_vertices``: the most vertices one outline may have (None: the reader's
     ``MAX_VERTICES``, the schema's ``rasterize.max_vertices``).
+    ``tissue_regions``: ``{class name: tissue label}`` of region classes drawn
+    into ``tissue.npy`` instead of as nuclei, read from ``regions_file`` when
+    given, else from ``annotation_path`` (:mod:`histosynth.patches.regions`).
 
     Raises :class:`HistosynthError`, writing nothing, when the annotation file
     yields too little (see :func:`check_dropped`).
     """
     if not 0.0 <= max_dropped_fraction <= 1.0:
         raise HistosynthError(f"max_dropped_fraction must be between 0 and 1, got {max_dropped_fraction}")
+    if regions_file is not None and not tissue_regions:
+        raise HistosynthError("a regions file was given without --tissue-regions (rasterize.tissue_regions) "
+                              "naming its classes", regions_file)
+    region_map = tissue_regions_.parse_tissue_regions(tissue_regions)
     tiles = read_patchset(tiles_dir, require=("images",))
     slide_info = tiles.report.get("slide", {})
     dims = slide_info.get("dimensions")
     slide_size = (int(dims[0]), int(dims[1])) if dims else None
     aset = annotations.read(annotation_path, class_map, catch_all=catch_all, slide_size=slide_size,
-                            max_vertices=max_vertices)
+                            max_vertices=max_vertices, exclude_classes=list(region_map))
     check_dropped(aset, slide_size, max_dropped_fraction)
-    slide_mpp = slide_info.get("mpp")
-    if aset.mpp and slide_mpp:
-        ratio = aset.mpp / float(np.mean(slide_mpp))
-        if abs(ratio - 1) > mpp_tolerance:
-            raise HistosynthError(
-                f"the annotations state {aset.mpp:.4g} um/px but the slide has {np.mean(slide_mpp):.4g} um/px: "
-                "they were drawn on another scan or level",
-                annotation_path,
-            )
+    _check_mpp(aset.mpp, slide_info, mpp_tolerance, annotation_path)
+    regions = None
+    if region_map:
+        separate = regions_file is not None
+        regions = tissue_regions_.read_regions(regions_file if separate else annotation_path, region_map,
+                                               separate_file=separate, slide_size=slide_size,
+                                               max_vertices=max_vertices)
+        if separate:
+            _check_mpp(regions.mpp, slide_info, mpp_tolerance, regions_file)
+        n_excluded = aset.report.get("excluded_classes", 0)
+        if n_excluded:
+            log.info("%s: %d items of the tissue region classes %s taken out of the nuclei", annotation_path,
+                     n_excluded, ", ".join(region_map))
     columns = class_columns(class_map)
     unknown_types = sorted({n.type_id for n in aset.nuclei} - set(columns))
     if unknown_types:
@@ -105,7 +128,11 @@ def rasterize_patchset(
     h, w = tiles.images.shape[1:3]
     totals = {"overlap_pixels": 0, "hidden_nuclei": 0, "instances": 0}
     seen = np.zeros(len(polygons), dtype=bool)
-    with PatchSetWriter(out_dir, ("images", "inst", "types"), (h, w),
+    arrays = ("images", "inst", "types") + (("tissue",) if regions is not None else ())
+    region_maps = tissue_regions_.region_maps(regions, boxes) if regions is not None else None
+    region_pixels: Counter = Counter()
+    with_regions = 0
+    with PatchSetWriter(out_dir, arrays, (h, w),
                         extra_columns=tuple(c for c in index.columns) + tuple(columns.values())) as writer:
         for i, (inst, types, info) in enumerate(rasterize_tiles(polygons, type_ids, boxes)):
             row = index.iloc[i].to_dict()
@@ -113,7 +140,14 @@ def rasterize_patchset(
             counts = info.get("type_counts", {})
             for tid, col in columns.items():
                 row[col] = int(counts.get(tid, 0))
-            writer.add(row, images=tiles.images[i], inst=inst, types=types)
+            extra = {}
+            if region_maps is not None:
+                tissue = next(region_maps)
+                labels, n = np.unique(tissue, return_counts=True)
+                region_pixels.update(dict(zip(labels.tolist(), n.tolist())))
+                with_regions += bool(tissue.any())
+                extra["tissue"] = tissue
+            writer.add(row, images=tiles.images[i], inst=inst, types=types, **extra)
             totals["overlap_pixels"] += int(info.get("overlap_pixels", 0))
             totals["hidden_nuclei"] += int(info.get("n_hidden", 0))
             totals["instances"] += int(info["n_nuclei"])
@@ -135,6 +169,13 @@ def rasterize_patchset(
             "patches": len(index),
             "classes": class_map_to_json(class_map or {DEFAULT_CLASS: 1}),
         }
+        if regions is not None:
+            report["tissue_classes"] = tissue_regions_.tissue_classes(region_map)
+            report["tissue_regions"] = tissue_regions_.region_report(
+                regions, region_pixels, len(index), with_regions, separate_file=regions_file is not None)
+            if not with_regions:
+                log.warning("%s: no patch of this slide holds any tissue region of %s (tissue.npy is all air)",
+                            regions.path, ", ".join(region_map))
         writer.report = report
     log.info(
         "%s: %d nuclei read (%s), %d on kept tiles, %d on none (background or outside the tiled area); "
@@ -143,6 +184,19 @@ def rasterize_patchset(
         totals["instances"], len(index), totals["overlap_pixels"], totals["hidden_nuclei"],
     )
     return report
+
+
+def _check_mpp(mpp: float | None, slide_info: Mapping, tolerance: float, path: str | os.PathLike) -> None:
+    """Refuse annotations that state another resolution than the slide's."""
+    slide_mpp = slide_info.get("mpp")
+    if mpp and slide_mpp:
+        ratio = mpp / float(np.mean(slide_mpp))
+        if abs(ratio - 1) > tolerance:
+            raise HistosynthError(
+                f"the annotations state {mpp:.4g} um/px but the slide has {np.mean(slide_mpp):.4g} um/px: "
+                "they were drawn on another scan or level",
+                path,
+            )
 
 
 def check_dropped(
@@ -163,6 +217,12 @@ def check_dropped(
             f"the annotation file holds no annotations ({aset.format}, 0 items): nothing to rasterise; a slide "
             "without annotations is declared by giving it no annotation file (an empty annotations cell in the "
             "slide table), and it is then tiled but not rasterised", aset.path
+        )
+    if not kept and rep.get("excluded_classes", 0) and not any(rep.get(key, 0) for key in DROPPED):
+        raise HistosynthError(
+            f"the annotation file holds only tissue regions ({rep['excluded_classes']} items of the "
+            "--tissue-regions classes), no nuclei: rasterize needs nucleus outlines (give the regions as "
+            "--regions-file next to a nuclei file)", aset.path
         )
     dropped = {key: rep[key] for key in DROPPED if rep.get(key, 0)}
     n_dropped = sum(dropped.values())

@@ -106,7 +106,9 @@ when ``class_map`` is None; then every type id is 1). Names that match nothing
 raise one :class:`~histosynth.errors.HistosynthError` listing every unknown
 name with its count, unless ``catch_all`` names a class of ``class_map`` (or a
 type id), in which case they get that class and are counted in
-``report["catch_all"]``.
+``report["catch_all"]``. Names matching ``exclude_classes`` (the same way) are not
+nuclei at all (tissue regions: :mod:`histosynth.patches.regions`): left out
+before the mapping and counted as ``report["excluded_classes"]``.
 
 Bad input
 ---------
@@ -163,7 +165,7 @@ loop over it, at a peak memory of about the 100,000 polygons themselves.
 
 from __future__ import annotations
 
-from histosynth.io.annotations._classes import CLASS_PREFIXES, normalise_class_name
+from histosynth.io.annotations._classes import CLASS_PREFIXES, normalise_class_name, strip_prefix
 from histosynth.io.annotations._detect import detect_format
 from histosynth.io.annotations._geometry import instance_polygons
 from histosynth.io.annotations._model import AnnotationSet, Nucleus
@@ -182,5 +184,6 @@ __all__ = [
     "read",
     "read_coco_all",
     "read_geojson_points",
+    "strip_prefix",
     "write_geojson",
 ]

@@ -19,7 +19,8 @@ def normalise_class_name(name: Any) -> str:
     return " ".join(str(name).split()).casefold()
 
 
-def _strip_prefix(n: str) -> str:
+def strip_prefix(n: str) -> str:
+    """``n`` without a known prefix (:data:`CLASS_PREFIXES`), when something is left."""
     for p in CLASS_PREFIXES:
         if n.startswith(p) and len(n) > len(p):
             return n[len(p) :]
@@ -67,7 +68,7 @@ class ClassMapper:
         n = normalise_class_name(raw)
         hit = self.map.get(n)
         if hit is None:
-            s = _strip_prefix(n)
+            s = strip_prefix(n)
             if s != n:
                 hit = self.map.get(s)
         return hit
@@ -77,7 +78,7 @@ class ClassMapper:
         unknown: Counter = Counter()
         table: dict[str, tuple[str, int, str]] = {}
         for raw, count in Counter(raw_names).items():  # each distinct name once
-            src = _strip_prefix(normalise_class_name(raw))
+            src = strip_prefix(normalise_class_name(raw))
             if self.map is None:
                 table[raw] = (src, 1, src)
                 continue

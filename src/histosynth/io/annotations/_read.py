@@ -6,7 +6,7 @@ import gc
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import shapely
 
 from histosynth.errors import HistosynthError
 from histosynth.io.annotations import _detect
-from histosynth.io.annotations._classes import ClassMapper
+from histosynth.io.annotations._classes import ClassMapper, normalise_class_name, strip_prefix
 from histosynth.io.annotations._detect import check_file, classify_json, detect, load_json
 from histosynth.io.annotations._geometry import largest_polygon, nonfinite_error
 from histosynth.io.annotations._model import AnnotationSet, Nucleus, Parsed
@@ -67,6 +67,7 @@ def read(
     image: str | int | None = None,
     offset: tuple[float, float] = (0.0, 0.0),
     max_vertices: int | None = None,
+    exclude_classes: Iterable[str] = (),
 ) -> AnnotationSet:
     """Read nucleus outlines from ``path`` (any of :data:`FORMATS`).
 
@@ -77,14 +78,19 @@ def read(
     another pixel origin (e.g. (0.5, 0.5) for pycococreator COCO files).
     ``max_vertices`` is the most vertices one outline may have (holes
     included; default ``_detect.MAX_VERTICES``, 1,000,000): a larger one is a
-    HistosynthError naming the item.
+    HistosynthError naming the item. ``exclude_classes``: class names (matched
+    like ``class_map`` keys: case-insensitive, known prefixes removed) whose
+    items are not nuclei - e.g. the tissue-region classes of
+    ``histosynth.patches.regions`` -, left out before the class mapping (so
+    they need no ``class_map`` entry) and counted as ``excluded_classes``.
     """
     p = Path(path)
     if fmt is not None and fmt not in FORMATS:
         raise HistosynthError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}", p)
     limit = _vertex_limit(max_vertices, p)
     with _gc_paused():
-        return _read(p, class_map, catch_all, slide_size, fmt, types, image, offset, limit)
+        return _read(p, class_map, catch_all, slide_size, fmt, types, image, offset, limit,
+                     _exclusion(exclude_classes))
 
 
 @contextmanager
@@ -115,6 +121,7 @@ def _read(
     image: str | int | None,
     offset: tuple[float, float],
     max_vertices: int,
+    exclude: frozenset[str] = frozenset(),
 ) -> AnnotationSet:
     mapper = ClassMapper(class_map, catch_all, p)
     size = _check_slide_size(slide_size, p)
@@ -143,7 +150,18 @@ def _read(
         images, cats, by_image = coco_images(data, p)
         iid = select_coco_image(images, by_image, image, p)
         parsed = parse_coco_image(by_image.get(iid, []), cats, images.get(iid), p)
-    return _finish(p, fmt, parsed, mapper, size, offset=offset, max_vertices=max_vertices)
+    return _finish(p, fmt, parsed, mapper, size, offset=offset, max_vertices=max_vertices, exclude=exclude)
+
+
+def _exclusion(names: Iterable[str]) -> frozenset[str]:
+    """Class names to leave out, in the form :func:`_class_key` gives the file's names."""
+    if isinstance(names, str):
+        names = (names,)
+    return frozenset(_class_key(n) for n in names)
+
+
+def _class_key(name: Any) -> str:
+    return strip_prefix(normalise_class_name(name))
 
 
 def read_coco_all(
@@ -240,6 +258,7 @@ def _finish(
     item: str | None = None,
     offset: tuple[float, float] = (0.0, 0.0),
     max_vertices: int | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> AnnotationSet:
     """Validate, repair, clip, map classes and number the parsed items."""
     rep = parsed.report
@@ -293,6 +312,10 @@ def _finish(
 
     keep = np.flatnonzero(shapely.is_geometry(g)).tolist()
     pnames, prefs = parsed.names, parsed.refs
+    if exclude:
+        n_before = len(keep)
+        keep = [i for i in keep if _class_key(pnames[i]) not in exclude]
+        rep["excluded_classes"] += n_before - len(keep)
     names, tids, srcs = mapper.resolve([pnames[i] for i in keep], rep)
     kept = g[keep].tolist()
     nuclei = [

@@ -48,7 +48,7 @@ from histosynth import __version__
 from histosynth.errors import HistosynthError
 from histosynth.slides.demo.model import STYLES, _Slide
 from histosynth.slides.demo.nuclei import _CLASS_NAMES, CLASS_COLORS
-from histosynth.slides.demo.write import _write_geojson, _write_tiff
+from histosynth.slides.demo.write import _write_geojson, _write_regions, _write_tiff
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,12 @@ def make_demo_slides(
     * ``demo-XXX.geojson`` — FeatureCollection, one Polygon per nucleus in
       level-0 pixels, ``properties.classification.name`` in
       Epithelial / Lymphocyte / Spindle;
+    * ``demo-XXX.regions.geojson`` — the tissue regions of the layout, one
+      Polygon per piece, classified ``epithelium`` / ``stroma``, traced on a
+      8 px grid (:meth:`_Slide.regions`): a regions file for
+      ``histosynth rasterize --regions-file ... --tissue-regions epithelium=1
+      stroma=2`` (multi-label tissue layouts, seed 002). Not in ``slides.csv``
+      (the slide table names the nuclei file only);
     * ``slides.csv`` — ``slide,image,annotations,stain,mpp,width,height,n_nuclei``
       (paths relative to ``out_dir``), also returned as a DataFrame;
     * ``demo.json`` — generation parameters and per-class counts.
@@ -156,6 +162,7 @@ def make_demo_slides(
             )
             levels = _write_tiff(slide, staging / f"{name}.tif", staging, tile, quality, desc, bar)
             _write_geojson(staging / f"{name}.geojson", nu, seed, k)
+            n_regions = _write_regions(staging / f"{name}.regions.geojson", slide.regions())
             rows.append(
                 {
                     "slide": name,
@@ -177,6 +184,7 @@ def make_demo_slides(
                     "counts": counts,
                     "dropped_tiny": nu.dropped,
                     "tissue_fraction_target": round(slide.tissue_frac, 4),
+                    "regions": {"file": f"{name}.regions.geojson", "polygons": n_regions},
                 }
             )
             del slide
@@ -196,7 +204,8 @@ def make_demo_slides(
             "slides": per_slide,
         }
         (staging / "demo.json").write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
-        names = [f for r in rows for f in (r["image"], r["annotations"])] + ["slides.csv", "demo.json"]
+        names = [f for r in rows for f in (r["image"], r["annotations"], f"{r['slide']}.regions.geojson")]
+        names += ["slides.csv", "demo.json"]
         for f in names:
             os.replace(staging / f, out / f)
     except BaseException:

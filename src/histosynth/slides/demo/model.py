@@ -14,9 +14,13 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 import shapely
+import shapely.affinity
 
 from histosynth.slides.demo.noise import _grain, _grain2, _hash2, _Noise, _ramp, _smoothstep, _value, _white
 from histosynth.slides.demo.nuclei import _COORD_GRID, _EPI, _LYM, _SPI, _largest, _Nuclei, _raster
+
+#: level-0 pixels per cell of the grid the demo's tissue regions are traced on (2 um at 0.25 um/px)
+REGION_STEP = 8
 
 @dataclass(frozen=True)
 class _Style:
@@ -483,6 +487,36 @@ class _Slide:
         return _Nuclei(
             coords, ring_off, poly_off, cls, bbox, xs[idx], ys[idx], a[idx], b[idx], dens, seeds, int(n - k)
         )
+
+    # ---------------------------------------------------------------- regions
+
+    def regions(self, step: int = REGION_STEP) -> dict[str, list[Any]]:
+        """Tissue-region outlines ``{"epithelium": [...], "stroma": [...]}`` (shapely Polygons, level-0 px).
+
+        The layout's own zones on a grid of ``step`` px cells: a cell is tissue where the tissue ramp is
+        above one half (the rendered tissue edge), epithelium where the epithelium ramp is too (nests and
+        glands, lumens included), stroma where it is tissue and not epithelium. Each 8-connected piece is
+        one polygon traced along the cell edges (holes kept), so the regions are exact on that grid and
+        within ``step`` px of the rendered zones (air, vessels and lymphoid aggregates are not regions).
+        """
+        from scipy import ndimage
+
+        from histosynth.io.annotations import instance_polygons
+
+        h, w = -(-self.H // step), -(-self.W // step)
+        ev, X, Y = self._ev("grid", 0, 0, h, w, step=step)
+        z = self._zones(ev, X, Y)
+        tissue = z["tissue"] > 0.5
+        epi = tissue & (z["epi"] > 0.5)
+        out: dict[str, list[Any]] = {}
+        for name, cells in (("epithelium", epi), ("stroma", tissue & ~epi)):
+            lab, _ = ndimage.label(cells, structure=np.ones((3, 3), bool))
+            _, polys, _ = instance_polygons(lab)
+            slide = shapely.box(0, 0, self.W, self.H)
+            scaled = [shapely.affinity.scale(p, step, step, origin=(0, 0)) for p in polys]
+            # the last row / column of cells may run past a slide whose size is not a multiple of step
+            out[name] = [p if shapely.covered_by(p, slide) else shapely.intersection(p, slide) for p in scaled]
+        return out
 
     # ---------------------------------------------------------------- rendering
 

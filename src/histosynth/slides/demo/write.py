@@ -138,3 +138,24 @@ def _write_geojson(path: Path, nuclei: _Nuclei, seed: int, index: int) -> None:
         if buf:
             f.write((b"," if n > len(buf) else b"") + b",".join(buf))
         f.write(b"]}")
+
+
+#: the classes of the demo's tissue-region outlines (``NAME.regions.geojson``) and their colours
+REGION_COLORS = {"epithelium": (200, 0, 200), "stroma": (150, 200, 150)}
+
+
+def _write_regions(path: Path, regions: dict[str, list[Any]]) -> dict[str, int]:
+    """QuPath-style FeatureCollection of the tissue regions (:meth:`_Slide.regions`); polygons per class."""
+    import shapely.geometry
+
+    feats = []
+    for name, polys in regions.items():
+        for p in polys:
+            feats.append({
+                "type": "Feature",
+                "geometry": shapely.geometry.mapping(p),
+                "properties": {"objectType": "annotation",
+                               "classification": {"name": name, "color": list(REGION_COLORS[name])}},
+            })
+    path.write_bytes(orjson.dumps({"type": "FeatureCollection", "features": feats}))
+    return {name: len(polys) for name, polys in regions.items()}
