@@ -26,7 +26,8 @@ same masks, same real arm, same test patches. For each variant:
 A variant is a name from VARIANTS: its ``gan.*`` (and ``gate.*``) settings laid over the preset. ``unet``
 is the evidence run's own GAN (reused, not retrained: its steps and seconds are recorded); ``NAME+few``
 adds the few-image training (DiffAugment translation + cutout + colour, EMA 0.999); ``unet+gate`` trains
-real+synthetic on the unet's pairs kept by the quality gate. Rerunning skips what is done (Snakemake).
+real+synthetic on the unet's pairs kept by the quality gate. Rerunning skips what is done (Snakemake, by file
+times only: delete a variant's folder to redo it).
 """
 
 from __future__ import annotations
@@ -145,8 +146,10 @@ def probe_seconds(cfg: dict, patches: Path, work: Path, n_steps: int, threads: i
 
 
 def snakemake(config_path: Path, targets: list[str], log: Path, cores: int) -> None:
+    """The variant's targets; only missing or older outputs rerun (``--rerun-triggers mtime``): the copied regime
+    is reused as it is even where the rules' code changed since (delete a variant's folder to redo it)."""
     run([sys.executable, "-m", "snakemake", *targets, "--cores", str(cores), "--resources", "gpu=1",
-         "--configfile", str(config_path), "--rerun-triggers", "mtime", "params", "input", "code"], log=log)
+         "--configfile", str(config_path), "--rerun-triggers", "mtime"], log=log)
 
 
 def image_row(name: str, out: Path, regime: str, steps: int, s_iter: float) -> dict:
