@@ -132,6 +132,10 @@ def _check_semantics(config: dict, source: str) -> None:
         raise HistosynthError("key 'slides.images': needed when slides.source is 'glob'", source)
     if slides["source"] == "glob" and slides["annotations"] and "{slide}" not in slides["annotations"]:
         raise HistosynthError("key 'slides.annotations': the pattern needs '{slide}'", source)
+    if slides["source"] == "patches":
+        for key in ("images", "inst", "mpp"):
+            if slides["patches"][key] is None:
+                raise HistosynthError(f"key 'slides.patches.{key}': needed when slides.source is 'patches'", source)
     if (config.get("gan") or {}).get("tissue_channel") and not (config.get("tissue") or {}).get("enabled"):
         raise HistosynthError("key 'gan.tissue_channel': needs tissue.enabled: true (the GAN paints the synthetic "
                               "masks inside their tissue layouts, which only the tissue model gives them)", source)
@@ -176,6 +180,8 @@ def slide_table(config: dict, workdir: str | os.PathLike = ".") -> pd.DataFrame:
         )
     elif slides["source"] == "table":
         df = _read_table(Path(workdir) / slides["table"])
+    elif slides["source"] == "patches":
+        df = _patch_groups_table(slides["patches"], workdir)
     else:
         pattern = slides["images"]
         files = sorted(glob.glob(str(Path(workdir) / pattern)))
@@ -192,6 +198,43 @@ def slide_table(config: dict, workdir: str | os.PathLike = ".") -> pd.DataFrame:
     if bad:
         raise HistosynthError(f"slide names must be plain file names; bad: {bad}", "config.yaml")
     return df.reset_index(drop=True)
+
+
+def _patch_groups_table(patches: dict, workdir: str | os.PathLike) -> pd.DataFrame:
+    """Source patches: one row per group of the dataset (histosynth.patches.importer.find_patch_groups).
+
+    ``image`` is the images glob and ``annotations`` the instance-map pattern (every group is annotated, so
+    the split takes them all); ``mpp`` the dataset's. The files of a group: :func:`patch_group_files`.
+    """
+    import pandas as pd
+
+    groups = patch_group_files(patches, workdir)
+    names = list(groups)
+    return pd.DataFrame({"slide": names, "image": [patches["images"]] * len(names),
+                         "annotations": [patches["inst"]] * len(names), "mpp": [patches["mpp"]] * len(names),
+                         "stain": [None] * len(names)}, dtype=object)
+
+
+def patch_group_files(patches: dict, workdir: str | os.PathLike = ".") -> dict[str, list[str]]:
+    """group -> the paths of its images, inst maps and types files (those that exist; a missing one is the
+    import job's error, which names it), for a validated config's ``slides.patches``."""
+    from histosynth.patches.importer import companion, find_patch_groups
+
+    try:
+        groups = find_patch_groups(patches["images"], patches["group_regex"], root=workdir)
+    except HistosynthError as err:
+        raise HistosynthError(f"slides.patches: {err}", "config.yaml") from err
+    out: dict[str, list[str]] = {}
+    for name, files in groups.items():
+        paths = [str(f) for f in files]
+        for f in files:
+            for what, pattern in (("instance map", patches["inst"]), ("types file", patches["types"])):
+                if pattern:
+                    c = companion(pattern, f, what)
+                    if (Path(workdir) / c).is_file():
+                        paths.append(str(c))
+        out[name] = paths
+    return out
 
 
 def _read_table(path: Path) -> pd.DataFrame:

@@ -253,10 +253,11 @@ TISSUE_OUTPUTS = (
 
 if TISSUE["enabled"]:
 
-    # per regime, like every fitted stage: the tiles of the regime's own train slides
+    # per regime, like every fitted stage: the tiles of the regime's own train slides (source patches:
+    # their imported patch sets, IMAGE_SETS)
     rule train_tissue:
         input:
-            lambda wc: expand(f"{RESULTS}/tiles/{{slide}}", slide=fit_slides(wc.fit)),
+            lambda wc: expand(f"{RESULTS}/{IMAGE_SETS}/{{slide}}", slide=fit_slides(wc.fit)),
         output:
             model=f"{RESULTS}/{{fit}}models/tissue/tissue.pt",
             log_csv=f"{RESULTS}/{{fit}}models/tissue/log.csv",
