@@ -17,8 +17,13 @@ from histosynth.cli import main
 from histosynth.config import slide_table, validate_config
 from histosynth.errors import HistosynthError
 from histosynth.io.patchset import read_patchset
-from histosynth.patches.importer import (ImportParams, find_patch_groups, import_patches, resample,
-                                         window_offsets)
+from histosynth.patches.importer import (
+    ImportParams,
+    find_patch_groups,
+    import_patches,
+    resample,
+    window_offsets,
+)
 
 CLASSES = {"other": 1, "inflammatory": 2, "epithelial": 3, "spindle": 4}
 
@@ -61,8 +66,8 @@ def write_dataset(root: Path, groups: dict[str, int], size: int = 64, n: int = 3
 
 
 def params(root: Path, **kw) -> ImportParams:
-    base = dict(images=str(root / "images" / "*.png"), inst=str(root / "inst" / "{stem}.npy"),
-                types=str(root / "types" / "{stem}.mat"), mpp=0.5, target_mpp=0.5, size=64)
+    base = {"images": str(root / "images" / "*.png"), "inst": str(root / "inst" / "{stem}.npy"),
+            "types": str(root / "types" / "{stem}.mat"), "mpp": 0.5, "target_mpp": 0.5, "size": 64}
     return ImportParams(**{**base, **kw})
 
 

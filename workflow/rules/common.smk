@@ -19,7 +19,12 @@ os.environ["PATH"] = os.pathsep.join(
 )
 
 from histosynth.cli.flags import config_flags
-from histosynth.config import load_schema, patch_group_files, slide_table, validate_config
+from histosynth.config import (
+    load_schema,
+    patch_group_files,
+    slide_table,
+    validate_config,
+)
 from histosynth.gan import options as gan_options
 from histosynth.patches.split import split_from_config, split_inputs
 from histosynth.errors import HistosynthError

@@ -257,7 +257,9 @@ if TISSUE["enabled"]:
     # their imported patch sets, IMAGE_SETS)
     rule train_tissue:
         input:
-            lambda wc: expand(f"{RESULTS}/{IMAGE_SETS}/{{slide}}", slide=fit_slides(wc.fit)),
+            lambda wc: expand(
+                f"{RESULTS}/{IMAGE_SETS}/{{slide}}", slide=fit_slides(wc.fit)
+            ),
         output:
             model=f"{RESULTS}/{{fit}}models/tissue/tissue.pt",
             log_csv=f"{RESULTS}/{{fit}}models/tissue/log.csv",

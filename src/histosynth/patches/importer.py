@@ -63,10 +63,9 @@ a types file whose count differs from the instances, a type outside
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import re
+import shutil
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -75,68 +74,32 @@ from typing import Any
 
 import numpy as np
 
+from histosynth.config import DEFAULT_GROUP_REGEX, companion, find_patch_groups
 from histosynth.errors import HistosynthError
-from histosynth.io.labels import (DEFAULT_CLASS, class_columns, class_key, class_map_to_json, instance_types,
-                                  read_class_map)
+from histosynth.io.annotations.label import (
+    as_label_2d,
+    integer_values,
+    load_label_array,
+    load_mat,
+)
+from histosynth.io.labels import (
+    DEFAULT_CLASS,
+    class_columns,
+    class_key,
+    class_map_to_json,
+    instance_types,
+    read_class_map,
+)
 from histosynth.io.patchset import PatchSetWriter
 
 log = logging.getLogger(__name__)
 
-#: the default group regex: everything before the last underscore (test_10_000 → test_10)
-DEFAULT_GROUP_REGEX = r"^(.*)_[^_]*$"
-#: the placeholder of the image's stem in the inst / types patterns
-STEM = "{stem}"
 #: grey value above which a pixel is background (the schema's tile.background_threshold)
 BACKGROUND_THRESHOLD = 204
 
 
 # --------------------------------------------------------------------------- the dataset's files
-def find_patch_groups(images: str, group_regex: str = DEFAULT_GROUP_REGEX,
-                      root: str | os.PathLike | None = None) -> dict[str, list[Path]]:
-    """group → its image files (sorted), for the image glob ``images`` (a relative glob: relative to ``root``,
-    default the current folder; the paths are returned as the glob gives them).
-
-    Raises a HistosynthError when nothing matches the glob, when the regex is invalid or has no group, or
-    when a file name does not match it (one is named, with the count), or a group is not a plain name.
-    """
-    if not images:
-        raise HistosynthError("no image glob given (slides.patches.images / --images)")
-    base = Path(root) if root is not None else Path.cwd()
-    files = sorted(Path(f) for f in glob.glob(images, root_dir=base) if (base / f).is_file())
-    if not files:
-        raise HistosynthError(f"no image matches the glob {images!r} (relative to {base})")
-    try:
-        pattern = re.compile(group_regex)
-    except re.error as err:
-        raise HistosynthError(f"the group regex {group_regex!r} is not a regular expression: {err}") from err
-    if pattern.groups < 1:
-        raise HistosynthError(f"the group regex {group_regex!r} has no (group): its first group names the group")
-    groups: dict[str, list[Path]] = {}
-    unmatched: list[Path] = []
-    for f in files:
-        m = pattern.search(f.stem)
-        if m is None or not m.group(1):
-            unmatched.append(f)
-            continue
-        groups.setdefault(m.group(1), []).append(f)
-    if unmatched:
-        raise HistosynthError(
-            f"the group regex {group_regex!r} matches no group in the name {unmatched[0].stem!r} "
-            f"({len(unmatched)} of {len(files)} images do not match); every image needs a group "
-            "(slides.patches.group_regex / --group-regex)", unmatched[0])
-    bad = [g for g in groups if "/" in g or g.startswith(".") or g != g.strip()]
-    if bad:
-        raise HistosynthError(f"group names must be plain file names; the group regex gives {bad[:3]}")
-    return dict(sorted(groups.items()))
-
-
-def companion(pattern: str, image: Path, what: str) -> Path:
-    """The file of ``pattern`` (with ``{stem}``) for ``image``."""
-    if STEM not in pattern:
-        raise HistosynthError(f"the {what} pattern {pattern!r} needs {STEM} (the image's name without suffix)")
-    return Path(pattern.replace(STEM, image.stem))
-
-
+# (find_patch_groups and companion live in histosynth.config, whose slide table lists the groups)
 def check_files(files: list[Path], inst: str, types: str | None) -> None:
     """Every image has its instance map (and types file): else an error naming the first one missing."""
     for what, pattern in (("instance map", inst), ("types file", types)):
@@ -162,8 +125,6 @@ def read_image(path: Path) -> np.ndarray:
 
 def read_instances(path: Path) -> np.ndarray:
     """int64 (H, W) instance map of a .npy / .png / .tif, or of a .mat's ``inst_map``."""
-    from histosynth.io.annotations.label import _as_label_2d, load_label_array, load_mat
-
     if path.suffix.lower() == ".mat":
         m = load_mat(path)
         if "inst_map" not in m:
@@ -172,17 +133,15 @@ def read_instances(path: Path) -> np.ndarray:
         arr = m["inst_map"]
     else:
         arr = load_label_array(path)
-    return _as_label_2d(np.asarray(arr), path, "instance map").astype(np.int64)
+    return as_label_2d(np.asarray(arr), path, "instance map").astype(np.int64)
 
 
 def read_types(path: Path, inst: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The type value of each instance id in ``ids`` (ascending) from a types file (module docstring)."""
-    from histosynth.io.annotations.label import _as_label_2d, _integer_values, load_label_array, load_mat
-
     if path.suffix.lower() == ".mat":
         m = load_mat(path)
         if "inst_type" in m:
-            t = _integer_values(np.asarray(m["inst_type"]).reshape(-1), path, "inst_type")
+            t = integer_values(np.asarray(m["inst_type"]).reshape(-1), path, "inst_type")
             if len(t) != len(ids):
                 raise HistosynthError(
                     f"inst_type has {len(t)} entries but the instance map has {len(ids)} instances "
@@ -190,9 +149,9 @@ def read_types(path: Path, inst: np.ndarray, ids: np.ndarray) -> np.ndarray:
             return t
         if "type_map" not in m:
             raise HistosynthError("the .mat file has neither 'inst_type' nor 'type_map'", path)
-        tmap = _as_label_2d(np.asarray(m["type_map"]), path, "type_map")
+        tmap = as_label_2d(np.asarray(m["type_map"]), path, "type_map")
     else:
-        tmap = _as_label_2d(load_label_array(path), path, "type map")
+        tmap = as_label_2d(load_label_array(path), path, "type map")
     if tmap.shape != inst.shape:
         raise HistosynthError(f"the type map is {tmap.shape[1]} x {tmap.shape[0]} but the instance map is "
                               f"{inst.shape[1]} x {inst.shape[0]}", path)
@@ -252,7 +211,7 @@ class TypeMapper:
                 raise HistosynthError("type values (slides.patches.type_values) map onto class names, which "
                                       "need classes in config.yaml (--classes)")
             return
-        ids = sorted(set(int(v) for v in self.classes.values()))
+        ids = sorted({int(v) for v in self.classes.values()})
         if type_values:
             by_key = {class_key(n): int(t) for n, t in self.classes.items()}
             self.table = {}
@@ -337,16 +296,27 @@ def import_patches(
     params.check()
     mapper = TypeMapper(classes, type_values)
     groups = find_patch_groups(params.images, params.group_regex)
+    out = Path(out)
     if group is not None:
         if group not in groups:
             listing = ", ".join(list(groups)[:10]) + (", ..." if len(groups) > 10 else "")
             raise HistosynthError(f"no image of group {group!r} (the dataset's groups: {listing})", params.images)
-        targets = {group: Path(out)}
-    else:
-        targets = {g: Path(out) / g for g in groups}
-    for g in targets:
+        check_files(groups[group], params.inst, params.types)
+        return {group: write_group(group, groups[group], params, mapper, out)}  # atomic: PatchSetWriter
+    for g in groups:
         check_files(groups[g], params.inst, params.types)
-    return {g: write_group(g, groups[g], params, mapper, path) for g, path in targets.items()}
+    # every group into a temporary folder renamed into place at the end: a bad file in the last group
+    # leaves neither the earlier groups' sets nor an empty folder behind
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        reports = {g: write_group(g, files, params, mapper, tmp / g) for g, files in groups.items()}
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return reports
 
 
 def write_group(name: str, files: list[Path], params: ImportParams, mapper: TypeMapper, out: Path) -> dict:
