@@ -206,6 +206,7 @@ class TypeMapper:
     def __init__(self, classes: Mapping[str, int] | None, type_values: Mapping[Any, str] | None = None):
         self.classes = dict(classes) if classes else None
         self.table: dict[int, int] | None = None
+        self.by_values = bool(type_values)
         if self.classes is None:
             if type_values:
                 raise HistosynthError("type values (slides.patches.type_values) map onto class names, which "
@@ -234,11 +235,12 @@ class TypeMapper:
         known = np.isin(values, list(self.table))
         if not known.all():
             bad = sorted(set(np.asarray(values)[~known].tolist()))
-            what = ("the dataset values of slides.patches.type_values (--type-values)"
-                    if set(self.table) != set(self.table.values()) else "the type ids of classes")
+            what = ("the dataset values of slides.patches.type_values (--type-values)" if self.by_values
+                    else "the type ids of classes")
+            hint = "; type 0: an instance without a typed pixel in the type map" if 0 in bad else ""
             raise HistosynthError(
                 f"type {bad[0]} of {int((~known).sum())} instance(s) (values {bad}) is not one of {what}: "
-                f"{sorted(self.table)}; classes: {self.classes}", path)
+                f"{sorted(self.table)}; classes: {self.classes}{hint}", path)
         lut = np.zeros(max(self.table) + 1, dtype=np.int64)
         for v, t in self.table.items():
             lut[v] = t
