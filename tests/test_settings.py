@@ -75,7 +75,7 @@ REQUIRED = {
     "evaluate-images": ["gen", "out", "--real", "r"], "stain-styles": ["t", "o.json"], "gate-pairs": ["m.pt", "p", "o"],
     "segment": ["m.pt", "s.tif", "o"], "train-segmenter": ["ps", "out", "--arm", "real"],
     "score": ["m.pt", "ps", "out"], "report": ["s.csv", "out"], "evidence-report": ["1=run", "out"],
-    "check-config": ["c.yaml"], "serve": ["results"], "train-tissue": ["t", "out"], "sample-tissue": ["m.pt", "o"],
+    "check-config": ["c.yaml"], "import-patches": ["out"], "serve": ["results"], "train-tissue": ["t", "out"], "sample-tissue": ["m.pt", "o"],
     "daff-library": ["ps", "o.npz"], "train-daff-g1": ["ps", "out"],
     "demo-zstack": ["out"], "extract-stacks": ["z.ome.tif", "out"],
     "evaluate-stacks": ["r", "g", "out"], "stack-baselines": ["r", "out", "--kind", "copy"],
@@ -139,7 +139,10 @@ def _different(key: str, default):
                "split.test": ["b"], "translate.options": ["pale", "dark", "pale"],
                "sample_masks.type_mix": {"Lymphocyte": 0.5}, "gan.diffaugment": ["color", "translation", "cutout"],
                "gan.ema": 0.999, "daff.ops": ["flip", "cover"], "migan.lambda_l1": 1.0,
-               "rasterize.tissue_regions": {"tumor": 1, "stroma": 2}}
+               "rasterize.tissue_regions": {"tumor": 1, "stroma": 2},
+               "slides.patches.images": "d/images/*.png", "slides.patches.inst": "d/inst/{stem}.npy",
+               "slides.patches.types": "d/types/{stem}.mat", "slides.patches.group_regex": "^(tile[0-9]+)_",
+               "slides.patches.type_values": {"5": "Immune"}}
     if key in special:
         return special[key]
     if "enum" in node:
@@ -315,9 +318,27 @@ def test_every_rule_passes_the_config_values(tmp_path):
     seen = _check_rules_pass_the_config(commands, cfg)
     assert not any("--regions-file" in w for w in commands)  # no rasterize.tissue_regions, no regions files
     # daff-library and train-daff-g1 run only with sample_masks.method daff (tests/test_daff_layout.py)
+    # import-patches runs only with slides.source patches (test_import_rule_passes_the_config_values)
     assert seen == set(stage_parsers()) - {"slide-info", "export", "overlay", "check-config", "stain-styles",
                                            "gate-pairs", "serve", "train-tissue", "sample-tissue",
-                                           "daff-library", "train-daff-g1"}
+                                           "daff-library", "train-daff-g1", "import-patches"}
+
+
+def test_import_rule_passes_the_config_values(tmp_path):
+    """slides.source patches: one import-patches job per group, with the config's values; no tile job."""
+    from tests.test_import_patches import write_dataset
+
+    write_dataset(tmp_path / "d", {"tile1": 2, "tile2": 1, "tile3": 1})
+    patches = {"images": "d/images/*.png", "inst": "d/inst/{stem}.npy", "types": "d/types/{stem}.mat",
+               "group_regex": "^(tile[0-9]+)_", "mpp": 0.25, "type_values": {1: "Tumour", 2: "Immune", 3: "Immune",
+                                                                             4: "Tumour"}}
+    cfg = _config_with({"slides.source": "patches", "slides.patches": patches, "classes": {"Tumour": 1, "Immune": 2},
+                        "tile.size": 64, "tile.background_threshold": 190})
+    commands = _rule_commands(tmp_path, cfg, "all")
+    seen = _check_rules_pass_the_config(commands, cfg)
+    assert "import-patches" in seen and not {"tile", "rasterize"} & seen
+    groups = sorted(w[w.index("--group") + 1] for w in commands if w[0] == "import-patches")
+    assert groups == ["tile1", "tile2", "tile3"]
 
 
 def _segmenting_a_demo_slide(cfg: dict) -> dict:

@@ -372,3 +372,26 @@ def test_multifocus_branch_needs_a_held_out_slide(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     res = snakemake(tmp_path, "multifocus", "-n")
     assert res.returncode != 0 and "multifocus.test_slides = 1" in res.stdout + res.stderr
+
+
+def test_patch_dataset_source_imports_groups_splits_by_group_and_fits_stats(tmp_path):
+    """slides.source patches: a 2-group patch dataset (40x, 96 px) -> one patch set per group at 0.5 um/px,
+    split by group, statistics fitted on the train group; no tile or rasterize job."""
+    from tests.test_import_patches import write_dataset
+
+    write_dataset(tmp_path / "ds", {"tileA": 3, "tileB": 3}, size=96, n=6)
+    config = {**TINY, "slides": {"source": "patches", "patches": {
+        "images": "ds/images/*.png", "inst": "ds/inst/{stem}.npy", "types": "ds/types/{stem}.mat", "mpp": 0.25}},
+        "classes": {"Other": 1, "Inflammatory": 2, "Epithelial": 3, "Spindle": 4}, "tile": {"size": 48}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    res = snakemake(tmp_path, "patches", "results/stats/stats.json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rule tile:" not in res.stdout + res.stderr and "rule rasterize:" not in res.stdout + res.stderr
+    for group in ("tileA", "tileB"):
+        ps = read_patchset(tmp_path / "results" / "patches" / group, require=("images", "inst", "types"))
+        assert ps.images.shape == (3, 48, 48, 3) and set(ps.index["slide"]) == {group}
+        assert ps.report["counts"]["instances_read"] == 18
+        assert (tmp_path / "results" / "qc" / "overlays" / f"{group}.png").is_file()
+    split = pd.read_csv(tmp_path / "results" / "split.csv")
+    assert sorted(split["slide"]) == ["tileA", "tileB"] and sorted(split["split"]) == ["test", "train"]
+    assert (tmp_path / "results" / "stats" / "stats.json").is_file()

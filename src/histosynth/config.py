@@ -11,6 +11,7 @@ import copy
 import functools
 import glob
 import os
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -31,6 +32,11 @@ SCHEMA_RESOURCE = "config.schema.yaml"
 #: regions: a slide's tissue-region annotation file (rasterize --regions-file, read with rasterize.tissue_regions;
 #: None: the regions are read from its annotations file)
 SLIDE_COLUMNS = ["slide", "image", "annotations", "mpp", "stain", "regions"]
+
+#: source patches: the default group regex, everything before the last underscore (test_10_000 -> test_10)
+DEFAULT_GROUP_REGEX = r"^(.*)_[^_]*$"
+#: the placeholder of an image's stem in the inst / types patterns of source patches
+STEM = "{stem}"
 
 #: stain styles of the demo slides, slide i gets DEMO_STAINS[i % 2] (histosynth.slides.demo)
 DEMO_STAINS = ("pale", "dark")
@@ -134,6 +140,10 @@ def _check_semantics(config: dict, source: str) -> None:
         raise HistosynthError("key 'slides.images': needed when slides.source is 'glob'", source)
     if slides["source"] == "glob" and slides["annotations"] and "{slide}" not in slides["annotations"]:
         raise HistosynthError("key 'slides.annotations': the pattern needs '{slide}'", source)
+    if slides["source"] == "patches":
+        for key in ("images", "inst", "mpp"):
+            if slides["patches"][key] is None:
+                raise HistosynthError(f"key 'slides.patches.{key}': needed when slides.source is 'patches'", source)
     if (config.get("gan") or {}).get("tissue_channel") and not (config.get("tissue") or {}).get("enabled"):
         raise HistosynthError("key 'gan.tissue_channel': needs tissue.enabled: true (the GAN paints the synthetic "
                               "masks inside their tissue layouts, which only the tissue model gives them)", source)
@@ -180,6 +190,8 @@ def slide_table(config: dict, workdir: str | os.PathLike = ".") -> pd.DataFrame:
         )
     elif slides["source"] == "table":
         df = _read_table(Path(workdir) / slides["table"])
+    elif slides["source"] == "patches":
+        df = _patch_groups_table(slides["patches"], workdir)
     else:
         pattern = slides["images"]
         files = sorted(glob.glob(str(Path(workdir) / pattern)))
@@ -197,6 +209,87 @@ def slide_table(config: dict, workdir: str | os.PathLike = ".") -> pd.DataFrame:
     if bad:
         raise HistosynthError(f"slide names must be plain file names; bad: {bad}", "config.yaml")
     return df.reset_index(drop=True)
+
+
+def _patch_groups_table(patches: dict, workdir: str | os.PathLike) -> pd.DataFrame:
+    """Source patches: one row per group of the dataset (:func:`find_patch_groups`).
+
+    ``image`` is the images glob and ``annotations`` the instance-map pattern (every group is annotated, so
+    the split takes them all); ``mpp`` the dataset's. The files of a group: :func:`patch_group_files`.
+    """
+    import pandas as pd
+
+    groups = patch_group_files(patches, workdir)
+    names = list(groups)
+    return pd.DataFrame({"slide": names, "image": [patches["images"]] * len(names),
+                         "annotations": [patches["inst"]] * len(names), "mpp": [patches["mpp"]] * len(names),
+                         "stain": [None] * len(names)}, dtype=object)
+
+
+def patch_group_files(patches: dict, workdir: str | os.PathLike = ".") -> dict[str, list[str]]:
+    """group -> the paths of its images, inst maps and types files (those that exist; a missing one is the
+    import job's error, which names it), for a validated config's ``slides.patches``."""
+    try:
+        groups = find_patch_groups(patches["images"], patches["group_regex"], root=workdir)
+    except HistosynthError as err:
+        raise HistosynthError(f"slides.patches: {err}", "config.yaml") from err
+    out: dict[str, list[str]] = {}
+    for name, files in groups.items():
+        paths = [str(f) for f in files]
+        for f in files:
+            for what, pattern in (("instance map", patches["inst"]), ("types file", patches["types"])):
+                if pattern:
+                    c = companion(pattern, f, what)
+                    if (Path(workdir) / c).is_file():
+                        paths.append(str(c))
+        out[name] = paths
+    return out
+
+
+def find_patch_groups(images: str, group_regex: str = DEFAULT_GROUP_REGEX,
+                      root: str | os.PathLike | None = None) -> dict[str, list[Path]]:
+    """group → its image files (sorted), for the image glob ``images`` (a relative glob: relative to ``root``,
+    default the current folder; the paths are returned as the glob gives them).
+
+    Raises a HistosynthError when nothing matches the glob, when the regex is invalid or has no group, or
+    when a file name does not match it (one is named, with the count), or a group is not a plain name.
+    """
+    if not images:
+        raise HistosynthError("no image glob given (slides.patches.images / --images)")
+    base = Path(root) if root is not None else Path.cwd()
+    files = sorted(Path(f) for f in glob.glob(images, root_dir=base) if (base / f).is_file())
+    if not files:
+        raise HistosynthError(f"no image matches the glob {images!r} (relative to {base})")
+    try:
+        pattern = re.compile(group_regex)
+    except re.error as err:
+        raise HistosynthError(f"the group regex {group_regex!r} is not a regular expression: {err}") from err
+    if pattern.groups < 1:
+        raise HistosynthError(f"the group regex {group_regex!r} has no (group): its first group names the group")
+    groups: dict[str, list[Path]] = {}
+    unmatched: list[Path] = []
+    for f in files:
+        m = pattern.search(f.stem)
+        if m is None or not m.group(1):
+            unmatched.append(f)
+            continue
+        groups.setdefault(m.group(1), []).append(f)
+    if unmatched:
+        raise HistosynthError(
+            f"the group regex {group_regex!r} matches no group in the name {unmatched[0].stem!r} "
+            f"({len(unmatched)} of {len(files)} images do not match); every image needs a group "
+            "(slides.patches.group_regex / --group-regex)", unmatched[0])
+    bad = [g for g in groups if "/" in g or g.startswith(".") or g != g.strip()]
+    if bad:
+        raise HistosynthError(f"group names must be plain file names; the group regex gives {bad[:3]}")
+    return dict(sorted(groups.items()))
+
+
+def companion(pattern: str, image: Path, what: str) -> Path:
+    """The file of ``pattern`` (with ``{stem}``) for ``image``."""
+    if STEM not in pattern:
+        raise HistosynthError(f"the {what} pattern {pattern!r} needs {STEM} (the image's name without suffix)")
+    return Path(pattern.replace(STEM, image.stem))
 
 
 def _read_table(path: Path) -> pd.DataFrame:

@@ -19,7 +19,12 @@ os.environ["PATH"] = os.pathsep.join(
 )
 
 from histosynth.cli.flags import config_flags
-from histosynth.config import load_schema, slide_table, validate_config
+from histosynth.config import (
+    load_schema,
+    patch_group_files,
+    slide_table,
+    validate_config,
+)
 from histosynth.gan import options as gan_options
 from histosynth.patches.split import split_from_config, split_inputs
 from histosynth.errors import HistosynthError
@@ -45,6 +50,11 @@ CPU_ENV = "../../envs/cpu.yaml"
 GPU_ENV = CPU_ENV if config["device"] == "cpu" else "../../envs/cuda.yaml"
 SLIDES = slide_table(config)
 SLIDE_NAMES = list(SLIDES["slide"])
+# slides.source patches: each group of a patch dataset is imported as its patch set (rule import_patches),
+# neither tiled nor rasterized; the stages that read image tiles read those patch sets instead
+PATCH_SOURCE = config["slides"]["source"] == "patches"
+PATCH_FILES = patch_group_files(config["slides"]["patches"]) if PATCH_SOURCE else {}
+IMAGE_SETS = "patches" if PATCH_SOURCE else "tiles"
 
 
 wildcard_constraints:
@@ -60,7 +70,9 @@ def slide_image(wildcards):
 
 
 def slide_annotations(slide):
-    """The slide's annotation file as a one-item list, or [] when it has none."""
+    """The slide's annotation file as a one-item list, or [] when it has none (or is an imported group)."""
+    if PATCH_SOURCE:
+        return []
     path = slide_row(slide)["annotations"]
     return [] if path is None else [path]
 
@@ -98,6 +110,9 @@ def quoted(items):
 
 
 def annotated_slides():
+    """The slides with typed patch sets: the annotated ones, or every group of a patch dataset."""
+    if PATCH_SOURCE:
+        return SLIDE_NAMES
     return [s for s in SLIDE_NAMES if slide_annotations(s)]
 
 

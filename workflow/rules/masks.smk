@@ -255,7 +255,8 @@ if TISSUE["enabled"]:
 
     # per regime, like every fitted stage: the regime's own train slides; their tiles (grey > 204 = air), or,
     # with rasterize.tissue_regions, their rasterized patch sets, whose tissue.npy holds the region labels
-    TISSUE_SOURCE = "patches" if config["rasterize"]["tissue_regions"] else "tiles"
+    # (source patches: their imported patch sets, IMAGE_SETS)
+    TISSUE_SOURCE = "patches" if config["rasterize"]["tissue_regions"] else IMAGE_SETS
 
     rule train_tissue:
         input:

@@ -1,4 +1,37 @@
-# Annotations -> typed patch sets (one job per annotated slide), and the train/test split.
+# Annotations -> typed patch sets (one job per annotated slide), or a patch dataset -> one typed patch set
+# per group (slides.source patches), and the train/test split.
+
+if PATCH_SOURCE:
+
+    # one job per group: a group is the {slide} of every later rule, so each set is made, re-made and
+    # scheduled on its own, like rasterize's; each job re-reads the (cheap) list of file names to check
+    # that every name matches the group regex
+    rule import_patches:
+        input:
+            lambda wc: PATCH_FILES[wc.slide],
+        output:
+            patches=directory(f"{RESULTS}/patches/{{slide}}"),
+            overlay=report(
+                f"{RESULTS}/qc/overlays/{{slide}}.png",
+                caption="../report/qc_overlay.rst",
+                category="1. Annotations",
+            ),
+        log:
+            f"{RESULTS}/logs/import_patches/{{slide}}.log",
+        conda:
+            CPU_ENV
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=30,
+        params:
+            # a function: the patterns' {stem} is not a wildcard
+            flags=lambda wc: flags("import-patches"),
+        shell:
+            "python -m histosynth import-patches {output.patches:q} --group {wildcards.slide:q}"
+            " {params.flags} --overlay {output.overlay:q} > {log:q} 2>&1"
+
+    ruleorder: import_patches > rasterize
 
 
 rule rasterize:

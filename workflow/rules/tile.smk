@@ -30,6 +30,7 @@ rule tile:
         " {params.flags} {params.fallback} {params.regions} --threads {threads} > {log:q} 2>&1"
 
 
+# source patches has no slides to tile: its image sets are the imported patch sets (rule import_patches)
 rule tiles:
     input:
-        expand(f"{RESULTS}/tiles/{{slide}}", slide=SLIDE_NAMES),
+        expand(f"{RESULTS}/{IMAGE_SETS}/{{slide}}", slide=SLIDE_NAMES),

@@ -51,7 +51,7 @@ FAMILIES = (slides, patches, masks, tissue, gan, segmentation, evidence, multifo
 #: names it, "paths" for the last of ``paths`` (PATH... OUT), None for a command that writes nothing
 OUTPUTS: dict[str, str | None] = {
     "demo-slides": "out_dir", "tile": "out_dir", "slide-info": None,
-    "rasterize": "out_dir", "export": "out", "overlay": "out_png", "split": "out",
+    "rasterize": "out_dir", "import-patches": "out", "export": "out", "overlay": "out_png", "split": "out",
     "fit-stats": "out_dir", "nuclei-library": "paths", "train-dvae": "out_dir", "dvae-sweep": "out_dir",
     "sample-masks": "out_dir", "evaluate-masks": "paths", "train-tissue": "paths", "sample-tissue": "out_dir",
     "daff-library": "paths", "train-daff-g1": "paths",

@@ -1,11 +1,11 @@
-"""CLI of the patches family: rasterize, split, export, overlay."""
+"""CLI of the patches family: rasterize, import-patches, split, export, overlay."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from histosynth.cli._args import add_classes, add_option, add_seed, fraction
+from histosynth.cli._args import add_classes, add_option, add_seed, fraction, parse_pairs, positive_float
 from histosynth.errors import HistosynthError
 
 log = logging.getLogger("histosynth")
@@ -91,6 +91,60 @@ def _run_overlay(args: argparse.Namespace) -> None:
 
     overlay(args.patch_set, args.out_png, per_slide=args.per_slide, seed=args.seed)
 
+# -- import-patches -------------------------------------------------------------------
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-patches", help="a patch dataset (images + instance maps + types) -> one typed "
+                                              "patch set per group (histosynth.patches.importer)")
+    p.add_argument("out", help="the patch set of --group; without --group a folder of one patch set per group")
+    p.add_argument("--group", help="write only this group's patch set (the regex's first group; default: all)")
+    add_option(p, "--images", key="slides.patches.images",
+               help="glob of the patch images (relative paths: to the current folder)")
+    add_option(p, "--inst", key="slides.patches.inst", metavar="PATTERN",
+               help="instance-map path of an image, {stem} = its name without suffix (.npy/.png/.tif/.mat)")
+    add_option(p, "--types", key="slides.patches.types", metavar="PATTERN",
+               help="types file of an image, {stem} as in --inst: .mat (inst_type in ascending id order, or "
+                    "type_map) or a type-map image (none: every nucleus type 1)")
+    add_option(p, "--group-regex", key="slides.patches.group_regex", metavar="REGEX",
+               help="searched in each image's stem; its first group is the patch set (slide) name")
+    add_option(p, "--mpp", key="slides.patches.mpp", type=positive_float, dest="mpp",
+               help="the dataset's resolution in um/px (required)")
+    add_option(p, "--target-mpp", key="tile.target_mpp", type=positive_float,
+               help="resample the patches to this um/px", none="keep the dataset's resolution")
+    add_option(p, "--size", key="tile.size", type=int,
+               help="output patch side in pixels: larger patches are cut into windows, smaller ones padded")
+    add_option(p, "--background-threshold", key="tile.background_threshold", type=int,
+               help="grey value above which a pixel is background (index.csv tissue_fraction)")
+    add_classes(p, "class name to type id (1..255); the dataset's type values are these ids (or mapped by "
+                   "--type-values); none: every nucleus is type 1", nargs="*")
+    add_option(p, "--type-values", key="slides.patches.type_values", nargs="*", metavar="VALUE=CLASS",
+               help="dataset type value -> class name of --classes (none: the values are the type ids)")
+    p.add_argument("--overlay", metavar="PNG", help="also draw outlines on a few patches into this PNG "
+                                                    "(with --group)")
+    add_option(p, "--overlay-per-slide", key="rasterize.overlay_per_slide", type=int,
+               help="patches drawn in the --overlay PNG")
+    p.set_defaults(func=_run_import)
+
+
+def _run_import(args: argparse.Namespace) -> None:
+    from histosynth.io.labels import parse_class_map, read_class_map
+    from histosynth.patches.export import overlay
+    from histosynth.patches.importer import ImportParams, import_patches
+
+    if args.overlay and args.group is None:
+        raise HistosynthError("--overlay draws one group's patch set: give --group too")
+    if not args.images or not args.inst:
+        raise HistosynthError("import-patches needs --images GLOB and --inst PATTERN (slides.patches.images, "
+                              "slides.patches.inst)")
+    params = ImportParams(images=args.images, inst=args.inst, types=args.types, group_regex=args.group_regex,
+                          mpp=args.mpp, target_mpp=args.target_mpp, size=args.size,
+                          background_threshold=args.background_threshold)
+    class_map = parse_class_map(args.classes)
+    type_values = parse_pairs(args.type_values, "--type-values", "VALUE=CLASS") or None
+    import_patches(params, args.out, class_map, type_values, group=args.group)
+    if args.overlay:
+        names = read_class_map(class_map) if class_map else None
+        overlay(args.out, args.overlay, per_slide=args.overlay_per_slide, class_names=names)
+
 
 # -- split ------------------------------------------------------------------------
 def _add_split(sub: argparse._SubParsersAction) -> None:
@@ -123,6 +177,7 @@ def _run_split(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     _add_rasterize(sub)
+    _add_import(sub)
     _add_split(sub)
     _add_export(sub)
     _add_overlay(sub)

@@ -280,3 +280,8 @@ def parse_label(path: Path, types_path: Path | None, from_mat: bool) -> Parsed:
         name = "" if tvals is None else str(int(tvals[j]))
         out.add(f"instance {int(iid)}", name, poly)
     return out
+
+
+#: public names of the label checks, which the patch-dataset importer (histosynth.patches.importer) shares
+as_label_2d = _as_label_2d
+integer_values = _integer_values
