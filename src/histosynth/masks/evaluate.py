@@ -336,9 +336,13 @@ def evaluate_masks(
     }
     points: dict[str, Any] = {}
     if realism:
+        if rl["size"] != syn["size"] and not window:
+            log.warning("evaluate-masks: real %s and synthetic %s patches cannot be cut to one size: the realism "
+                        "measures compare whole masks of different fields of view", rl["size"], syn["size"])
         result["realism"], points = realism_measures(
             synthetic, real, sorted(classes), window=window, max_masks=max_masks, embedding=embedding,
             inception=inception, seed=seed, device=device, threads=threads)
+        result["realism"]["settings"]["same_field_of_view"] = bool(rl["size"] == syn["size"] or window)
     else:
         result["realism"] = {"skipped": "disabled (--no-realism)"}
     out_dir = Path(out_dir)
