@@ -14,10 +14,11 @@ Measured, each synthetic set against the reference:
 - per mask: tissue fraction, number of 8-connected tissue components, boundary length per area (tissue
   pixels with a 4-neighbour of air, over all pixels);
 - KS = the two-sample Kolmogorov-Smirnov statistic (scipy), KL = KL(real || synthetic) of 20-bin histograms
-  on the pooled range (+1e-3 per bin, normalised);
+  on the pooled range (+1e-3 per bin, normalised); the KL, 2-D KS, PCA and Fréchet maths are the library's
+  (:mod:`histosynth.masks.realism`, which ``evaluate-masks`` uses for nuclei masks);
 - a 2-D projection of the masks (area-averaged to 16 x 32, flattened): PCA fitted on the real and both
-  synthetic sets together (sklearn, hence t-SNE, is not installed), KS averaged over the two axes, KL of
-  the 2-D histogram (10 x 10 bins);
+  synthetic sets together (the runs recorded in docs/ predate scikit-learn as a dependency; kept PCA so
+  that the numbers stay comparable), KS averaged over the two axes, KL of the 2-D histogram (10 x 10 bins);
 - FD = the Fréchet distance of Gaussians fitted to a 16-component PCA of the same 16 x 32 vectors — the FID
   formula on pixel features, NOT the paper's FID (no Inception network: nothing is downloaded).
 
@@ -37,11 +38,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from scipy import linalg
 from scipy.stats import ks_2samp
 
 from histosynth.io.patchset import PatchSetWriter, read_patchset
 from histosynth.masks import tissue as ts
+from histosynth.masks.realism import frechet, kl_1d, kl_2d, ks_2d, pca_fit, project
 
 
 def half_masks(images: np.ndarray) -> np.ndarray:
@@ -76,36 +77,9 @@ def statistics(masks: np.ndarray) -> dict[str, np.ndarray]:
             "boundary_per_area": np.array(boundary)}
 
 
-def kl_1d(p: np.ndarray, q: np.ndarray, bins: int = 20) -> float:
-    lo, hi = min(p.min(), q.min()), max(p.max(), q.max())
-    edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
-    a = np.histogram(p, edges)[0] + 1e-3
-    b = np.histogram(q, edges)[0] + 1e-3
-    a, b = a / a.sum(), b / b.sum()
-    return float(np.sum(a * np.log(a / b)))
-
-
-def kl_2d(p: np.ndarray, q: np.ndarray, bins: int = 10) -> float:
-    both = np.concatenate([p, q])
-    ex = np.linspace(both[:, 0].min(), both[:, 0].max() + 1e-9, bins + 1)
-    ey = np.linspace(both[:, 1].min(), both[:, 1].max() + 1e-9, bins + 1)
-    a = np.histogram2d(p[:, 0], p[:, 1], (ex, ey))[0].ravel() + 1e-3
-    b = np.histogram2d(q[:, 0], q[:, 1], (ex, ey))[0].ravel() + 1e-3
-    a, b = a / a.sum(), b / b.sum()
-    return float(np.sum(a * np.log(a / b)))
-
-
 def small(masks: np.ndarray) -> np.ndarray:
     return np.stack([cv2.resize(m.astype(np.float32), (32, 16), interpolation=cv2.INTER_AREA).ravel()
                      for m in masks])
-
-
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = linalg.sqrtm(s1 @ s2)
-    root = root.real if np.iscomplexobj(root) else root
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * root))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,12 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     stats_real = statistics(real)
     feats = {k: small(v) for k, v in synth.items()}
     f_real = small(real)
-    pool = np.concatenate([f_real, feats["depas"], feats["dcgan"]])
-    mean = pool.mean(0)
-    _, _, vt = np.linalg.svd(pool - mean, full_matrices=False)
+    basis = pca_fit(np.concatenate([f_real, feats["depas"], feats["dcgan"]]), 16)
 
     def proj(f: np.ndarray, k: int) -> np.ndarray:
-        return (f - mean) @ vt[:k].T
+        return project(f, (basis[0], basis[1][:k]))
 
     rows = {}
     for name, masks in synth.items():
@@ -158,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         rows[name] = {
             **{f"KS {k}": float(ks_2samp(stats_real[k], st[k]).statistic) for k in stats_real},
             **{f"KL {k}": kl_1d(stats_real[k], st[k]) for k in stats_real},
-            "KS PCA-2D": float(np.mean([ks_2samp(p2r[:, j], p2s[:, j]).statistic for j in range(2)])),
+            "KS PCA-2D": ks_2d(p2r, p2s)[0],
             "KL PCA-2D": kl_2d(p2r, p2s),
             "FD PCA-16": frechet(proj(f_real, 16), proj(feats[name], 16)),
             "mean tissue fraction": float(st["tissue_fraction"].mean()),

@@ -1,4 +1,5 @@
-"""evaluate-masks: KS per feature, the pass bar, size handling, class checks, figures and the CLI."""
+"""evaluate-masks: KS per feature, the pass bar, size handling, class checks, figures, the CLI and DEPAS's
+realism measures (t-SNE KS / KL, Fréchet distances, Inception path with a fake network, the real-vs-real floor)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 from histosynth.errors import HistosynthError
 from histosynth.cli.masks import register as add_cli
-from histosynth.masks.evaluate import BARS, evaluate_masks, measure
+from histosynth.masks import realism as rm
+from histosynth.masks.evaluate import BARS, evaluate_masks, measure, split_halves
 from histosynth.io.labels import class_key
 from histosynth.io.patchset import PatchSetWriter
 from tests.test_stats import write_toy
@@ -191,3 +193,175 @@ def test_wasserstein_and_ripley_envelope_in_the_evaluation(sets, tmp_path):
     assert diff["wasserstein"]["area"]["per_sd"] > 2 * other["wasserstein"]["area"]["per_sd"]
     assert diff["ripley"]["inside"] < other["ripley"]["inside"]
     assert (tmp_path / "diff" / "histograms.png").stat().st_size > 5000
+
+
+# --------------------------------------------------------------------------- DEPAS's realism measures
+@pytest.fixture(scope="module")
+def dense_sparse(tmp_path_factory):
+    """Masks crowded with nuclei against masks with a few: clearly different sets (30 patches each)."""
+    d = tmp_path_factory.mktemp("realism")
+    dense = write_toy(d / "dense", n_patches=30, seed=4, counts={1: (22, 30), 2: (10, 14)})
+    sparse = write_toy(d / "sparse", n_patches=30, seed=5, counts={1: (1, 3), 2: (0, 1)})
+    return dense, sparse
+
+
+def _realism(ev):
+    r = ev["realism"]
+    assert r["skipped"] is None
+    return r
+
+
+def test_realism_maths_of_identical_and_shifted_points():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 2))
+    assert rm.ks_2d(a, a) == (0.0, [0.0, 0.0])
+    assert rm.kl_2d(a, a) == pytest.approx(0.0, abs=1e-12) and rm.kl_1d(a[:, 0], a[:, 0]) == pytest.approx(0.0)
+    assert rm.frechet(a, a) == pytest.approx(0.0, abs=1e-9)
+    b = a + [3.0, 0.0]
+    assert rm.ks_2d(a, b)[1][0] > 0.8 and rm.kl_2d(a, b) > 1.0 and rm.kl_1d(a[:, 0], b[:, 0]) > 1.0
+    assert rm.frechet(a, b) == pytest.approx(9.0, rel=0.05)  # the mean shift squared, same covariances
+    # identical vectors sit on the same spot of a t-SNE map; too few points per side is a reason, not a crash
+    emb = rm.embed_2d(np.concatenate([a, a]), "tsne", seed=0)
+    assert np.array_equal(emb[:200], emb[200:])
+    out, pts = rm.compare(a[:4], a[:30])
+    assert out["ks_2d"] is None and "at least 5" in out["skipped"] and pts == {} and out["frechet"] is not None
+
+
+def test_realism_identical_sets_are_zero_different_sets_larger(sets, dense_sparse, tmp_path):
+    _, real, _, _ = sets
+    dense, sparse = dense_sparse
+    same = _realism(evaluate_masks([real], [real], tmp_path / "same", inception=False))
+    area = same["area"]
+    assert area["ks_2d"] == 0.0 and area["kl_2d"] == pytest.approx(0.0, abs=1e-9)
+    assert area["frechet_pca16"] == pytest.approx(0.0, abs=1e-6)
+    assert area["embedding"] == same["settings"]["embedding"] == "tsne" and area["n_real"] == 20
+    assert same["inception"]["fid"] is None and "disabled" in same["inception"]["skipped"]
+    assert same["floor_split"]["how"] == "by mask (one slide)" and same["floor_split"]["n_a"] == 10
+    assert area["floor"]["ks_2d"] is not None and area["floor"]["frechet_pca16"] > 0
+    assert (tmp_path / "same" / "realism.png").stat().st_size > 5000
+    diff = _realism(evaluate_masks([dense], [sparse], tmp_path / "diff", figures=False, inception=False))["area"]
+    assert diff["ks_2d"] > 0.2 and diff["kl_2d"] > 1.0 and diff["frechet_pca16"] > 1.0
+    assert diff["ks_2d"] > diff["floor"]["ks_2d"] and diff["frechet_pca16"] > diff["floor"]["frechet_pca16"]
+    pca = _realism(evaluate_masks([dense], [sparse], tmp_path / "pca", figures=False, inception=False,
+                                  embedding="pca"))["area"]
+    assert pca["embedding"] == "pca" and pca["ks_2d"] > 0.5
+    assert pca["frechet_pca16"] == pytest.approx(diff["frechet_pca16"])  # the embedding does not touch it
+
+
+def test_realism_is_deterministic_under_the_seed(sets, tmp_path):
+    _, real, real2, _ = sets
+
+    def run(seed, name):
+        r = evaluate_masks([real2], [real], tmp_path / name, figures=False, inception=False, seed=seed,
+                           max_masks=12)["realism"]
+        return {k: v for k, v in r.items() if k != "seconds"}
+
+    first = run(3, "a")
+    assert first["n"] == {"synthetic": 12, "real": 12}
+    assert run(3, "b") == first
+    assert run(4, "c")["area"] != first["area"]
+
+
+def test_realism_floor_splits_real_masks_by_slide():
+    a, b, how = split_halves(["s1"] * 6 + ["s2"] * 5 + ["s3"] * 2, seed=0)
+    slides = np.array(["s1"] * 6 + ["s2"] * 5 + ["s3"] * 2)
+    assert not set(slides[a]) & set(slides[b]) and len(a) + len(b) == 13 and how.startswith("by slide")
+    assert {len(a), len(b)} == {6, 7}
+    assert split_halves(["s1"] * 6 + ["s2"] * 5 + ["s3"] * 2, seed=0)[2] == how
+    a, b, how = split_halves(["one"] * 9, seed=1)
+    assert how == "by mask (one slide)" and len(a) == 4 and len(b) == 5 and not set(a) & set(b)
+
+
+def test_realism_too_few_masks_is_a_reason_not_a_crash(sets, tmp_path):
+    _, real, _, _ = sets
+    few = write_toy(tmp_path / "few", n_patches=3, seed=9)
+    r = _realism(evaluate_masks([few], [real], tmp_path / "out", inception=False))
+    assert r["area"]["ks_2d"] is None and "at least 5" in r["area"]["skipped"]
+    assert r["area"]["frechet_pca16"] is not None  # 3 per side is enough for a Fréchet distance
+    r = _realism(evaluate_masks([real], [few], tmp_path / "out2", inception=False))
+    assert r["area"]["floor"]["ks_2d"] is None and "at least 5" in r["area"]["floor"]["skipped"]
+    assert "at least 2" in r["area"]["floor"]["skipped"]  # halves of 1 and 2 masks
+    assert (tmp_path / "out2" / "realism.png").exists()
+    off = evaluate_masks([real], [real], tmp_path / "off", realism=False)
+    assert off["realism"] == {"skipped": "disabled (--no-realism)"} and (tmp_path / "off" / "realism.png").exists()
+
+
+@pytest.fixture
+def fake_inception(monkeypatch):
+    """A stand-in for the optional network (as tests/test_evaluate_images.py fakes it): 8-d features of the
+    rendered masks' colour means and spreads and a fixed projection of a thumbnail. Records what it saw."""
+    import histosynth.models.inception as inc_mod
+
+    proj = np.random.default_rng(0).normal(size=(48, 2))
+    seen = []
+
+    def features(model, imgs, device=None):
+        seen.append(np.asarray(imgs))
+        imgs = np.asarray(imgs, np.float64) / 255.0
+        thumb = imgs[:, ::16, ::16, :].reshape(len(imgs), -1)[:, :48]
+        return np.concatenate([imgs.mean((1, 2)), imgs.std((1, 2)), thumb @ proj], axis=1)
+
+    monkeypatch.setattr(inc_mod, "locate_inception", lambda: ("fake.pt", "fake-inception"))
+    monkeypatch.setattr(inc_mod, "load_inception", lambda path, dev: object())
+    monkeypatch.setattr(inc_mod, "inception_features", features)
+    return seen
+
+
+def test_realism_inception_path_with_a_fake_network(sets, dense_sparse, tmp_path, fake_inception):
+    _, real, _, _ = sets
+    dense, sparse = dense_sparse
+    same = _realism(evaluate_masks([real], [real], tmp_path / "same", figures=False, device="cpu"))["inception"]
+    assert same["skipped"] is None and same["model"] == "fake-inception" and same["n_real"] == 20
+    assert same["fid"] == pytest.approx(0.0, abs=1e-6) and same["ks_2d"] == 0.0
+    assert same["kl_2d"] == pytest.approx(0.0, abs=1e-9) and same["kid"] is not None
+    assert same["floor"]["fid"] is not None and same["floor"]["kid"] is not None
+    imgs = np.concatenate(fake_inception)
+    assert imgs.dtype == np.uint8 and imgs.shape[1:] == (128, 128, 3) and len(imgs) == 40  # colour_mask renderings
+    diff = _realism(evaluate_masks([dense], [sparse], tmp_path / "diff", device="cpu"))["inception"]
+    assert diff["fid"] > 10 * max(same["fid"], 1e-6) and diff["ks_2d"] > 0.2 and diff["kl_2d"] > 1.0
+    assert diff["fid"] > diff["floor"]["fid"]
+    assert (tmp_path / "diff" / "realism.png").stat().st_size > 5000
+
+
+def test_realism_without_the_package_skips_inception_with_the_reason(sets, tmp_path, monkeypatch, caplog):
+    import sys
+
+    from histosynth.models.inception import FID_PACKAGE
+
+    _, real, real2, _ = sets
+    monkeypatch.setitem(sys.modules, FID_PACKAGE, None)
+    with caplog.at_level("INFO"):
+        r = _realism(evaluate_masks([real2], [real], tmp_path, figures=False))
+    deep = r["inception"]
+    assert deep["fid"] is None and deep["ks_2d"] is None and deep["floor"] is None
+    assert "not installed" in deep["skipped"] and "nothing is downloaded" in deep["skipped"]
+    assert deep["skipped"] in caplog.text
+    assert r["area"]["ks_2d"] is not None  # the network-free measures do not depend on it
+
+
+def test_cli_realism_flags(sets, tmp_path):
+    _, real, real2, _ = sets
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["evaluate-masks", str(real2), str(real), str(tmp_path / "a"), "--embedding", "pca",
+                              "--realism-max-masks", "10", "--no-inception", "--seed", "2", "--threads", "1"])
+    args.func(args)
+    r = json.loads((tmp_path / "a" / "evaluation.json").read_text())["realism"]
+    assert r["settings"]["embedding"] == "pca" and r["n"] == {"synthetic": 10, "real": 10}
+    assert r["settings"]["seed"] == 2 and "disabled" in r["inception"]["skipped"]
+    args = parser.parse_args(["evaluate-masks", str(real2), str(real), str(tmp_path / "b"), "--no-realism"])
+    args.func(args)
+    assert json.loads((tmp_path / "b" / "evaluation.json").read_text())["realism"]["skipped"].startswith("disabled")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate-masks", str(real2), str(real), str(tmp_path / "c"), "--embedding", "umap"])
+
+
+def test_tissue_benchmark_uses_the_library_maths():
+    """benchmarks/tissue.py computes its KS / KL / Fréchet figures with histosynth.masks.realism."""
+    pytest.importorskip("torch")
+    from benchmarks import tissue
+
+    assert tissue.kl_1d is rm.kl_1d and tissue.kl_2d is rm.kl_2d and tissue.frechet is rm.frechet
+    with pytest.raises(SystemExit) as e:
+        tissue.main(["--help"])
+    assert e.value.code == 0

@@ -30,6 +30,7 @@ TINY = {
                   "batch_size": 1, "threads": 1},
     "score": {"overlays": 1, "threads": 1},
     "evaluate_images": {"fid": False, "threads": 1},
+    "evaluate_masks": {"inception": False},
 }
 
 
@@ -97,6 +98,10 @@ def test_dag_produces_synthetic_masks(run):
     assert total == 8
     evaluation = json.loads((results / "synthetic" / "masks-evaluation" / "evaluation.json").read_text())
     assert {"count", "area", "eccentricity", "nn_distance"} <= set(evaluation["features"])
+    realism = evaluation["realism"]  # DEPAS's measures on area-averaged masks (the network is off here)
+    assert realism["n"]["synthetic"] == 8 and realism["area"]["ks_2d"] is not None
+    assert realism["inception"]["skipped"] == "disabled (--no-inception)"
+    assert (results / "synthetic" / "masks-evaluation" / "realism.png").exists()
     # fitted on train slides only: the evaluation compares against the test slides
     split = pd.read_csv(results / "split.csv")
     test = {f"results/patches/{s}" for s in split.loc[split["split"] == "test", "slide"]}

@@ -233,6 +233,7 @@ def all_train_patches(wildcards=None):
 GAN = config["gan"]
 TRANSLATE = config["translate"]
 EVAL_IMAGES = config["evaluate_images"]
+EVAL_MASKS = config["evaluate_masks"]
 STAINS = dict(zip(SLIDES["slide"], SLIDES["stain"]))
 
 
@@ -380,6 +381,10 @@ def report_figures():
         (
             "Synthetic vs real mask statistics",
             fitted(rules.evaluate_masks.output.histograms),
+        ),
+        (
+            "Synthetic vs real masks: 2-D embeddings of mask features, with the real-vs-real floor",
+            fitted(rules.evaluate_masks.output.realism),
         ),
         (
             "GAN samples: conditioning | generated | real",

