@@ -26,7 +26,8 @@ same masks, same real arm, same test patches. For each variant:
 A variant is a name from VARIANTS: its ``gan.*`` (and ``gate.*``) settings laid over the preset. ``unet``
 is the evidence run's own GAN (reused, not retrained: its steps and seconds are recorded); ``NAME+few``
 adds the few-image training (DiffAugment translation + cutout + colour, EMA 0.999); ``unet+gate`` trains
-real+synthetic on the unet's pairs kept by the quality gate. Rerunning skips what is done (Snakemake, by file
+real+synthetic on the unet's pairs kept by the quality gate (``unet+gate30``: the 30 % of pairs of highest gate
+PQ). Rerunning skips what is done (Snakemake, by file
 times only: delete a variant's folder to redo it).
 """
 
@@ -66,6 +67,8 @@ VARIANTS["unet"]["reuse"] = ("real+synthetic", "painted-real")
 # the quality gate on the unet's own pairs: only real+synthetic changes (painted-real is not gated)
 VARIANTS["unet+gate"] = {"gan": GENERATORS["unet"], "gate": {"enabled": True}, "reuse": ("painted-real",),
                          "arms": ("real+synthetic",)}
+# the gate as a share: the 30 % of pairs the real arm's segmenter finds best, whatever their PQ
+VARIANTS["unet+gate30"] = {**VARIANTS["unet+gate"], "gate": {"enabled": True, "keep_fraction": 0.3}}
 DOWNSTREAM_ARMS = ("real+synthetic", "painted-real")
 
 

@@ -101,6 +101,8 @@ def _add_gate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("pairs", help="painted pairs (a translate shard: images + inst + types)")
     p.add_argument("out_dir", help="output patch set of the kept pairs (report.json counts the dropped ones)")
     add_option(p, "--min-pq", key="gate.min_pq", type=float, help="least PQ of a kept pair against its mask")
+    add_option(p, "--keep-fraction", key="gate.keep_fraction", type=float,
+               help="keep this fraction of the pairs, those of highest PQ, instead of --min-pq (0 < f <= 1)")
     add_option(p, "--batch", key="gate.batch", type=int, help="windows per forward pass")
     add_device(p)
     add_threads(p, "gate")
@@ -110,8 +112,8 @@ def _add_gate(sub: argparse._SubParsersAction) -> None:
 def _run_gate(args: argparse.Namespace) -> None:
     from histosynth.segmentation.gate import gate_pairs
 
-    gate_pairs(args.model, args.pairs, args.out_dir, min_pq=args.min_pq, batch=args.batch, device=args.device,
-               threads=args.threads)
+    gate_pairs(args.model, args.pairs, args.out_dir, min_pq=args.min_pq, keep_fraction=args.keep_fraction,
+               batch=args.batch, device=args.device, threads=args.threads)
 
 
 def _add_segment(sub: argparse._SubParsersAction) -> None:
