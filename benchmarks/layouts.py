@@ -36,7 +36,12 @@ import time
 from datetime import date
 from pathlib import Path
 
-from generators import REPO, copy_regime, downstream_rows, snakemake  # benchmarks/generators.py
+from generators import (  # benchmarks/generators.py
+    REPO,
+    copy_regime,
+    downstream_rows,
+    snakemake,
+)
 
 #: the regime's parts every method reuses (the masks are what differs)
 SHARED = ("stats", "library", "models/dvae", "models/gan")
@@ -90,18 +95,26 @@ def _f(v, digits=3) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+def _realism(r: dict, kind: str, key: str, digits: int = 2) -> str:
+    """A realism measure (``evaluate-masks``' ``realism`` block) with its real-vs-real floor in brackets."""
+    block = (r.get("realism") or {}).get(kind) or {}
+    return f"{_f(block.get(key), digits)} ({_f((block.get('floor') or {}).get(key), digits)})"
+
+
 def markdown(table: dict) -> str:
     rows = table["rows"]
     out = [f"Regime {table['regime']}; {table['date']}, {table['machine']}, {table['cpus']} cores.", "",
            "| method | masks/s | KS count | KS area | KS eccentricity | KS NN distance | W count (SD) | W area (SD) "
-           "| Ripley L inside band | real+synthetic PQ | − real [95 % CI] | − statistical [95 % CI] |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| Ripley L inside band | t-SNE KS, mask grid (floor) | mask FID, Inception (floor) "
+           "| real+synthetic PQ | − real [95 % CI] | − statistical [95 % CI] |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, s = r.get("downstream") or {}, r.get("vs_statistical") or {}
         out.append(
             f"| {r['method']} | {_f(r.get('masks_per_second'), 1)} | {_f(r['ks_count'])} | {_f(r['ks_area'])} | "
             f"{_f(r['ks_eccentricity'])} | {_f(r['ks_nn_distance'])} | {_f(r['w_count'], 2)} | {_f(r['w_area'], 2)} | "
-            f"{_f(r['ripley_inside'], 2)} | {_f(d.get('pq'))} | "
+            f"{_f(r['ripley_inside'], 2)} | {_realism(r, 'area', 'ks_2d')} | {_realism(r, 'inception', 'fid', 0)} | "
+            f"{_f(d.get('pq'))} | "
             + (f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d else "—") + " | "
             + (f"{s['diff']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]" if s else "—") + " |")
     return "\n".join(out) + "\n"
@@ -143,7 +156,8 @@ def main() -> None:
         snakemake(cfg_path, targets, out / "snakemake.log", args.cores)
         ev = json.loads((out / regime / "synthetic/masks-evaluation/evaluation.json").read_text())
         masks = json.loads((out / regime / "synthetic/masks/shard-0/report.json").read_text())
-        row = {"method": method, "masks_per_second": masks.get("masks_per_second"),
+        mps = masks.get("masks_per_second") or (masks["masks"] / masks["seconds"] if masks.get("seconds") else None)
+        row = {"method": method, "masks_per_second": mps,
                "nuclei": masks.get("nuclei"), **realism_row(ev), "wall_s": time.perf_counter() - t0}
         if args.downstream:
             row["downstream"] = downstream_rows(method, out, regime, args.seed, ("real+synthetic",))[0]
