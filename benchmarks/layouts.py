@@ -46,7 +46,7 @@ from generators import (  # benchmarks/generators.py
 #: the regime's parts every method reuses (the masks are what differs)
 SHARED = ("stats", "library", "models/dvae", "models/gan")
 #: the evidence run's own statistical masks and everything painted from them
-STATISTICAL = ("synthetic/masks", "synthetic/pairs", "synthetic/masks-evaluation", "segmentation/real+synthetic")
+STATISTICAL = ("synthetic/masks", "synthetic/pairs", "segmentation/real+synthetic")
 #: DAFF's G1 at a CPU size (docs/results.md "Layouts: daff vs uniform" used 200 steps at width 16)
 DAFF_CPU = {"crop": 128, "tile": 128, "width": 16, "n_blocks": 2, "steps": 240, "decay_steps": 80, "threads": 2,
             "checkpoint_every": 100}
