@@ -233,22 +233,27 @@ def markdown(table: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def regime_arguments(ap: argparse.ArgumentParser, what: str, out: str) -> None:
+    """The options of a comparison inside one evidence regime: the preset, the regime's seed, cores, where to."""
+    ap.add_argument("--config", default="config/evidence-cpu.yaml", help="the evidence preset that ran")
+    ap.add_argument("--seed", type=int, default=0, help="the regime's seed (k = 1)")
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--out", default=out, help=f"one results folder per {what} under this")
+    ap.add_argument("--json", help="write / update the rows in this JSON file")
+    ap.add_argument("--markdown", metavar="JSON", help="only print the table of this --json file as markdown")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", nargs="+", default=["unet", "pix2pixhd", "daff", "spade"],
                     help=f"from {', '.join(VARIANTS)}")
-    ap.add_argument("--config", default="config/evidence-cpu.yaml", help="the evidence preset that ran")
-    ap.add_argument("--seed", type=int, default=0, help="the regime's seed (k = 1)")
+    regime_arguments(ap, "variant", "results/generators")
     ap.add_argument("--budget-s", type=float, default=360.0, help="GAN training seconds per variant")
     ap.add_argument("--probe-steps", type=int, default=8)
     ap.add_argument("--downstream", action="store_true", help="also train and score real+synthetic, painted-real")
     ap.add_argument("--retrain-unet", action="store_true",
                     help="train the unet variants at the budget too (default: they reuse the evidence run's own GAN, "
                          "whose steps and time are recorded)")
-    ap.add_argument("--cores", type=int, default=2)
-    ap.add_argument("--out", default="results/generators", help="one results folder per variant under this")
-    ap.add_argument("--json", help="append the rows to this JSON file")
-    ap.add_argument("--markdown", metavar="JSON", help="only print the table of this --json file as markdown")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())), end="")

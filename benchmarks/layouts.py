@@ -40,6 +40,7 @@ from generators import (  # benchmarks/generators.py
     REPO,
     copy_regime,
     downstream_rows,
+    regime_arguments,
     snakemake,
 )
 
@@ -123,13 +124,8 @@ def markdown(table: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--config", default="config/evidence-cpu.yaml", help="the evidence preset that ran")
-    ap.add_argument("--seed", type=int, default=0, help="the regime's seed (k = 1)")
+    regime_arguments(ap, "method", "results/layouts")
     ap.add_argument("--downstream", action="store_true", help="also train and score real+synthetic")
-    ap.add_argument("--cores", type=int, default=2)
-    ap.add_argument("--out", default="results/layouts", help="one results folder per method under this")
-    ap.add_argument("--json", help="write / update the rows in this JSON file")
-    ap.add_argument("--markdown", metavar="JSON", help="only print the table of this --json file as markdown")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())), end="")
