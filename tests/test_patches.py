@@ -9,8 +9,8 @@ import pytest
 
 from histosynth.cli import main
 from histosynth.errors import HistosynthError
-from histosynth.io.patchset import read_patchset
 from histosynth.io.labels import class_columns, parse_class_map, report_class_map
+from histosynth.io.patchset import read_patchset
 from histosynth.patches.annotate import rasterize_patchset
 from histosynth.slides.tiling import TileParams, tile_slide
 from tests.conftest import shared_file
@@ -26,12 +26,16 @@ def _square(x, y, s):
     return [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
 
 
-@pytest.fixture(scope="module")
-def tiles(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiles")
+def make_tiles(d):
+    """A 400 x 200 slide at 0.25 µm/px tiled into 100-px tiles under d/tiles (also used by test_regions)."""
     slide = write_pyramid(d / "s.tif", tissue_image(400, 200, tissue=(0, 1)), mpp=0.25, levels=1, tile=128)
     tile_slide(slide, d / "tiles", TileParams(size=100, max_background=1.0))
     return d / "tiles"
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory):
+    return make_tiles(tmp_path_factory.mktemp("tiles"))
 
 
 def _geojson(path, features):

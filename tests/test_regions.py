@@ -17,10 +17,15 @@ from histosynth.io import annotations
 from histosynth.io.patchset import PatchSetWriter, read_patchset
 from histosynth.masks import tissue as ts
 from histosynth.patches.annotate import rasterize_patchset
-from histosynth.patches.regions import Regions, parse_tissue_regions, region_maps, tissue_classes
+from histosynth.patches.regions import (
+    Regions,
+    parse_tissue_regions,
+    region_maps,
+    tissue_classes,
+)
 from histosynth.slides.tiling import TileParams, tile_slide
 from tests.conftest import shared_file
-from tests.helpers import tissue_image, write_pyramid
+from tests.test_patches import make_tiles
 
 CAMELYON_MIXED = ("annotation-formats", "asap_xml", "camelyon16_tumor_001_tissue_artifact_background_mixed.xml")
 
@@ -125,10 +130,7 @@ def test_bad_labels_name_the_option(bad, words):
 # -- the rasterize stage ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiles")
-    slide = write_pyramid(d / "s.tif", tissue_image(400, 200, tissue=(0, 1)), mpp=0.25, levels=1, tile=128)
-    tile_slide(slide, d / "tiles", TileParams(size=100, max_background=1.0))
-    return d / "tiles"
+    return make_tiles(tmp_path_factory.mktemp("tiles"))
 
 
 def _mixed(tmp_path):
