@@ -195,6 +195,35 @@ def test_wasserstein_and_ripley_envelope_in_the_evaluation(sets, tmp_path):
     assert (tmp_path / "diff" / "histograms.png").stat().st_size > 5000
 
 
+
+def _pairs(path, touching_pairs: int, apart_pairs: int):
+    """Patches of 32 x 32 px holding pairs of 4 x 4 px nuclei (type 1 left, type 2 right): ``touching_pairs``
+    patches where the two share an edge, ``apart_pairs`` where a column of background separates them."""
+    with PatchSetWriter(path, ("inst", "types"), (32, 32)) as w:
+        for i in range(touching_pairs + apart_pairs):
+            inst = np.zeros((32, 32), np.int32)
+            gap = 0 if i < touching_pairs else 1
+            inst[10:14, 10:14] = 1
+            inst[10:14, 14 + gap:18 + gap] = 2
+            w.add({"slide": "s", "x": 32 * i, "y": 0, "level": 0, "downsample": 1, "mpp": 0.5, "width": 32,
+                   "height": 32, "tissue_fraction": 1, "n_nuclei": 2, "source": "t"},
+                  inst=inst, types=inst.astype(np.uint8))
+    return path
+
+
+def test_touching_fraction_on_each_side_and_per_type(tmp_path):
+    """3 of 4 synthetic patches hold a touching pair, 1 of 4 real ones: 75 % vs 25 % of the nuclei."""
+    syn = _pairs(tmp_path / "syn", 3, 1)
+    real = _pairs(tmp_path / "real", 1, 3)
+    ev = evaluate_masks([syn], [real], tmp_path / "out", figures=False, realism=False)
+    t = ev["touching"]
+    assert t["synthetic"] == pytest.approx(0.75) and t["real"] == pytest.approx(0.25)
+    assert set(t["per_type"]) == {"type 1", "type 2"}
+    assert t["per_type"]["type 2"] == {"synthetic": pytest.approx(0.75), "real": pytest.approx(0.25)}
+    assert json.loads((tmp_path / "out" / "evaluation.json").read_text())["touching"]["real"] == pytest.approx(0.25)
+    same = evaluate_masks([real], [real], tmp_path / "same", figures=False, realism=False)["touching"]
+    assert same["synthetic"] == same["real"] == pytest.approx(0.25)
+
 # --------------------------------------------------------------------------- DEPAS's realism measures
 @pytest.fixture(scope="module")
 def dense_sparse(tmp_path_factory):

@@ -38,7 +38,11 @@ fit-stats' g(r)) with a **bootstrap envelope from the real masks**: the real
 patches resampled with replacement 199 times, as many as the synthetic side
 has, the pointwise 2.5-97.5 % band of their L(r). ``ripley.inside`` is the
 fraction of radii where the synthetic L(r) lies in that band (1 = as
-clustered as real tissue at every scale the band resolves).
+clustered as real tissue at every scale the band resolves). **Touching**
+(``touching``): the fraction of nuclei that share a 4-adjacent pixel with
+another nucleus, pooled over each side's patches, and per type - a layout
+whose nuclei touch far more often than real ones gives the painter blobs of
+several nuclei to draw, and the segmenter labels to learn that it cannot see.
 
 **DEPAS's realism measures** (``realism`` in the JSON, ``realism.png``; the maths in
 :mod:`histosynth.masks.realism`): masks as points in a feature space, real and synthetic embedded together
@@ -95,7 +99,7 @@ from histosynth.figures import save_figure
 from histosynth.io.atomic import atomic_write
 from histosynth.io.labels import class_key, class_map_to_json, classes_of_patch_sets
 from histosynth.io.patchset import read_patchset
-from histosynth.masks.features import nucleus_features
+from histosynth.masks.features import nucleus_features, touching
 from histosynth.masks.spatial import default_r_edges, nn_distances, pair_terms, ripley_l
 from histosynth.models import inception as inc
 
@@ -126,7 +130,7 @@ def measure(patch_sets: Sequence[str | os.PathLike], border_margin: int = 1, sid
         raise HistosynthError(f"no {side} patch sets given")
     sizes: set[tuple[int, int]] = set()
     mpps: list[float] = []
-    counts, window_counts, areas, eccs, nns = [], [], [], [], []
+    counts, window_counts, areas, eccs, nns, touches = [], [], [], [], [], []
     type_counts: list[dict[int, int]] = []
     classes = classes_of_patch_sets(patch_sets)
     examples: list[tuple[np.ndarray, np.ndarray]] = []
@@ -151,6 +155,7 @@ def measure(patch_sets: Sequence[str | os.PathLike], border_margin: int = 1, sid
             eccs.append(f["eccentricity"][inner])
             centroids = np.column_stack([f["cy"], f["cx"]])
             nns.append(nn_distances(centroids))
+            touches.append(np.column_stack([f["type"], np.isin(f["label"], touching(inst))]))
             if r_edges is None:
                 r_edges = default_r_edges(shape)
             num, den = pair_terms(centroids, shape, r_edges)
@@ -172,9 +177,26 @@ def measure(patch_sets: Sequence[str | os.PathLike], border_margin: int = 1, sid
         "count": np.asarray(counts, float), "window_count": np.asarray(window_counts, float),
         "area": np.concatenate(areas), "eccentricity": np.concatenate(eccs), "nn_distance": np.concatenate(nns),
         "type_counts": type_counts, "classes": classes, "examples": examples,
+        "touching": np.concatenate(touches).reshape(-1, 2).astype(np.int64),
         "paths": [str(p) for p in patch_sets],
         "r_edges": r_edges, "pair_num": np.asarray(pair_num), "pair_den": np.asarray(pair_den),
     }
+
+
+def touching_fractions(syn: Mapping[str, Any], rl: Mapping[str, Any],
+                       classes: Mapping[int, str]) -> dict[str, Any]:
+    """The fraction of nuclei touching another on each side, over all nuclei and per type (None where a side
+    has none of the type)."""
+
+    def frac(t: np.ndarray) -> float | None:
+        return float(t[:, 1].mean()) if len(t) else None
+
+    out: dict[str, Any] = {"synthetic": frac(syn["touching"]), "real": frac(rl["touching"]), "per_type": {}}
+    for tid in sorted(classes):
+        s_, r_ = (frac(side["touching"][side["touching"][:, 0] == tid]) for side in (syn, rl))
+        if s_ is not None or r_ is not None:
+            out["per_type"][classes[tid]] = {"synthetic": s_, "real": r_}
+    return out
 
 
 def wasserstein(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
@@ -331,6 +353,7 @@ def evaluate_masks(
         "classes": class_map_to_json(classes),
         "features": feats, "type_fractions": type_feats, "type_mix": type_mix,
         "wasserstein": distances, "ripley": ripley_envelope(syn, rl),
+        "touching": touching_fractions(syn, rl, classes),
         "all_pass": all(feats[k]["pass"] for k in BARS),
         "bars": BARS, "border_margin": int(border_margin), "request": request,
     }
@@ -353,7 +376,9 @@ def evaluate_masks(
         plot_montage(syn["examples"], rl["examples"], classes, out_dir / "montage.png")
         plot_realism(result["realism"], points, out_dir / "realism.png")
     log.info("evaluate-masks: " + ", ".join(f"{k} KS {v['statistic']:.3f}" for k, v in feats.items()
-                                            if v["statistic"] is not None) + f" → all_pass {result['all_pass']}")
+                                            if v["statistic"] is not None)
+             + f", touching {_pct(result['touching']['synthetic'])} (real {_pct(result['touching']['real'])})"
+             + f" → all_pass {result['all_pass']}")
     _log_realism(result["realism"])
     if request is not None:
         log.info("evaluate-masks: these masks were sampled on request (type mix %s, density %g): they are meant "
@@ -537,6 +562,10 @@ def _log_realism(r: Mapping[str, Any]) -> None:
                  fmt(part, ("ks_2d", "kl_2d", fd)), r["floor_split"]["how"], fmt(part["floor"], ("ks_2d", "kl_2d", fd)))
     log.info("evaluate-masks: realism took %.1f s (features) + %.1f s (embeddings and distances)",
              r["seconds"]["features"], r["seconds"]["measures"])
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.0f} %"
 
 
 def _request_of(patch_sets: Sequence[str | os.PathLike]) -> dict[str, Any] | None:
