@@ -86,6 +86,7 @@ def realism_row(ev: dict) -> dict:
         **{f"ks_{k}": feats[k]["statistic"] for k in feats},
         **{f"w_{k}": ev["wasserstein"][k]["per_sd"] for k in ev["wasserstein"]},
         "ripley_inside": ev["ripley"]["inside"], "ripley_max_abs": ev["ripley"]["max_abs_difference"],
+        "touching": (ev.get("touching") or {}).get("synthetic"), "touching_real": (ev.get("touching") or {}).get("real"),
         "n_synthetic": ev["n_patches"]["synthetic"], "n_real": ev["n_patches"]["real"],
         **({"realism": ev["realism"]} if "realism" in ev else {}),
     }
@@ -219,15 +220,15 @@ def markdown(table: dict) -> str:
     rows = table["rows"]
     out = [f"Regime {table['regime']}; {table['date']}, {table['machine']}, {table['cpus']} cores.", "",
            ("| method | masks/s | KS count | KS area | KS eccentricity | KS NN distance | W count (SD) | W area (SD) "
-           "| Ripley L inside band | t-SNE KS, mask grid (floor) | mask FID, Inception (floor) "
+           "| Ripley L inside band | touching (real) | t-SNE KS, mask grid (floor) | mask FID, Inception (floor) "
            "| real+synthetic PQ | − real [95 % CI] | − statistical [95 % CI] |"),
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, s = r.get("downstream") or {}, r.get("vs_statistical") or {}
         out.append(
             f"| {r['method']} | {_f(r.get('masks_per_second'), 1)} | {_f(r['ks_count'])} | {_f(r['ks_area'])} | "
             f"{_f(r['ks_eccentricity'])} | {_f(r['ks_nn_distance'])} | {_f(r['w_count'], 2)} | {_f(r['w_area'], 2)} | "
-            f"{_f(r['ripley_inside'], 2)} | {_realism(r, 'area', 'ks_2d')} | {_realism(r, 'inception', 'fid', 0)} | "
+            f"{_f(r['ripley_inside'], 2)} | {_f(r.get('touching'), 2)} ({_f(r.get('touching_real'), 2)}) | {_realism(r, 'area', 'ks_2d')} | {_realism(r, 'inception', 'fid', 0)} | "
             f"{_f(d.get('pq'))} | {_ci(d)} | {_ci(s)} |")
     return "\n".join(out + type_markdown(table)) + "\n"
 
