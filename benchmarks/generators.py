@@ -113,11 +113,11 @@ def copy_regime(base: Path, dest: Path, regime: str, seed: int, extra: tuple[str
             shutil.copy2(src, dst)
 
 
-def variant_config(base_cfg: dict, out: Path, seed: int, variant: dict, steps: int | None) -> dict:
+def variant_config(base_cfg: dict, out: Path, seed: int, variant: dict, steps: int | None, k: int = 1) -> dict:
     cfg = json.loads(json.dumps(base_cfg))
     cfg["results"] = str(out)
     # the schema wants two seeds; only this seed's files are asked for
-    cfg["evidence"] = {**cfg.get("evidence", {}), "k": [1], "seeds": sorted({seed, seed + 1}),
+    cfg["evidence"] = {**cfg.get("evidence", {}), "k": [k], "seeds": sorted({seed, seed + 1}),
                        "arms": ["real", *DOWNSTREAM_ARMS]}
     for section in ("gan", "gate"):
         if section in variant:
@@ -236,7 +236,8 @@ def markdown(table: dict) -> str:
 def regime_arguments(ap: argparse.ArgumentParser, what: str, out: str) -> None:
     """The options of a comparison inside one evidence regime: the preset, the regime's seed, cores, where to."""
     ap.add_argument("--config", default="config/evidence-cpu.yaml", help="the evidence preset that ran")
-    ap.add_argument("--seed", type=int, default=0, help="the regime's seed (k = 1)")
+    ap.add_argument("--k", type=int, default=1, help="the regime's number of train slides (groups)")
+    ap.add_argument("--seed", type=int, default=0, help="the regime's seed")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--out", default=out, help=f"one results folder per {what} under this")
     ap.add_argument("--json", help="write / update the rows in this JSON file")
@@ -266,7 +267,7 @@ def main() -> None:
 
     base_cfg = yaml.safe_load((REPO / args.config).read_text())
     base = REPO / base_cfg["results"]
-    regime = f"evidence/k-1/seed-{args.seed}"
+    regime = f"evidence/k-{args.k}/seed-{args.seed}"
     slide = json.loads((base / regime / f"segmentation/real/seed-{args.seed}/train.json").read_text())["slides"]
     out_root = REPO / args.out
     out_root.mkdir(parents=True, exist_ok=True)
@@ -290,13 +291,14 @@ def main() -> None:
                     "train_s": float(sec.sum())}
             meta.write_text(json.dumps(info, indent=2))
         else:
-            probe_cfg = variant_config(base_cfg, out, args.seed, variant, None)
+            probe_cfg = variant_config(base_cfg, out, args.seed, variant, None, args.k)
             s_iter = probe_seconds(probe_cfg, base / "patches" / slide[0], out / "probe", args.probe_steps,
                                    args.cores)
             info = {"variant": name, "overrides": variant, "probe_s_per_iter": s_iter,
                     "steps": max(3, int(args.budget_s / s_iter)), "budget_s": args.budget_s}
             meta.write_text(json.dumps(info, indent=2))
-        cfg = variant_config(base_cfg, out.relative_to(REPO), args.seed, variant, None if reuse else info["steps"])
+        cfg = variant_config(base_cfg, out.relative_to(REPO), args.seed, variant, None if reuse else info["steps"],
+                             args.k)
         cfg_path = out / "config.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         rel = out.relative_to(REPO)

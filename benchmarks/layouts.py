@@ -2,7 +2,7 @@
 
 Every method (``sample_masks.method``: ``statistical``, ``uniform``, ``daff``) lays out the synthetic masks
 of the **same** regime of ``snakemake evidence`` that has already run (by default
-``config/evidence-cpu.yaml``'s k = 1, seed 0: one MoNuSeg train slide). Its tiles, patches, split,
+``config/evidence-cpu.yaml``'s k = 1, seed 0: one MoNuSeg train slide; ``--k``, ``--seed`` pick another). Its tiles, patches, split,
 statistics, nuclei library, β-VAE, **mask → H&E GAN** and real-arm segmenter are copied unchanged (file
 times kept, so Snakemake sees them as done); only the masks differ, so the comparison is paired: the same
 painter, the same real arm, the same test patches. ``statistical`` is the evidence run's own masks, pairs and
@@ -67,10 +67,11 @@ DAFF_CPU = {"crop": 128, "tile": 128, "width": 16, "n_blocks": 2, "steps": 240, 
 METHODS = ("statistical", "uniform", "daff")
 
 
-def method_config(base_cfg: dict, out: Path, seed: int, method: str, type_mix: dict | None = None) -> dict:
+def method_config(base_cfg: dict, out: Path, seed: int, method: str, type_mix: dict | None = None,
+                  k: int = 1) -> dict:
     cfg = json.loads(json.dumps(base_cfg))
     cfg["results"] = str(out)
-    cfg["evidence"] = {**cfg.get("evidence", {}), "k": [1], "seeds": sorted({seed, seed + 1}),
+    cfg["evidence"] = {**cfg.get("evidence", {}), "k": [k], "seeds": sorted({seed, seed + 1}),
                        "arms": ["real", "real+synthetic"]}
     cfg["sample_masks"] = {**cfg.get("sample_masks", {}), "method": method}
     if type_mix:
@@ -251,7 +252,7 @@ def main() -> None:
 
     base_cfg = yaml.safe_load((REPO / args.config).read_text())
     base = REPO / base_cfg["results"]
-    regime = f"evidence/k-1/seed-{args.seed}"
+    regime = f"evidence/k-{args.k}/seed-{args.seed}"
     out_root = REPO / args.out
     stats = json.loads((base / regime / "stats/stats.json").read_text())
     runs = [(m, m, None) for m in args.methods]
@@ -263,7 +264,7 @@ def main() -> None:
         out = out_root / (name if request is None else f"statistical-rarest-{args.oversample_rarest:g}x")
         copy_regime(base, out, regime, args.seed, STATISTICAL if name == "statistical" else (), shared=SHARED)
         cfg = method_config(base_cfg, out.relative_to(REPO), args.seed, method,
-                            request["type_mix"] if request else None)
+                            request["type_mix"] if request else None, args.k)
         cfg_path = out / "config.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         rel = out.relative_to(REPO)
