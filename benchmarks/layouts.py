@@ -33,7 +33,7 @@ that type's PQ (the images whose ground truth holds the type), and the masks' re
 fraction next to the one drawn. With classes, every row also reports PQ per type (mean over the test images
 holding the type) next to the real arm's.
 
-    .venv/bin/python benchmarks/layouts.py --config config/consep.yaml --out results/layouts-consep \
+    .venv/bin/python benchmarks/layouts.py --config config/consep.yaml --k 2 --seed 1 --out results/layouts-consep \
         --methods statistical uniform daff --oversample-rarest 3 --downstream \
         --json results/layouts-consep/table.json
 """
