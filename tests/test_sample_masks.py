@@ -477,3 +477,48 @@ def test_unknown_method_is_an_error(clustered, tmp_path):
     assert not (tmp_path / "o").exists()
     args = _parser().parse_args(["sample-masks", "s.json", "ellipses", "o", "--method", "uniform"])
     assert args.method == "uniform"
+
+
+# --------------------------------------------------------------------------- a type the β-VAE never saw
+def _partial_dvae(tmp_path, type_ids):
+    dvae = pytest.importorskip("histosynth.models.dvae")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = dvae.define_dvae(classes={t: NAMES[t] for t in type_ids}, type_ids=tuple(type_ids), latent_dim=4)
+    torch.save(dvae.checkpoint_dict(model), tmp_path / "dvae.pt")
+    return tmp_path / "dvae.pt"
+
+
+def test_a_type_without_library_shapes_is_drawn_as_fitted_ellipses_and_counted(clustered, tmp_path, caplog):
+    """The statistics hold types 1 and 2; the conditional β-VAE was trained on type 2 only (every type-1
+    nucleus cut by the border or too small for the library): type 1 keeps its nuclei, drawn as ellipses."""
+    from histosynth.masks.shapes import build_shape_source
+
+    _, stats = clustered
+    path = _partial_dvae(tmp_path, (2,))
+    with caplog.at_level("WARNING"):
+        source, name, info = build_shape_source(str(path), stats, 0.5)
+    assert name == "dvae" and "drawn as fitted ellipses" in caplog.text and "Epithelial (id 1)" in caplog.text
+    assert info["shape_fallback"]["types"] == {"Epithelial": stats["morphology"]["1"]["n"]}
+    types = np.array([1, 2, 1, 2, 2])
+    shapes = source(5, types, np.random.default_rng(0))
+    assert shapes.shape == (5, 64, 64) and info["shape_fallback"]["nuclei"] == {"1": 2}
+    # the fallback's shapes are the ellipse source's: one filled convex piece each
+    for s in shapes[types == 1]:
+        assert ndimage.label(s)[1] == 1 and s.sum() > 500
+    for method in ("statistical", "uniform"):
+        res = sample_masks(stats, source, 6, 128, seed=4, method=method)
+        per_type = res["achieved"]["type_fractions"]
+        assert per_type["Epithelial"] > 0.2 and per_type["Lymphocyte"] > 0.1  # the fitted mix, both types
+        if method == "uniform":  # ellipses scaled to the type's mean area, not drawn at the 64-px frame's size
+            areas = [nucleus_features(i, t, border_margin=1) for i, t in zip(res["inst"], res["types"])]
+            a1 = np.concatenate([f["area"][(f["type"] == 1) & ~f["border"]] for f in areas])
+            assert np.median(a1) == pytest.approx(stats["morphology"]["1"]["area"]["mean"], rel=0.35)
+
+
+def test_a_beta_vae_without_any_of_the_stats_types_is_an_error(clustered, tmp_path):
+    from histosynth.masks.shapes import build_shape_source
+
+    _, stats = clustered
+    with pytest.raises(HistosynthError, match="knows type ids \\[3\\], the stats need \\[1, 2\\]"):
+        build_shape_source(str(_partial_dvae(tmp_path, (3,))), stats, 0.5)

@@ -641,10 +641,20 @@ class MaskSampler:
         """Each shape cut to its bounding box, as decoded (the ``uniform`` method); an empty one a disk of its
         type's mean area."""
         crops = []
+        # types the shape source draws as fitted ellipses (no β-VAE shapes of them): not at nucleus scale
+        # as drawn, so scaled to their type's mean area
+        rescale = {int(t) for t in getattr(self.shape_source, "counts", {})}
         for shape, t in zip(shapes, types):
             rows, cols = np.flatnonzero(shape.any(axis=1)), np.flatnonzero(shape.any(axis=0))
             if rows.size:
-                crops.append(np.ascontiguousarray(shape[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]))
+                crop = np.ascontiguousarray(shape[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+                if int(t) in rescale:
+                    f = math.sqrt(self.mean_area.get(int(t), 1.0) / max(int(crop.sum()), 1))
+                    h, w = max(1, round(crop.shape[0] * f)), max(1, round(crop.shape[1] * f))
+                    crop = cv2.resize(crop.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+                    if not crop.any():
+                        crop = np.ones((1, 1), bool)
+                crops.append(crop)
                 continue
             r = math.sqrt(self.mean_area.get(int(t), 1.0) / math.pi)
             side = 2 * int(math.ceil(r)) + 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,11 +235,53 @@ def build_shape_source(dvae: str, stats: Mapping[str, Any], sigma: float, thread
         known = {int(t) for t in getattr(getattr(model, "cfg", None), "type_ids", ()) or dict(model.classes)}
         need = sorted(int(t) for t in stats["classes"] if stats["morphology"][str(t)].get("n", 0) > 0)
         missing = [t for t in need if t not in known]
-        if missing:
+        if len(missing) == len(need):
             raise HistosynthError(f"the conditional β-VAE knows type ids {sorted(known)}, the stats need {need}", dvae)
+    else:
+        missing = []
     source = dvae_source(model, sigma, precision=precision)
     info.update(getattr(source, "info", {}))
+    if missing:
+        # a type of the statistics that the library held no shape of (every one cut by the patch border or
+        # under min_bbox_area): its nuclei keep their type, counts, sizes and eccentricities, drawn as ellipses
+        names = {int(t): str(n) for t, n in stats["classes"].items()}
+        source = fallback_source(source, ellipse_source(stats), missing)
+        info["shape_fallback"] = {
+            "types": {names.get(t, str(t)): int(stats["morphology"][str(t)].get("n", 0)) for t in missing},
+            "shapes": "fitted ellipses (the β-VAE was trained without these types)",
+            "nuclei": source.counts}
+        log.warning("the conditional β-VAE knows type ids %s, the stats also hold %s (%s nuclei measured): "
+                    "those nuclei are drawn as fitted ellipses (counted in report.json's shape_fallback)",
+                    sorted(known), ", ".join(f"{names.get(t, t)} (id {t})" for t in missing),
+                    ", ".join(str(stats["morphology"][str(t)].get("n", 0)) for t in missing))
     return source, "dvae", info
+
+
+def fallback_source(primary: ShapeSource, fallback: ShapeSource, fallback_types: Sequence[int]) -> ShapeSource:
+    """``primary``'s shapes, except for ``fallback_types``, whose shapes come from ``fallback``; ``counts``
+    (type id -> shapes drawn by the fallback) grows as it draws."""
+    chosen = np.asarray(sorted(int(t) for t in fallback_types), np.int64)
+    counts: dict[str, int] = {str(int(t)): 0 for t in chosen}
+
+    def source(n: int, types: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+        if types is None or n == 0:
+            return primary(n, types, rng)
+        types = np.asarray(types)
+        other = np.isin(types, chosen)
+        if not other.any():
+            return primary(n, types, rng)
+        out = np.zeros((n, SHAPE_SIZE, SHAPE_SIZE), bool)
+        if (~other).any():
+            out[~other] = primary(int((~other).sum()), types[~other], rng)
+        out[other] = fallback(int(other.sum()), types[other], rng)
+        for t, c in zip(*np.unique(types[other], return_counts=True)):
+            counts[str(int(t))] += int(c)
+        return out
+
+    source.type_aware = getattr(primary, "type_aware", True)  # type: ignore[attr-defined]
+    source.counts = counts  # type: ignore[attr-defined]
+    source.info = getattr(primary, "info", {})  # type: ignore[attr-defined]
+    return source
 
 
 def clean_shapes(shapes: np.ndarray) -> np.ndarray:
