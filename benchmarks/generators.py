@@ -97,7 +97,8 @@ def copy_regime(base: Path, dest: Path, regime: str, seed: int, extra: tuple[str
                 shared: tuple[str, ...] = SHARED) -> None:
     """The inputs every variant shares (the tiles, patches, split, the regime's ``shared`` parts, its real
     arm and ``extra``), copied with their times (Snakemake: done, not to be redone)."""
-    parts = ["tiles", "patches", "split.csv"] + [
+    # a patch dataset (slides.source: patches) has no tiles: its patch sets are imported
+    parts = ["tiles"] * (base / "tiles").exists() + ["patches", "split.csv"] + [
         f"{regime}/{p}" for p in (*shared, f"segmentation/real/seed-{seed}", *extra)]
     for part in parts:
         src, dst = base / part, dest / part
