@@ -97,8 +97,9 @@ def copy_regime(base: Path, dest: Path, regime: str, seed: int, extra: tuple[str
                 shared: tuple[str, ...] = SHARED) -> None:
     """The inputs every variant shares (the tiles, patches, split, the regime's ``shared`` parts, its real
     arm and ``extra``), copied with their times (Snakemake: done, not to be redone)."""
-    # a patch dataset (slides.source: patches) has no tiles: its patch sets are imported
-    parts = ["tiles"] * (base / "tiles").exists() + ["patches", "split.csv"] + [
+    # copied where the run made them: a patch dataset (slides.source: patches) has no tiles, and the split
+    # table is written by the `patches` target only (the DAG computes the split itself)
+    parts = [p for p in ("tiles", "split.csv") if (base / p).exists()] + ["patches"] + [
         f"{regime}/{p}" for p in (*shared, f"segmentation/real/seed-{seed}", *extra)]
     for part in parts:
         src, dst = base / part, dest / part
