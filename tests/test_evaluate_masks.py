@@ -30,7 +30,7 @@ def sets(tmp_path_factory):
 
 def test_identical_inputs_give_ks_zero_and_pass(sets, tmp_path):
     _, real, _, _ = sets
-    ev = evaluate_masks([real], [real], tmp_path)
+    ev = evaluate_masks([real], [real], tmp_path, realism=False)
     for name in BARS:
         f = ev["features"][name]
         assert f["statistic"] == 0.0 and f["pass"] is True and f["n_synthetic"] == f["n_real"] > 0
@@ -46,9 +46,9 @@ def test_identical_inputs_give_ks_zero_and_pass(sets, tmp_path):
 
 def test_same_process_passes_different_fails(sets, tmp_path):
     _, real, real2, big = sets
-    same = evaluate_masks([real2], [real], tmp_path / "same", figures=False)
+    same = evaluate_masks([real2], [real], tmp_path / "same", figures=False, realism=False)
     assert same["features"]["area"]["statistic"] < 0.1
-    diff = evaluate_masks([big], [real], tmp_path / "diff", figures=False)
+    diff = evaluate_masks([big], [real], tmp_path / "diff", figures=False, realism=False)
     assert not diff["all_pass"]
     for name in ("count", "area", "nn_distance"):
         assert diff["features"][name]["statistic"] > 0.5 and diff["features"][name]["pass"] is False
@@ -56,14 +56,14 @@ def test_same_process_passes_different_fails(sets, tmp_path):
 
 def test_several_patch_sets_per_side(sets, tmp_path):
     _, real, real2, _ = sets
-    ev = evaluate_masks([real, real2], [real2, real], tmp_path, figures=False)
+    ev = evaluate_masks([real, real2], [real2, real], tmp_path, figures=False, realism=False)
     assert ev["n_patches"] == {"synthetic": 40, "real": 40} and ev["all_pass"]
 
 
 def test_real_patches_larger_are_counted_in_windows(sets, tmp_path):
     _, real, _, _ = sets
     small = write_toy(tmp_path / "small", n_patches=10, size=64, seed=4)
-    ev = evaluate_masks([small], [real], tmp_path / "o", figures=False)
+    ev = evaluate_masks([small], [real], tmp_path / "o", figures=False, realism=False)
     assert ev["features"]["count"]["n_real"] == 20 * 4  # each 128 px patch gives four 64 px windows
     assert "windows" in ev["features"]["count"]["note"] and not ev["features"]["count"]["count_rescaled"]
     m = measure([real], count_window=64)
@@ -75,7 +75,7 @@ def test_real_patches_larger_are_counted_in_windows(sets, tmp_path):
 def test_real_patches_smaller_are_rescaled_by_area(sets, tmp_path):
     _, real, _, _ = sets
     small = write_toy(tmp_path / "small", n_patches=10, size=64, seed=4)
-    ev = evaluate_masks([real], [small], tmp_path / "o", figures=False)
+    ev = evaluate_masks([real], [small], tmp_path / "o", figures=False, realism=False)
     f = ev["features"]["count"]
     assert f["count_rescaled"] is True and "x 4" in f["note"]  # (128/64)^2, not 2
 
@@ -124,10 +124,11 @@ def test_cli(sets, tmp_path):
     _, real, real2, _ = sets
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["evaluate-masks", str(real2), str(real), str(tmp_path / "a")])
+    args = parser.parse_args(["evaluate-masks", str(real2), str(real), str(tmp_path / "a"), "--no-realism"])
     args.func(args)
     assert json.loads((tmp_path / "a" / "evaluation.json").read_text())["real"] == [str(real)]
-    args = parser.parse_args(["evaluate-masks", str(real2), str(tmp_path / "b"), "--real", str(real), str(real2)])
+    args = parser.parse_args(["evaluate-masks", str(real2), str(tmp_path / "b"), "--real", str(real), str(real2),
+                              "--no-realism"])
     args.func(args)
     ev = json.loads((tmp_path / "b" / "evaluation.json").read_text())
     assert ev["real"] == [str(real), str(real2)] and ev["synthetic"] == [str(real2)]
@@ -148,7 +149,7 @@ def test_masks_sampled_on_request_are_reported_with_the_request(sets, tmp_path):
     for name, mix in (("asked", {"Lymphocyte": 0.7}), ("other", {"Lymphocyte": 0.2})):
         sample_masks(stats, ellipse_source(stats), 30, size, seed=1, out_dir=tmp_path / name, type_mix=mix,
                      density=1.5)
-    ev = evaluate_masks([tmp_path / "asked"], [real], tmp_path / "ev", figures=False)
+    ev = evaluate_masks([tmp_path / "asked"], [real], tmp_path / "ev", figures=False, realism=False)
     request = ev["request"]
     assert (request["type_mix"], request["density"]) == ({"Lymphocyte": 0.7}, 1.5)
     def lymphocytes(fractions):  # the evaluation names classes as the real sets do (here n_lymphocyte)
@@ -158,7 +159,7 @@ def test_masks_sampled_on_request_are_reported_with_the_request(sets, tmp_path):
     assert lymphocytes(request["real"]["type_fractions"]) < 0.5
     assert request["achieved"]["nuclei_per_patch"] > request["real"]["nuclei_per_patch"]
     assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["request"] == request
-    assert evaluate_masks([real2], [real], tmp_path / "plain", figures=False)["request"] is None
+    assert evaluate_masks([real2], [real], tmp_path / "plain", figures=False, realism=False)["request"] is None
     with pytest.raises(HistosynthError, match="different requests"):
         evaluate_masks([tmp_path / "asked", tmp_path / "other"], [real], tmp_path / "mixed", figures=False)
     assert not (tmp_path / "mixed").exists()
@@ -183,13 +184,13 @@ def test_ripley_l_is_r_for_complete_randomness_and_above_it_for_clusters():
 
 def test_wasserstein_and_ripley_envelope_in_the_evaluation(sets, tmp_path):
     _, real, real2, big = sets
-    same = evaluate_masks([real], [real], tmp_path / "same", figures=False)
+    same = evaluate_masks([real], [real], tmp_path / "same", figures=False, realism=False)
     assert all(v["distance"] == 0.0 for v in same["wasserstein"].values())
     rip = same["ripley"]
     assert rip["synthetic"] == rip["real"] and rip["inside"] >= 0.9 and rip["max_abs_difference"] == 0.0
     assert len(rip["r"]) == len(rip["envelope_low"]) == len(rip["envelope_high"]) and rip["resamples"] == 199
-    other = evaluate_masks([real2], [real], tmp_path / "other", figures=False)  # the same process, other draw
-    diff = evaluate_masks([big], [real], tmp_path / "diff")
+    other = evaluate_masks([real2], [real], tmp_path / "other", figures=False, realism=False)  # the same process, other draw
+    diff = evaluate_masks([big], [real], tmp_path / "diff", realism=False)
     assert diff["wasserstein"]["area"]["per_sd"] > 2 * other["wasserstein"]["area"]["per_sd"]
     assert diff["ripley"]["inside"] < other["ripley"]["inside"]
     assert (tmp_path / "diff" / "histograms.png").stat().st_size > 5000
