@@ -182,12 +182,24 @@ def image_row(name: str, out: Path, regime: str, steps: int, s_iter: float) -> d
     }
 
 
-def downstream_rows(name: str, out: Path, regime: str, seed: int, arms: tuple[str, ...]) -> list[dict]:
+def paired_difference(d) -> dict:
+    """Mean of paired differences with its 95 % t interval and the Wilcoxon p (no interval under 2 pairs)."""
     import numpy as np
-    import pandas as pd
     from scipy import stats
 
     from histosynth.segmentation.evidence import wilcoxon_p
+
+    d = np.asarray(d, dtype=np.float64)
+    if len(d) < 2:
+        return {"diff": float(d.mean()) if len(d) else None, "ci_low": None, "ci_high": None,
+                "wilcoxon_p": None, "n_images": len(d)}
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return {"diff": float(d.mean()), "ci_low": float(d.mean() - half), "ci_high": float(d.mean() + half),
+            "wilcoxon_p": wilcoxon_p(d), "n_images": len(d)}
+
+
+def downstream_rows(name: str, out: Path, regime: str, seed: int, arms: tuple[str, ...]) -> list[dict]:
+    import pandas as pd
 
     def scores(arm: str) -> pd.DataFrame:
         return pd.read_csv(out / regime / f"segmentation/{arm}/seed-{seed}/scores.csv")
@@ -199,12 +211,9 @@ def downstream_rows(name: str, out: Path, regime: str, seed: int, arms: tuple[st
         m = real.merge(s, on=["slide", "x", "y"], suffixes=("_real", ""))
         if len(m) != len(real):
             sys.exit(f"{arm}: scored {len(s)} test patches, the real arm {len(real)}: not paired")
-        d = (m["pq"] - m["pq_real"]).to_numpy()
-        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
         info = json.loads((out / regime / f"segmentation/{arm}/seed-{seed}/train.json").read_text())
         rows.append({"variant": name, "arm": arm, "pq": float(s["pq"].mean()), "pq_real": float(real["pq"].mean()),
-                     "diff": float(d.mean()), "ci_low": float(d.mean() - half), "ci_high": float(d.mean() + half),
-                     "wilcoxon_p": wilcoxon_p(d), "n_images": len(d), "rising": info.get("rising")})
+                     **paired_difference((m["pq"] - m["pq_real"]).to_numpy()), "rising": info.get("rising")})
     return rows
 
 

@@ -53,6 +53,7 @@ from generators import (  # benchmarks/generators.py
     REPO,
     copy_regime,
     downstream_rows,
+    paired_difference,
     regime_arguments,
     snakemake,
 )
@@ -114,22 +115,6 @@ def rarest_request(stats: dict, factor: float) -> dict:
     name = classes.get(tid, str(tid))
     return {"type": tid, "class": name, "fitted_fraction": fraction, "factor": factor,
             "requested_fraction": min(1.0, factor * fraction), "type_mix": {name: min(1.0, factor * fraction)}}
-
-
-def paired_difference(d) -> dict:
-    """Mean of paired differences with its 95 % t interval and the Wilcoxon p (None where under 2 pairs)."""
-    import numpy as np
-    from scipy import stats
-
-    from histosynth.segmentation.evidence import wilcoxon_p
-
-    d = np.asarray(d, dtype=np.float64)
-    if len(d) < 2:
-        return {"diff": float(d.mean()) if len(d) else None, "ci_low": None, "ci_high": None,
-                "wilcoxon_p": None, "n_images": len(d)}
-    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-    return {"diff": float(d.mean()), "ci_low": float(d.mean() - half), "ci_high": float(d.mean() + half),
-            "wilcoxon_p": wilcoxon_p(d), "n_images": len(d)}
 
 
 def type_columns(scores) -> list[int]:

@@ -643,7 +643,7 @@ class MaskSampler:
         crops = []
         # types the shape source draws as fitted ellipses (no β-VAE shapes of them): not at nucleus scale
         # as drawn, so scaled to their type's mean area
-        rescale = {int(t) for t in getattr(self.shape_source, "counts", {})}
+        rescale = getattr(self.shape_source, "fallback_types", frozenset())
         for shape, t in zip(shapes, types):
             rows, cols = np.flatnonzero(shape.any(axis=1)), np.flatnonzero(shape.any(axis=0))
             if rows.size:

@@ -279,6 +279,7 @@ def fallback_source(primary: ShapeSource, fallback: ShapeSource, fallback_types:
         return out
 
     source.type_aware = getattr(primary, "type_aware", True)  # type: ignore[attr-defined]
+    source.fallback_types = frozenset(int(t) for t in chosen)  # type: ignore[attr-defined]
     source.counts = counts  # type: ignore[attr-defined]
     source.info = getattr(primary, "info", {})  # type: ignore[attr-defined]
     return source
